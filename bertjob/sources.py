@@ -1,0 +1,413 @@
+"""Text sources: every input format is one small reader that yields Arrow tables of one shape.
+
+Each reader turns a "unit" (a file, or a slice of an IMDb listing) into tables with the columns of
+`ROW_SCHEMA`. Nothing here needs Ray; `bertjob.raydata` wraps a Corpus as a Ray Data datasource, so
+Ray reads units in parallel and streams the tables on.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from bertjob.text import decode_text
+
+ROW_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("text", pa.string()),  # decoded, not yet cleaned; null when the source had none
+        ("label", pa.string()),  # raw label as text (parsed later); null when unlabelled
+        ("split", pa.string()),
+        ("utf8_replaced", pa.bool_()),  # the source bytes were not valid UTF-8
+    ]
+)
+
+ROWS_PER_TABLE = 1024
+IMDB_FILE = re.compile(r"(?:^|/)(train|test)/(pos|neg|unsup)/(\d+)_(\d+)\.txt$")
+GENERIC_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
+SAMPLE_NAME = "aclImdb_sample.tar.gz"
+
+
+class InputError(ValueError):
+    """The input cannot be read as a corpus; raised before any work starts."""
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem for a local path or an s3:// / gs:// / hdfs:// URI."""
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def sample_path() -> str:
+    return str(Path(__file__).parent / "data" / SAMPLE_NAME)
+
+
+def _table(rows: dict[str, list[Any]]) -> pa.Table:
+    return pa.Table.from_pydict(rows, schema=ROW_SCHEMA)
+
+
+def _empty_rows() -> dict[str, list[Any]]:
+    return {name: [] for name in ROW_SCHEMA.names}
+
+
+@dataclass
+class Corpus:
+    """A listed input: what it is, the units to read, and how to read one unit."""
+
+    kind: str  # imdb-tar | imdb-dir | parquet | csv | jsonl | arrow
+    root: str
+    units: list[Any]
+    fs: Any = None
+    text_column: str = "text"
+    label_column: str = "label"
+    id_column: str = ""
+    split: str = "train"
+    split_of_unit: dict[str, str] = field(default_factory=dict)  # hf:// splits
+    size_bytes: int = 0
+
+    def read(self, unit: Any, keys_only: bool = False) -> Iterator[pa.Table]:
+        reader = {
+            "imdb-tar": _read_imdb_tar,
+            "imdb-dir": _read_imdb_files,
+            "parquet": _read_parquet,
+            "csv": _read_csv,
+            "jsonl": _read_jsonl,
+            "arrow": _read_arrow,
+        }[self.kind]
+        yield from reader(self, unit, keys_only)
+
+    def describe(self) -> str:
+        return f"{self.kind} corpus at {self.root} ({len(self.units)} unit(s))"
+
+    def relpath(self, path: str) -> str:
+        root = self.root if self.kind != "arrow" else os.path.dirname(self.root)
+        rel = os.path.relpath(path, root) if not os.path.isabs(path) or os.path.isabs(root) else path
+        return path if rel == "." else rel
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening an input: detect the format, list the units, check columns before any work.
+
+
+def open_corpus(
+    path: str, text_column: str = "text", label_column: str = "label", id_column: str = "", split: str = "train"
+) -> Corpus:
+    if path == "imdb-sample":
+        path = sample_path()
+    opts = dict(text_column=text_column, label_column=label_column, id_column=id_column, split=split)
+    if path.startswith("hf://"):
+        return _open_hf(path[len("hf://") :], **opts)
+    fs, where = filesystem(path)
+    if any(ch in where for ch in "*?["):
+        files = _glob(fs, where)
+        if not files:
+            raise InputError(f"input {path}: the pattern matches no file")
+        return _generic(fs, os.path.dirname(where.split("*")[0].split("?")[0]), files, opts)
+    info = fs.get_file_info(where)
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"input {path}: no such file or directory")
+    if info.type == pafs.FileType.File:
+        if where.endswith((".tar.gz", ".tgz", ".tar")):
+            return _open_imdb_tar(fs, where, info.size, opts)
+        return _generic(fs, os.path.dirname(where), [(where, info.size)], opts)
+    # A directory: the IMDb layout (possibly one level down, as in aclImdb_v1/aclImdb), else files.
+    listing = fs.get_file_info(pafs.FileSelector(where, recursive=True))
+    imdb = [f for f in listing if f.type == pafs.FileType.File and IMDB_FILE.search(f.path)]
+    if imdb:
+        imdb.sort(key=lambda f: f.path)
+        chunk = 1000
+        units = [[f.path for f in imdb[i : i + chunk]] for i in range(0, len(imdb), chunk)]
+        return Corpus("imdb-dir", where, units, fs, size_bytes=sum(f.size for f in imdb), **opts)
+    files = [
+        (f.path, f.size)
+        for f in listing
+        if f.type == pafs.FileType.File and _format_of(f.path) and not os.path.basename(f.path).startswith(("_", "."))
+    ]
+    if not files:
+        raise InputError(
+            f"input {path}: no IMDb layout (train/pos/*.txt ...) and no .parquet, .csv or .jsonl file found"
+        )
+    return _generic(fs, where, sorted(files), opts)
+
+
+def _format_of(path: str) -> str | None:
+    name = path.lower()
+    for suffix in (".gz", ".bz2", ".zst"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return GENERIC_FORMATS.get(os.path.splitext(name)[1])
+
+
+def _glob(fs: pafs.FileSystem, pattern: str) -> list[tuple[str, int]]:
+    base = pattern
+    while any(ch in base for ch in "*?["):
+        base = os.path.dirname(base)
+    listing = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    return sorted((f.path, f.size) for f in listing if f.type == pafs.FileType.File and fnmatch.fnmatch(f.path, pattern))
+
+
+def _generic(fs: pafs.FileSystem, root: str, files: list[tuple[str, int]], opts: dict[str, str]) -> Corpus:
+    kinds = {_format_of(p) for p, _ in files}
+    if None in kinds:
+        bad = next(p for p, _ in files if _format_of(p) is None)
+        raise InputError(f"input {bad}: unknown format (expected .parquet, .csv, .jsonl, or an IMDb tar.gz)")
+    if len(kinds) > 1:
+        raise InputError(f"input {root}: mixes formats {sorted(kinds)}; point at one format at a time")
+    kind = kinds.pop()
+    corpus = Corpus(kind, root, [p for p, _ in files], fs, size_bytes=sum(s for _, s in files), **opts)
+    for path, _ in files:
+        _check_columns(corpus, path)
+    return corpus
+
+
+def columns_of(corpus: Corpus, path: str) -> list[str]:
+    """The column names of one file, reading as little of it as the format allows."""
+    try:
+        if corpus.kind == "parquet":
+            with corpus.fs.open_input_file(path) as f:
+                return pq.ParquetFile(f).schema_arrow.names
+        with _open_text_stream(corpus.fs, path) as f:
+            if corpus.kind == "csv":
+                head = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 20))
+                return head.schema.names
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    if not isinstance(row, dict):
+                        raise InputError(f"input {path}: a JSONL line is not an object")
+                    return list(row)
+            return []
+    except InputError:
+        raise
+    except (OSError, pa.ArrowInvalid, ValueError) as err:
+        raise InputError(f"input {path}: cannot be read as {corpus.kind} ({err})") from err
+
+
+def _check_columns(corpus: Corpus, path: str) -> None:
+    names = columns_of(corpus, path)
+    if corpus.kind == "jsonl" and not names:
+        return  # an empty JSONL file adds no rows; the corpus-level emptiness check catches all-empty inputs
+    missing = [c for c in (corpus.text_column, corpus.id_column) if c and c not in names]
+    if missing:
+        raise InputError(
+            f"input {path}: no column {', '.join(map(repr, missing))}; the columns are {names}. "
+            f"Set --text-column / --id-column."
+        )
+
+
+def _open_text_stream(fs: pafs.FileSystem, path: str) -> Any:
+    compression = pa.Codec.detect(path).name if path.endswith((".gz", ".bz2", ".zst")) else None
+    return fs.open_input_stream(path, compression=compression)
+
+
+def _open_imdb_tar(fs: pafs.FileSystem, path: str, size: int, opts: dict[str, str]) -> Corpus:
+    # A gzipped tar cannot be read from the middle, so each read task scans the archive and keeps
+    # one of N interleaved slices. N is small: gunzip is ~1 s per scan, tokenizing is ~30 s.
+    slices = max(2, min(8, os.cpu_count() or 2))
+    with fs.open_input_stream(path) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+        for member in tf:
+            if member.isfile() and IMDB_FILE.search(member.name):
+                break
+        else:
+            raise InputError(f"input {path}: an archive without the IMDb layout (train/pos/<id>_<rating>.txt ...)")
+    return Corpus("imdb-tar", path, [(i, slices) for i in range(slices)], fs, size_bytes=size * 3, **opts)
+
+
+def _open_hf(name: str, **opts: str) -> Corpus:
+    """A Hugging Face dataset: downloaded (or found in the cache), then read from its Arrow files."""
+    import datasets
+
+    try:
+        dd = datasets.load_dataset(name)
+    except Exception as err:  # noqa: BLE001 - datasets raises many types for "unreachable"
+        raise InputError(
+            f"input hf://{name}: could not load the dataset ({type(err).__name__}: {err}). Without network "
+            f"access, export it to Parquet and pass that path."
+        ) from err
+    units, split_of = [], {}
+    for split, ds in dd.items():
+        for cache in ds.cache_files:
+            units.append(cache["filename"])
+            split_of[cache["filename"]] = "unsup" if split == "unsupervised" else split
+    if not units:
+        raise InputError(f"input hf://{name}: the dataset has no cached Arrow files to read")
+    return Corpus("arrow", f"hf://{name}", units, pafs.LocalFileSystem(), split_of_unit=split_of, **opts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: one per format, each yielding ROW_SCHEMA tables.
+
+
+def _imdb_row(rows: dict[str, list[Any]], name: str, raw: bytes | None) -> None:
+    m = IMDB_FILE.search(name)
+    assert m is not None
+    split, polarity, rid, _rating = m.groups()
+    text, replaced = decode_text(raw) if raw is not None else (None, False)
+    rows["id"].append(f"{split}/{polarity}/{rid}")
+    rows["text"].append(text)
+    rows["label"].append(None if polarity == "unsup" else polarity)
+    rows["split"].append(split if polarity != "unsup" else "unsup")
+    rows["utf8_replaced"].append(replaced)
+
+
+def _read_imdb_tar(corpus: Corpus, unit: tuple[int, int], keys_only: bool) -> Iterator[pa.Table]:
+    index, slices = unit
+    rows, seen = _empty_rows(), 0
+    with corpus.fs.open_input_stream(corpus.root) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+        for member in tf:
+            if not (member.isfile() and IMDB_FILE.search(member.name)):
+                continue
+            seen += 1
+            if seen % slices != index:
+                continue
+            raw = None if keys_only else tf.extractfile(member).read()  # type: ignore[union-attr]
+            _imdb_row(rows, member.name, raw)
+            if len(rows["id"]) >= ROWS_PER_TABLE:
+                yield _table(rows)
+                rows = _empty_rows()
+    if rows["id"]:
+        yield _table(rows)
+
+
+def _read_imdb_files(corpus: Corpus, unit: list[str], keys_only: bool) -> Iterator[pa.Table]:
+    rows = _empty_rows()
+    for path in unit:
+        raw = None
+        if not keys_only:
+            with corpus.fs.open_input_stream(path) as f:
+                raw = f.read()
+        _imdb_row(rows, path, raw)
+    yield _table(rows)
+
+
+def _generic_table(corpus: Corpus, path: str, table: pa.Table, first_row: int, split: str) -> pa.Table:
+    """Map a file's own columns onto ROW_SCHEMA."""
+    n = table.num_rows
+    names = table.column_names
+    rel = corpus.relpath(path)
+    ids = [f"{rel}:{first_row + i}" for i in range(n)]
+    if corpus.id_column:  # a missing id falls back to file:row, which is unique too
+        for i, v in enumerate(table.column(corpus.id_column).to_pylist()):
+            if v is not None:
+                ids[i] = str(v)
+    texts: list[str | None] = [None] * n
+    replaced = [False] * n
+    if corpus.text_column in names:
+        col = table.column(corpus.text_column)
+        if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+            for i, raw in enumerate(col.to_pylist()):
+                texts[i], replaced[i] = decode_text(raw)
+        else:
+            texts = [None if v is None else str(v) for v in col.to_pylist()]
+    labels: list[str | None] = [None] * n
+    if corpus.label_column and corpus.label_column in names:
+        labels = [None if v is None else str(v) for v in table.column(corpus.label_column).to_pylist()]
+    return pa.Table.from_pydict(
+        {"id": ids, "text": texts, "label": labels, "split": [split] * n, "utf8_replaced": replaced},
+        schema=ROW_SCHEMA,
+    )
+
+
+def _wanted(corpus: Corpus, keys_only: bool) -> list[str]:
+    cols = [corpus.id_column, corpus.label_column] if keys_only else [corpus.id_column, corpus.text_column, corpus.label_column]
+    return [c for c in cols if c]
+
+
+def _read_parquet(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table]:
+    with corpus.fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        cols = [c for c in _wanted(corpus, keys_only) if c in pf.schema_arrow.names]
+        row = 0
+        for batch in pf.iter_batches(batch_size=ROWS_PER_TABLE * 4, columns=cols or None):
+            table = pa.Table.from_batches([batch])
+            yield _generic_table(corpus, path, table, row, corpus.split)
+            row += table.num_rows
+
+
+def _read_arrow(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table]:
+    with pa.memory_map(path) as source:
+        try:
+            reader = pa.ipc.open_stream(source)
+        except pa.ArrowInvalid:
+            reader = pa.ipc.open_file(source)  # type: ignore[assignment]
+        row = 0
+        batches = reader if hasattr(reader, "__iter__") else (reader.get_batch(i) for i in range(reader.num_record_batches))
+        for batch in batches:
+            table = pa.Table.from_batches([batch])
+            yield _generic_table(corpus, path, table, row, corpus.split_of_unit.get(path, corpus.split))
+            row += table.num_rows
+
+
+def _read_csv(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table]:
+    # Text columns are read as binary so that invalid UTF-8 (Latin-1 files) is decoded with
+    # replacement and counted, rather than failing the whole file.
+    wanted = _wanted(corpus, keys_only)
+    names = columns_of(corpus, path)
+    present = [c for c in wanted if c in names]
+    convert = pacsv.ConvertOptions(
+        include_columns=present,
+        column_types={c: pa.binary() for c in present},
+        strings_can_be_null=False,
+        quoted_strings_can_be_null=False,
+    )
+    parse = pacsv.ParseOptions(newlines_in_values=True)
+    with _open_text_stream(corpus.fs, path) as f:
+        reader = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=8 << 20), parse_options=parse, convert_options=convert)
+        row = 0
+        for batch in reader:
+            table = pa.Table.from_batches([batch])
+            decoded = {}
+            for c in table.column_names:
+                if c == corpus.text_column:
+                    decoded[c] = table.column(c)
+                else:  # ids and labels: plain text
+                    decoded[c] = pa.array([decode_text(v)[0] for v in table.column(c).to_pylist()], pa.string())
+            yield _generic_table(corpus, path, pa.table(decoded), row, corpus.split)
+            row += table.num_rows
+
+
+def _read_jsonl(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table]:
+    cols = _wanted(corpus, keys_only)
+    buf: dict[str, list[Any]] = {c: [] for c in cols}
+    row = 0
+    bad_utf8: list[bool] = []
+
+    def flush() -> pa.Table:
+        table = pa.Table.from_pydict({c: pa.array(buf[c], pa.string()) for c in cols})
+        out = _generic_table(corpus, path, table, row, corpus.split)
+        return out.set_column(4, "utf8_replaced", pa.array(bad_utf8, pa.bool_()))
+
+    with _open_text_stream(corpus.fs, path) as f:
+        for lineno, raw_line in enumerate(io.BufferedReader(f), start=1):  # type: ignore[arg-type]
+            if not raw_line.strip():
+                continue
+            line, replaced = decode_text(raw_line)
+            try:
+                obj = json.loads(line)  # type: ignore[arg-type]
+            except json.JSONDecodeError as err:
+                raise InputError(f"input {path}, line {lineno}: not valid JSON ({err.msg})") from err
+            for c in cols:
+                v = obj.get(c) if isinstance(obj, dict) else None
+                buf[c].append(None if v is None else (v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v)))
+            bad_utf8.append(replaced)
+            if len(bad_utf8) >= ROWS_PER_TABLE:
+                yield flush()
+                row += len(bad_utf8)
+                buf = {c: [] for c in cols}
+                bad_utf8 = []
+    if bad_utf8:
+        yield flush()
