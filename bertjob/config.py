@@ -104,6 +104,8 @@ class TrainConfig:
     early_stopping_patience: int = opt(0, "stop after N evaluations without improvement (0: off)")
     log_every_steps: int = opt(20, "progress line every N steps (rank 0)")
     max_failures: int = opt(2, "worker-group restarts before giving up")
+    stream_data: bool = opt(False, "stream shards during training instead of loading them into the object store first (needs a CPU beyond the workers')")
+    check_resources: bool = opt(True, "fail fast when the cluster cannot place the workers (off on autoscaling clusters)")
     storage_path: str = opt("", "checkpoints root (local, NFS, s3://, gs://); empty: OUTPUT/ray_results")
     name: str = opt("bertjob-train", "run name; rerunning with the same name and storage_path resumes")
     max_eval_rows: int = opt(0, "cap rows of validation/test evaluated (0: all)")

@@ -76,6 +76,23 @@ def claim_output(path: str, stage: str, replace: bool = True) -> None:
         f.write(json.dumps({"stage": stage, "started": time.time()}).encode())
 
 
+def ensure_output(path: str, stage: str) -> None:
+    """Create `path` (or reuse one bertjob wrote) without deleting what is in it."""
+    fs, where = filesystem(path)
+    info = fs.get_file_info(where)
+    if info.type == pafs.FileType.File:
+        raise OutputError(f"output {path} is a file; give a directory")
+    if info.type == pafs.FileType.Directory:
+        names = {os.path.basename(c.path) for c in fs.get_file_info(pafs.FileSelector(where))}
+        if names and MARKER not in names:
+            raise OutputError(f"output {path} exists and was not written by bertjob; choose another directory")
+        if MARKER in names:
+            return
+    fs.create_dir(where, recursive=True)
+    with fs.open_output_stream(join(where, MARKER)) as f:
+        f.write(json.dumps({"stage": stage, "started": time.time()}).encode())
+
+
 def versions() -> dict[str, str]:
     import importlib.metadata as md
 

@@ -1,0 +1,259 @@
+"""The training step and its parts, in plain PyTorch (no Ray): collate, optimizer, schedule,
+precision, one optimizer step, evaluation, and the checkpointed training state.
+
+`bertjob.train` runs these inside Ray Train workers; `bench/` and the GPU check run them alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import random
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def collate(batch: dict[str, Any], pad_id: int, multiple_of: int = 1, device: Any = "cpu") -> dict[str, torch.Tensor]:
+    """Dynamic padding: pad to the longest sequence in the batch (rounded up to `multiple_of`)."""
+    rows = batch["input_ids"]
+    lengths = np.asarray(batch["length"], dtype=np.int64) if "length" in batch else np.array([len(r) for r in rows])
+    width = int(lengths.max()) if len(lengths) else 1
+    if multiple_of > 1:
+        width = int(math.ceil(width / multiple_of) * multiple_of)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+    mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+    out = {
+        "input_ids": torch.from_numpy(ids).to(device, non_blocking=True),
+        "attention_mask": torch.from_numpy(mask).to(device, non_blocking=True),
+    }
+    if "label" in batch:
+        out["labels"] = torch.as_tensor(np.asarray(batch["label"], dtype=np.int64)).to(device, non_blocking=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_supports_bf16() -> bool:
+    """AMX or AVX-512 BF16 make bf16 autocast fast on CPU; elsewhere it is slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(amx_bf16|avx512_bf16)\b", flags))
+
+
+def resolve_precision(setting: str, device: torch.device) -> str:
+    """auto -> bf16 on GPUs that have it, fp16 on older GPUs, bf16 on CPUs with AMX/AVX512-BF16, else off."""
+    if setting != "auto":
+        return setting
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_supports_bf16() else "off"
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "off":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def _layer_index(name: str, num_layers: int) -> int:
+    """Depth of a parameter: embeddings 0, encoder layer i -> i + 1, everything above -> num_layers + 1."""
+    if "embeddings" in name:
+        return 0
+    m = re.search(r"\.layer\.(\d+)\.", name)
+    if m:
+        return int(m.group(1)) + 1
+    return num_layers + 1
+
+
+def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, layer_lr_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on biases and LayerNorm; lr * decay**(depth from the top) per layer.
+
+    Layer-wise decay after Sun et al. 2019 (0.95 with lr 2e-5 gave 94.6% on IMDb with BERT-base).
+    """
+    config = getattr(model, "config", None)
+    num_layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        depth = _layer_index(name, num_layers)
+        no_decay = p.ndim == 1 or name.endswith(".bias") or "LayerNorm" in name or "layer_norm" in name
+        key = (depth, no_decay)
+        if key not in groups:
+            scale = layer_lr_decay ** (num_layers + 1 - depth)
+            groups[key] = {"params": [], "lr": lr * scale, "weight_decay": 0.0 if no_decay else weight_decay}
+        groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, layer_lr_decay: float) -> torch.optim.Optimizer:
+    groups = param_groups(model, lr, weight_decay, layer_lr_decay)
+    fused = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up to 1, then linear decay to 0 at `total_steps`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], factor: float) -> None:
+    for group, base in zip(optimizer.param_groups, base_lrs):
+        group["lr"] = base * factor
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradients became NaN/inf; continuing would only waste compute."""
+
+
+@dataclass
+class Stepper:
+    """One optimizer step over `grad_accum_steps` micro-batches, with mixed precision and clipping."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    precision: str = "off"
+    max_grad_norm: float = 1.0
+    grad_accum_steps: int = 1
+    scaler: Any = None
+    no_sync: Any = None  # DDP's model.no_sync, to skip all-reduce on accumulation micro-batches
+
+    def __post_init__(self) -> None:
+        if self.precision == "fp16" and self.scaler is None:
+            self.scaler = torch.amp.GradScaler(self.device.type)
+
+    def step(self, micro_batches: list[dict[str, torch.Tensor]], step_no: int) -> tuple[float, float]:
+        """Returns (mean loss, gradient norm). Raises NonFiniteLossError on NaN/inf (not with fp16,
+        whose scaler skips such steps by design)."""
+        self.model.train()
+        total = 0.0
+        n = len(micro_batches)
+        for i, mb in enumerate(micro_batches):
+            sync = i == n - 1 or self.no_sync is None
+            ctx = contextlib.nullcontext() if sync else self.no_sync()
+            with ctx:
+                with autocast(self.precision, self.device):
+                    loss = self.model(**mb).loss / n
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += float(loss.detach())
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+        )
+        norm_value = float(norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            if not math.isfinite(norm_value) or not math.isfinite(total):
+                raise NonFiniteLossError(f"loss became non-finite at step {step_no} (loss {total}, grad norm {norm_value})")
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, norm_value
+
+
+@torch.inference_mode()
+def predict_batches(
+    model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device, precision: str
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Positive-class probabilities, labels and summed loss over batches."""
+    model.eval()
+    probs, labels, loss_sum = [], [], 0.0
+    for b in batches:
+        with autocast(precision, device):
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        logits = out.logits.float()
+        if "labels" in b:
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, b["labels"], reduction="sum"))
+            labels.append(b["labels"].cpu().numpy())
+        probs.append(torch.softmax(logits, dim=-1)[:, 1].cpu().numpy())
+    cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
+    return cat(probs, np.float32), cat(labels, np.int64), loss_sum
+
+
+# ---------------------------------------------------------------------------------------------
+# Training state (saved in every checkpoint next to model.safetensors)
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch (0-based)
+    step_in_epoch: int = 0  # optimizer steps done within `epoch`
+    best_val_accuracy: float = -1.0
+    best_epoch: int = -1
+    evals_without_improvement: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    finished: bool = False
+    samples_seen: int = 0
+    train_time_s: float = 0.0
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        with contextlib.suppress(Exception):
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def chunks(it: Iterator[Any], n: int) -> Iterator[list[Any]]:
+    buf = []
+    for x in it:
+        buf.append(x)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def torch_threads(n: int) -> None:
+    if n > 0:
+        torch.set_num_threads(n)
+        os.environ["OMP_NUM_THREADS"] = str(n)
