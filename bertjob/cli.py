@@ -75,7 +75,9 @@ def make_parser() -> argparse.ArgumentParser:
         if name == "pipeline":
             p.epilog = "Stage settings: --prepare.KEY, --train.KEY, --evaluate.KEY, --infer.KEY (see each stage's --help)."
         else:
-            extra = p.add_argument_group("with a pipeline config (--config with output_dir or stage sections)")
+            extra = p.add_argument_group(
+                "with a pipeline config (--config with output_dir or stage sections)"
+            )
             stage_fields = {f.name for f in dataclasses.fields(cls)}
             _add_fields(extra, PipelineConfig, skip=stage_fields)
     return parser

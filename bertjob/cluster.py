@@ -21,7 +21,8 @@ def init_ray() -> None:
         log.info("connected to Ray cluster at %s", address)
     else:
         # "local" always starts a fresh single-node Ray, even if another is running on this host.
-        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+        # The dashboard also serves the state API that Ray Train's placement-group cleaner polls.
+        ray.init(address="local", log_to_driver=True)
         log.info("started a local Ray with %s CPUs", int(ray.cluster_resources().get("CPU", 0)))
     from ray.data import DataContext
 

@@ -39,16 +39,22 @@ def opt(default: Any, help: str) -> Any:
 class PrepareConfig:
     """Stream a review corpus through Ray Data into tokenized Parquet shards."""
 
-    input: str = opt(SAMPLE_INPUT, "IMDb tar.gz/dir, Parquet/CSV/JSONL file/dir/glob, hf://NAME, or imdb-sample")
+    input: str = opt(
+        SAMPLE_INPUT, "IMDb tar.gz/dir, Parquet/CSV/JSONL file/dir/glob, hf://NAME, or imdb-sample"
+    )
     output: str = opt("", "output directory (local or s3:// / gs://); replaced on rerun")
     model: str = opt("minilm", "tokenizer source: minilm (embedded), a local directory, or a hub id")
     max_length: int = opt(512, "tokens per sequence including [CLS] and [SEP]")
     truncation: str = opt("head+tail", "head | tail | head+tail (Sun et al. 2019: best on IMDb)")
     head_tokens: int = opt(128, "tokens kept from the start with head+tail truncation")
     strip_html: bool = opt(True, "turn <br /> into spaces, drop tags and unescape HTML entities")
-    max_chars_per_end: int = opt(0, "characters kept from each end of a huge text before tokenizing (0: 16 x max_length)")
+    max_chars_per_end: int = opt(
+        0, "characters kept from each end of a huge text before tokenizing (0: 16 x max_length)"
+    )
     text_column: str = opt("text", "text column of a generic corpus")
-    label_column: str = opt("label", "label column (0/1, neg/pos, negative/positive); absent means unlabelled")
+    label_column: str = opt(
+        "label", "label column (0/1, neg/pos, negative/positive); absent means unlabelled"
+    )
     id_column: str = opt("", "id column; empty: a stable id from source file and row number")
     split: str = opt("train", "split that a generic corpus without splits goes to")
     validation_fraction: float = opt(0.1, "share of train held out as validation (stratified, seeded)")
@@ -91,12 +97,16 @@ class TrainConfig:
     max_steps: int = opt(0, "stop after this many optimizer steps (0: epochs decide)")
     batch_size_per_worker: int = opt(32, "sequences per worker per micro-batch (seed recipe: 32)")
     grad_accum_steps: int = opt(1, "micro-batches per optimizer step")
-    lr: float = opt(5e-5, "peak learning rate of the top layer (2e-5 suits BERT-base; small models like more)")
+    lr: float = opt(
+        5e-5, "peak learning rate of the top layer (2e-5 suits BERT-base; small models like more)"
+    )
     layer_lr_decay: float = opt(0.95, "lr multiplier per layer going down (Sun et al. 2019; 1.0 = off)")
     weight_decay: float = opt(0.01, "AdamW weight decay (never on biases and LayerNorm)")
     warmup_ratio: float = opt(0.1, "share of steps with linear warm-up")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)")
-    mixed_precision: str = opt("auto", "auto | bf16 | fp16 | off (auto: bf16 where supported, else fp16 on GPU)")
+    mixed_precision: str = opt(
+        "auto", "auto | bf16 | fp16 | off (auto: bf16 where supported, else fp16 on GPU)"
+    )
     pad_to_multiple_of: int = opt(0, "pad batches to a multiple of this (0: 8 on GPU, 1 on CPU)")
     eval_every_steps: int = opt(0, "also evaluate every N steps (0: once per epoch)")
     checkpoint_every_steps: int = opt(0, "also checkpoint every N steps (0: once per epoch)")
@@ -104,8 +114,13 @@ class TrainConfig:
     early_stopping_patience: int = opt(0, "stop after N evaluations without improvement (0: off)")
     log_every_steps: int = opt(20, "progress line every N steps (rank 0)")
     max_failures: int = opt(2, "worker-group restarts before giving up")
-    stream_data: bool = opt(False, "stream shards during training instead of loading them into the object store first (needs a CPU beyond the workers')")
-    check_resources: bool = opt(True, "fail fast when the cluster cannot place the workers (off on autoscaling clusters)")
+    stream_data: bool = opt(
+        False,
+        "stream shards during training instead of loading them into the object store first (needs a CPU beyond the workers')",
+    )
+    check_resources: bool = opt(
+        True, "fail fast when the cluster cannot place the workers (off on autoscaling clusters)"
+    )
     storage_path: str = opt("", "checkpoints root (local, NFS, s3://, gs://); empty: OUTPUT/ray_results")
     name: str = opt("bertjob-train", "run name; rerunning with the same name and storage_path resumes")
     max_eval_rows: int = opt(0, "cap rows of validation/test evaluated (0: all)")
@@ -119,7 +134,13 @@ class TrainConfig:
             p.append("data: required (--data PREPARED_DIR)")
         if not self.output:
             p.append("output: required (--output DIR)")
-        for name in ("num_workers", "epochs", "batch_size_per_worker", "grad_accum_steps", "keep_checkpoints"):
+        for name in (
+            "num_workers",
+            "epochs",
+            "batch_size_per_worker",
+            "grad_accum_steps",
+            "keep_checkpoints",
+        ):
             if getattr(self, name) < 1:
                 p.append(f"{name}: must be at least 1")
         if self.lr <= 0:

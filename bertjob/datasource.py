@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import ray
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
@@ -17,9 +19,22 @@ READ_CPUS = 0.25
 
 
 class CorpusDatasource(Datasource):
-    def __init__(self, corpus: Corpus, keys_only: bool = False):
+    """Reads a Corpus; with `positions`, adds `unit` and `row` (a row's stable place in the input),
+    keeps only rows of `split` (when set) and drops rows whose position is in `done`."""
+
+    def __init__(
+        self,
+        corpus: Corpus,
+        keys_only: bool = False,
+        positions: bool = False,
+        split: str = "",
+        done: dict[int, Any] | None = None,
+    ):
         self.corpus = corpus
         self.keys_only = keys_only
+        self.positions = positions
+        self.split = split
+        self.done = done or {}
 
     def get_name(self) -> str:
         return f"Read{self.corpus.kind.title().replace('-', '')}"
@@ -27,23 +42,62 @@ class CorpusDatasource(Datasource):
     def estimate_inmemory_data_size(self) -> int | None:
         return self.corpus.size_bytes or None
 
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None) -> list[ReadTask]:
-        units = self.corpus.units
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
+    ) -> list[ReadTask]:
+        units = [(i, u) for i, u in enumerate(self.corpus.units) if self.done.get(i) is not True]
         n = max(1, min(len(units), parallelism))
         groups = [units[i::n] for i in range(n)]
-        corpus, keys_only = self.corpus, self.keys_only
+        corpus, keys_only, positions, split, done = (
+            self.corpus,
+            self.keys_only,
+            self.positions,
+            self.split,
+            self.done,
+        )
 
         def make(group: list[Any]) -> ReadTask:
             def read() -> Any:
-                for unit in group:
-                    yield from corpus.read(unit, keys_only)
+                for index, unit in group:
+                    row = 0
+                    for table in corpus.read(unit, keys_only):
+                        if positions:
+                            n_in = table.num_rows
+                            table = with_positions(table, index, row, split, done.get(index))
+                            row += n_in
+                        if table.num_rows:
+                            yield table
 
             size = corpus.size_bytes // max(1, len(groups))
             meta = BlockMetadata(num_rows=None, size_bytes=size, exec_stats=None, input_files=None)
-            return ReadTask(read, meta, schema=ROW_SCHEMA)
+            return ReadTask(read, meta, schema=None if positions else ROW_SCHEMA)
 
         return [make(g) for g in groups]
 
 
-def read_corpus(corpus: Corpus, keys_only: bool = False) -> ray.data.Dataset:
-    return ray.data.read_datasource(CorpusDatasource(corpus, keys_only), num_cpus=READ_CPUS)
+def with_positions(table: pa.Table, unit: int, first_row: int, split: str, done: Any) -> pa.Table:
+    """Add unit/row columns, then keep the rows of `split` that are not in the `done` mask."""
+    n = table.num_rows
+    rows = np.arange(first_row, first_row + n, dtype=np.int64)
+    table = table.append_column("unit", pa.array(np.full(n, unit, dtype=np.int32))).append_column(
+        "row", pa.array(rows)
+    )
+    keep = np.ones(n, dtype=bool)
+    if split:
+        keep &= table.column("split").to_numpy(zero_copy_only=False) == split
+    if done is not None and len(done):
+        inside = rows < len(done)
+        keep[inside] &= ~done[rows[inside]]
+    return table if keep.all() else table.filter(pa.array(keep))
+
+
+def read_corpus(
+    corpus: Corpus,
+    keys_only: bool = False,
+    positions: bool = False,
+    split: str = "",
+    done: dict[int, Any] | None = None,
+    num_cpus: float = READ_CPUS,
+) -> ray.data.Dataset:
+    source = CorpusDatasource(corpus, keys_only, positions, split, done)
+    return ray.data.read_datasource(source, num_cpus=num_cpus)

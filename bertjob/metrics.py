@@ -25,7 +25,9 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def classification_metrics(labels: np.ndarray, prob_positive: np.ndarray, threshold: float = 0.5) -> dict[str, Any]:
+def classification_metrics(
+    labels: np.ndarray, prob_positive: np.ndarray, threshold: float = 0.5
+) -> dict[str, Any]:
     labels = np.asarray(labels).astype(np.int64)
     prob_positive = np.asarray(prob_positive, dtype=np.float64)
     pred = (prob_positive >= threshold).astype(np.int64)

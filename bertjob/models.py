@@ -15,6 +15,14 @@ from pathlib import Path
 from typing import Any
 
 EMBEDDED = "minilm"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
 
 
 class ModelError(ValueError):
@@ -53,6 +61,10 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     where = resolve_model(name)
+    # transformers 5 builds an empty tokenizer (special tokens only) from a directory that has no
+    # tokenizer files at all; every text would become [UNK]. Refuse that instead.
+    if os.path.isdir(where) and not any(os.path.exists(os.path.join(where, f)) for f in TOKENIZER_FILES):
+        raise ModelError(f"{where} has no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
     try:
         tok = AutoTokenizer.from_pretrained(where, use_fast=True, trust_remote_code=trust_remote_code)
     except OSError as err:

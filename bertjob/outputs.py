@@ -85,7 +85,9 @@ def ensure_output(path: str, stage: str) -> None:
     if info.type == pafs.FileType.Directory:
         names = {os.path.basename(c.path) for c in fs.get_file_info(pafs.FileSelector(where))}
         if names and MARKER not in names:
-            raise OutputError(f"output {path} exists and was not written by bertjob; choose another directory")
+            raise OutputError(
+                f"output {path} exists and was not written by bertjob; choose another directory"
+            )
         if MARKER in names:
             return
     fs.create_dir(where, recursive=True)

@@ -138,7 +138,8 @@ def tokenize_batch(
         full_lengths[i] = full[j]
     trunc = [full_lengths[i] > c.max_length or capped[i] for i in range(n)]
     quarantined_text = [
-        (texts[i][:QUARANTINE_TEXT_CHARS] if texts[i] is not None else None) if reasons[i] else None for i in range(n)
+        (texts[i][:QUARANTINE_TEXT_CHARS] if texts[i] is not None else None) if reasons[i] else None
+        for i in range(n)
     ]
     return pa.table(
         {
@@ -279,7 +280,9 @@ class PreparedSink:
                         schema=QUARANTINE_SCHEMA,
                     )
                 )
-            s["utf8_replaced"] += int(np.count_nonzero(part.column("utf8_replaced").to_numpy(zero_copy_only=False)))
+            s["utf8_replaced"] += int(
+                np.count_nonzero(part.column("utf8_replaced").to_numpy(zero_copy_only=False))
+            )
             if good.num_rows == 0:
                 continue
             labels = good.column("label")
@@ -291,7 +294,9 @@ class PreparedSink:
             s["sum_length"] += int(full.sum())
             s["truncated"] += int(np.count_nonzero(good.column("truncated").to_numpy(zero_copy_only=False)))
             s["capped_chars"] += int(np.count_nonzero(good.column("capped").to_numpy(zero_copy_only=False)))
-            writer(str(split), PREPARED_SCHEMA).write_table(good.select(PREPARED_SCHEMA.names).cast(PREPARED_SCHEMA))
+            writer(str(split), PREPARED_SCHEMA).write_table(
+                good.select(PREPARED_SCHEMA.names).cast(PREPARED_SCHEMA)
+            )
 
 
 def make_sink(output: str, rows_per_shard: int) -> Any:
@@ -375,7 +380,9 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     tok_info = models.tokenizer_info(cfg.model, cfg.trust_remote_code)
     log.info("prepare: %s -> %s (tokenizer %s, max_length %d, %s)", corpus.describe(), cfg.output,
              cfg.model, cfg.max_length, cfg.truncation)  # fmt: skip
+    t_init = time.time()
     init_ray()
+    ray_init_s = time.time() - t_init
     thresholds, seen = split_thresholds(corpus, cfg)
     if seen == 0:
         raise InputError(f"input {cfg.input}: no rows found ({corpus.describe()})")
@@ -409,12 +416,14 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
         "config": to_dict(cfg),
         "versions": versions(),
         "wall_s": round(time.time() - started, 2),
+        "ray_init_s": round(ray_init_s, 2),
         "ray_cluster_cpus": ray.cluster_resources().get("CPU", 0),
     }
     if read_total != seen:
-        raise RuntimeError(f"prepare read {read_total} rows but the split pass saw {seen}; output left incomplete")
+        raise RuntimeError(
+            f"prepare read {read_total} rows but the split pass saw {seen}; output left incomplete"
+        )
     write_json(join(cfg.output, "config.json"), to_dict(cfg))
     write_json(join(cfg.output, MANIFEST), manifest)  # last: marks the output complete
     log.info("prepare: wrote %s", ", ".join(f"{k} {v['rows_written']}" for k, v in splits.items()))
     return manifest
-

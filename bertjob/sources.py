@@ -8,7 +8,6 @@ Ray reads units in parallel and streams the tables on.
 from __future__ import annotations
 
 import fnmatch
-import io
 import json
 import os
 import re
@@ -37,8 +36,16 @@ ROW_SCHEMA = pa.schema(
 
 ROWS_PER_TABLE = 1024
 IMDB_FILE = re.compile(r"(?:^|/)(train|test)/(pos|neg|unsup)/(\d+)_(\d+)\.txt$")
-GENERIC_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
+GENERIC_FORMATS = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+}
 SAMPLE_NAME = "aclImdb_sample.tar.gz"
+TAR_SLICES = 2
+PREPARED_FORMAT = "bertjob-prepared/1"
 
 
 class InputError(ValueError):
@@ -87,6 +94,7 @@ class Corpus:
             "csv": _read_csv,
             "jsonl": _read_jsonl,
             "arrow": _read_arrow,
+            "prepared": _read_prepared,
         }[self.kind]
         yield from reader(self, unit, keys_only)
 
@@ -104,7 +112,11 @@ class Corpus:
 
 
 def open_corpus(
-    path: str, text_column: str = "text", label_column: str = "label", id_column: str = "", split: str = "train"
+    path: str,
+    text_column: str = "text",
+    label_column: str = "label",
+    id_column: str = "",
+    split: str = "train",
 ) -> Corpus:
     if path == "imdb-sample":
         path = sample_path()
@@ -120,6 +132,11 @@ def open_corpus(
     info = fs.get_file_info(where)
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"input {path}: no such file or directory")
+    if (
+        info.type == pafs.FileType.Directory
+        and fs.get_file_info(where + "/manifest.json").type == pafs.FileType.File
+    ):
+        return _open_prepared(fs, where, split)
     if info.type == pafs.FileType.File:
         if where.endswith((".tar.gz", ".tgz", ".tar")):
             return _open_imdb_tar(fs, where, info.size, opts)
@@ -135,7 +152,9 @@ def open_corpus(
     files = [
         (f.path, f.size)
         for f in listing
-        if f.type == pafs.FileType.File and _format_of(f.path) and not os.path.basename(f.path).startswith(("_", "."))
+        if f.type == pafs.FileType.File
+        and _format_of(f.path)
+        and not os.path.basename(f.path).startswith(("_", "."))
     ]
     if not files:
         raise InputError(
@@ -157,7 +176,9 @@ def _glob(fs: pafs.FileSystem, pattern: str) -> list[tuple[str, int]]:
     while any(ch in base for ch in "*?["):
         base = os.path.dirname(base)
     listing = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-    return sorted((f.path, f.size) for f in listing if f.type == pafs.FileType.File and fnmatch.fnmatch(f.path, pattern))
+    return sorted(
+        (f.path, f.size) for f in listing if f.type == pafs.FileType.File and fnmatch.fnmatch(f.path, pattern)
+    )
 
 
 def _generic(fs: pafs.FileSystem, root: str, files: list[tuple[str, int]], opts: dict[str, str]) -> Corpus:
@@ -184,7 +205,7 @@ def columns_of(corpus: Corpus, path: str) -> list[str]:
             if corpus.kind == "csv":
                 head = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 20))
                 return head.schema.names
-            for line in f:
+            for line in iter_lines(f):
                 if line.strip():
                     row = json.loads(line)
                     if not isinstance(row, dict):
@@ -209,6 +230,20 @@ def _check_columns(corpus: Corpus, path: str) -> None:
         )
 
 
+def iter_lines(f: Any, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    """Lines of a (possibly compressed) pyarrow stream, as bytes, without holding the whole file."""
+    rest = b""
+    while True:
+        chunk = f.read(chunk_size)
+        if not chunk:
+            break
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        yield from lines
+    if rest:
+        yield rest
+
+
 def _open_text_stream(fs: pafs.FileSystem, path: str) -> Any:
     compression = pa.Codec.detect(path).name if path.endswith((".gz", ".bz2", ".zst")) else None
     return fs.open_input_stream(path, compression=compression)
@@ -216,15 +251,39 @@ def _open_text_stream(fs: pafs.FileSystem, path: str) -> Any:
 
 def _open_imdb_tar(fs: pafs.FileSystem, path: str, size: int, opts: dict[str, str]) -> Corpus:
     # A gzipped tar cannot be read from the middle, so each read task scans the archive and keeps
-    # one of N interleaved slices. N is small: gunzip is ~1 s per scan, tokenizing is ~30 s.
-    slices = max(2, min(8, os.cpu_count() or 2))
+    # one of N interleaved slices. N is small (gunzip is ~1 s per scan, tokenizing ~30 s) and fixed,
+    # so that (unit, row) positions stay the same across runs and machines (infer resumes by them).
+    slices = TAR_SLICES
     with fs.open_input_stream(path) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
         for member in tf:
             if member.isfile() and IMDB_FILE.search(member.name):
                 break
         else:
-            raise InputError(f"input {path}: an archive without the IMDb layout (train/pos/<id>_<rating>.txt ...)")
+            raise InputError(
+                f"input {path}: an archive without the IMDb layout (train/pos/<id>_<rating>.txt ...)"
+            )
     return Corpus("imdb-tar", path, [(i, slices) for i in range(slices)], fs, size_bytes=size * 3, **opts)
+
+
+def _open_prepared(fs: pafs.FileSystem, where: str, split: str) -> Corpus:
+    """A directory written by `bertjob prepare`: already tokenized rows, one split or all."""
+    with fs.open_input_stream(where + "/manifest.json") as f:
+        manifest = json.loads(f.read())
+    if manifest.get("format") != PREPARED_FORMAT:
+        raise InputError(f"input {where}: manifest.json is not a bertjob prepared manifest")
+    splits = [split] if split else sorted(manifest["splits"])
+    missing = [s for s in splits if s not in manifest["splits"]]
+    if missing:
+        raise InputError(
+            f"input {where}: no split {missing[0]!r}; the splits are {sorted(manifest['splits'])}"
+        )
+    units = []
+    for s in splits:
+        listing = fs.get_file_info(pafs.FileSelector(f"{where}/{s}", allow_not_found=True))
+        units += sorted(f.path for f in listing if f.path.endswith(".parquet"))
+    corpus = Corpus("prepared", where, units, fs, split=split)
+    corpus.manifest = manifest  # type: ignore[attr-defined]
+    return corpus
 
 
 def _open_hf(name: str, **opts: str) -> Corpus:
@@ -323,7 +382,11 @@ def _generic_table(corpus: Corpus, path: str, table: pa.Table, first_row: int, s
 
 
 def _wanted(corpus: Corpus, keys_only: bool) -> list[str]:
-    cols = [corpus.id_column, corpus.label_column] if keys_only else [corpus.id_column, corpus.text_column, corpus.label_column]
+    cols = (
+        [corpus.id_column, corpus.label_column]
+        if keys_only
+        else [corpus.id_column, corpus.text_column, corpus.label_column]
+    )
     return [c for c in cols if c]
 
 
@@ -338,6 +401,37 @@ def _read_parquet(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Tab
             row += table.num_rows
 
 
+PREPARED_ROW_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("label", pa.string()),
+        ("split", pa.string()),
+        ("utf8_replaced", pa.bool_()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("length", pa.int32()),
+    ]
+)
+
+
+def _read_prepared(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table]:
+    split = os.path.basename(os.path.dirname(path))
+    with corpus.fs.open_input_file(path) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_TABLE * 4):
+            t = pa.Table.from_batches([batch])
+            labels = t.column("label").cast(pa.string())
+            yield pa.table(
+                {
+                    "id": t.column("id"),
+                    "label": labels,
+                    "split": pa.array([split] * t.num_rows, pa.string()),
+                    "utf8_replaced": pa.array([False] * t.num_rows, pa.bool_()),
+                    "input_ids": t.column("input_ids"),
+                    "length": t.column("length"),
+                },
+                schema=PREPARED_ROW_SCHEMA,
+            )
+
+
 def _read_arrow(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table]:
     with pa.memory_map(path) as source:
         try:
@@ -345,7 +439,11 @@ def _read_arrow(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table
         except pa.ArrowInvalid:
             reader = pa.ipc.open_file(source)  # type: ignore[assignment]
         row = 0
-        batches = reader if hasattr(reader, "__iter__") else (reader.get_batch(i) for i in range(reader.num_record_batches))
+        batches = (
+            reader
+            if hasattr(reader, "__iter__")
+            else (reader.get_batch(i) for i in range(reader.num_record_batches))
+        )
         for batch in batches:
             table = pa.Table.from_batches([batch])
             yield _generic_table(corpus, path, table, row, corpus.split_of_unit.get(path, corpus.split))
@@ -366,7 +464,12 @@ def _read_csv(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table]:
     )
     parse = pacsv.ParseOptions(newlines_in_values=True)
     with _open_text_stream(corpus.fs, path) as f:
-        reader = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=8 << 20), parse_options=parse, convert_options=convert)
+        reader = pacsv.open_csv(
+            f,
+            read_options=pacsv.ReadOptions(block_size=8 << 20),
+            parse_options=parse,
+            convert_options=convert,
+        )
         row = 0
         for batch in reader:
             table = pa.Table.from_batches([batch])
@@ -375,7 +478,9 @@ def _read_csv(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table]:
                 if c == corpus.text_column:
                     decoded[c] = table.column(c)
                 else:  # ids and labels: plain text
-                    decoded[c] = pa.array([decode_text(v)[0] for v in table.column(c).to_pylist()], pa.string())
+                    decoded[c] = pa.array(
+                        [decode_text(v)[0] for v in table.column(c).to_pylist()], pa.string()
+                    )
             yield _generic_table(corpus, path, pa.table(decoded), row, corpus.split)
             row += table.num_rows
 
@@ -392,7 +497,7 @@ def _read_jsonl(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table
         return out.set_column(4, "utf8_replaced", pa.array(bad_utf8, pa.bool_()))
 
     with _open_text_stream(corpus.fs, path) as f:
-        for lineno, raw_line in enumerate(io.BufferedReader(f), start=1):  # type: ignore[arg-type]
+        for lineno, raw_line in enumerate(iter_lines(f), start=1):
             if not raw_line.strip():
                 continue
             line, replaced = decode_text(raw_line)
@@ -402,7 +507,13 @@ def _read_jsonl(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table
                 raise InputError(f"input {path}, line {lineno}: not valid JSON ({err.msg})") from err
             for c in cols:
                 v = obj.get(c) if isinstance(obj, dict) else None
-                buf[c].append(None if v is None else (v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v)))
+                buf[c].append(
+                    None
+                    if v is None
+                    else (
+                        v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+                    )
+                )
             bad_utf8.append(replaced)
             if len(bad_utf8) >= ROWS_PER_TABLE:
                 yield flush()

@@ -90,7 +90,9 @@ def check_setup(cfg: TrainConfig, manifest: dict[str, Any]) -> list[str]:
             hint = " (set validation_fraction > 0 in prepare)" if name == "validation" else ""
             problems.append(f"split {name!r} of {cfg.data} has no rows{hint}")
         elif name == "train" and set(splits[name].get("label_counts", {})) != {"0", "1"}:
-            problems.append(f"split 'train' of {cfg.data} needs both labels; it has {splits[name].get('label_counts')}")
+            problems.append(
+                f"split 'train' of {cfg.data} needs both labels; it has {splits[name].get('label_counts')}"
+            )
     if splits.get("train", {}).get("rows_written", 0) and splits["train"]["rows_written"] < cfg.num_workers:
         problems.append(f"split 'train' has fewer rows than num_workers ({cfg.num_workers})")
     return problems
@@ -102,7 +104,9 @@ def check_resources(cfg: TrainConfig) -> list[str]:
     problems = []
     cpus, gpus = cluster_cpus(), cluster_gpus()
     if cfg.use_gpu and gpus == 0:
-        problems.append("use_gpu is set but the Ray cluster has no GPU (set --use-gpu false, or add GPU nodes)")
+        problems.append(
+            "use_gpu is set but the Ray cluster has no GPU (set --use-gpu false, or add GPU nodes)"
+        )
     elif cfg.use_gpu and gpus < cfg.num_workers:
         problems.append(f"{cfg.num_workers} workers need {cfg.num_workers} GPUs; the cluster has {gpus:g}")
     need = cfg.num_workers * cfg.cpus_per_worker + (1 if cfg.stream_data else 0)
@@ -127,7 +131,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if problems:
         raise TrainSetupError("cannot train:\n  - " + "\n  - ".join(problems))
     if "://" in cfg.output:
-        raise TrainSetupError("train output must be a local or mounted directory; put checkpoints on s3:// or gs:// with --storage-path")
+        raise TrainSetupError(
+            "train output must be a local or mounted directory; put checkpoints on s3:// or gs:// with --storage-path"
+        )
     ensure_output(cfg.output, "train")  # never wiped: it may hold the checkpoints a rerun resumes from
     init_ray()
     if cfg.check_resources:
@@ -136,7 +142,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             raise TrainSetupError("cannot train:\n  - " + "\n  - ".join(problems))
 
     datasets = {
-        name: _read_split(cfg.data, name, shuffle_seed=cfg.seed if name == "train" else None, stream=cfg.stream_data)
+        name: _read_split(
+            cfg.data, name, shuffle_seed=cfg.seed if name == "train" else None, stream=cfg.stream_data
+        )
         for name in ("train", "validation", "test")
         if manifest["splits"].get(name, {}).get("rows_written", 0) > 0
     }
@@ -171,7 +179,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         train_loop,
         train_loop_config={"cfg": to_dict(cfg), "meta": meta},
         scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
         ),
         run_config=RunConfig(
             name=cfg.name,
@@ -221,7 +231,9 @@ def _read_split(data: str, split: str, shuffle_seed: int | None, stream: bool) -
     return ds
 
 
-def export(cfg: TrainConfig, manifest: dict[str, Any], checkpoint: Any, wall_s: float, storage: str) -> dict[str, Any]:
+def export(
+    cfg: TrainConfig, manifest: dict[str, Any], checkpoint: Any, wall_s: float, storage: str
+) -> dict[str, Any]:
     """OUTPUT/model (the best model, HF format, loadable by transformers.pipeline), metrics.json, curves."""
     model_dir = join(cfg.output, "model")
     with checkpoint.as_directory() as ckpt:
@@ -250,8 +262,11 @@ def export(cfg: TrainConfig, manifest: dict[str, Any], checkpoint: Any, wall_s: 
         "test": final.get("test"),
         "history": state["history"],
         "steps": state["step"],
+        "resumed_at_steps": state["resumed_at_steps"],
         "samples_seen": state["samples_seen"],
-        "train_samples_per_s": round(state["samples_seen"] / state["train_time_s"], 2) if state["train_time_s"] else None,
+        "train_samples_per_s": round(state["samples_seen"] / state["train_time_s"], 2)
+        if state["train_time_s"]
+        else None,
         "train_time_s": round(state["train_time_s"], 1),
         "wall_s": round(wall_s, 1),
         "global_batch_size": cfg.global_batch_size,
@@ -283,12 +298,24 @@ def plot_curves(history: list[dict[str, Any]], path: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot([h["step"] for h in train], [h["loss"] for h in train], label="train loss", color="tab:blue")
     if evals:
-        ax.plot([h["step"] for h in evals], [h["val_loss"] for h in evals], "o--", label="val loss", color="tab:cyan")
+        ax.plot(
+            [h["step"] for h in evals],
+            [h["val_loss"] for h in evals],
+            "o--",
+            label="val loss",
+            color="tab:cyan",
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax2 = ax.twinx()
     if evals:
-        ax2.plot([h["step"] for h in evals], [h["val_accuracy"] for h in evals], "s-", color="tab:red", label="val accuracy")
+        ax2.plot(
+            [h["step"] for h in evals],
+            [h["val_accuracy"] for h in evals],
+            "s-",
+            color="tab:red",
+            label="val accuracy",
+        )
     ax2.set_ylabel("validation accuracy")
     lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(lines, [line.get_label() for line in lines], loc="center right")
@@ -378,8 +405,14 @@ def train_loop(config: dict[str, Any]) -> None:
                 best_sd = {k: v.clone() for k, v in model.state_dict().items()}
             elif os.path.exists(os.path.join(d, BEST_DIR, "model.safetensors")):
                 best_sd = load_file(os.path.join(d, BEST_DIR, "model.safetensors"))
+        state.resumed_at_steps.append(state.step)
         if rank == 0:
-            log.info("resuming from step %d (epoch %d, step %d in epoch)", state.step, state.epoch + 1, state.step_in_epoch)
+            log.info(
+                "resuming from step %d (epoch %d, step %d in epoch)",
+                state.step,
+                state.epoch + 1,
+                state.step_in_epoch,
+            )
     model = ray.train.torch.prepare_model(model)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.layer_lr_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -395,10 +428,18 @@ def train_loop(config: dict[str, Any]) -> None:
         set_rng_state(saved["rng"])
     tracker = _Tracker(cfg.tracking, meta["tracking_dir"], config["cfg"]) if rank == 0 else None
     if rank == 0:
-        log.info("worker setup: %d workers on %s, precision %s, global batch %d", world, device, precision, cfg.global_batch_size)
+        log.info(
+            "worker setup: %d workers on %s, precision %s, global batch %d",
+            world,
+            device,
+            precision,
+            cfg.global_batch_size,
+        )
 
     def evaluate(split: str) -> dict[str, Any]:
-        it = ray.train.get_dataset_shard(split).iter_batches(batch_size=max(64, cfg.batch_size_per_worker * 2), batch_format="numpy")
+        it = ray.train.get_dataset_shard(split).iter_batches(
+            batch_size=max(64, cfg.batch_size_per_worker * 2), batch_format="numpy"
+        )
         limit = cfg.max_eval_rows or None
 
         def mine():
@@ -430,7 +471,9 @@ def train_loop(config: dict[str, Any]) -> None:
             if rank == 0:
                 net = _unwrap(model)
                 net.save_pretrained(tmp, safe_serialization=True)
-                best_is_current = best_sd is not None and state.best_epoch >= 0 and metrics.get("is_best", False)
+                best_is_current = (
+                    best_sd is not None and state.best_epoch >= 0 and metrics.get("is_best", False)
+                )
                 if best_is_current:
                     net.save_pretrained(os.path.join(tmp, BEST_DIR), safe_serialization=True)
                 elif best_sd is not None:
@@ -444,24 +487,43 @@ def train_loop(config: dict[str, Any]) -> None:
                         "base_lrs": base_lrs,
                         "best_is_current": best_is_current,
                         # The schedule is a pure function of (step, total_steps, warmup): no state.
-                        "schedule": {"step": state.step, "total_steps": total_steps, "warmup_steps": warmup_steps},
+                        "schedule": {
+                            "step": state.step,
+                            "total_steps": total_steps,
+                            "warmup_steps": warmup_steps,
+                        },
                     },
                     os.path.join(tmp, STATE_FILE),
                 )
                 if final is not None:
                     with open(os.path.join(tmp, FINAL_FILE), "w") as f:
-                        json.dump({**final, "state": dataclasses.asdict(state), "precision": precision}, f, default=float)
+                        json.dump(
+                            {**final, "state": dataclasses.asdict(state), "precision": precision},
+                            f,
+                            default=float,
+                        )
                 ckpt = Checkpoint.from_directory(tmp)
-            clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            clean = {
+                k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
             ray.train.report(clean, checkpoint=ckpt)
 
     def after_eval(m: dict[str, Any]) -> tuple[bool, bool]:
         """Record an evaluation; returns (is_best, stop_early)."""
         nonlocal best_sd
-        state.history.append({"type": "eval", "step": state.step, "epoch": state.epoch, **{f"val_{k}": v for k, v in m.items() if k != "confusion_matrix"}})
-        is_best = m["accuracy"] > state.best_val_accuracy
+        state.history.append(
+            {
+                "type": "eval",
+                "step": state.step,
+                "epoch": state.epoch,
+                **{f"val_{k}": v for k, v in m.items() if k != "confusion_matrix"},
+            }
+        )
+        # Best by accuracy; validation loss breaks ties (small validation sets tie often).
+        is_best = (m["accuracy"], -m["loss"]) > (state.best_val_accuracy, -state.best_val_loss)
         if is_best:
-            state.best_val_accuracy, state.best_epoch, state.evals_without_improvement = m["accuracy"], state.epoch, 0
+            state.best_val_accuracy, state.best_val_loss = m["accuracy"], m["loss"]
+            state.best_epoch, state.evals_without_improvement = state.epoch, 0
             best_sd = _cpu_state(model)
         else:
             state.evals_without_improvement += 1
@@ -471,7 +533,9 @@ def train_loop(config: dict[str, Any]) -> None:
                 m["accuracy"], m["f1"], m["roc_auc"], m["loss"], " (best)" if is_best else "",
             )  # fmt: skip
             tracker.log({f"val/{k}": v for k, v in m.items() if isinstance(v, float)}, state.step)  # type: ignore[union-attr]
-        stop = cfg.early_stopping_patience > 0 and state.evals_without_improvement >= cfg.early_stopping_patience
+        stop = (
+            cfg.early_stopping_patience > 0 and state.evals_without_improvement >= cfg.early_stopping_patience
+        )
         return is_best, stop
 
     train_shard = ray.train.get_dataset_shard("train")
@@ -489,7 +553,11 @@ def train_loop(config: dict[str, Any]) -> None:
         micro = (b for i, b in enumerate(it) if i >= skip and i < meta["micro_per_epoch"])
         epoch_t0 = time.time()
         for group in chunks(micro, cfg.grad_accum_steps):
-            if meta["fail_at_step"] == state.step and meta["fail_marker"] and not os.path.exists(meta["fail_marker"]):
+            if (
+                meta["fail_at_step"] == state.step
+                and meta["fail_marker"]
+                and not os.path.exists(meta["fail_marker"])
+            ):
                 open(meta["fail_marker"], "w").write(f"failed at step {state.step} on rank {rank}\n")
                 raise RuntimeError(f"injected test failure at step {state.step}")
             set_lr(optimizer, base_lrs, lr_factor(state.step, total_steps, warmup_steps))
@@ -504,14 +572,30 @@ def train_loop(config: dict[str, Any]) -> None:
                 dt = time.time() - window_t
                 rate = window_samples / dt if dt > 0 else 0.0
                 lr_now = optimizer.param_groups[-1]["lr"]
-                state.history.append({"type": "train", "step": state.step, "epoch": state.epoch, "loss": window_loss / window_n, "lr": lr_now, "samples_per_s": rate})
+                state.history.append(
+                    {
+                        "type": "train",
+                        "step": state.step,
+                        "epoch": state.epoch,
+                        "loss": window_loss / window_n,
+                        "lr": lr_now,
+                        "samples_per_s": rate,
+                    }
+                )
                 if rank == 0:
                     eta = (total_steps - state.step) * cfg.global_batch_size / rate if rate else float("nan")
                     log.info(
                         "epoch %d step %d/%d loss %.4f lr %.2e %.1f samples/s ETA %.0fs",
                         state.epoch + 1, state.step, total_steps, window_loss / window_n, lr_now, rate, eta,
                     )  # fmt: skip
-                    tracker.log({"train/loss": window_loss / window_n, "train/lr": lr_now, "train/samples_per_s": rate}, state.step)  # type: ignore[union-attr]
+                    tracker.log(
+                        {
+                            "train/loss": window_loss / window_n,
+                            "train/lr": lr_now,
+                            "train/samples_per_s": rate,
+                        },
+                        state.step,
+                    )  # type: ignore[union-attr]
                 window_loss, window_n, window_t, window_samples = 0.0, 0, time.time(), 0
             end_of_epoch = state.step_in_epoch >= meta["steps_per_epoch"] or state.step >= total_steps
             if end_of_epoch:
@@ -521,7 +605,14 @@ def train_loop(config: dict[str, Any]) -> None:
                 epoch_t0 = time.time()
                 m = evaluate("validation")
                 is_best, stop = after_eval(m)
-                report({"val_accuracy": m["accuracy"], "step": state.step, "epoch": state.epoch, "is_best": is_best})
+                report(
+                    {
+                        "val_accuracy": m["accuracy"],
+                        "step": state.step,
+                        "epoch": state.epoch,
+                        "is_best": is_best,
+                    }
+                )
                 if stop:
                     break
             elif cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
@@ -547,11 +638,19 @@ def train_loop(config: dict[str, Any]) -> None:
     if meta["has_test"]:
         final["test"] = evaluate("test")
         if rank == 0:
-            log.info("test (best model): accuracy %.4f f1 %.4f auc %.4f", final["test"]["accuracy"], final["test"]["f1"], final["test"]["roc_auc"])
+            log.info(
+                "test (best model): accuracy %.4f f1 %.4f auc %.4f",
+                final["test"]["accuracy"],
+                final["test"]["f1"],
+                final["test"]["roc_auc"],
+            )
     best_for_export = best_sd if best_sd is not None else current
     _unwrap(model).load_state_dict(current)  # the checkpoint keeps the latest weights for extension
     best_sd = best_for_export
-    report({"val_accuracy": state.best_val_accuracy, "step": state.step, "epoch": state.epoch, "final": 1}, final=final)
+    report(
+        {"val_accuracy": state.best_val_accuracy, "step": state.step, "epoch": state.epoch, "final": 1},
+        final=final,
+    )
     if tracker is not None:
         tracker.close()
 

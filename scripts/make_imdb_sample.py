@@ -16,7 +16,13 @@ from pathlib import Path
 
 from bertjob.sources import IMDB_FILE, SAMPLE_NAME
 
-COUNTS = {("train", "pos"): 1000, ("train", "neg"): 1000, ("test", "pos"): 500, ("test", "neg"): 500, ("train", "unsup"): 500}
+COUNTS = {
+    ("train", "pos"): 1000,
+    ("train", "neg"): 1000,
+    ("test", "pos"): 500,
+    ("test", "neg"): 500,
+    ("train", "unsup"): 500,
+}
 
 
 def main(src: str, dst: str) -> None:
@@ -30,11 +36,16 @@ def main(src: str, dst: str) -> None:
         for key, want in COUNTS.items():
             chosen = sorted(members[key], key=lambda nb: hashlib.sha256(nb[0].encode()).hexdigest())[:want]
             for name, data in sorted(chosen):
-                info = tarfile.TarInfo(name[name.index("aclImdb/"):])
+                info = tarfile.TarInfo(name[name.index("aclImdb/") :])
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
                 out.addfile(info, io.BytesIO(data))
     print(f"wrote {dst} ({Path(dst).stat().st_size / 1e6:.1f} MB)")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else str(Path(__file__).parents[1] / "bertjob" / "data" / SAMPLE_NAME))
+    main(
+        sys.argv[1],
+        sys.argv[2]
+        if len(sys.argv) > 2
+        else str(Path(__file__).parents[1] / "bertjob" / "data" / SAMPLE_NAME),
+    )

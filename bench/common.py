@@ -1,0 +1,71 @@
+"""Shared helpers for the benchmarks: machine description, timing a command with its peak memory."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import threading
+import time
+from typing import Any
+
+import psutil
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = psutil.virtual_memory().total / 2**30
+    gpu = ""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = f", GPU {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB{gpu}"
+
+
+def _tree_rss(root: psutil.Process, session: int) -> int:
+    """RSS of the process, its descendants, and everything else in its session (Ray's workers
+    get process groups of their own but stay in the session)."""
+    total = 0
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(p.pid) == session:
+                total += p.memory_info().rss
+        except (psutil.Error, OSError):
+            continue
+    return total
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `cmd` in a new session; wall time and the peak summed RSS of the session's processes."""
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        root = psutil.Process(proc.pid)
+        while not done.is_set():
+            peak[0] = max(peak[0], _tree_rss(root, proc.pid))
+            time.sleep(0.25)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    out, _ = proc.communicate()
+    done.set()
+    t.join()
+    subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], check=False)  # leftover Ray processes
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-4000:]}")
+    return {"wall_s": time.time() - t0, "peak_rss_gib": peak[0] / 2**30, "output": out}

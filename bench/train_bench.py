@@ -1,0 +1,111 @@
+"""Training throughput: this job against a plain PyTorch loop and the Hugging Face Trainer.
+
+    python bench/train_bench.py [--max-length 256] [--batch-size 16] [--steps 30]
+
+Same model (embedded MiniLM-L6), data (the IMDb sample, prepared at --max-length), batch size and
+sequence length, one run, one machine:
+  (a) `bertjob train`, 1 worker with all cores, its defaults (bf16 autocast where the CPU has AMX)
+  (b) a plain PyTorch loop in one process at the same precision (bertjob's collate and step)
+  (c) transformers.Trainer with its defaults (fp32, DataCollatorWithPadding)
+  (d) `bertjob train` with 2 workers x 1 core (data-parallel scaling on one machine)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import machine, run_measured  # noqa: E402
+
+
+def rows(prepared: str) -> tuple[list, np.ndarray]:
+    t = pq.read_table(os.path.join(prepared, "train")).to_pydict()
+    order = np.random.default_rng(0).permutation(len(t["label"]))
+    return [t["input_ids"][i] for i in order], np.array(t["label"])[order]
+
+
+def plain_loop(prepared: str, batch: int, steps: int, precision: str) -> float:
+    import torch
+
+    from bertjob import models
+    from bertjob.training import Stepper, collate, make_optimizer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    ids, labels = rows(prepared)
+    model = models.load_classifier("minilm")
+    stepper = Stepper(model, make_optimizer(model, 5e-5, 0.01, 0.95), torch.device("cpu"), precision, 1.0, 1)
+    t0 = time.perf_counter()
+    for s in range(steps):
+        sl = slice(s * batch, (s + 1) * batch)
+        b = {"input_ids": np.array([np.array(x) for x in ids[sl]], dtype=object), "label": labels[sl]}
+        stepper.step([collate(b, 0)], s)
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def hf_trainer(prepared: str, batch: int, steps: int, out: str) -> float:
+    import datasets
+    from transformers import Trainer, TrainingArguments
+
+    from bertjob import models
+
+    ids, labels = rows(prepared)
+    ds = datasets.Dataset.from_dict({"input_ids": ids[: steps * batch], "label": labels[: steps * batch].tolist()})
+    args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch, max_steps=steps, report_to=[],
+                             save_strategy="no", logging_steps=10_000, use_cpu=True)  # fmt: skip
+    trainer = Trainer(model=models.load_classifier("minilm"), args=args, train_dataset=ds,
+                      processing_class=models.load_tokenizer("minilm"))  # fmt: skip
+    t0 = time.perf_counter()
+    trainer.train()
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def job(prepared: str, out: str, batch: int, steps: int, workers: int, precision: str) -> float:
+    cpus = (os.cpu_count() or 1) // workers
+    cmd = [sys.executable, "-m", "bertjob", "train", "--data", prepared, "--output", out, "--epochs", "1",
+           "--max-steps", str(steps), "--num-workers", str(workers), "--cpus-per-worker", str(cpus),
+           "--batch-size-per-worker", str(batch // workers), "--mixed-precision", precision,
+           "--max-eval-rows", "64", "--log-every-steps", "10", "--name", f"bench-{workers}"]  # fmt: skip
+    run_measured(cmd)
+    return json.load(open(os.path.join(out, "metrics.json")))["train_samples_per_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--max-length", default="256")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=30)
+    args = ap.parse_args()
+    from bertjob.training import resolve_precision
+
+    import torch
+
+    precision = resolve_precision("auto", torch.device("cpu"))
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = os.path.join(tmp, "prepared")
+        run_measured([sys.executable, "-m", "bertjob", "prepare", "--output", prepared, "--max-length", args.max_length])
+        b, s = args.batch_size, args.steps
+        a = job(prepared, os.path.join(tmp, "a"), b, s, 1, "auto")
+        plain = plain_loop(prepared, b, s, precision)
+        hf = hf_trainer(prepared, b, s, os.path.join(tmp, "hf"))
+        d = job(prepared, os.path.join(tmp, "d"), b, s, 2, "auto")
+    print(f"machine: {machine()}")
+    print(f"MiniLM-L6, IMDb sample, max_length {args.max_length}, global batch {b}, {s} steps; precision {precision}")
+    print(f"{'':48} {'samples/s':>10} {'ratio':>6}")
+    print(f"{'(b) plain PyTorch loop, same precision':48} {plain:10.2f} {1.0:6.2f}")
+    print(f"{'(a) bertjob train, 1 worker x all cores':48} {a:10.2f} {a / plain:6.2f}   (target >= 0.95)")
+    print(f"{'(c) HF Trainer, its defaults':48} {hf:10.2f} {hf / plain:6.2f}")
+    print(f"{'(a) / (c)':48} {'':10} {a / hf:6.2f}   (target >= 1.3)")
+    print(f"{'(d) bertjob train, 2 workers x 1 core':48} {d:10.2f} {d / plain:6.2f}   (scaling 2 vs 1 worker: {d / a:.2f})")
+
+
+if __name__ == "__main__":
+    main()

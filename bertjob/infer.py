@@ -1,0 +1,620 @@
+"""Infer and evaluate: score a corpus of any size with a fine-tuned model, exactly once per row.
+
+    read (units, with each row's stable (unit, row) position)
+      -> [tasks on GPU runs: clean + tokenize]
+      -> Predictor on an actor pool (clean + tokenize on CPU runs; sort by length, pad, score)
+      -> PredictionSink: Parquet files committed atomically, named by their content
+
+Exactly once: every committed file holds the (unit, row) of its rows. A rerun reads those
+positions back, skips finished units and drops finished rows, so it completes only what is
+missing. `--overwrite` starts clean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from bertjob import models
+from bertjob.config import InferConfig, join, to_dict
+from bertjob.metrics import classification_metrics
+from bertjob.outputs import (
+    MANIFEST,
+    MARKER,
+    OutputError,
+    claim_output,
+    ensure_output,
+    exists,
+    read_json,
+    versions,
+    write_json,
+)
+from bertjob.prepare import encode_texts, list_array
+from bertjob.sources import InputError, filesystem, open_corpus
+from bertjob.text import BAD_LABEL, EMPTY_TEXT, LABEL_NAMES, NULL_TEXT, cap_chars, clean_text, parse_label
+from bertjob.training import autocast, resolve_precision, torch_threads
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS = "predictions"
+QUARANTINE = "quarantine"
+RUN_FILE = "run.json"
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("label", pa.int8()),
+        ("label_name", pa.string()),
+        ("score", pa.float32()),
+        ("prob_positive", pa.float32()),
+        ("true_label", pa.int8()),  # the corpus' label when it has one (evaluate)
+        ("unit", pa.int32()),
+        ("row", pa.int64()),
+    ]
+)
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("reason", pa.string()),
+        ("text", pa.string()),
+        ("unit", pa.int32()),
+        ("row", pa.int64()),
+    ]
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model settings and checks
+
+
+def model_settings(model: str, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Cleaning, max_length and truncation the model was trained with (bertjob.json beside it)."""
+    where = models.resolve_model(model)
+    path = os.path.join(where, "bertjob.json")
+    if os.path.isdir(where) and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {"max_length": 512, "truncation": "head+tail", "head_tokens": 128, "strip_html": True}
+
+
+def check_model(model: str, trust_remote_code: bool = False) -> list[str]:
+    """A model directory without a classification head or a tokenizer is an error before any work."""
+    where = models.resolve_model(model)
+    if os.path.isdir(where):
+        # A train checkpoint directory holds the best model under best_model/.
+        if not os.path.exists(os.path.join(where, "config.json")):
+            return [f"model {model}: no config.json; give the train job's OUTPUT/model directory"]
+        if not models.has_classification_head(where):
+            return [f"model {model}: has no sequence-classification head (architectures in config.json); "
+                    f"fine-tune it first with `bertjob train`"]  # fmt: skip
+        try:
+            models.load_tokenizer(model, trust_remote_code)
+        except models.ModelError as err:
+            return [f"model {model}: {err}"]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# The predictor: plain Python, loads the model once (__init__), scores a batch (__call__).
+
+
+class Predictor:
+    """Cleans, tokenizes (unless the batch already has input_ids), sorts by length, pads per
+    sub-batch and scores. Used by Ray Data as an actor class, and directly in tests and benchmarks."""
+
+    def __init__(
+        self,
+        model: str,
+        batch_size: int = 64,
+        max_length: int = 0,
+        truncation: str = "",
+        head_tokens: int = 0,
+        strip_html: bool | None = None,
+        precision: str = "auto",
+        device: str = "auto",
+        include_text: bool = False,
+        evaluate: bool = False,
+        threads: int = 0,
+        trust_remote_code: bool = False,
+    ):
+        from transformers import AutoModelForSequenceClassification
+
+        torch_threads(threads)
+        settings = model_settings(model, trust_remote_code)
+        self.max_length = max_length or int(settings["max_length"])
+        self.truncation = truncation or settings["truncation"]
+        self.head_tokens = head_tokens or int(settings.get("head_tokens", 128))
+        self.strip_html = settings.get("strip_html", True) if strip_html is None else strip_html
+        self.batch_size = batch_size
+        self.include_text = include_text
+        self.evaluate = evaluate
+        self.device = torch.device(
+            "cuda"
+            if device == "auto" and torch.cuda.is_available()
+            else ("cpu" if device == "auto" else device)
+        )
+        self.precision = resolve_precision(precision, self.device)
+        self.tokenizer = models.load_tokenizer(model, trust_remote_code)
+        where = models.resolve_model(model)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            where, trust_remote_code=trust_remote_code
+        )
+        self.model.to(self.device).eval()
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        self.multiple_of = 8 if self.device.type == "cuda" else 1
+        # Test-only: slow scoring down so that a test can kill a run part-way.
+        self._delay_s = float(os.environ.get("BERTJOB_TEST_PREDICT_DELAY_S", "0"))
+
+    # Text -> token ids, with quarantine reasons; shared with the tokenize task stage.
+    def tokenize(self, table: pa.Table) -> pa.Table:
+        return tokenize_table(table, self.tokenizer, self.max_length, self.truncation, self.head_tokens,
+                              self.strip_html, self.include_text, self.evaluate)  # fmt: skip
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if "reason" not in batch.column_names:  # not yet through tokenize_table (CPU runs tokenize here)
+            batch = self.tokenize(batch)
+        return self.score(batch)
+
+    @torch.inference_mode()
+    def score(self, batch: pa.Table) -> pa.Table:
+        if self._delay_s:
+            time.sleep(self._delay_s)
+        n = batch.num_rows
+        reasons = batch.column("reason").to_pylist() if "reason" in batch.column_names else [None] * n
+        good = np.array([r is None for r in reasons], dtype=bool)
+        prob = np.full(n, np.nan, dtype=np.float32)
+        rows = batch.column("input_ids").to_pylist()
+        lengths = np.array([len(r) if r is not None else 0 for r in rows])
+        idx = np.flatnonzero(good)
+        order = idx[np.argsort(lengths[idx], kind="stable")]  # similar lengths together: less padding
+        for start in range(0, len(order), self.batch_size):
+            part = order[start : start + self.batch_size]
+            width = int(lengths[part].max())
+            if self.multiple_of > 1:
+                width = -(-width // self.multiple_of) * self.multiple_of
+            ids = np.full((len(part), width), self.pad_id, dtype=np.int64)
+            for j, i in enumerate(part):
+                ids[j, : lengths[i]] = rows[i]
+            mask = (np.arange(width)[None, :] < lengths[part][:, None]).astype(np.int64)
+            with autocast(self.precision, self.device):
+                logits = self.model(
+                    input_ids=torch.from_numpy(ids).to(self.device, non_blocking=True),
+                    attention_mask=torch.from_numpy(mask).to(self.device, non_blocking=True),
+                ).logits
+            prob[part] = torch.softmax(logits.float(), dim=-1)[:, 1].cpu().numpy()
+        label = (prob >= 0.5).astype(np.int8)
+        score = np.where(label == 1, prob, 1 - prob).astype(np.float32)
+        out = {
+            "id": batch.column("id"),
+            "label": pa.array(label, pa.int8(), mask=~good),
+            "label_name": pa.array(
+                [LABEL_NAMES[int(v)] if g else None for v, g in zip(label, good)], pa.string()
+            ),
+            "score": pa.array(score, pa.float32(), mask=~good),
+            "prob_positive": pa.array(prob, pa.float32(), mask=~good),
+            "true_label": batch.column("true_label")
+            if "true_label" in batch.column_names
+            else pa.nulls(n, pa.int8()),
+            "reason": pa.array(reasons, pa.string()),
+        }
+        for name in ("unit", "row", "text", "raw_text", "utf8_replaced"):
+            if name in batch.column_names:
+                out[name] = batch.column(name)
+        return pa.table(out)
+
+
+def tokenize_table(
+    table: pa.Table, tokenizer: Any, max_length: int, truncation: str, head_tokens: int, strip_html: bool,
+    include_text: bool = False, evaluate: bool = False,
+) -> pa.Table:  # fmt: skip
+    """Source rows -> rows with input_ids (or a quarantine reason). Pre-tokenized rows pass through."""
+    n = table.num_rows
+    raw_labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * n
+    true = [parse_label(v) if v is not None else None for v in raw_labels]
+    reasons: list[str | None] = [None] * n
+    if evaluate:
+        for i, (raw, t) in enumerate(zip(raw_labels, true)):
+            if raw is not None and t is None:
+                reasons[i] = BAD_LABEL
+    cols: dict[str, Any] = {"id": table.column("id")}
+    texts_out: list[str | None] = [None] * n
+    raw_text: list[str | None] = [None] * n
+    if "input_ids" in table.column_names:  # a prepared directory: already tokenized
+        input_ids = table.column("input_ids")
+    else:
+        texts = table.column("text").to_pylist()
+        good_idx, good_texts = [], []
+        for i, text in enumerate(texts):
+            if text is None:
+                reasons[i] = reasons[i] or NULL_TEXT
+                continue
+            cleaned = clean_text(text, strip_html)
+            if not cleaned:
+                reasons[i] = reasons[i] or EMPTY_TEXT
+                raw_text[i] = text[:10_000]
+                continue
+            if reasons[i]:
+                raw_text[i] = text[:10_000]
+                continue
+            cleaned, _ = cap_chars(cleaned, 16 * max_length)
+            texts_out[i] = cleaned if include_text else None
+            good_idx.append(i)
+            good_texts.append(cleaned)
+        encoded, _ = encode_texts(good_texts, tokenizer, max_length, truncation, head_tokens)
+        ids: list[list[int]] = [[] for _ in range(n)]
+        for j, i in enumerate(good_idx):
+            ids[i] = encoded[j]
+        input_ids = list_array(ids)
+    cols.update(
+        input_ids=input_ids,
+        true_label=pa.array(true, pa.int8()),
+        reason=pa.array(reasons, pa.string()),
+        raw_text=pa.array(raw_text, pa.string()),
+    )
+    if include_text:
+        cols["text"] = pa.array(texts_out, pa.string())
+    for name in ("unit", "row", "utf8_replaced"):
+        if name in table.column_names:
+            cols[name] = table.column(name)
+    return pa.table(cols)
+
+
+def _tokenize_task(batch: pa.Table, settings: dict[str, Any]) -> pa.Table:
+    s = settings
+    tok = models.load_tokenizer(s["model"], s["trust_remote_code"])
+    return tokenize_table(batch, tok, s["max_length"], s["truncation"], s["head_tokens"], s["strip_html"],
+                          s["include_text"], s["evaluate"])  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Committing output exactly once
+
+
+def _content_name(table: pa.Table) -> str:
+    """A file name from the positions it holds: a retried write of the same rows replaces, never duplicates."""
+    h = hashlib.sha1()
+    h.update(table.column("unit").to_numpy().tobytes())
+    h.update(table.column("row").to_numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+class PredictionSink:
+    """Writes predictions and quarantined rows; each file appears under its final name in one step."""
+
+    def __init__(self, output: str, include_text: bool):
+        self.output = output
+        self.include_text = include_text
+
+    def write_blocks(self, blocks: Iterable[pa.Table]) -> dict[str, Any]:
+        tables = [b for b in blocks if b.num_rows]
+        stats: dict[str, Any] = {"scored": 0, "quarantined": Counter(), "utf8_replaced": 0}
+        if not tables:
+            return stats
+        table = pa.concat_tables(tables, promote_options="default")
+        if "utf8_replaced" in table.column_names:
+            stats["utf8_replaced"] = int(
+                np.count_nonzero(table.column("utf8_replaced").to_numpy(zero_copy_only=False))
+            )
+        bad = table.column("reason").is_valid().to_numpy(zero_copy_only=False)
+        good = table.filter(pa.array(~bad))
+        q = table.filter(pa.array(bad))
+        schema = OUTPUT_SCHEMA.append(pa.field("text", pa.string())) if self.include_text else OUTPUT_SCHEMA
+        if good.num_rows:
+            self._commit(PREDICTIONS, good.select(schema.names).cast(schema))
+            stats["scored"] = good.num_rows
+        if q.num_rows:
+            qt = pa.table(
+                {"id": q.column("id"), "reason": q.column("reason"), "text": q.column("raw_text"),
+                 "unit": q.column("unit"), "row": q.column("row")},
+                schema=QUARANTINE_SCHEMA,
+            )  # fmt: skip
+            self._commit(QUARANTINE, qt)
+            stats["quarantined"] = Counter(q.column("reason").to_pylist())
+        return stats
+
+    def _commit(self, kind: str, table: pa.Table) -> None:
+        fs, root = filesystem(self.output)
+        final = join(root, kind, f"part-{_content_name(table)}.parquet")
+        if isinstance(fs, pafs.LocalFileSystem):
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            tmp = join(root, "_tmp", f"{uuid.uuid4().hex}.parquet")
+            os.makedirs(os.path.dirname(tmp), exist_ok=True)
+            pq.write_table(table, tmp, compression="zstd")
+            os.replace(tmp, final)  # atomic on one filesystem
+        else:
+            # Object stores make a PUT visible whole or not at all.
+            pq.write_table(table, final, filesystem=fs, compression="zstd")
+
+
+def make_sink(output: str, include_text: bool, rows_per_file: int) -> Any:
+    from ray.data.datasource import Datasink
+
+    class _Sink(Datasink):
+        def __init__(self) -> None:
+            self.inner = PredictionSink(output, include_text)
+            self.scored = 0
+            self.quarantined: Counter = Counter()
+            self.utf8_replaced = 0
+
+        @property
+        def min_rows_per_write(self) -> int:
+            return rows_per_file
+
+        def get_name(self) -> str:
+            return "WritePredictions"
+
+        def write(self, blocks: Iterable[pa.Table], ctx: Any) -> dict[str, Any]:
+            return self.inner.write_blocks(blocks)
+
+        def on_write_complete(self, write_result: Any) -> None:
+            for part in write_result.write_returns:
+                self.scored += part["scored"]
+                self.quarantined.update(part["quarantined"])
+                self.utf8_replaced += part["utf8_replaced"]
+
+    return _Sink()
+
+
+def committed_positions(output: str, units: int) -> tuple[dict[int, Any], int]:
+    """Read back what earlier runs committed: {unit: True (finished) | bool mask of done rows}."""
+    fs, root = filesystem(output)
+    masks: dict[int, list[np.ndarray]] = {}
+    total = 0
+    for kind in (PREDICTIONS, QUARANTINE):
+        listing = fs.get_file_info(pafs.FileSelector(join(root, kind), allow_not_found=True))
+        for f in listing:
+            if not f.path.endswith(".parquet"):
+                continue
+            t = pq.read_table(f.path, columns=["unit", "row"], filesystem=fs)
+            total += t.num_rows
+            u, r = t.column("unit").to_numpy(), t.column("row").to_numpy()
+            for unit in np.unique(u):
+                masks.setdefault(int(unit), []).append(r[u == unit])
+    done: dict[int, Any] = {}
+    for unit, parts in masks.items():
+        rows = np.concatenate(parts)
+        mask = np.zeros(int(rows.max()) + 1, dtype=bool)
+        mask[rows] = True
+        done[unit] = mask
+    return done, total
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+
+
+def run(cfg: InferConfig, evaluate: bool = False) -> dict[str, Any]:
+    import ray
+
+    from bertjob.cluster import init_ray
+    from bertjob.datasource import read_corpus
+
+    started = time.time()
+    stage = "evaluate" if evaluate else "infer"
+    problems = check_model(cfg.model, cfg.trust_remote_code)
+    if problems:
+        raise models.ModelError("; ".join(problems))
+    corpus = open_corpus(cfg.input, cfg.text_column, cfg.label_column if evaluate or cfg.label_column else "", cfg.id_column,
+                         cfg.split or "train")  # fmt: skip
+    settings = model_settings(cfg.model, cfg.trust_remote_code)
+    fingerprint = models.tokenizer_info(cfg.model, cfg.trust_remote_code)["fingerprint"]
+    if corpus.kind == "prepared":
+        prepared_fp = corpus.manifest["tokenizer"]["fingerprint"]  # type: ignore[attr-defined]
+        if prepared_fp != fingerprint:
+            raise InputError(f"input {cfg.input} was tokenized with another tokenizer ({prepared_fp}) than model "
+                             f"{cfg.model} uses ({fingerprint}); give the raw corpus instead")  # fmt: skip
+    effective = {
+        "max_length": cfg.max_length or settings["max_length"],
+        "truncation": cfg.truncation or settings["truncation"],
+        "head_tokens": cfg.head_tokens or settings.get("head_tokens", 128),
+        "strip_html": cfg.strip_html,
+    }
+    run_info = {"input": cfg.input, "split": cfg.split, "model": cfg.model, "tokenizer_fingerprint": fingerprint,
+                "weights": _weights_fingerprint(cfg.model),
+                "units": len(corpus.units), "settings": effective, "include_text": cfg.include_text}  # fmt: skip
+    done, already = _resume_state(cfg, run_info, stage)
+    if done is None:
+        log.info(
+            "%s: %s is complete for these inputs and settings; nothing to do (use --overwrite to redo)",
+            stage,
+            cfg.output,
+        )
+        return read_json(join(cfg.output, MANIFEST))
+    init_ray()
+    use_tasks_for_tokens = cfg.use_gpu and corpus.kind != "prepared"
+    ds = read_corpus(corpus, positions=True, split=cfg.split if corpus.kind != "prepared" else "", done=done,
+                     num_cpus=0 if not cfg.use_gpu else 0.25)  # fmt: skip
+    pred_kwargs = dict(
+        model=cfg.model, batch_size=cfg.batch_size, precision=cfg.mixed_precision, include_text=cfg.include_text,
+        evaluate=evaluate, threads=max(1, int(cfg.cpus_per_worker)), trust_remote_code=cfg.trust_remote_code, **effective,
+    )  # fmt: skip
+    if use_tasks_for_tokens:
+        # GPUs should only score: tokenize on CPU tasks ahead of them.
+        ds = ds.map_batches(_tokenize_task, fn_kwargs={"settings": {**pred_kwargs, "model": cfg.model}},
+                            batch_format="pyarrow", batch_size=1024, num_cpus=1)  # fmt: skip
+    from ray.data import ActorPoolStrategy
+
+    ds = ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs=pred_kwargs,
+        compute=ActorPoolStrategy(size=cfg.num_workers),
+        batch_size=max(cfg.batch_size * 8, 256),
+        batch_format="pyarrow",
+        num_cpus=cfg.cpus_per_worker,
+        num_gpus=1 if cfg.use_gpu else 0,
+    )
+    sink = make_sink(cfg.output, cfg.include_text, cfg.rows_per_shard)
+    scoring_t0 = time.time()
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
+    scoring_s = time.time() - scoring_t0
+    return finish(cfg, stage, run_info, sink, already, started, scoring_s, ray.cluster_resources(), evaluate)
+
+
+def _resume_state(
+    cfg: InferConfig, run_info: dict[str, Any], stage: str
+) -> tuple[dict[int, Any] | None, int]:
+    """({unit: done mask}, rows already committed), or (None, n) when the output is already complete."""
+    run_path = join(cfg.output, RUN_FILE)
+    if not cfg.overwrite and exists(join(cfg.output, MARKER)) and exists(run_path):
+        previous = read_json(run_path)
+        if previous != run_info:
+            raise OutputError(
+                f"output {cfg.output} holds a run with other inputs or settings; pass --overwrite to replace it"
+            )
+        if exists(join(cfg.output, MANIFEST)):
+            return None, 0
+        done, already = committed_positions(cfg.output, run_info["units"])
+        log.info("%s: resuming: %d rows already committed in %s", stage, already, cfg.output)
+        return done, already
+    claim_output(cfg.output, stage) if cfg.overwrite or not exists(cfg.output) else _claim_fresh(
+        cfg.output, stage
+    )
+    write_json(run_path, run_info)
+    return {}, 0
+
+
+def _claim_fresh(output: str, stage: str) -> None:
+    ensure_output(output, stage)
+    fs, root = filesystem(output)
+    names = {os.path.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(root))}
+    if names - {MARKER}:
+        claim_output(output, stage)  # a bertjob output of another run without run.json: replace it
+
+
+def finish(
+    cfg: InferConfig, stage: str, run_info: dict[str, Any], sink: Any, already: int, started: float,
+    scoring_s: float, resources: dict[str, float], evaluate: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """Count what is committed (all runs), check it, then write metrics (evaluate) and the manifest."""
+    scored, quarantined = sink.scored, sink.quarantined
+    fs, root = filesystem(cfg.output)
+    totals: dict[str, Any] = {"scored": 0, "quarantined": Counter()}
+    pairs = 0
+    positions = []
+    for kind in (PREDICTIONS, QUARANTINE):
+        d = join(root, kind)
+        if fs.get_file_info(d).type == pafs.FileType.NotFound:
+            continue
+        cols = ["unit", "row"] + (["reason"] if kind == QUARANTINE else [])
+        t = pq.read_table(d, columns=cols, filesystem=fs)
+        pairs += t.num_rows
+        positions.append(t.column("unit").to_numpy().astype(np.int64) << 40 | t.column("row").to_numpy())
+        if kind == PREDICTIONS:
+            totals["scored"] = t.num_rows
+        else:
+            totals["quarantined"] = Counter(t.column("reason").to_pylist())
+    unique = len(np.unique(np.concatenate(positions))) if positions else 0
+    if unique != pairs:
+        raise RuntimeError(f"{cfg.output}: {pairs - unique} rows are committed twice; rerun with --overwrite")
+    rows_read = scored + sum(quarantined.values()) + already
+    if rows_read != pairs:
+        raise RuntimeError(f"{cfg.output}: {pairs} rows committed but {rows_read} read; rerun to complete")
+    wall = time.time() - started
+    manifest = {
+        "format": f"bertjob-{stage}/1",
+        "rows_read": rows_read,
+        "rows_scored": totals["scored"],
+        "rows_quarantined": sum(totals["quarantined"].values()),
+        "quarantined_by_reason": dict(sorted(totals["quarantined"].items())),
+        "rows_this_run": scored + sum(quarantined.values()),
+        "utf8_replaced_this_run": sink.utf8_replaced,
+        "rows_resumed": already,
+        "model": {
+            "name": cfg.model,
+            "tokenizer_fingerprint": run_info["tokenizer_fingerprint"],
+            "weights_sha256": _weights_fingerprint(cfg.model),
+        },  # fmt: skip
+        "settings": run_info["settings"],
+        "config": to_dict(cfg),
+        "versions": versions(),
+        "wall_s": round(wall, 2),
+        "scoring_s": round(scoring_s, 2),
+        "rows_per_s": round((scored + sum(quarantined.values())) / wall, 1) if wall else None,
+        "ray_cluster": {k: v for k, v in resources.items() if k in ("CPU", "GPU")},
+    }
+    if evaluate:
+        manifest["metrics"] = evaluation(cfg)
+    write_json(join(cfg.output, MANIFEST), manifest)
+    log.info("%s: %d rows read, %d scored, %d quarantined, %.1f rows/s -> %s", stage, rows_read, totals["scored"],
+             manifest["rows_quarantined"], manifest["rows_per_s"] or 0, cfg.output)  # fmt: skip
+    return manifest
+
+
+def _weights_fingerprint(model: str) -> str | None:
+    where = models.resolve_model(model)
+    path = os.path.join(where, "model.safetensors")
+    if not os.path.exists(path):
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def evaluation(cfg: InferConfig) -> dict[str, Any]:
+    """metrics.json and report.png from the committed predictions (labelled rows only)."""
+    fs, root = filesystem(cfg.output)
+    t = pq.read_table(join(root, PREDICTIONS), columns=["prob_positive", "true_label"], filesystem=fs)
+    t = t.filter(t.column("true_label").is_valid())
+    if t.num_rows == 0:
+        raise InputError(
+            f"input {cfg.input}: no labelled rows to evaluate (label column {cfg.label_column!r})"
+        )
+    labels = t.column("true_label").to_numpy()
+    probs = t.column("prob_positive").to_numpy()
+    m = classification_metrics(labels, probs)
+    write_json(join(cfg.output, "metrics.json"), m)
+    if "://" not in cfg.output:
+        plot_report(labels, probs, m, os.path.join(cfg.output, "report.png"))
+    log.info(
+        "evaluate: accuracy %.4f f1 %.4f roc_auc %.4f on %d rows",
+        m["accuracy"],
+        m["f1"],
+        m["roc_auc"],
+        m["count"],
+    )
+    return m
+
+
+def plot_report(labels: np.ndarray, probs: np.ndarray, m: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.2))
+    cm = np.array(m["confusion_matrix"])
+    a.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        a.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    a.set_xticks([0, 1], ["NEGATIVE", "POSITIVE"])
+    a.set_yticks([0, 1], ["NEGATIVE", "POSITIVE"])
+    a.set_xlabel("predicted")
+    a.set_ylabel("true")
+    a.set_title(f"accuracy {m['accuracy']:.4f} (n={m['count']})")
+    order = np.argsort(-probs)
+    y = labels[order].astype(bool)
+    tpr = np.concatenate([[0], np.cumsum(y) / max(1, y.sum())])
+    fpr = np.concatenate([[0], np.cumsum(~y) / max(1, (~y).sum())])
+    b.plot(fpr, tpr, color="tab:red")
+    b.plot([0, 1], [0, 1], "--", color="grey")
+    b.set_xlabel("false positive rate")
+    b.set_ylabel("true positive rate")
+    b.set_title(f"ROC (AUC {m['roc_auc']:.4f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

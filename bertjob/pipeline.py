@@ -1,0 +1,137 @@
+"""Pipeline: prepare -> train -> evaluate (test split) -> infer, as one job with one summary.
+
+A rerun reuses each stage whose inputs and settings are unchanged, and resumes one that was
+interrupted (train from its latest checkpoint, infer/evaluate from their committed files).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from typing import Any
+
+from bertjob import infer, prepare, train
+from bertjob.config import PipelineConfig, join, to_dict
+from bertjob.outputs import MANIFEST, exists, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _prepared_is_current(cfg: Any) -> dict[str, Any] | None:
+    path = join(cfg.output, MANIFEST)
+    if not exists(path):
+        return None
+    manifest = read_json(path)
+    return manifest if manifest.get("config") == to_dict(cfg) else None
+
+
+def run(cfg: PipelineConfig) -> dict[str, Any]:
+    started = time.time()
+    summary: dict[str, Any] = {"output_dir": cfg.output_dir, "stages": {}}
+
+    # 1. prepare
+    p_cfg = cfg.stage("prepare")
+    manifest = _prepared_is_current(p_cfg)
+    reused = manifest is not None
+    if reused:
+        log.info("pipeline: prepare: reusing %s (same input and settings)", p_cfg.output)
+    else:
+        manifest = prepare.run(p_cfg)
+    summary["stages"]["prepare"] = {
+        "output": p_cfg.output, "reused": reused,
+        "rows": {k: v["rows_written"] for k, v in manifest["splits"].items()},
+        "rows_per_s": round(manifest["rows_read"] / manifest["wall_s"], 1) if manifest.get("wall_s") else None,
+    }  # fmt: skip
+
+    # 2. train: the run name carries a digest of its inputs, so changed data or settings start a
+    #    new run while an interrupted identical one resumes from its checkpoints.
+    t_cfg = cfg.stage("train")
+    key = _digest(
+        {"prepared": manifest["splits"], "tokenizer": manifest["tokenizer"], "config": to_dict(t_cfg)}
+    )
+    t_cfg = dataclasses.replace(t_cfg, name=f"{t_cfg.name}-{key}")
+    metrics_path = join(t_cfg.output, "metrics.json")
+    metrics = read_json(metrics_path) if exists(metrics_path) else None
+    if (
+        metrics is not None
+        and metrics.get("config", {}).get("name") == t_cfg.name
+        and exists(join(t_cfg.output, "model"))
+    ):
+        log.info("pipeline: train: reusing %s (same data and settings)", t_cfg.output)
+        reused = True
+    else:
+        metrics, reused = train.run(t_cfg), False
+    summary["stages"]["train"] = {
+        "output": t_cfg.output, "reused": reused, "best_val_accuracy": metrics["best_val_accuracy"],
+        "test_accuracy": (metrics.get("test") or {}).get("accuracy"), "samples_per_s": metrics["train_samples_per_s"],
+    }  # fmt: skip
+
+    # 3. evaluate on the test split, 4. infer on the corpus to score (completed runs are reused).
+    for stage in ("evaluate", "infer"):
+        s_cfg = cfg.stage(stage)
+        if stage == "evaluate" and "test" not in manifest["splits"]:
+            log.info("pipeline: evaluate: the prepared data has no test split; skipped")
+            continue
+        if stage == "infer" and not cfg.infer_input and "unsup" not in manifest["splits"]:
+            s_cfg = dataclasses.replace(s_cfg, split="test")
+        s_cfg = _overwrite_if_changed(s_cfg)
+        out = infer.run(s_cfg, evaluate=stage == "evaluate")
+        summary["stages"][stage] = {
+            "output": s_cfg.output, "rows_scored": out["rows_scored"], "rows_quarantined": out["rows_quarantined"],
+            "rows_per_s": out["rows_per_s"], **({"accuracy": out["metrics"]["accuracy"]} if "metrics" in out else {}),
+        }  # fmt: skip
+    summary["wall_s"] = round(time.time() - started, 1)
+    summary["config"] = to_dict(cfg)
+    write_json(join(cfg.output_dir, "summary.json"), summary)
+    print_summary(summary)
+    return summary
+
+
+def _overwrite_if_changed(s_cfg: Any) -> Any:
+    """An infer/evaluate output from other inputs (e.g. a retrained model) is replaced, not resumed."""
+    run_path = join(s_cfg.output, infer.RUN_FILE)
+    if not exists(run_path):
+        return s_cfg
+    previous = read_json(run_path)
+    weights = infer._weights_fingerprint(s_cfg.model)
+    if (
+        previous.get("weights") != weights
+        or previous.get("input") != s_cfg.input
+        or previous.get("split") != s_cfg.split
+    ):
+        return dataclasses.replace(s_cfg, overwrite=True)
+    return s_cfg
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    st = summary["stages"]
+    lines = ["", "bertjob pipeline summary", "-" * 60]
+    if "prepare" in st:
+        p = st["prepare"]
+        rows = ", ".join(f"{k} {v}" for k, v in p["rows"].items())
+        lines.append(f"prepare   {rows}  ({p['rows_per_s']} rows/s)  -> {p['output']}")
+    if "train" in st:
+        t = st["train"]
+        test = f"{t['test_accuracy']:.4f}" if t["test_accuracy"] is not None else "n/a"
+        lines.append(
+            f"train     val acc {t['best_val_accuracy']:.4f}, test acc {test}  ({t['samples_per_s']} samples/s)  -> {t['output']}/model"
+        )
+    if "evaluate" in st:
+        e = st["evaluate"]
+        lines.append(
+            f"evaluate  accuracy {e['accuracy']:.4f} on {e['rows_scored']} test reviews  ({e['rows_per_s']} rows/s)  -> {e['output']}"
+        )
+    if "infer" in st:
+        i = st["infer"]
+        lines.append(
+            f"infer     {i['rows_scored']} reviews scored, {i['rows_quarantined']} quarantined  ({i['rows_per_s']} rows/s)  -> {i['output']}"
+        )
+    lines.append(f"total {summary['wall_s']} s; summary in {summary['output_dir']}/summary.json")
+    print("\n".join(lines), flush=True)

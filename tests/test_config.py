@@ -1,0 +1,84 @@
+from pathlib import Path
+
+import pytest
+
+from bertjob.cli import main, resolve
+from bertjob.config import (
+    STAGES,
+    ConfigError,
+    InferConfig,
+    PipelineConfig,
+    PrepareConfig,
+    TrainConfig,
+    build,
+    read_yaml,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_unknown_key_is_an_error_listing_the_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        build(PrepareConfig, {"output": "x", "max_lenght": 10})
+    assert "max_lenght" in str(err.value) and "max_length" in str(err.value)
+
+
+def test_all_problems_are_collected_in_one_error():
+    with pytest.raises(ConfigError) as err:
+        build(TrainConfig, {"data": "d", "output": "o", "epochs": 0, "lr": -1, "mixed_precision": "fp8"})
+    assert len(err.value.problems) == 3
+
+
+def test_bad_types_are_named():
+    with pytest.raises(ConfigError, match="max_length: expected an integer"):
+        build(PrepareConfig, {"output": "x", "max_length": "long"})
+    assert build(TrainConfig, {"data": "d", "output": "o", "use_gpu": "false"}).use_gpu is False
+
+
+def test_flags_override_yaml(tmp_path):
+    cfg_file = tmp_path / "p.yaml"
+    cfg_file.write_text("output: out\nmax_length: 128\ntruncation: head\n")
+    cfg = resolve("prepare", {"config": str(cfg_file), "max_length": "256"}, {})
+    assert (cfg.max_length, cfg.truncation, cfg.output) == (256, "head", "out")
+
+
+def test_stage_takes_its_settings_from_a_pipeline_file(tmp_path):
+    f = tmp_path / "pipe.yaml"
+    f.write_text("output_dir: /runs/a\nmax_length: 128\ntrain:\n  epochs: 5\n")
+    train = resolve("train", {"config": str(f), "lr": "3e-5"}, {})
+    assert (train.data, train.output, train.epochs, train.lr) == (
+        "/runs/a/prepared",
+        "/runs/a/train",
+        5,
+        3e-5,
+    )
+    infer = resolve("infer", {"config": str(f), "output_dir": "/runs/b"}, {})
+    assert (infer.model, infer.split) == ("/runs/b/train/model", "unsup")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_file_loads_for_every_stage(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and ("bertjob" in first or "jobs/" in first), (
+        "first line gives the launch command"
+    )
+    pipeline = build(PipelineConfig, read_yaml(str(path)))
+    for stage in STAGES:
+        assert isinstance(pipeline.stage(stage), (PrepareConfig, TrainConfig, InferConfig))
+
+
+def test_cli_reports_config_errors_before_starting(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", "--output", "x", "--truncation", "middle"])
+    assert exit_.value.code == 2
+    assert "truncation" in capsys.readouterr().err
+
+
+def test_help_documents_every_setting(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    import dataclasses
+
+    for f in dataclasses.fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in out

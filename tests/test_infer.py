@@ -1,0 +1,153 @@
+"""Infer and evaluate: the predictor without Ray, then end-to-end runs on a local Ray."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from bertjob import infer
+from bertjob.config import InferConfig
+from bertjob.models import ModelError
+from tests.conftest import kill_session, review
+
+
+def test_predictor_scores_in_input_order_and_flags_bad_rows(tiny_classifier_dir):
+    p = infer.Predictor(tiny_classifier_dir, batch_size=2, precision="off")
+    texts = ["great " * 50, "awful", None, "  <br /> ", "superb movie", "x " * 5000]
+    table = pa.table(
+        {"id": [f"r{i}" for i in range(6)], "text": texts, "label": ["1", "0", None, "1", "pos", "neg"]}
+    )
+    out = p(table)
+    assert out.column("id").to_pylist() == [f"r{i}" for i in range(6)]
+    assert out.column("reason").to_pylist() == [None, None, "null_text", "empty_text", None, None]
+    probs = out.column("prob_positive").to_pylist()
+    assert all(0.0 <= probs[i] <= 1.0 for i in (0, 1, 4, 5)) and probs[2] is None
+    labels, scores = out.column("label").to_pylist(), out.column("score").to_pylist()
+    assert all(
+        labels[i] == int(probs[i] >= 0.5) and scores[i] == pytest.approx(max(probs[i], 1 - probs[i]))
+        for i in (0, 1, 4, 5)
+    )
+    assert out.column("true_label").to_pylist() == [1, 0, None, 1, 1, 0]
+    # sorting by length inside the batch must not change any row's score
+    alone = p(table.slice(4, 1)).column("prob_positive").to_pylist()[0]
+    assert alone == pytest.approx(probs[4], abs=1e-5)
+
+
+def test_models_without_a_head_or_a_tokenizer_are_errors_before_any_work(
+    tiny_model_dir, tiny_classifier_dir, tmp_path
+):
+    assert "classification head" in infer.check_model(tiny_model_dir)[0]
+    no_tok = tmp_path / "no-tok"
+    no_tok.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (no_tok / f).write_bytes((open(os.path.join(tiny_classifier_dir, f), "rb")).read())
+    assert infer.check_model(str(no_tok))
+    with pytest.raises(ModelError):
+        infer.run(InferConfig(input="imdb-sample", model=tiny_model_dir, output=str(tmp_path / "o")))
+
+
+def _corpus(path, n, bad=True, seed=0, prefix="doc"):
+    import random
+
+    rng = random.Random(seed)
+    rows = [
+        {"id": f"{prefix}{i}", "text": review(rng, i % 2 == 0), "label": "pos" if i % 2 == 0 else "neg"}
+        for i in range(n)
+    ]
+    if bad:
+        rows[3]["text"] = None
+        rows[5]["text"] = "   "
+        rows[7]["text"] = "<br /><br />"
+        rows[9]["text"] = "great " * 300_000
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return rows
+
+
+@pytest.mark.integration
+def test_infer_scores_every_row_exactly_once_with_bad_rows_quarantined(
+    tiny_classifier_dir, tmp_path, ray_local
+):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    rows = _corpus(d / "a.parquet", 300) + _corpus(d / "b.parquet", 200, bad=False, seed=1, prefix="other")
+    (d / "c.csv").write_bytes(b"text,label\n" + '"d\xe9j\xe0 vu, awful",neg\n'.encode("latin-1"))
+    out = tmp_path / "out"
+    m = infer.run(InferConfig(input=str(d / "*.parquet"), model=tiny_classifier_dir, output=str(out), id_column="id",
+                              batch_size=16, num_workers=2, rows_per_shard=100))  # fmt: skip
+    assert m["rows_read"] == 500 == m["rows_scored"] + m["rows_quarantined"]
+    assert m["quarantined_by_reason"] == {"empty_text": 2, "null_text": 1}
+    pred = pq.read_table(out / "predictions")
+    q = pq.read_table(out / "quarantine")
+    ids = pred.column("id").to_pylist() + q.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 500
+    assert set(ids) == {r["id"] for r in rows}
+    assert set(pred.column_names) >= {"id", "label", "label_name", "score", "prob_positive"}
+    assert set(pred.column("label_name").to_pylist()) <= {"NEGATIVE", "POSITIVE"}
+    # a second run over the same inputs finds the output complete
+    again = infer.run(
+        InferConfig(input=str(d / "*.parquet"), model=tiny_classifier_dir, output=str(out), id_column="id")
+    )
+    assert again == json.loads((out / "manifest.json").read_text())
+    # Latin-1 CSV: decoded with replacement, counted
+    m2 = infer.run(
+        InferConfig(input=str(d / "c.csv"), model=tiny_classifier_dir, output=str(tmp_path / "o2"))
+    )
+    assert m2["rows_scored"] == 1 and m2["utf8_replaced_this_run"] == 1
+
+
+@pytest.mark.integration
+def test_a_killed_infer_resumes_with_exactly_one_row_per_input(tiny_classifier_dir, tmp_path, ray_local):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for i in range(6):
+        _corpus(d / f"part{i}.parquet", 400, bad=False, seed=i, prefix=f"p{i}-")
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "bertjob", "infer", "--input", str(d), "--model", tiny_classifier_dir,
+            "--output", str(out), "--batch-size", "16", "--num-workers", "2", "--rows-per-shard", "200"]  # fmt: skip
+    env = {**os.environ, "BERTJOB_TEST_PREDICT_DELAY_S": "0.5"}
+    proc = subprocess.Popen(
+        args, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and len(list((out / "predictions").glob("*.parquet"))) < 2:
+            time.sleep(0.2)
+    finally:
+        kill_session(proc.pid)
+        proc.wait()
+    partial = len(pq.read_table(out / "predictions")) if (out / "predictions").exists() else 0
+    assert 0 < partial < 2400 and not (out / "manifest.json").exists()
+    m = infer.run(
+        InferConfig(input=str(d), model=tiny_classifier_dir, output=str(out), batch_size=16, num_workers=2)
+    )
+    assert m["rows_resumed"] == partial and m["rows_this_run"] == 2400 - partial
+    ids = pq.read_table(out / "predictions").column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 2400
+
+
+@pytest.mark.integration
+def test_evaluate_metrics_match_a_direct_computation(tiny_classifier_dir, tmp_path, ray_local):
+    from sklearn import metrics as skm
+
+    _corpus(tmp_path / "labelled.parquet", 240, bad=False)
+    out = tmp_path / "eval"
+    m = infer.run(InferConfig(input=str(tmp_path / "labelled.parquet"), model=tiny_classifier_dir, output=str(out),
+                              id_column="id"), evaluate=True)  # fmt: skip
+    pred = pq.read_table(out / "predictions").to_pandas()
+    y, p = pred["true_label"].to_numpy(), pred["prob_positive"].to_numpy()
+    yhat = (p >= 0.5).astype(int)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == m["metrics"]
+    assert saved["count"] == 240
+    assert saved["accuracy"] == pytest.approx(skm.accuracy_score(y, yhat))
+    assert saved["f1"] == pytest.approx(skm.f1_score(y, yhat, zero_division=0))
+    assert saved["precision"] == pytest.approx(skm.precision_score(y, yhat, zero_division=0))
+    assert saved["roc_auc"] == pytest.approx(skm.roc_auc_score(y, p))
+    assert np.array_equal(np.array(saved["confusion_matrix"]), skm.confusion_matrix(y, yhat))
+    assert (out / "report.png").stat().st_size > 1000

@@ -1,0 +1,128 @@
+"""The prepare job end to end on a local Ray: splits, manifest, quarantine, reruns."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from bertjob import prepare
+from bertjob.config import PrepareConfig
+from bertjob.outputs import OutputError
+from bertjob.sources import InputError
+from tests.conftest import kill_session
+
+pytestmark = pytest.mark.integration
+
+
+def test_imdb_layout_gives_exact_stratified_splits_and_a_balanced_manifest(prepared_small, tiny_model_dir):
+    m = json.loads((prepared_small / "manifest.json").read_text())
+    rows = {k: v["rows_written"] for k, v in m["splits"].items()}
+    assert rows == {"train": 180, "validation": 20, "test": 80, "unsup": 30}
+    assert m["splits"]["validation"]["label_counts"] == {"0": 10, "1": 10}
+    assert m["splits"]["train"]["label_counts"] == {"0": 90, "1": 90}
+    for s in m["splits"].values():
+        assert s["rows_read"] == s["rows_written"] + s["rows_quarantined"]
+        assert 0 < s["tokens"]["p50"] <= s["tokens"]["p95"] <= s["tokens"]["max"]
+    assert m["tokenizer"]["vocab_size"] > 0 and len(m["tokenizer"]["fingerprint"]) == 16
+    assert (prepared_small / "config.json").exists()
+    train = pq.read_table(prepared_small / "train")
+    assert train.num_rows == 180 and set(train.column_names) >= {"id", "label", "input_ids", "length"}
+    lengths = train.column("length").to_pylist()
+    assert max(lengths) <= 64
+    assert all(len(ids) == n for ids, n in zip(train.column("input_ids").to_pylist(), lengths))
+    ids = train.column("input_ids").to_pylist()[0]
+    assert ids[0] == 2 and ids[-1] == 3  # [CLS] ... [SEP] in the tiny vocabulary
+    # validation is disjoint from train, and the same seed gives the same split
+    val_ids = set(pq.read_table(prepared_small / "validation").column("id").to_pylist())
+    assert not val_ids & set(train.column("id").to_pylist())
+
+
+def test_bad_rows_are_quarantined_with_reasons_and_counts_balance(tmp_path, tiny_model_dir, ray_local):
+    rows = [
+        ("good one great", "pos"), ("bad one awful", "negative"), (None, "pos"), ("", "neg"), ("   \n\t ", "1"),
+        ("fine movie", "maybe"), ("<br /><br />", "0"), ("great " * 2_000_000, "POS"),
+    ]  # fmt: skip
+    lines = []
+    for i, (text, label) in enumerate(rows):
+        lines.append(json.dumps({"text": text, "label": label, "rid": f"r{i}"}).encode())
+    lines.append(b'{"text": "caf\xe9 au lait awful", "label": 0, "rid": "latin"}')  # Latin-1 bytes
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out"
+    m = prepare.run(PrepareConfig(input=str(tmp_path / "in.jsonl"), output=str(out), model=tiny_model_dir,
+                                  max_length=32, head_tokens=8, id_column="rid", validation_fraction=0.0))  # fmt: skip
+    train = m["splits"]["train"]
+    assert train["rows_read"] == 9 == train["rows_written"] + train["rows_quarantined"]
+    assert train["quarantined_by_reason"] == {"empty_text": 3, "null_text": 1, "unrecognised_label": 1}
+    assert train["utf8_replaced"] == 1 and train["capped_chars"] == 1
+    q = pq.read_table(out / "quarantine")
+    assert sorted(q.column("id").to_pylist()) == ["r2", "r3", "r4", "r5", "r6"]
+    written = pq.read_table(out / "train")
+    assert sorted(written.column("id").to_pylist()) == ["latin", "r0", "r1", "r7"]
+    huge = written.filter(pa.compute.equal(written.column("id"), "r7")).column("length").to_pylist()
+    assert huge == [32]
+
+
+def test_rerun_replaces_the_output_and_refuses_foreign_directories(
+    tmp_path, imdb_small, tiny_model_dir, ray_local
+):
+    out = tmp_path / "out"
+    cfg = PrepareConfig(input=str(imdb_small), output=str(out), model=tiny_model_dir, max_length=32, head_tokens=8,
+                        validation_fraction=0.2)  # fmt: skip
+    prepare.run(cfg)
+    (out / "train" / "stale.parquet").write_bytes(b"left over")
+    m = prepare.run(cfg)
+    assert not (out / "train" / "stale.parquet").exists()
+    assert m["splits"]["validation"]["rows_written"] == 40
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputError, match="not written by bertjob"):
+        prepare.run(PrepareConfig(input=str(imdb_small), output=str(foreign), model=tiny_model_dir))
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_a_killed_run_never_leaves_a_directory_that_looks_complete(
+    tmp_path, imdb_small, tiny_model_dir, ray_local
+):
+    out = tmp_path / "out"
+    cfg = PrepareConfig(
+        input=str(imdb_small), output=str(out), model=tiny_model_dir, max_length=32, head_tokens=8
+    )
+    prepare.run(cfg)
+    assert (out / "manifest.json").exists()
+    # A bigger corpus, prepared by a separate `bertjob prepare` process that we kill part-way.
+    with open(tmp_path / "big.jsonl", "w") as f:
+        for i in range(60_000):
+            f.write(json.dumps({"text": f"great movie number {i} " * 20, "label": i % 2}) + "\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bertjob", "prepare", "--input", str(tmp_path / "big.jsonl"), "--output", str(out),
+         "--model", tiny_model_dir, "--max-length", "32", "--head-tokens", "8", "--batch-size", "256"],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and (out / "manifest.json").exists():
+            time.sleep(0.2)  # the new run removes the old manifest first
+        assert not (out / "manifest.json").exists(), "the rerun did not start in time"
+        time.sleep(1.0)
+    finally:
+        kill_session(proc.pid)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "manifest.json").exists()
+
+
+def test_empty_input_is_an_error_before_any_output(tmp_path, tiny_model_dir, ray_local):
+    (tmp_path / "empty.csv").write_text("text,label\n")
+    with pytest.raises(InputError, match="no rows"):
+        prepare.run(
+            PrepareConfig(
+                input=str(tmp_path / "empty.csv"), output=str(tmp_path / "out"), model=tiny_model_dir
+            )
+        )
+    assert not (tmp_path / "out").exists()

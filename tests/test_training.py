@@ -1,0 +1,93 @@
+"""The training step without Ray: collate, optimizer groups, schedule, precision, loss going down."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bertjob import models
+from bertjob.training import (
+    NonFiniteLossError,
+    Stepper,
+    collate,
+    lr_factor,
+    make_optimizer,
+    param_groups,
+    predict_batches,
+)
+
+
+def test_collate_pads_to_the_longest_in_the_batch():
+    batch = {
+        "input_ids": np.array([np.array([2, 5, 3]), np.array([2, 3])], dtype=object),
+        "length": np.array([3, 2]),
+        "label": np.array([1, 0]),
+    }
+    out = collate(batch, pad_id=0)
+    assert out["input_ids"].tolist() == [[2, 5, 3], [2, 3, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert out["labels"].tolist() == [1, 0]
+    assert collate(batch, pad_id=0, multiple_of=8)["input_ids"].shape == (2, 8)
+
+
+def test_param_groups_decay_lr_by_depth_and_skip_weight_decay_on_bias_and_layernorm(tiny_model_dir):
+    model = models.load_classifier(tiny_model_dir)
+    groups = param_groups(model, lr=1e-3, weight_decay=0.01, layer_lr_decay=0.5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    lr_of = {names[id(p)]: g["lr"] for g in groups for p in g["params"]}
+    wd_of = {names[id(p)]: g["weight_decay"] for g in groups for p in g["params"]}
+    assert lr_of["classifier.weight"] == pytest.approx(1e-3)
+    assert lr_of["bert.encoder.layer.1.attention.self.query.weight"] == pytest.approx(5e-4)
+    assert lr_of["bert.encoder.layer.0.attention.self.query.weight"] == pytest.approx(2.5e-4)
+    assert lr_of["bert.embeddings.word_embeddings.weight"] == pytest.approx(1.25e-4)
+    assert wd_of["classifier.bias"] == 0.0 and wd_of["bert.embeddings.LayerNorm.weight"] == 0.0
+    assert wd_of["classifier.weight"] == 0.01
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_linear_warmup_then_decay():
+    assert lr_factor(0, 100, 10) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10) == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10) == 0.0
+
+
+def _batches(tok, n=4):
+    rng = np.random.default_rng(0)
+    good, bad = "great wonderful superb loved", "awful terrible boring hated"
+    out = []
+    for _ in range(n):
+        labels = rng.integers(0, 2, 16)
+        texts = [(good if y else bad) + " the movie" for y in labels]
+        enc = tok(texts)
+        out.append(
+            {"input_ids": np.array([np.array(x) for x in enc["input_ids"]], dtype=object), "label": labels}
+        )
+    return out
+
+
+@pytest.mark.parametrize("precision", ["off", "bf16"])
+def test_steps_reduce_the_loss(tiny_model_dir, precision):
+    torch.manual_seed(0)
+    tok = models.load_tokenizer(tiny_model_dir)
+    model = models.load_classifier(tiny_model_dir)
+    opt = make_optimizer(model, 3e-3, 0.0, 1.0)
+    stepper = Stepper(model, opt, torch.device("cpu"), precision, max_grad_norm=1.0, grad_accum_steps=2)
+    data = [collate(b, tok.pad_token_id) for b in _batches(tok)]
+    first, _ = stepper.step(data[:2], 0)
+    for i in range(30):
+        last, norm = stepper.step(data[(i % 2) * 2 : (i % 2) * 2 + 2], i + 1)
+    assert last < first * 0.5 and math.isfinite(norm)
+    probs, labels, loss = predict_batches(model, data, torch.device("cpu"), precision)
+    assert ((probs > 0.5) == labels).mean() == 1.0
+
+
+def test_non_finite_loss_stops_with_the_step(tiny_model_dir):
+    tok = models.load_tokenizer(tiny_model_dir)
+    model = models.load_classifier(tiny_model_dir)
+    with torch.no_grad():
+        model.classifier.weight.fill_(float("nan"))
+    stepper = Stepper(model, make_optimizer(model, 1e-3, 0.0, 1.0), torch.device("cpu"))
+    with pytest.raises(NonFiniteLossError, match="step 7"):
+        stepper.step([collate(_batches(tok, 1)[0], tok.pad_token_id)], 7)
