@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--model", default="bertjob-output/train/model")
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--max-length", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args()
     table = test_reviews(args.input, args.n)
     with tempfile.TemporaryDirectory() as tmp:

@@ -84,9 +84,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--steps", type=int, default=30)
     args = ap.parse_args()
-    from bertjob.training import resolve_precision
-
     import torch
+
+    from bertjob.training import resolve_precision
 
     precision = resolve_precision("auto", torch.device("cpu"))
     with tempfile.TemporaryDirectory() as tmp:

@@ -146,6 +146,8 @@ class Predictor:
             if device == "auto" and torch.cuda.is_available()
             else ("cpu" if device == "auto" else device)
         )
+        # On CPU, small length-sorted batches are fastest (measured: 16 beats 64 by ~30% on MiniLM).
+        self.batch_size = batch_size or (256 if self.device.type == "cuda" else 16)
         self.precision = resolve_precision(precision, self.device)
         self.tokenizer = models.load_tokenizer(model, trust_remote_code)
         where = models.resolve_model(model)
@@ -153,6 +155,11 @@ class Predictor:
             where, trust_remote_code=trust_remote_code
         )
         self.model.to(self.device).eval()
+        if self.precision == "bf16":
+            # Inference only: bf16 weights outright instead of autocast, which re-casts every weight
+            # on every forward pass (measured +20% on CPU). Logits go back to fp32 for the softmax.
+            self.model.to(torch.bfloat16)
+            self.precision = "off"
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.multiple_of = 8 if self.device.type == "cuda" else 1
         # Test-only: slow scoring down so that a test can kill a run part-way.
@@ -436,7 +443,7 @@ def run(cfg: InferConfig, evaluate: bool = False) -> dict[str, Any]:
     init_ray()
     use_tasks_for_tokens = cfg.use_gpu and corpus.kind != "prepared"
     ds = read_corpus(corpus, positions=True, split=cfg.split if corpus.kind != "prepared" else "", done=done,
-                     num_cpus=0 if not cfg.use_gpu else 0.25)  # fmt: skip
+                     num_cpus=0)  # fmt: skip
     pred_kwargs = dict(
         model=cfg.model, batch_size=cfg.batch_size, precision=cfg.mixed_precision, include_text=cfg.include_text,
         evaluate=evaluate, threads=max(1, int(cfg.cpus_per_worker)), trust_remote_code=cfg.trust_remote_code, **effective,
@@ -451,7 +458,7 @@ def run(cfg: InferConfig, evaluate: bool = False) -> dict[str, Any]:
         Predictor,
         fn_constructor_kwargs=pred_kwargs,
         compute=ActorPoolStrategy(size=cfg.num_workers),
-        batch_size=max(cfg.batch_size * 8, 256),
+        batch_size=max((cfg.batch_size or 16) * 16, 512),
         batch_format="pyarrow",
         num_cpus=cfg.cpus_per_worker,
         num_gpus=1 if cfg.use_gpu else 0,

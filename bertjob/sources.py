@@ -44,7 +44,7 @@ GENERIC_FORMATS = {
     ".json": "jsonl",
 }
 SAMPLE_NAME = "aclImdb_sample.tar.gz"
-TAR_SLICES = 2
+TAR_SLICES = 1
 PREPARED_FORMAT = "bertjob-prepared/1"
 
 

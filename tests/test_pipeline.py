@@ -1,0 +1,36 @@
+"""The pipeline in-process on a local Ray: all four stages, then a rerun that reuses them."""
+
+import json
+
+import pytest
+
+from bertjob import pipeline
+from bertjob.config import PipelineConfig, build
+from tests.conftest import make_imdb_dir
+
+pytestmark = pytest.mark.integration
+
+
+def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, tiny_model_dir, ray_local, caplog):
+    corpus = make_imdb_dir(tmp_path / "data", {"train": 40, "test": 20, "unsup": 10}, seed=3)
+    cfg = build(
+        PipelineConfig,
+        {
+            "input": str(corpus), "output_dir": str(tmp_path / "out"), "model": tiny_model_dir, "max_length": 32,
+            "num_workers": 1, "name": "p", "prepare": {"head_tokens": 8},
+            "train": {"epochs": 1, "batch_size_per_worker": 8, "mixed_precision": "off", "lr": 5e-3},
+        },
+    )  # fmt: skip
+    first = pipeline.run(cfg)
+    assert first["stages"]["prepare"]["rows"] == {"train": 72, "validation": 8, "test": 40, "unsup": 10}
+    assert first["stages"]["evaluate"]["rows_scored"] == 40 and first["stages"]["infer"]["rows_scored"] == 10
+    assert not first["stages"]["prepare"]["reused"] and not first["stages"]["train"]["reused"]
+    model_mtime = (tmp_path / "out" / "train" / "model" / "model.safetensors").stat().st_mtime
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        second = pipeline.run(cfg)
+    assert second["stages"]["prepare"]["reused"] and second["stages"]["train"]["reused"]
+    assert "reusing" in caplog.text and "nothing to do" in caplog.text
+    assert (tmp_path / "out" / "train" / "model" / "model.safetensors").stat().st_mtime == model_mtime
+    assert second["stages"]["evaluate"]["accuracy"] == first["stages"]["evaluate"]["accuracy"]
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["stages"]["train"]["reused"] is True
