@@ -50,7 +50,9 @@ def _tree_rss(root: psutil.Process, session: int) -> int:
 def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run `cmd` in a new session; wall time and the peak summed RSS of the session's processes."""
     t0 = time.time()
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     peak = [0]
     done = threading.Event()
 

@@ -65,8 +65,15 @@ def main() -> None:
     stepper = Stepper(model, make_optimizer(model, 5e-5, 0.01, 0.95), device, precision, 1.0, 1)
     ids, labels = synthetic(args.batch * 64, args.max_length, rng)
     batches = [
-        collate({"input_ids": np.array(ids[i : i + args.batch], dtype=object), "label": labels[i : i + args.batch]},
-                0, 8 if device.type == "cuda" else 1, device)  # fmt: skip
+        collate(
+            {
+                "input_ids": np.array(ids[i : i + args.batch], dtype=object),
+                "label": labels[i : i + args.batch],
+            },
+            0,
+            8 if device.type == "cuda" else 1,
+            device,
+        )  # fmt: skip
         for i in range(0, len(ids), args.batch)
     ]
     stepper.step([batches[0]], 0)  # warm-up
@@ -88,7 +95,9 @@ def main() -> None:
     out_dir = os.path.join("/tmp", "bertjob-gpu-check-model")
     model.save_pretrained(out_dir)
     models.load_tokenizer(args.model).save_pretrained(out_dir)
-    pred = Predictor(out_dir, batch_size=256 if device.type == "cuda" else 32, precision="auto", max_length=args.max_length)
+    pred = Predictor(
+        out_dir, batch_size=256 if device.type == "cuda" else 32, precision="auto", max_length=args.max_length
+    )
     ids, _ = synthetic(20_000 if device.type == "cuda" else 512, args.max_length, rng)
     table = pa.table({"id": [str(i) for i in range(len(ids))], "input_ids": pa.array([x.tolist() for x in ids], pa.list_(pa.int32())),
                       "reason": pa.nulls(len(ids), pa.string())})  # fmt: skip
@@ -103,7 +112,9 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    rows.append(("predictor (bf16, sorted dynamic padding)", n / dt, flops_per_token(pred.model, 256) * tok / dt))
+    rows.append(
+        ("predictor (bf16, sorted dynamic padding)", n / dt, flops_per_token(pred.model, 256) * tok / dt)
+    )
 
     peak = peak_flops(name)
     print(f"device: {name}; torch {torch.__version__}; precision {precision}; max_length {args.max_length}")

@@ -34,12 +34,21 @@ def test_reviews(path: str, n: int) -> pa.Table:
         for m in tf:
             match = IMDB_FILE.search(m.name) if m.isfile() else None
             if match and match.group(1) == "test":
-                rows.append((hashlib.sha256(m.name.encode()).hexdigest(), m.name, match.group(2), tf.extractfile(m).read().decode()))
+                rows.append(
+                    (
+                        hashlib.sha256(m.name.encode()).hexdigest(),
+                        m.name,
+                        match.group(2),
+                        tf.extractfile(m).read().decode(),
+                    )
+                )
     rows.sort()
     pos = [r for r in rows if r[2] == "pos"][: n // 2]
     neg = [r for r in rows if r[2] == "neg"][: n - n // 2]
     chosen = sorted(pos + neg, key=lambda r: r[0])
-    return pa.table({"id": [r[1] for r in chosen], "text": [r[3] for r in chosen], "label": [r[2] for r in chosen]})
+    return pa.table(
+        {"id": [r[1] for r in chosen], "text": [r[3] for r in chosen], "label": [r[2] for r in chosen]}
+    )
 
 
 def main() -> None:
@@ -61,9 +70,17 @@ def main() -> None:
         torch.set_num_threads(os.cpu_count() or 1)
         t0 = time.time()
         clf = pipeline("text-classification", model=args.model, device=0 if torch.cuda.is_available() else -1)
-        preds = clf(table.column("text").to_pylist(), batch_size=args.batch_size, truncation=True, max_length=args.max_length)
+        preds = clf(
+            table.column("text").to_pylist(),
+            batch_size=args.batch_size,
+            truncation=True,
+            max_length=args.max_length,
+        )
         base_s = time.time() - t0
-        base_acc = sum((p["label"] == "POSITIVE") == (y == "pos") for p, y in zip(preds, table.column("label").to_pylist())) / len(preds)
+        base_acc = sum(
+            (p["label"] == "POSITIVE") == (y == "pos")
+            for p, y in zip(preds, table.column("label").to_pylist())
+        ) / len(preds)
 
         out = os.path.join(tmp, "scored")
         cmd = [sys.executable, "-m", "bertjob", "evaluate", "--input", corpus, "--model", args.model, "--output", out,
@@ -73,11 +90,19 @@ def main() -> None:
     n = len(table)
     assert manifest["rows_scored"] == n
     print(f"machine: {machine()}")
-    print(f"{n} IMDb test reviews, model {args.model}, max_length {args.max_length}, batch size {args.batch_size}")
+    print(
+        f"{n} IMDb test reviews, model {args.model}, max_length {args.max_length}, batch size {args.batch_size}"
+    )
     print(f"{'':42} {'seconds':>8} {'reviews/s':>10} {'ratio':>6} {'accuracy':>9}")
-    print(f"{'HF pipeline (1 process, all threads)':42} {base_s:8.1f} {n / base_s:10.1f} {1.0:6.2f} {base_acc:9.4f}")
-    print(f"{'bertjob evaluate, whole command':42} {job['wall_s']:8.1f} {n / job['wall_s']:10.1f} {base_s / job['wall_s']:6.2f} {manifest['metrics']['accuracy']:9.4f}")
-    print(f"{'bertjob, scoring stage only':42} {manifest['scoring_s']:8.1f} {n / manifest['scoring_s']:10.1f} {base_s / manifest['scoring_s']:6.2f}")
+    print(
+        f"{'HF pipeline (1 process, all threads)':42} {base_s:8.1f} {n / base_s:10.1f} {1.0:6.2f} {base_acc:9.4f}"
+    )
+    print(
+        f"{'bertjob evaluate, whole command':42} {job['wall_s']:8.1f} {n / job['wall_s']:10.1f} {base_s / job['wall_s']:6.2f} {manifest['metrics']['accuracy']:9.4f}"
+    )
+    print(
+        f"{'bertjob, scoring stage only':42} {manifest['scoring_s']:8.1f} {n / manifest['scoring_s']:10.1f} {base_s / manifest['scoring_s']:6.2f}"
+    )
     print(f"peak memory of the job (all its processes, RSS): {job['peak_rss_gib']:.2f} GiB")
 
 

@@ -33,7 +33,12 @@ def bound(path: str, model: str) -> tuple[int, float]:
     tok = models.load_tokenizer(model)
     t0 = time.perf_counter()
     for i in range(0, len(texts), 1000):
-        tok(texts[i : i + 1000], add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
+        tok(
+            texts[i : i + 1000],
+            add_special_tokens=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )
     return len(texts), time.perf_counter() - t0
 
 
@@ -55,11 +60,15 @@ def main() -> None:
     assert rows == n, (rows, n)
     job_s, in_job_s = job["wall_s"], manifest["wall_s"] - manifest.get("ray_init_s", 0)
     print(f"machine: {machine()}")
-    print(f"reviews: {n}; max_length {args.max_length}; splits {json.dumps({k: v['rows_written'] for k, v in manifest['splits'].items()})}")
+    print(
+        f"reviews: {n}; max_length {args.max_length}; splits {json.dumps({k: v['rows_written'] for k, v in manifest['splits'].items()})}"
+    )
     print(f"{'':38} {'seconds':>8} {'reviews/s':>10} {'ratio':>6}")
     print(f"{'bound: tokenizer batch encode, 1 proc':38} {bound_s:8.1f} {n / bound_s:10.0f} {1.0:6.2f}")
     print(f"{'bertjob prepare, whole command':38} {job_s:8.1f} {n / job_s:10.0f} {bound_s / job_s:6.2f}")
-    print(f"{'bertjob prepare, after Ray start-up':38} {in_job_s:8.1f} {n / in_job_s:10.0f} {bound_s / in_job_s:6.2f}")
+    print(
+        f"{'bertjob prepare, after Ray start-up':38} {in_job_s:8.1f} {n / in_job_s:10.0f} {bound_s / in_job_s:6.2f}"
+    )
     print(f"peak memory of the job (all its processes, RSS): {job['peak_rss_gib']:.2f} GiB")
 
 

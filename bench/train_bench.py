@@ -58,7 +58,9 @@ def hf_trainer(prepared: str, batch: int, steps: int, out: str) -> float:
     from bertjob import models
 
     ids, labels = rows(prepared)
-    ds = datasets.Dataset.from_dict({"input_ids": ids[: steps * batch], "label": labels[: steps * batch].tolist()})
+    ds = datasets.Dataset.from_dict(
+        {"input_ids": ids[: steps * batch], "label": labels[: steps * batch].tolist()}
+    )
     args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch, max_steps=steps, report_to=[],
                              save_strategy="no", logging_steps=10_000, use_cpu=True)  # fmt: skip
     trainer = Trainer(model=models.load_classifier("minilm"), args=args, train_dataset=ds,
@@ -91,20 +93,35 @@ def main() -> None:
     precision = resolve_precision("auto", torch.device("cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         prepared = os.path.join(tmp, "prepared")
-        run_measured([sys.executable, "-m", "bertjob", "prepare", "--output", prepared, "--max-length", args.max_length])
+        run_measured(
+            [
+                sys.executable,
+                "-m",
+                "bertjob",
+                "prepare",
+                "--output",
+                prepared,
+                "--max-length",
+                args.max_length,
+            ]
+        )
         b, s = args.batch_size, args.steps
         a = job(prepared, os.path.join(tmp, "a"), b, s, 1, "auto")
         plain = plain_loop(prepared, b, s, precision)
         hf = hf_trainer(prepared, b, s, os.path.join(tmp, "hf"))
         d = job(prepared, os.path.join(tmp, "d"), b, s, 2, "auto")
     print(f"machine: {machine()}")
-    print(f"MiniLM-L6, IMDb sample, max_length {args.max_length}, global batch {b}, {s} steps; precision {precision}")
+    print(
+        f"MiniLM-L6, IMDb sample, max_length {args.max_length}, global batch {b}, {s} steps; precision {precision}"
+    )
     print(f"{'':48} {'samples/s':>10} {'ratio':>6}")
     print(f"{'(b) plain PyTorch loop, same precision':48} {plain:10.2f} {1.0:6.2f}")
     print(f"{'(a) bertjob train, 1 worker x all cores':48} {a:10.2f} {a / plain:6.2f}   (target >= 0.95)")
     print(f"{'(c) HF Trainer, its defaults':48} {hf:10.2f} {hf / plain:6.2f}")
     print(f"{'(a) / (c)':48} {'':10} {a / hf:6.2f}   (target >= 1.3)")
-    print(f"{'(d) bertjob train, 2 workers x 1 core':48} {d:10.2f} {d / plain:6.2f}   (scaling 2 vs 1 worker: {d / a:.2f})")
+    print(
+        f"{'(d) bertjob train, 2 workers x 1 core':48} {d:10.2f} {d / plain:6.2f}   (scaling 2 vs 1 worker: {d / a:.2f})"
+    )
 
 
 if __name__ == "__main__":

@@ -168,7 +168,10 @@ class InferConfig:
     model: str = opt("", "model directory from `bertjob train` (DIR/model), a checkpoint, or a hub id")
     output: str = opt("", "output directory for the prediction shards and manifest.json")
     split: str = opt("", "with a prepared directory or IMDb input: the split to score (empty: all)")
-    batch_size: int = opt(0, "sequences per forward pass (0: 16 on CPU, where small length-sorted batches are fastest; 256 on GPU)")
+    batch_size: int = opt(
+        0,
+        "sequences per forward pass (0: 16 on CPU, where small length-sorted batches are fastest; 256 on GPU)",
+    )
     num_workers: int = opt(2, "predictor actors")
     use_gpu: bool = opt(False, "one GPU per predictor actor")
     cpus_per_worker: float = opt(1.0, "CPUs reserved per predictor actor")
