@@ -101,6 +101,7 @@ def param_groups(
 
     Layer-wise decay after Sun et al. 2019 (0.95 with lr 2e-5 gave 94.6% on IMDb with BERT-base).
     """
+    model = getattr(model, "module", model)  # DDP wraps the model; its config is on the inside
     config = getattr(model, "config", None)
     num_layers = int(getattr(config, "num_hidden_layers", 0) or 0)
     groups: dict[tuple[int, bool], dict[str, Any]] = {}

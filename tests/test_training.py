@@ -45,6 +45,14 @@ def test_param_groups_decay_lr_by_depth_and_skip_weight_decay_on_bias_and_layern
     assert wd_of["classifier.weight"] == 0.01
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
+    class Wrapped(torch.nn.Module):  # what DDP looks like from outside: the model under .module
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+    wrapped = param_groups(Wrapped(model), lr=1e-3, weight_decay=0.01, layer_lr_decay=0.5)
+    assert [g["lr"] for g in wrapped] == [g["lr"] for g in groups]
+
 
 def test_linear_warmup_then_decay():
     assert lr_factor(0, 100, 10) == pytest.approx(0.1)
