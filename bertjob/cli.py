@@ -20,6 +20,7 @@ from bertjob.config import (
     InferConfig,
     PipelineConfig,
     PrepareConfig,
+    SetupError,
     TrainConfig,
     build,
     is_pipeline_file,
@@ -136,14 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(ns.command, cfg)
     except ConfigError as err:
         parser.exit(2, f"bertjob: {err}\n")
-    except (ValueError, OSError) as err:
-        from bertjob.models import ModelError
-        from bertjob.outputs import OutputError
-        from bertjob.sources import InputError
-
-        if isinstance(err, (InputError, ModelError, OutputError)) or type(err).__name__ == "TrainSetupError":
-            parser.exit(2, f"bertjob: error: {err}\n")
-        raise
+    except SetupError as err:  # input, model, output or cluster problems found before any work
+        parser.exit(2, f"bertjob: error: {err}\n")
     return 0
 
 

@@ -23,6 +23,11 @@ T = TypeVar("T")
 SAMPLE_INPUT = "imdb-sample"  # the small IMDb sample shipped inside the package
 
 
+class SetupError(ValueError):
+    """A problem found before any work starts (input, model, output, cluster): the CLI prints it
+    and exits 2, without a traceback."""
+
+
 class ConfigError(ValueError):
     """One or more configuration problems, each on its own line."""
 

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bertjob.config import SetupError
+
 EMBEDDED = "minilm"
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -25,7 +27,7 @@ TOKENIZER_FILES = (
 )
 
 
-class ModelError(ValueError):
+class ModelError(SetupError):
     """The model setting cannot be turned into a usable model or tokenizer."""
 
 

@@ -11,14 +11,14 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from bertjob.config import join
+from bertjob.config import SetupError, join
 from bertjob.sources import filesystem
 
 MARKER = "_bertjob_output"  # written first: this directory belongs to bertjob and may be replaced
 MANIFEST = "manifest.json"  # written last: its presence means the output is complete
 
 
-class OutputError(ValueError):
+class OutputError(SetupError):
     """The output location cannot be used."""
 
 

@@ -22,6 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from bertjob.config import SetupError
 from bertjob.text import decode_text
 
 ROW_SCHEMA = pa.schema(
@@ -48,7 +49,7 @@ TAR_SLICES = 1
 PREPARED_FORMAT = "bertjob-prepared/1"
 
 
-class InputError(ValueError):
+class InputError(SetupError):
     """The input cannot be read as a corpus; raised before any work starts."""
 
 

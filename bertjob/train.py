@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from bertjob import models
-from bertjob.config import TrainConfig, join, to_dict
+from bertjob.config import SetupError, TrainConfig, join, to_dict
 from bertjob.metrics import classification_metrics
 from bertjob.outputs import MANIFEST, ensure_output, exists, read_json, versions, write_json
 from bertjob.training import (
@@ -52,7 +52,7 @@ BEST_DIR = "best_model"
 FINAL_FILE = "final.json"
 
 
-class TrainSetupError(ValueError):
+class TrainSetupError(SetupError):
     """The run cannot start; raised on the driver before any worker starts."""
 
 
