@@ -162,7 +162,7 @@ class Predictor:
             self.precision = "off"
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.multiple_of = 8 if self.device.type == "cuda" else 1
-        # Test-only: slow scoring down so that a test can kill a run part-way.
+        # Test-only: a pause before every forward pass, so that a test can kill a run part-way.
         self._delay_s = float(os.environ.get("BERTJOB_TEST_PREDICT_DELAY_S", "0"))
 
     # Text -> token ids, with quarantine reasons; shared with the tokenize task stage.
@@ -177,8 +177,6 @@ class Predictor:
 
     @torch.inference_mode()
     def score(self, batch: pa.Table) -> pa.Table:
-        if self._delay_s:
-            time.sleep(self._delay_s)
         n = batch.num_rows
         reasons = batch.column("reason").to_pylist() if "reason" in batch.column_names else [None] * n
         good = np.array([r is None for r in reasons], dtype=bool)
@@ -189,6 +187,8 @@ class Predictor:
         order = idx[np.argsort(lengths[idx], kind="stable")]  # similar lengths together: less padding
         for start in range(0, len(order), self.batch_size):
             part = order[start : start + self.batch_size]
+            if self._delay_s:
+                time.sleep(self._delay_s)
             width = int(lengths[part].max())
             if self.multiple_of > 1:
                 width = -(-width // self.multiple_of) * self.multiple_of
