@@ -42,7 +42,7 @@ from bertjob.outputs import (
     versions,
     write_json,
 )
-from bertjob.prepare import encode_texts, list_array
+from bertjob.prepare import encode_texts
 from bertjob.sources import InputError, filesystem, open_corpus
 from bertjob.text import BAD_LABEL, EMPTY_TEXT, LABEL_NAMES, NULL_TEXT, cap_chars, clean_text, parse_label
 from bertjob.training import autocast, resolve_precision, torch_threads
@@ -150,6 +150,7 @@ class Predictor:
         self.batch_size = batch_size or (256 if self.device.type == "cuda" else 16)
         self.precision = resolve_precision(precision, self.device)
         self.tokenizer = models.load_tokenizer(model, trust_remote_code)
+        self.encoder = models.Encoder.of(self.tokenizer)
         where = models.resolve_model(model)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             where, trust_remote_code=trust_remote_code
@@ -167,7 +168,7 @@ class Predictor:
 
     # Text -> token ids, with quarantine reasons; shared with the tokenize task stage.
     def tokenize(self, table: pa.Table) -> pa.Table:
-        return tokenize_table(table, self.tokenizer, self.max_length, self.truncation, self.head_tokens,
+        return tokenize_table(table, self.encoder, self.max_length, self.truncation, self.head_tokens,
                               self.strip_html, self.include_text, self.evaluate)  # fmt: skip
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -224,7 +225,7 @@ class Predictor:
 
 
 def tokenize_table(
-    table: pa.Table, tokenizer: Any, max_length: int, truncation: str, head_tokens: int, strip_html: bool,
+    table: pa.Table, encoder: models.Encoder, max_length: int, truncation: str, head_tokens: int, strip_html: bool,
     include_text: bool = False, evaluate: bool = False,
 ) -> pa.Table:  # fmt: skip
     """Source rows -> rows with input_ids (or a quarantine reason). Pre-tokenized rows pass through."""
@@ -243,7 +244,7 @@ def tokenize_table(
         input_ids = table.column("input_ids")
     else:
         texts = table.column("text").to_pylist()
-        good_idx, good_texts = [], []
+        to_encode: list[str | None] = [None] * n
         for i, text in enumerate(texts):
             if text is None:
                 reasons[i] = reasons[i] or NULL_TEXT
@@ -258,13 +259,8 @@ def tokenize_table(
                 continue
             cleaned, _ = cap_chars(cleaned, 16 * max_length)
             texts_out[i] = cleaned if include_text else None
-            good_idx.append(i)
-            good_texts.append(cleaned)
-        encoded, _ = encode_texts(good_texts, tokenizer, max_length, truncation, head_tokens)
-        ids: list[list[int]] = [[] for _ in range(n)]
-        for j, i in enumerate(good_idx):
-            ids[i] = encoded[j]
-        input_ids = list_array(ids)
+            to_encode[i] = cleaned
+        input_ids, _ = encode_texts(to_encode, encoder, max_length, truncation, head_tokens)
     cols.update(
         input_ids=input_ids,
         true_label=pa.array(true, pa.int8()),
@@ -279,10 +275,9 @@ def tokenize_table(
     return pa.table(cols)
 
 
-def _tokenize_task(batch: pa.Table, settings: dict[str, Any]) -> pa.Table:
+def _tokenize_task(batch: pa.Table, settings: dict[str, Any], encoder: models.Encoder) -> pa.Table:
     s = settings
-    tok = models.load_tokenizer(s["model"], s["trust_remote_code"])
-    return tokenize_table(batch, tok, s["max_length"], s["truncation"], s["head_tokens"], s["strip_html"],
+    return tokenize_table(batch, encoder, s["max_length"], s["truncation"], s["head_tokens"], s["strip_html"],
                           s["include_text"], s["evaluate"])  # fmt: skip
 
 
@@ -440,7 +435,7 @@ def run(cfg: InferConfig, evaluate: bool = False) -> dict[str, Any]:
             cfg.output,
         )
         return read_json(join(cfg.output, MANIFEST))
-    init_ray()
+    init_ray(dashboard=False)
     use_tasks_for_tokens = cfg.use_gpu and corpus.kind != "prepared"
     ds = read_corpus(corpus, positions=True, split=cfg.split if corpus.kind != "prepared" else "", done=done,
                      num_cpus=0)  # fmt: skip
@@ -450,7 +445,7 @@ def run(cfg: InferConfig, evaluate: bool = False) -> dict[str, Any]:
     )  # fmt: skip
     if use_tasks_for_tokens:
         # GPUs should only score: tokenize on CPU tasks ahead of them.
-        ds = ds.map_batches(_tokenize_task, fn_kwargs={"settings": {**pred_kwargs, "model": cfg.model}},
+        ds = ds.map_batches(_tokenize_task, fn_kwargs={"settings": pred_kwargs, "encoder": models.load_encoder(cfg.model, cfg.trust_remote_code)},
                             batch_format="pyarrow", batch_size=1024, num_cpus=1)  # fmt: skip
     from ray.data import ActorPoolStrategy
 

@@ -96,6 +96,34 @@ def _tokenizer_options(tok: Any) -> dict[str, Any]:
     }
 
 
+class Encoder:
+    """What tokenizing needs of a fast tokenizer, without transformers: its Rust tokenizer (with
+    truncation and padding off) and the ids of [CLS] and [SEP].
+
+    It pickles as the tokenizer's JSON, so Ray workers get it in ~10 ms instead of importing
+    transformers (1.5 s of CPU per worker) to load the same tokenizer again.
+    """
+
+    def __init__(self, spec: str, cls_id: int, sep_id: int):
+        from tokenizers import Tokenizer
+
+        self.spec, self.cls_id, self.sep_id = spec, cls_id, sep_id
+        self.backend = Tokenizer.from_str(spec)
+        self.backend.no_truncation()
+        self.backend.no_padding()
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> Encoder:
+        return cls(tokenizer.backend_tokenizer.to_str(), tokenizer.cls_token_id, tokenizer.sep_token_id)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Encoder, (self.spec, self.cls_id, self.sep_id))
+
+
+def load_encoder(name: str, trust_remote_code: bool = False) -> Encoder:
+    return Encoder.of(load_tokenizer(name, trust_remote_code))
+
+
 def tokenizer_info(name: str, trust_remote_code: bool = False) -> dict[str, Any]:
     tok = load_tokenizer(name, trust_remote_code)
     return {

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from bertjob import infer, prepare, train
+from bertjob.cluster import init_ray
 from bertjob.config import PipelineConfig, join, to_dict
 from bertjob.outputs import MANIFEST, exists, read_json, write_json
 
@@ -35,6 +36,7 @@ def _prepared_is_current(cfg: Any) -> dict[str, Any] | None:
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     started = time.time()
     summary: dict[str, Any] = {"output_dir": cfg.output_dir, "stages": {}}
+    init_ray(dashboard=True)  # one Ray for every stage; training wants the dashboard
 
     # 1. prepare
     p_cfg = cfg.stage("prepare")

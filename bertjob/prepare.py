@@ -1,11 +1,12 @@
 """Prepare: raw reviews -> cleaned, tokenized, split Parquet shards plus a manifest.
 
     read (Corpus units, in parallel) -> tokenize_batch (clean, quarantine, tokenize, truncate,
-    assign split) -> PreparedSink (one Parquet file per split per write task, plus statistics)
+    hash train rows) -> PreparedSink (one Parquet file per split per write task, plus statistics)
+    -> split_validation (train rows -> train / validation by hash, exact per label)
 
-Validation is carved out of the corpus' `train` split. The driver only ever holds statistics and,
-for the exact stratified validation split, one 64-bit hash per row (the "split pass", which reads
-ids and labels only).
+Validation is carved out of the corpus' `train` split in one pass: train rows are staged with a
+64-bit hash of their id, the driver reads back only (label, hash) to find per-label thresholds that
+put exactly round(fraction * n_label) rows in validation, and tasks rewrite the staged files.
 """
 
 from __future__ import annotations
@@ -21,18 +22,22 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bertjob import models
 from bertjob.config import PrepareConfig, join, to_dict
 from bertjob.outputs import MANIFEST, claim_output, versions, write_json
-from bertjob.sources import Corpus, InputError, filesystem, open_corpus
-from bertjob.text import BAD_LABEL, EMPTY_TEXT, NULL_TEXT, cap_chars, clean_text, parse_label, truncate_ids
+from bertjob.sources import InputError, filesystem, open_corpus
+from bertjob.text import BAD_LABEL, EMPTY_TEXT, NULL_TEXT, cap_chars, clean_text, keep_spans, parse_label
 
 log = logging.getLogger(__name__)
 
 LENGTH_HIST_MAX = 16_384  # token counts above this share the last histogram bin
 QUARANTINE = "quarantine"
+STAGING = "_staging"  # train rows waiting for the validation split; gone once the job finishes
+TRAIN, VALIDATION = "train", "validation"
 QUARANTINE_TEXT_CHARS = 10_000
 
 PREPARED_SCHEMA = pa.schema(
@@ -64,39 +69,45 @@ def row_hash(seed: int, row_id: str) -> int:
 
 
 def encode_texts(
-    texts: list[str], tokenizer: Any, max_length: int, truncation: str, head_tokens: int
-) -> tuple[list[list[int]], list[int]]:
-    """Tokenize cleaned texts; returns ids with [CLS]/[SEP] within max_length, and the full lengths."""
-    if not texts:
-        return [], []
-    enc = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
-    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
-    out, full = [], []
-    for ids in enc["input_ids"]:
-        kept, _ = truncate_ids(ids, max_length, truncation, head_tokens)
-        out.append([cls, *kept, sep])
-        full.append(len(ids) + 2)
-    return out, full
+    texts: list[str | None], encoder: models.Encoder, max_length: int, truncation: str, head_tokens: int
+) -> tuple[pa.ListArray, np.ndarray]:
+    """Tokenize cleaned texts into ids with [CLS]/[SEP] that fit max_length, cut by `truncation`.
 
-
-def list_array(rows: list[list[int]]) -> pa.Array:
-    """A list<int32> array built from flat numpy buffers: far faster than pa.array(list of lists)."""
-    lengths = np.fromiter((len(r) for r in rows), dtype=np.int32, count=len(rows))
-    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    values = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(offsets[-1]))
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
-
-
-def tokenize_batch(
-    batch: pa.Table, cfg: dict[str, Any], thresholds: dict[int, int], split_train: str = "train"
-) -> pa.Table:
-    """Clean, quarantine, tokenize and assign the final split of one batch of source rows.
-
-    `thresholds` maps label -> hash threshold: a train row whose hash is below it is validation.
+    Returns the ids as a list<int32> array (an empty list where the text is None) and each text's
+    full token count with the special tokens (0 where None).
     """
-    c = PrepareConfig(**cfg)
-    tok = models.load_tokenizer(c.model, c.trust_remote_code)
+    n = len(texts)
+    good = [i for i, t in enumerate(texts) if t is not None]
+    # The Rust tokenizer directly: without the offsets, attention masks and dicts of Python lists
+    # that the transformers wrapper builds, ~25% faster on IMDb reviews.
+    backend = encoder.backend
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # tokenizers < 0.21: no _fast
+    rows = [e.ids for e in encode([texts[i] for i in good], add_special_tokens=False)] if good else []
+    lengths = np.zeros(n, dtype=np.int64)
+    lengths[good] = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(lengths.sum()))
+    starts = np.zeros(n, dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    head, tail = keep_spans(lengths, max_length, truncation, head_tokens)
+    present = np.zeros(n, dtype=bool)
+    present[good] = True
+    kept = np.where(present, head + tail + 2, 0)
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(kept, out=offsets[1:])
+    row = np.repeat(np.arange(n), kept)
+    pos = np.arange(int(offsets[-1])) - offsets[:-1][row] - 1  # -1 is [CLS]
+    src = np.where(
+        pos < head[row], starts[row] + pos, starts[row] + lengths[row] - tail[row] + pos - head[row]
+    )
+    values = flat[np.clip(src, 0, max(len(flat) - 1, 0))] if len(flat) else np.zeros(len(src), np.int32)
+    values[pos < 0] = encoder.cls_id
+    values[pos == kept[row] - 2] = encoder.sep_id
+    full = np.where(present, lengths + 2, 0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32())), full
+
+
+def tokenize_batch(batch: pa.Table, c: PrepareConfig, encoder: models.Encoder) -> pa.Table:
+    """Clean, quarantine and tokenize one batch of source rows; train rows get their split hash `h`."""
     max_chars = c.max_chars_per_end or 16 * c.max_length
     ids = batch.column("id").to_pylist()
     texts = batch.column("text").to_pylist()
@@ -106,16 +117,16 @@ def tokenize_batch(
     labels: list[int | None] = [None] * n
     reasons: list[str | None] = [None] * n
     capped = [False] * n
-    good_idx, good_texts = [], []
+    hashes = np.zeros(n, dtype=np.uint64)
+    to_encode: list[str | None] = [None] * n
     for i in range(n):
         raw = raw_labels[i]
         if raw is not None:
             labels[i] = parse_label(raw)
             if labels[i] is None:
                 reasons[i] = BAD_LABEL
-        if splits[i] == split_train and labels[i] is not None and labels[i] in thresholds:
-            if row_hash(c.seed, ids[i]) < thresholds[labels[i]]:
-                splits[i] = "validation"
+        if splits[i] == TRAIN and labels[i] is not None:
+            hashes[i] = row_hash(c.seed, ids[i])
         text = texts[i]
         if text is None:
             reasons[i] = NULL_TEXT
@@ -125,18 +136,10 @@ def tokenize_batch(
             reasons[i] = EMPTY_TEXT
             continue
         if reasons[i] is None:
-            text, capped[i] = cap_chars(text, max_chars)
-            good_idx.append(i)
-            good_texts.append(text)
-    encoded, full = encode_texts(good_texts, tok, c.max_length, c.truncation, c.head_tokens)
-    input_ids: list[list[int] | None] = [None] * n
-    lengths = [0] * n
-    full_lengths = [0] * n
-    for j, i in enumerate(good_idx):
-        input_ids[i] = encoded[j]
-        lengths[i] = len(encoded[j])
-        full_lengths[i] = full[j]
-    trunc = [full_lengths[i] > c.max_length or capped[i] for i in range(n)]
+            to_encode[i], capped[i] = cap_chars(text, max_chars)
+    input_ids, full_lengths = encode_texts(to_encode, encoder, c.max_length, c.truncation, c.head_tokens)
+    lengths = np.diff(input_ids.offsets.to_numpy()).astype(np.int32)
+    trunc = (full_lengths > c.max_length) | np.array(capped, dtype=bool)
     quarantined_text = [
         (texts[i][:QUARANTINE_TEXT_CHARS] if texts[i] is not None else None) if reasons[i] else None
         for i in range(n)
@@ -146,7 +149,7 @@ def tokenize_batch(
             "id": pa.array(ids, pa.string()),
             "split": pa.array(splits, pa.string()),
             "label": pa.array(labels, pa.int8()),
-            "input_ids": list_array([r if r is not None else [] for r in input_ids]),
+            "input_ids": input_ids,
             "length": pa.array(lengths, pa.int32()),
             "full_length": pa.array(full_lengths, pa.int32()),
             "truncated": pa.array(trunc, pa.bool_()),
@@ -155,8 +158,20 @@ def tokenize_batch(
             "reason": pa.array(reasons, pa.string()),
             "raw_label": pa.array(raw_labels, pa.string()),
             "raw_text": pa.array(quarantined_text, pa.string()),
+            "h": pa.array(hashes, pa.uint64()),
         }
     )
+
+
+class Tokenize:
+    """The tokenize stage: one actor per CPU, each holding its encoder for the whole run."""
+
+    def __init__(self, cfg: dict[str, Any], encoder: models.Encoder):
+        self.cfg = PrepareConfig(**cfg)
+        self.encoder = encoder
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return tokenize_batch(batch, self.cfg, self.encoder)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,9 +240,10 @@ class PreparedSink:
     statistics of what it wrote.
     """
 
-    def __init__(self, output: str, rows_per_shard: int):
+    def __init__(self, output: str, rows_per_shard: int, stage_train: bool = False):
         self.output = output
         self.rows_per_shard = rows_per_shard
+        self.stage_train = stage_train  # train rows go to STAGING, uncounted, for split_validation
         self.run_id = uuid.uuid4().hex[:8]
 
     def write_blocks(self, blocks: Iterable[pa.Table], task_index: int) -> dict[str, Any]:
@@ -246,6 +262,12 @@ class PreparedSink:
             for block in blocks:
                 if block.num_rows == 0:
                     continue
+                if self.stage_train:
+                    in_train = pc.equal(block.column("split"), TRAIN)
+                    staged = block.filter(in_train)
+                    if staged.num_rows:
+                        writer(STAGING, staged.schema).write_table(staged)
+                    block = block.filter(pc.invert(in_train))
                 self._write_block(block, stats, writer)
         finally:
             for w in writers.values():
@@ -254,6 +276,8 @@ class PreparedSink:
 
     @staticmethod
     def _write_block(block: pa.Table, stats: dict[str, dict[str, Any]], writer: Any) -> None:
+        if block.num_rows == 0:
+            return
         cols = {name: block.column(name).to_numpy(zero_copy_only=False) for name in ("split", "reason")}
         splits, reasons = cols["split"], cols["reason"]
         for split in np.unique(splits):
@@ -299,13 +323,13 @@ class PreparedSink:
             )
 
 
-def make_sink(output: str, rows_per_shard: int) -> Any:
+def make_sink(output: str, rows_per_shard: int, stage_train: bool) -> Any:
     """The Ray Data Datasink around PreparedSink; statistics come back through write results."""
     from ray.data.datasource import Datasink
 
     class _Sink(Datasink):
         def __init__(self) -> None:
-            self.inner = PreparedSink(output, rows_per_shard)
+            self.inner = PreparedSink(output, rows_per_shard, stage_train)
             self.stats: dict[str, dict[str, Any]] = {}
 
         @property
@@ -329,50 +353,65 @@ def make_sink(output: str, rows_per_shard: int) -> Any:
 # The job.
 
 
-def split_thresholds(corpus: Corpus, cfg: PrepareConfig) -> tuple[dict[int, int], int]:
-    """Per-label hash thresholds that put exactly round(fraction * n_label) train rows in validation.
+def split_validation(output: str, fraction: float, rows_per_shard: int) -> dict[str, dict[str, Any]]:
+    """Move staged train rows to train/ or validation/: exactly round(fraction * n) rows of each label.
 
-    Returns (thresholds, rows seen). Reads only ids and labels.
+    The driver reads only each staged row's label and hash (8 bytes a row); Ray tasks rewrite the
+    staged files, one each, and return their statistics.
     """
-    from bertjob.datasource import read_corpus
+    import ray
 
-    seed = cfg.seed
-
-    def hashes(batch: pa.Table) -> pa.Table:
-        # One (label, hash) per row; label is null for rows that are not labelled train rows.
-        ids = batch.column("id").to_pylist()
-        splits = batch.column("split").to_pylist()
-        labels = [
-            parse_label(v) if v is not None and s == "train" else None
-            for v, s in zip(batch.column("label").to_pylist(), splits)
-        ]
-        h = [row_hash(seed, i) if lab is not None else 0 for i, lab in zip(ids, labels)]
-        return pa.table({"label": pa.array(labels, pa.int8()), "h": pa.array(h, pa.uint64())})
-
-    ds = read_corpus(corpus, keys_only=True).map_batches(hashes, batch_format="pyarrow", batch_size=None)
+    fs, root = filesystem(output)
+    staged = sorted(
+        f.path for f in fs.get_file_info(pafs.FileSelector(join(root, STAGING), allow_not_found=True))
+        if f.path.endswith(".parquet")
+    )  # fmt: skip
     per_label: dict[int, list[np.ndarray]] = defaultdict(list)
-    seen = 0
-    for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        seen += b.num_rows
-        b = b.filter(b.column("label").is_valid())
-        lab = b.column("label").to_numpy()
-        h = b.column("h").to_numpy()
+    for path in staged:
+        t = pq.read_table(path, columns=["label", "h", "reason"], filesystem=fs)
+        t = t.filter(pc.and_(t.column("label").is_valid(), t.column("reason").is_null()))
+        lab, h = t.column("label").to_numpy(), t.column("h").to_numpy()
         for value in np.unique(lab):
             per_label[int(value)].append(h[lab == value])
     thresholds = {}
-    if cfg.validation_fraction > 0:
-        for label, parts in per_label.items():
-            h = np.sort(np.concatenate(parts))
-            k = int(round(cfg.validation_fraction * len(h)))
-            thresholds[label] = int(h[k]) if k < len(h) else 2**64
-    return thresholds, seen
+    for label, parts in per_label.items():
+        h = np.sort(np.concatenate(parts))
+        k = int(round(fraction * len(h)))
+        thresholds[label] = int(h[k]) if k < len(h) else 2**64
+    task = ray.remote(num_cpus=1)(_split_staged)
+    stats: dict[str, dict[str, Any]] = {}
+    for part in ray.get(
+        [task.remote(output, p, i, thresholds, rows_per_shard) for i, p in enumerate(staged)]
+    ):
+        merge_stats(stats, part)
+    fs.delete_dir_contents(join(root, STAGING), missing_dir_ok=True)
+    fs.delete_dir(join(root, STAGING))
+    return stats
+
+
+def _split_staged(output: str, path: str, index: int, thresholds: dict[int, int], rows_per_shard: int) -> Any:
+    fs, _ = filesystem(output)
+
+    def blocks() -> Iterable[pa.Table]:
+        for batch in pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=8192):
+            t = pa.Table.from_batches([batch])
+            lab = t.column("label").fill_null(-1).to_numpy()
+            h = t.column("h").to_numpy()
+            to_val = np.zeros(t.num_rows, dtype=bool)
+            for label, limit in thresholds.items():
+                rows = lab == label
+                to_val[rows] = True if limit >= 2**64 else h[rows] < np.uint64(limit)
+            split = np.where(to_val, VALIDATION, TRAIN)
+            yield t.set_column(t.schema.get_field_index("split"), "split", pa.array(split, pa.string()))
+
+    return PreparedSink(output, rows_per_shard).write_blocks(blocks(), index)
 
 
 def run(cfg: PrepareConfig) -> dict[str, Any]:
     """Run the prepare job; returns the manifest."""
     import ray
 
-    from bertjob.cluster import init_ray
+    from bertjob.cluster import cluster_cpus, init_ray
     from bertjob.datasource import read_corpus
 
     started = time.time()
@@ -380,20 +419,25 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     tok_info = models.tokenizer_info(cfg.model, cfg.trust_remote_code)
     log.info("prepare: %s -> %s (tokenizer %s, max_length %d, %s)", corpus.describe(), cfg.output,
              cfg.model, cfg.max_length, cfg.truncation)  # fmt: skip
-    t_init = time.time()
-    init_ray()
-    ray_init_s = time.time() - t_init
-    t_split = time.time()
-    thresholds, seen = split_thresholds(corpus, cfg)
-    split_pass_s = time.time() - t_split
-    if seen == 0:
+    if not corpus.has_rows():
         raise InputError(f"input {cfg.input}: no rows found ({corpus.describe()})")
+    t_init = time.time()
+    init_ray(dashboard=False)
+    ray_init_s = time.time() - t_init
     claim_output(cfg.output, "prepare")
 
-    sink = make_sink(cfg.output, cfg.rows_per_shard)
+    stage_train = cfg.validation_fraction > 0
+    sink = make_sink(cfg.output, cfg.rows_per_shard, stage_train)
+    from ray.data import ActorPoolStrategy
+
+    # Actors, not tasks: each starts once, while the first rows are read, and never again.
     ds = read_corpus(corpus).map_batches(
-        tokenize_batch,
-        fn_kwargs={"cfg": to_dict(cfg), "thresholds": thresholds},
+        Tokenize,
+        fn_constructor_kwargs={
+            "cfg": to_dict(cfg),
+            "encoder": models.load_encoder(cfg.model, cfg.trust_remote_code),
+        },
+        compute=ActorPoolStrategy(size=max(1, int(cluster_cpus()))),
         batch_format="pyarrow",
         batch_size=cfg.batch_size,
         num_cpus=1,
@@ -401,6 +445,10 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     # Writing reserves no CPU either, so it is not fused into tokenization: tokenize tasks stay
     # small (batch_size rows) and balanced across cores, while each write task gathers a whole shard.
     ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
+    t_split = time.time()
+    if stage_train:
+        merge_stats(sink.stats, split_validation(cfg.output, cfg.validation_fraction, cfg.rows_per_shard))
+    split_s = time.time() - t_split
     splits = {name: summarize(s) for name, s in sorted(sink.stats.items())}
     read_total = sum(s["rows_read"] for s in splits.values())
     manifest = {
@@ -421,13 +469,9 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
         "versions": versions(),
         "wall_s": round(time.time() - started, 2),
         "ray_init_s": round(ray_init_s, 2),
-        "split_pass_s": round(split_pass_s, 2),
+        "validation_split_s": round(split_s, 2),
         "ray_cluster_cpus": ray.cluster_resources().get("CPU", 0),
     }
-    if read_total != seen:
-        raise RuntimeError(
-            f"prepare read {read_total} rows but the split pass saw {seen}; output left incomplete"
-        )
     write_json(join(cfg.output, "config.json"), to_dict(cfg))
     write_json(join(cfg.output, MANIFEST), manifest)  # last: marks the output complete
     log.info("prepare: wrote %s", ", ".join(f"{k} {v['rows_written']}" for k, v in splits.items()))

@@ -99,6 +99,17 @@ class Corpus:
         }[self.kind]
         yield from reader(self, unit, keys_only)
 
+    def has_rows(self) -> bool:
+        """Whether any unit yields a row; reads only up to the first one."""
+        for unit in self.units:
+            tables = self.read(unit, keys_only=True)
+            try:
+                if any(t.num_rows for t in tables):
+                    return True
+            finally:
+                tables.close()
+        return False
+
     def describe(self) -> str:
         return f"{self.kind} corpus at {self.root} ({len(self.units)} unit(s))"
 

@@ -1,6 +1,7 @@
+import numpy as np
 import pytest
 
-from bertjob.text import cap_chars, clean_text, decode_text, parse_label, truncate_ids
+from bertjob.text import cap_chars, clean_text, decode_text, keep_spans, parse_label
 
 
 def test_clean_text_removes_imdb_breaks_tags_and_entities():
@@ -28,13 +29,14 @@ def test_decode_text_replaces_invalid_utf8_and_says_so():
     assert replaced and text == "caf\ufffd"
 
 
-def test_truncate_head_tail_keeps_both_ends():
-    ids = list(range(100))
-    head_tail, cut = truncate_ids(ids, max_length=12, truncation="head+tail", head_tokens=4)
-    assert cut and head_tail == [0, 1, 2, 3, 94, 95, 96, 97, 98, 99]
-    assert truncate_ids(ids, 12, "head")[0] == list(range(10))
-    assert truncate_ids(ids, 12, "tail")[0] == list(range(90, 100))
-    assert truncate_ids(ids[:5], 12, "head+tail") == ([0, 1, 2, 3, 4], False)
+def test_keep_spans_cut_head_tail_or_both_and_leave_short_texts_whole():
+    lengths = np.array([100, 5, 10, 0])
+    head, tail = keep_spans(lengths, max_length=12, truncation="head+tail", head_tokens=4)
+    assert head.tolist() == [4, 5, 10, 0] and tail.tolist() == [6, 0, 0, 0]
+    assert [x.tolist() for x in keep_spans(lengths, 12, "head")] == [[10, 5, 10, 0], [0, 0, 0, 0]]
+    assert [x.tolist() for x in keep_spans(lengths, 12, "tail")] == [[0, 5, 10, 0], [10, 0, 0, 0]]
+    # head_tokens larger than the budget: all head
+    assert [x.tolist() for x in keep_spans(lengths, 12, "head+tail", 50)] == [[10, 5, 10, 0], [0, 0, 0, 0]]
 
 
 def test_cap_chars_keeps_both_ends_of_huge_text():
