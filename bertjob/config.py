@@ -113,6 +113,10 @@ class TrainConfig:
         "auto", "auto | bf16 | fp16 | off (auto: bf16 where supported, else fp16 on GPU)"
     )
     pad_to_multiple_of: int = opt(0, "pad batches to a multiple of this (0: 8 on GPU, 1 on CPU)")
+    length_grouping: int = opt(
+        8,
+        "sort each N micro-batches' worth of shuffled rows by length before batching: less padding (1: off)",
+    )
     eval_every_steps: int = opt(0, "also evaluate every N steps (0: once per epoch)")
     checkpoint_every_steps: int = opt(0, "also checkpoint every N steps (0: once per epoch)")
     keep_checkpoints: int = opt(2, "checkpoints kept, best by validation accuracy")
@@ -145,6 +149,7 @@ class TrainConfig:
             "batch_size_per_worker",
             "grad_accum_steps",
             "keep_checkpoints",
+            "length_grouping",
         ):
             if getattr(self, name) < 1:
                 p.append(f"{name}: must be at least 1")

@@ -33,6 +33,7 @@ from bertjob.training import (
     TrainState,
     chunks,
     collate,
+    group_by_length,
     lr_factor,
     make_optimizer,
     predict_batches,
@@ -542,13 +543,15 @@ def train_loop(config: dict[str, Any]) -> None:
     stop = state.finished and state.step >= total_steps
     window_loss, window_n, window_t, window_samples = 0.0, 0, time.time(), 0
     while not stop and state.epoch < cfg.epochs and state.step < total_steps:
-        it = train_shard.iter_batches(
-            batch_size=cfg.batch_size_per_worker,
+        epoch_seed = cfg.seed + 1000 * state.epoch + rank
+        groups = train_shard.iter_batches(
+            batch_size=cfg.batch_size_per_worker * cfg.length_grouping,
             batch_format="numpy",
-            local_shuffle_buffer_size=cfg.batch_size_per_worker * 8,
-            local_shuffle_seed=cfg.seed + 1000 * state.epoch + rank,
-            prefetch_batches=2,
+            local_shuffle_buffer_size=cfg.batch_size_per_worker * max(8, cfg.length_grouping),
+            local_shuffle_seed=epoch_seed,
+            prefetch_batches=1,
         )
+        it = group_by_length(groups, cfg.batch_size_per_worker, epoch_seed)
         skip = state.step_in_epoch * cfg.grad_accum_steps  # resume mid-epoch: skip what was trained on
         micro = (b for i, b in enumerate(it) if i >= skip and i < meta["micro_per_epoch"])
         epoch_t0 = time.time()

@@ -196,6 +196,25 @@ class Stepper:
         return total, norm_value
 
 
+def group_by_length(
+    groups: Iterable[dict[str, np.ndarray]], batch_size: int, seed: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Length-grouped batching: sort each group of rows by length, cut it into batches of
+    `batch_size`, and yield those in a seeded random order.
+
+    With dynamic padding a batch costs its longest row times its size; neighbours in length waste
+    little (random IMDb batches at max_length 256 are ~25% padding). Every row is still used once.
+    """
+    rng = np.random.default_rng(seed)
+    for group in groups:
+        rows = group["input_ids"]
+        lengths = np.asarray(group["length"]) if "length" in group else np.array([len(r) for r in rows])
+        order = np.argsort(lengths, kind="stable")
+        cuts = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        for j in rng.permutation(len(cuts)):
+            yield {k: v[cuts[j]] for k, v in group.items()}
+
+
 @torch.inference_mode()
 def predict_batches(
     model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device, precision: str

@@ -19,15 +19,18 @@ def cfg(prepared, out, tiny_model_dir, **kw):
 
 def test_two_workers_train_and_save_a_model_that_transformers_loads(prepared_small, tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    m = train.run(cfg(prepared_small, out, tiny_model_dir, checkpoint_every_steps=5, keep_checkpoints=1))
-    # 180 train rows over 2 workers, 8 per worker: 12 steps per epoch, 2 epochs
-    assert m["steps"] == 24 and m["global_batch_size"] == 16
-    assert [h["epoch"] for h in m["history"] if h["type"] == "eval"] == [0, 1]
+    # a randomly initialised tiny BERT: 2 epochs learn the task for some data orders, 3 for all we tried
+    m = train.run(
+        cfg(prepared_small, out, tiny_model_dir, epochs=3, checkpoint_every_steps=5, keep_checkpoints=1)
+    )
+    # 180 train rows over 2 workers, 8 per worker: 12 steps per epoch, 3 epochs
+    assert m["steps"] == 36 and m["global_batch_size"] == 16
+    assert [h["epoch"] for h in m["history"] if h["type"] == "eval"] == [0, 1, 2]
     assert m["test"]["count"] == 80 and m["validation"]["count"] == 20
     assert m["test"]["accuracy"] > 0.9  # the synthetic reviews are easy: the model must have learned
     assert set(m["test"]) >= {"accuracy", "precision", "recall", "f1", "roc_auc", "confusion_matrix"}
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["best_epoch"] in (0, 1) and saved["config"]["num_workers"] == 2
+    assert saved["best_epoch"] in (0, 1, 2) and saved["config"]["num_workers"] == 2
     assert (out / "training_curves.png").stat().st_size > 1000
     settings = json.loads((out / "model" / "bertjob.json").read_text())
     assert (settings["max_length"], settings["truncation"]) == (64, "head+tail")

@@ -11,6 +11,7 @@ from bertjob.training import (
     NonFiniteLossError,
     Stepper,
     collate,
+    group_by_length,
     lr_factor,
     make_optimizer,
     param_groups,
@@ -99,3 +100,27 @@ def test_non_finite_loss_stops_with_the_step(tiny_model_dir):
     stepper = Stepper(model, make_optimizer(model, 1e-3, 0.0, 1.0), torch.device("cpu"))
     with pytest.raises(NonFiniteLossError, match="step 7"):
         stepper.step([collate(_batches(tok, 1)[0], tok.pad_token_id)], 7)
+
+
+def test_group_by_length_uses_every_row_once_with_less_padding_and_a_fixed_order():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 200, size=300)
+    ids = np.empty(300, dtype=object)
+    ids[:] = [np.arange(n) for n in lengths]
+    groups = [
+        {"input_ids": ids[i : i + 64], "length": lengths[i : i + 64], "label": np.arange(i, min(i + 64, 300))}
+        for i in range(0, 300, 64)
+    ]
+    out = list(group_by_length(iter(groups), batch_size=16, seed=3))
+    seen = np.concatenate([b["label"] for b in out])
+    assert sorted(seen.tolist()) == list(range(300))
+    assert all(len(b["label"]) <= 16 for b in out) and len(out) == sum(
+        -(-len(g["label"]) // 16) for g in groups
+    )
+    grouped_width = sum(b["length"].max() * len(b["label"]) for b in out)
+    random_width = sum(lengths[i : i + 16].max() * len(lengths[i : i + 16]) for i in range(0, 300, 16))
+    assert grouped_width < 0.8 * random_width
+    again = list(group_by_length(iter(groups), batch_size=16, seed=3))
+    assert all(np.array_equal(x["label"], y["label"]) for x, y in zip(out, again))
+    # rows keep their own ids and labels together
+    assert all(len(r) == n for b in out for r, n in zip(b["input_ids"], b["length"]))
