@@ -36,7 +36,6 @@ def _prepared_is_current(cfg: Any) -> dict[str, Any] | None:
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     started = time.time()
     summary: dict[str, Any] = {"output_dir": cfg.output_dir, "stages": {}}
-    init_ray(dashboard=True)  # one Ray for every stage; training wants the dashboard
 
     # 1. prepare
     p_cfg = cfg.stage("prepare")
@@ -45,6 +44,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     if reused:
         log.info("pipeline: prepare: reusing %s (same input and settings)", p_cfg.output)
     else:
+        init_ray(dashboard=True)  # the Ray that train will share keeps its dashboard
         manifest = prepare.run(p_cfg)
     summary["stages"]["prepare"] = {
         "output": p_cfg.output, "reused": reused,

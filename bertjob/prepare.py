@@ -384,8 +384,8 @@ def split_validation(output: str, fraction: float, rows_per_shard: int) -> dict[
         [task.remote(output, p, i, thresholds, rows_per_shard) for i, p in enumerate(staged)]
     ):
         merge_stats(stats, part)
-    fs.delete_dir_contents(join(root, STAGING), missing_dir_ok=True)
-    fs.delete_dir(join(root, STAGING))
+    if staged:  # no train rows, no staging directory
+        fs.delete_dir(join(root, STAGING))
     return stats
 
 

@@ -126,3 +126,13 @@ def test_empty_input_is_an_error_before_any_output(tmp_path, tiny_model_dir, ray
             )
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_corpus_without_train_rows_needs_no_validation_split(tmp_path, tiny_model_dir, ray_local):
+    (tmp_path / "t.csv").write_text("text,label\ngreat movie,pos\nawful movie,neg\n")
+    out = tmp_path / "out"
+    m = prepare.run(
+        PrepareConfig(input=str(tmp_path / "t.csv"), output=str(out), model=tiny_model_dir, split="test")
+    )
+    assert {k: v["rows_written"] for k, v in m["splits"].items()} == {"test": 2}
+    assert not (out / "_staging").exists()
