@@ -28,8 +28,10 @@ def init_ray(dashboard: bool = True) -> None:
         # The dashboard also serves the state API that Ray Train's placement-group cleaner polls.
         # Ray kills idle workers beyond one per CPU after a second; the zero-CPU read and write tasks
         # that run beside one actor per CPU would then start a fresh Python (~1.5 s of CPU) each time.
+        # `None` rather than True: with a minimal Ray (no ray[default]) Ray then starts its API server
+        # without the web UI instead of refusing to start.
         cpus = os.cpu_count() or 1
-        ray.init(address="local", log_to_driver=True, include_dashboard=dashboard,
+        ray.init(address="local", log_to_driver=True, include_dashboard=None if dashboard else False,
                  _system_config={"num_workers_soft_limit": cpus + 4})  # fmt: skip
         log.info("started a local Ray with %s CPUs", int(ray.cluster_resources().get("CPU", 0)))
     from ray.data import DataContext

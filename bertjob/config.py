@@ -51,7 +51,9 @@ class PrepareConfig:
     model: str = opt("minilm", "tokenizer source: minilm (embedded), a local directory, or a hub id")
     max_length: int = opt(512, "tokens per sequence including [CLS] and [SEP]")
     truncation: str = opt("head+tail", "head | tail | head+tail (Sun et al. 2019: best on IMDb)")
-    head_tokens: int = opt(128, "tokens kept from the start with head+tail truncation")
+    head_tokens: int = opt(
+        0, "tokens kept from the start with head+tail truncation (0: a quarter of max_length, 128 at 512)"
+    )
     strip_html: bool = opt(True, "turn <br /> into spaces, drop tags and unescape HTML entities")
     max_chars_per_end: int = opt(
         0, "characters kept from each end of a huge text before tokenizing (0: 16 x max_length)"
@@ -76,8 +78,8 @@ class PrepareConfig:
             p.append(f"truncation: {self.truncation!r} is not one of {', '.join(TRUNCATIONS)}")
         if not 8 <= self.max_length <= 8192:
             p.append(f"max_length: {self.max_length} must be between 8 and 8192")
-        if self.truncation == "head+tail" and not 0 < self.head_tokens < self.max_length - 2:
-            p.append(f"head_tokens: {self.head_tokens} must be between 1 and max_length - 3")
+        if self.truncation == "head+tail" and not 0 <= self.head_tokens < self.max_length - 2:
+            p.append(f"head_tokens: {self.head_tokens} must be between 0 (auto) and max_length - 3")
         if not 0.0 <= self.validation_fraction < 1.0:
             p.append(f"validation_fraction: {self.validation_fraction} must be in [0, 1)")
         if self.rows_per_shard < 1 or self.batch_size < 1:
@@ -85,6 +87,11 @@ class PrepareConfig:
         if not self.split or "/" in self.split:
             p.append(f"split: {self.split!r} must be a plain name such as train")
         return p
+
+    @property
+    def head_n(self) -> int:
+        """head_tokens, or by default a quarter of max_length: Sun et al.'s 128 of 512."""
+        return self.head_tokens or max(1, self.max_length // 4)
 
 
 @dataclass

@@ -137,7 +137,7 @@ def tokenize_batch(batch: pa.Table, c: PrepareConfig, encoder: models.Encoder) -
             continue
         if reasons[i] is None:
             to_encode[i], capped[i] = cap_chars(text, max_chars)
-    input_ids, full_lengths = encode_texts(to_encode, encoder, c.max_length, c.truncation, c.head_tokens)
+    input_ids, full_lengths = encode_texts(to_encode, encoder, c.max_length, c.truncation, c.head_n)
     lengths = np.diff(input_ids.offsets.to_numpy()).astype(np.int32)
     trunc = (full_lengths > c.max_length) | np.array(capped, dtype=bool)
     quarantined_text = [
@@ -462,7 +462,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
         "tokenizer": tok_info,
         "max_length": cfg.max_length,
         "truncation": cfg.truncation,
-        "head_tokens": cfg.head_tokens,
+        "head_tokens": cfg.head_n,
         "strip_html": cfg.strip_html,
         "validation": {"fraction": cfg.validation_fraction, "seed": cfg.seed, "stratified": True},
         "config": to_dict(cfg),

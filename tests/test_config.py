@@ -35,6 +35,14 @@ def test_bad_types_are_named():
     assert build(TrainConfig, {"data": "d", "output": "o", "use_gpu": "false"}).use_gpu is False
 
 
+def test_head_tokens_default_to_a_quarter_of_max_length():
+    assert build(PrepareConfig, {"output": "x"}).head_n == 128
+    assert build(PrepareConfig, {"output": "x", "max_length": 128}).head_n == 32
+    assert build(PrepareConfig, {"output": "x", "max_length": 128, "head_tokens": 50}).head_n == 50
+    with pytest.raises(ConfigError, match="head_tokens"):
+        build(PrepareConfig, {"output": "x", "max_length": 128, "head_tokens": 126})
+
+
 def test_flags_override_yaml(tmp_path):
     cfg_file = tmp_path / "p.yaml"
     cfg_file.write_text("output: out\nmax_length: 128\ntruncation: head\n")
