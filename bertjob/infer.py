@@ -398,14 +398,8 @@ def committed_positions(output: str, units: int) -> tuple[dict[int, Any], int]:
 # The job
 
 
-def run(cfg: InferConfig, evaluate: bool = False) -> dict[str, Any]:
-    import ray
-
-    from bertjob.cluster import init_ray
-    from bertjob.datasource import read_corpus
-
-    started = time.time()
-    stage = "evaluate" if evaluate else "infer"
+def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, Any]]:
+    """The corpus, and the run's identity: what an output must have been written with to be resumed."""
     problems = check_model(cfg.model, cfg.trust_remote_code)
     if problems:
         raise models.ModelError("; ".join(problems))
@@ -427,6 +421,19 @@ def run(cfg: InferConfig, evaluate: bool = False) -> dict[str, Any]:
     run_info = {"input": cfg.input, "split": cfg.split, "model": cfg.model, "tokenizer_fingerprint": fingerprint,
                 "weights": _weights_fingerprint(cfg.model),
                 "units": len(corpus.units), "settings": effective, "include_text": cfg.include_text}  # fmt: skip
+    return corpus, run_info
+
+
+def run(cfg: InferConfig, evaluate: bool = False) -> dict[str, Any]:
+    import ray
+
+    from bertjob.cluster import init_ray
+    from bertjob.datasource import read_corpus
+
+    started = time.time()
+    stage = "evaluate" if evaluate else "infer"
+    corpus, run_info = describe(cfg, evaluate)
+    effective = run_info["settings"]
     done, already = _resume_state(cfg, run_info, stage)
     if done is None:
         log.info(

@@ -83,7 +83,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             continue
         if stage == "infer" and not cfg.infer_input and "unsup" not in manifest["splits"]:
             s_cfg = dataclasses.replace(s_cfg, split="test")
-        s_cfg = _overwrite_if_changed(s_cfg)
+        s_cfg = _overwrite_if_changed(s_cfg, stage)
         out = infer.run(s_cfg, evaluate=stage == "evaluate")
         summary["stages"][stage] = {
             "output": s_cfg.output, "rows_scored": out["rows_scored"], "rows_quarantined": out["rows_quarantined"],
@@ -96,18 +96,17 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     return summary
 
 
-def _overwrite_if_changed(s_cfg: Any) -> Any:
-    """An infer/evaluate output from other inputs (e.g. a retrained model) is replaced, not resumed."""
+def _overwrite_if_changed(s_cfg: Any, stage: str) -> Any:
+    """An infer/evaluate output written with other inputs or settings (a retrained model, another
+    max_length, include_text...) is replaced, not resumed."""
     run_path = join(s_cfg.output, infer.RUN_FILE)
     if not exists(run_path):
         return s_cfg
-    previous = read_json(run_path)
-    weights = infer._weights_fingerprint(s_cfg.model)
-    if (
-        previous.get("weights") != weights
-        or previous.get("input") != s_cfg.input
-        or previous.get("split") != s_cfg.split
-    ):
+    _, run_info = infer.describe(s_cfg, evaluate=stage == "evaluate")
+    if read_json(run_path) != run_info:
+        log.info(
+            "pipeline: %s: inputs or settings changed since %s was written; redoing it", stage, s_cfg.output
+        )
         return dataclasses.replace(s_cfg, overwrite=True)
     return s_cfg
 

@@ -2,6 +2,7 @@
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 
 from bertjob import pipeline
@@ -13,14 +14,12 @@ pytestmark = pytest.mark.integration
 
 def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, tiny_model_dir, ray_local, caplog):
     corpus = make_imdb_dir(tmp_path / "data", {"train": 40, "test": 20, "unsup": 10}, seed=3)
-    cfg = build(
-        PipelineConfig,
-        {
+    settings = {
             "input": str(corpus), "output_dir": str(tmp_path / "out"), "model": tiny_model_dir, "max_length": 32,
             "num_workers": 1, "name": "p", "prepare": {"head_tokens": 8},
             "train": {"epochs": 1, "batch_size_per_worker": 8, "mixed_precision": "off", "lr": 5e-3},
-        },
-    )  # fmt: skip
+    }  # fmt: skip
+    cfg = build(PipelineConfig, settings)
     first = pipeline.run(cfg)
     assert first["stages"]["prepare"]["rows"] == {"train": 72, "validation": 8, "test": 40, "unsup": 10}
     assert first["stages"]["evaluate"]["rows_scored"] == 40 and first["stages"]["infer"]["rows_scored"] == 10
@@ -34,3 +33,13 @@ def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, tiny_model_dir, ra
     assert (tmp_path / "out" / "train" / "model" / "model.safetensors").stat().st_mtime == model_mtime
     assert second["stages"]["evaluate"]["accuracy"] == first["stages"]["evaluate"]["accuracy"]
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["stages"]["train"]["reused"] is True
+
+    # A changed infer setting redoes that stage only (the others are still reused).
+    cfg = build(PipelineConfig, {**settings, "infer": {"include_text": True}})
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        third = pipeline.run(cfg)
+    assert "infer: inputs or settings changed" in caplog.text
+    assert third["stages"]["train"]["reused"] and third["stages"]["infer"]["rows_scored"] == 10
+    scored = pq.read_table(tmp_path / "out" / "infer" / "predictions")
+    assert "text" in scored.column_names and scored.num_rows == 10

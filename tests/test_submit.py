@@ -26,10 +26,18 @@ def free_port() -> int:
 
 @pytest.fixture
 def ray_head(tmp_path):
-    """`ray start --head --block` in its own process group, stopped (the whole group) even on failure."""
+    """`ray start --head --block` in its own process group, stopped (the whole group) even on failure.
+
+    As the README says: a token is generated first (in a HOME of its own, so that no token left by
+    another run is used), and a head started where a token exists requires it."""
     gcs, dash = free_port(), free_port()
     ray_bin = str(Path(sys.executable).parent / "ray")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    home = tmp_path / "home"
+    home.mkdir()
+    drop = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+    env = {**{k: v for k, v in os.environ.items() if k not in drop}, "HOME": str(home)}
+    subprocess.run([ray_bin, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    assert (home / ".ray" / "auth_token").exists()
     proc = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
@@ -42,7 +50,7 @@ def ray_head(tmp_path):
         env=env, start_new_session=True, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
-        yield f"http://127.0.0.1:{dash}", tmp_path / "head.log"
+        yield f"http://127.0.0.1:{dash}", tmp_path / "head.log", env
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -54,11 +62,10 @@ def ray_head(tmp_path):
 
 
 def test_ray_job_submit_runs_the_pipeline_on_a_token_auth_cluster(ray_head, tmp_path, tiny_model_dir):
-    address, head_log = ray_head
+    address, head_log, head_env = ray_head
     ray_bin = str(Path(sys.executable).parent / "ray")
-    # What the README tells a client: token mode on; the token comes from the file `ray start` wrote.
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
+    # What the README tells a client: token mode on; the token comes from ~/.ray/auth_token.
+    env = {**head_env, "RAY_AUTH_MODE": "token"}
     corpus = make_imdb_dir(tmp_path / "data", {"train": 40, "test": 20, "unsup": 10})
     out = tmp_path / "out"
     config = {
@@ -79,6 +86,10 @@ def test_ray_job_submit_runs_the_pipeline_on_a_token_auth_cluster(ray_head, tmp_
                 f"the Ray head did not come up:\n{probe.stderr[-2000:]}\n{head_log.read_text()[-2000:]}"
             )
         time.sleep(1)
+    # The head really requires the token: a wrong one is refused.
+    wrong = subprocess.run([ray_bin, "job", "list", "--address", address], env={**env, "RAY_AUTH_TOKEN": "0" * 32},
+                           capture_output=True, text=True)  # fmt: skip
+    assert wrong.returncode != 0, wrong.stdout
     runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
     cmd = [ray_bin, "job", "submit", "--address", address, "--working-dir", str(ROOT),
            "--runtime-env-json", json.dumps(runtime_env), "--",
