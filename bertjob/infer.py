@@ -424,7 +424,7 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
     return corpus, run_info
 
 
-def run(cfg: InferConfig, evaluate: bool = False) -> dict[str, Any]:
+def run(cfg: InferConfig, evaluate: bool = False, replace_changed: bool = False) -> dict[str, Any]:
     import ray
 
     from bertjob.cluster import init_ray
@@ -434,7 +434,7 @@ def run(cfg: InferConfig, evaluate: bool = False) -> dict[str, Any]:
     stage = "evaluate" if evaluate else "infer"
     corpus, run_info = describe(cfg, evaluate)
     effective = run_info["settings"]
-    done, already = _resume_state(cfg, run_info, stage)
+    done, already = _resume_state(cfg, run_info, stage, replace_changed)
     if done is None:
         log.info(
             "%s: %s is complete for these inputs and settings; nothing to do (use --overwrite to redo)",
@@ -473,22 +473,28 @@ def run(cfg: InferConfig, evaluate: bool = False) -> dict[str, Any]:
 
 
 def _resume_state(
-    cfg: InferConfig, run_info: dict[str, Any], stage: str
+    cfg: InferConfig, run_info: dict[str, Any], stage: str, replace_changed: bool = False
 ) -> tuple[dict[int, Any] | None, int]:
-    """({unit: done mask}, rows already committed), or (None, n) when the output is already complete."""
+    """({unit: done mask}, rows already committed), or (None, n) when the output is already complete.
+
+    An output written with other inputs or settings is an error, or with `replace_changed` (the
+    pipeline) replaced."""
     run_path = join(cfg.output, RUN_FILE)
-    if not cfg.overwrite and exists(join(cfg.output, MARKER)) and exists(run_path):
-        previous = read_json(run_path)
-        if previous != run_info:
+    overwrite = cfg.overwrite
+    if not overwrite and exists(join(cfg.output, MARKER)) and exists(run_path):
+        if read_json(run_path) == run_info:
+            if exists(join(cfg.output, MANIFEST)):
+                return None, 0
+            done, already = committed_positions(cfg.output, run_info["units"])
+            log.info("%s: resuming: %d rows already committed in %s", stage, already, cfg.output)
+            return done, already
+        if not replace_changed:
             raise OutputError(
                 f"output {cfg.output} holds a run with other inputs or settings; pass --overwrite to replace it"
             )
-        if exists(join(cfg.output, MANIFEST)):
-            return None, 0
-        done, already = committed_positions(cfg.output, run_info["units"])
-        log.info("%s: resuming: %d rows already committed in %s", stage, already, cfg.output)
-        return done, already
-    claim_output(cfg.output, stage) if cfg.overwrite or not exists(cfg.output) else _claim_fresh(
+        log.info("%s: inputs or settings changed since %s was written; redoing it", stage, cfg.output)
+        overwrite = True
+    claim_output(cfg.output, stage) if overwrite or not exists(cfg.output) else _claim_fresh(
         cfg.output, stage
     )
     write_json(run_path, run_info)

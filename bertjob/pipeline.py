@@ -83,8 +83,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             continue
         if stage == "infer" and not cfg.infer_input and "unsup" not in manifest["splits"]:
             s_cfg = dataclasses.replace(s_cfg, split="test")
-        s_cfg = _overwrite_if_changed(s_cfg, stage)
-        out = infer.run(s_cfg, evaluate=stage == "evaluate")
+        # An output from other inputs or settings (a retrained model, include_text...) is redone.
+        out = infer.run(s_cfg, evaluate=stage == "evaluate", replace_changed=True)
         summary["stages"][stage] = {
             "output": s_cfg.output, "rows_scored": out["rows_scored"], "rows_quarantined": out["rows_quarantined"],
             "rows_per_s": out["rows_per_s"], **({"accuracy": out["metrics"]["accuracy"]} if "metrics" in out else {}),
@@ -94,21 +94,6 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     write_json(join(cfg.output_dir, "summary.json"), summary)
     print_summary(summary)
     return summary
-
-
-def _overwrite_if_changed(s_cfg: Any, stage: str) -> Any:
-    """An infer/evaluate output written with other inputs or settings (a retrained model, another
-    max_length, include_text...) is replaced, not resumed."""
-    run_path = join(s_cfg.output, infer.RUN_FILE)
-    if not exists(run_path):
-        return s_cfg
-    _, run_info = infer.describe(s_cfg, evaluate=stage == "evaluate")
-    if read_json(run_path) != run_info:
-        log.info(
-            "pipeline: %s: inputs or settings changed since %s was written; redoing it", stage, s_cfg.output
-        )
-        return dataclasses.replace(s_cfg, overwrite=True)
-    return s_cfg
 
 
 def print_summary(summary: dict[str, Any]) -> None:
