@@ -105,6 +105,11 @@ class TrainConfig:
     use_gpu: bool = opt(False, "one GPU per worker")
     cpus_per_worker: float = opt(1.0, "CPUs reserved per worker")
     torch_threads: int = opt(0, "intra-op threads per worker (0: cpus_per_worker)")
+    malloc_tuning: bool = opt(
+        True,
+        "Linux: workers keep freed memory for reuse (glibc: no mmap, no trim, one arena) instead of "
+        "page-faulting it back every step: CPU steps ~1.3x faster (off: the system's malloc settings)",
+    )
     epochs: int = opt(3, "passes over the train split")
     max_steps: int = opt(0, "stop after this many optimizer steps (0: epochs decide)")
     batch_size_per_worker: int = opt(32, "sequences per worker per micro-batch (seed recipe: 32)")

@@ -11,6 +11,7 @@ put exactly round(fraction * n_label) rows in validation, and tasks rewrite the 
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import itertools
 import logging
@@ -416,14 +417,22 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
 
     started = time.time()
     corpus = open_corpus(cfg.input, cfg.text_column, cfg.label_column, cfg.id_column, cfg.split)
-    tok_info = models.tokenizer_info(cfg.model, cfg.trust_remote_code)
-    log.info("prepare: %s -> %s (tokenizer %s, max_length %d, %s)", corpus.describe(), cfg.output,
-             cfg.model, cfg.max_length, cfg.truncation)  # fmt: skip
     if not corpus.has_rows():
         raise InputError(f"input {cfg.input}: no rows found ({corpus.describe()})")
-    t_init = time.time()
-    init_ray(dashboard=False)
-    ray_init_s = time.time() - t_init
+    # Loading the tokenizer (importing transformers: ~2 s of one core) overlaps Ray's start-up.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        tokenizer = pool.submit(
+            lambda: (
+                models.tokenizer_info(cfg.model, cfg.trust_remote_code),
+                models.load_encoder(cfg.model, cfg.trust_remote_code),
+            )
+        )
+        t_init = time.time()
+        init_ray(dashboard=False)
+        ray_init_s = time.time() - t_init
+        tok_info, encoder = tokenizer.result()  # a hub id that cannot be reached fails here
+    log.info("prepare: %s -> %s (tokenizer %s, max_length %d, %s)", corpus.describe(), cfg.output,
+             cfg.model, cfg.max_length, cfg.truncation)  # fmt: skip
     claim_output(cfg.output, "prepare")
 
     stage_train = cfg.validation_fraction > 0
@@ -435,7 +444,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
         Tokenize,
         fn_constructor_kwargs={
             "cfg": to_dict(cfg),
-            "encoder": models.load_encoder(cfg.model, cfg.trust_remote_code),
+            "encoder": encoder,
         },
         compute=ActorPoolStrategy(size=max(1, int(cluster_cpus()))),
         batch_format="pyarrow",

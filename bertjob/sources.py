@@ -261,19 +261,128 @@ def _open_text_stream(fs: pafs.FileSystem, path: str) -> Any:
     return fs.open_input_stream(path, compression=compression)
 
 
+# ---------------------------------------------------------------------------------------------
+# Tar archives, read as a stream.
+
+
+def tar_members(fs: pafs.FileSystem, path: str, wanted: re.Pattern[str]) -> Iterator[tuple[str, Any]]:
+    """(name, read) for each regular file of a tar archive whose name matches `wanted`; read()
+    returns the file's bytes and must be called, if at all, before the next item is taken.
+
+    The archive is read once, front to back. Plain and gzipped tars are parsed here (ustar, GNU long
+    names, pax paths): ~5x faster than Python's tarfile on 100k small files, whose per-member objects
+    cost more than decompressing. Other compressions (bzip2, xz) go through tarfile.
+    """
+    with fs.open_input_stream(path, compression=None) as f:
+        head = f.read(512)
+    if head[:2] == b"\x1f\x8b":
+        codec = "gzip"
+    elif len(head) == 512 and head[257:262] == b"ustar" and _checksum_ok(head):
+        codec = None
+    else:
+        yield from _tarfile_members(fs, path, wanted)
+        return
+    with fs.open_input_stream(path, compression=codec, buffer_size=1 << 20) as f:
+        yield from _stream_members(f, path, wanted)
+
+
+def _checksum_ok(header: bytes) -> bool:
+    field = header[148:156].split(b"\0", 1)[0].strip()
+    try:
+        return int(field or b"0", 8) == sum(header[:148]) + 256 + sum(header[156:])
+    except ValueError:
+        return False
+
+
+def _stream_members(f: Any, path: str, wanted: re.Pattern[str]) -> Iterator[tuple[str, Any]]:
+    long_name: str | None = None
+    while True:
+        header = f.read(512)
+        if len(header) < 512 or header == bytes(512):
+            return  # end of archive (two zero blocks, or a truncated last one)
+        if not _checksum_ok(header):
+            raise InputError(f"input {path}: not a tar archive, or a corrupt one (bad header checksum)")
+        size_field = header[124:136]
+        if size_field[0] & 0x80:  # base-256, for members over 8 GiB
+            size = int.from_bytes(size_field[1:], "big")
+        else:
+            size = int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
+        padded = (size + 511) & ~511
+        kind = header[156:157]
+        if kind in (b"L", b"x"):  # GNU long name, or pax records that may carry one
+            data = f.read(padded)[:size]
+            long_name = (
+                _pax_path(data) if kind == b"x" else data.split(b"\0", 1)[0].decode("utf-8", "replace")
+            )
+            continue
+        name = long_name or _ustar_name(header)
+        long_name = None
+        if kind in (b"0", b"\0", b"7") and wanted.search(name):
+            taken: list[bytes] = []
+            yield name, lambda t=taken, n=padded, k=size: t.append(f.read(n)[:k]) or t[0]
+            if taken:
+                continue
+        _skip(f, padded)
+
+
+def _skip(f: Any, n: int) -> None:
+    while n > 0:
+        chunk = f.read(min(n, 1 << 20))
+        if not chunk:
+            return
+        n -= len(chunk)
+
+
+def _ustar_name(header: bytes) -> str:
+    name = header[:100].split(b"\0", 1)[0]
+    if header[257:262] == b"ustar":
+        prefix = header[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    return name.decode("utf-8", "replace")
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The `path` record of pax extended headers ("<length> path=<value>\\n" records)."""
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            break
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            break
+        record = data[space + 1 : pos + length - 1]
+        if record.startswith(b"path="):
+            return record[5:].decode("utf-8", "replace")
+        pos += length
+    return None
+
+
+def _tarfile_members(fs: pafs.FileSystem, path: str, wanted: re.Pattern[str]) -> Iterator[tuple[str, Any]]:
+    with fs.open_input_stream(path, compression=None) as f:
+        try:
+            tf = tarfile.open(fileobj=f, mode="r|*")
+        except tarfile.TarError as err:
+            raise InputError(f"input {path}: not a readable tar archive ({err})") from err
+        with tf:
+            for member in tf:
+                if member.isfile() and wanted.search(member.name):
+                    yield member.name, lambda m=member: tf.extractfile(m).read()  # type: ignore[union-attr]
+
+
 def _open_imdb_tar(fs: pafs.FileSystem, path: str, size: int, opts: dict[str, str]) -> Corpus:
     # A gzipped tar cannot be read from the middle, so each read task scans the archive and keeps
     # one of N interleaved slices. N is small (gunzip is ~1 s per scan, tokenizing ~30 s) and fixed,
     # so that (unit, row) positions stay the same across runs and machines (infer resumes by them).
     slices = TAR_SLICES
-    with fs.open_input_stream(path) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
-        for member in tf:
-            if member.isfile() and IMDB_FILE.search(member.name):
-                break
-        else:
-            raise InputError(
-                f"input {path}: an archive without the IMDb layout (train/pos/<id>_<rating>.txt ...)"
-            )
+    for _ in tar_members(fs, path, IMDB_FILE):
+        break
+    else:
+        raise InputError(
+            f"input {path}: an archive without the IMDb layout (train/pos/<id>_<rating>.txt ...)"
+        )
     return Corpus("imdb-tar", path, [(i, slices) for i in range(slices)], fs, size_bytes=size * 3, **opts)
 
 
@@ -338,18 +447,14 @@ def _imdb_row(rows: dict[str, list[Any]], name: str, raw: bytes | None) -> None:
 def _read_imdb_tar(corpus: Corpus, unit: tuple[int, int], keys_only: bool) -> Iterator[pa.Table]:
     index, slices = unit
     rows, seen = _empty_rows(), 0
-    with corpus.fs.open_input_stream(corpus.root) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
-        for member in tf:
-            if not (member.isfile() and IMDB_FILE.search(member.name)):
-                continue
-            seen += 1
-            if seen % slices != index:
-                continue
-            raw = None if keys_only else tf.extractfile(member).read()  # type: ignore[union-attr]
-            _imdb_row(rows, member.name, raw)
-            if len(rows["id"]) >= ROWS_PER_TABLE:
-                yield _table(rows)
-                rows = _empty_rows()
+    for name, read in tar_members(corpus.fs, corpus.root, IMDB_FILE):
+        seen += 1
+        if seen % slices != index:
+            continue
+        _imdb_row(rows, name, None if keys_only else read())
+        if len(rows["id"]) >= ROWS_PER_TABLE:
+            yield _table(rows)
+            rows = _empty_rows()
     if rows["id"]:
         yield _table(rows)
 

@@ -36,6 +36,7 @@ from bertjob.training import (
     group_by_length,
     lr_factor,
     make_optimizer,
+    malloc_env,
     predict_batches,
     resolve_precision,
     rng_state,
@@ -188,6 +189,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             name=cfg.name,
             storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            worker_runtime_env={"env_vars": malloc_env()} if cfg.malloc_tuning else None,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints,
                 checkpoint_score_attribute="val_accuracy",
@@ -269,9 +271,13 @@ def export(
         if state["train_time_s"]
         else None,
         "train_time_s": round(state["train_time_s"], 1),
+        "padding_fraction": round(1 - state.get("tokens_seen", 0) / state["padded_tokens_seen"], 4)
+        if state.get("padded_tokens_seen")
+        else None,
         "wall_s": round(wall_s, 1),
         "global_batch_size": cfg.global_batch_size,
         "precision": final.get("precision"),
+        "worker_glibc_tunables": final.get("glibc_tunables", ""),
         "checkpoints": storage,
         "config": to_dict(cfg),
         "prepared": {k: manifest[k] for k in ("max_length", "truncation", "input")},
@@ -430,11 +436,12 @@ def train_loop(config: dict[str, Any]) -> None:
     tracker = _Tracker(cfg.tracking, meta["tracking_dir"], config["cfg"]) if rank == 0 else None
     if rank == 0:
         log.info(
-            "worker setup: %d workers on %s, precision %s, global batch %d",
+            "worker setup: %d workers on %s, precision %s, global batch %d, GLIBC_TUNABLES=%s",
             world,
             device,
             precision,
             cfg.global_batch_size,
+            os.environ.get("GLIBC_TUNABLES", "(unset)"),
         )
 
     def evaluate(split: str) -> dict[str, Any]:
@@ -499,7 +506,12 @@ def train_loop(config: dict[str, Any]) -> None:
                 if final is not None:
                     with open(os.path.join(tmp, FINAL_FILE), "w") as f:
                         json.dump(
-                            {**final, "state": dataclasses.asdict(state), "precision": precision},
+                            {
+                                **final,
+                                "state": dataclasses.asdict(state),
+                                "precision": precision,
+                                "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+                            },
                             f,
                             default=float,
                         )
@@ -567,6 +579,8 @@ def train_loop(config: dict[str, Any]) -> None:
             batches = [collate(b, pad_id, multiple_of, device) for b in group]
             loss, _ = stepper.step(batches, state.step)
             n = sum(len(b["labels"]) for b in batches) * world
+            state.tokens_seen += sum(int(b["attention_mask"].sum()) for b in batches) * world
+            state.padded_tokens_seen += sum(b["input_ids"].numel() for b in batches) * world
             state.step += 1
             state.step_in_epoch += 1
             state.samples_seen += n

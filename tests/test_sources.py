@@ -75,3 +75,51 @@ def test_unreadable_and_empty_inputs_are_clear_errors(tmp_path):
         open_corpus(str(tmp_path / "empty"))
     with pytest.raises(InputError, match="no such file"):
         open_corpus(str(tmp_path / "nope.csv"))
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "pax", "ustar-plain", "bz2"])
+def test_tar_reader_matches_tarfile_for_long_names_pax_plain_and_other_compressions(tmp_path, fmt):
+    """The streaming tar parser against Python's tarfile: same members, same bytes."""
+    import io
+    import re
+    import tarfile
+
+    import pyarrow.fs as pafs
+
+    from bertjob.sources import tar_members
+
+    long_dir = "aclImdb/" + "d" * 120 + "/train/pos"  # over ustar's 100-character name field
+    files = {f"aclImdb/train/pos/{i}_9.txt": f"review {i} caf\u00e9".encode() * (i + 1) for i in range(5)}
+    files[f"{long_dir}/7_8.txt"] = b"x" * 1000  # a long name: GNU 'L' or pax 'x' header
+    files["aclImdb/README"] = b"not a review"
+    tar_format, mode, name = {
+        "gnu": (tarfile.GNU_FORMAT, "w:gz", "a.tar.gz"),
+        "pax": (tarfile.PAX_FORMAT, "w:gz", "a.tar.gz"),
+        "ustar-plain": (tarfile.USTAR_FORMAT, "w", "a.tar"),
+        "bz2": (tarfile.PAX_FORMAT, "w:bz2", "a.tar.gz"),  # misnamed on purpose: read by its bytes
+    }[fmt]
+    if fmt == "ustar-plain":
+        files.pop(f"{long_dir}/7_8.txt")  # ustar cannot hold it
+    path = tmp_path / name
+    with tarfile.open(path, mode, format=tar_format) as tf:
+        for n, data in files.items():
+            info = tarfile.TarInfo(n)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    wanted = re.compile(r"\.txt$")
+    got = {n: read() for n, read in tar_members(pafs.LocalFileSystem(), str(path), wanted)}
+    assert got == {n: d for n, d in files.items() if n.endswith(".txt")}
+    # members left unread are skipped, not mixed into the next one
+    names = [n for n, _ in tar_members(pafs.LocalFileSystem(), str(path), wanted)]
+    assert names == [n for n in files if n.endswith(".txt")]
+
+
+def test_a_corrupt_tar_is_a_clear_error(tmp_path):
+    import pyarrow.fs as pafs
+
+    from bertjob.sources import IMDB_FILE, tar_members
+
+    path = tmp_path / "aclImdb_v1.tar.gz"
+    path.write_bytes(gzip.compress(b"this is not a tar archive" * 100))
+    with pytest.raises(InputError, match="not a tar archive"):
+        list(tar_members(pafs.LocalFileSystem(), str(path), IMDB_FILE))

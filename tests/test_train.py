@@ -1,10 +1,12 @@
 """The train job on a local Ray with 2 CPU workers and a tiny BERT: model, checkpoints, resume."""
 
 import json
+import os
+import sys
 
 import pytest
 
-from bertjob import train
+from bertjob import train, training
 from bertjob.config import TrainConfig
 
 pytestmark = pytest.mark.integration
@@ -29,6 +31,8 @@ def test_two_workers_train_and_save_a_model_that_transformers_loads(prepared_sma
     assert m["test"]["count"] == 80 and m["validation"]["count"] == 20
     assert m["test"]["accuracy"] > 0.9  # the synthetic reviews are easy: the model must have learned
     assert set(m["test"]) >= {"accuracy", "precision", "recall", "f1", "roc_auc", "confusion_matrix"}
+    if sys.platform.startswith("linux") and "GLIBC_TUNABLES" not in os.environ:
+        assert m["worker_glibc_tunables"] == training.MALLOC_TUNABLES  # reached the worker processes
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["best_epoch"] in (0, 1, 2) and saved["config"]["num_workers"] == 2
     assert (out / "training_curves.png").stat().st_size > 1000
@@ -52,9 +56,11 @@ def test_a_worker_failure_is_survived_by_resuming_from_the_checkpoint(
     monkeypatch.setenv("BERTJOB_FAIL_AT_STEP", "7")
     monkeypatch.setenv("BERTJOB_FAIL_MARKER", str(marker))
     m = train.run(
-        cfg(prepared_small, out, tiny_model_dir, epochs=1, checkpoint_every_steps=5, max_failures=1)
+        cfg(prepared_small, out, tiny_model_dir, epochs=1, checkpoint_every_steps=5, max_failures=1,
+            malloc_tuning=False)  # fmt: skip
     )
     assert marker.exists(), "the injected failure did not happen"
+    assert m["worker_glibc_tunables"] == os.environ.get("GLIBC_TUNABLES", "")  # off: left as it was
     assert m["resumed_at_steps"] == [5]
     assert m["steps"] == 12  # the run finishes with the right number of steps
 
