@@ -56,8 +56,15 @@ def test_a_worker_failure_is_survived_by_resuming_from_the_checkpoint(
     monkeypatch.setenv("BERTJOB_FAIL_AT_STEP", "7")
     monkeypatch.setenv("BERTJOB_FAIL_MARKER", str(marker))
     m = train.run(
-        cfg(prepared_small, out, tiny_model_dir, epochs=1, checkpoint_every_steps=5, max_failures=1,
-            malloc_tuning=False)  # fmt: skip
+        cfg(
+            prepared_small,
+            out,
+            tiny_model_dir,
+            epochs=1,
+            checkpoint_every_steps=5,
+            max_failures=1,
+            malloc_tuning=False,
+        )  # fmt: skip
     )
     assert marker.exists(), "the injected failure did not happen"
     assert m["worker_glibc_tunables"] == os.environ.get("GLIBC_TUNABLES", "")  # off: left as it was
