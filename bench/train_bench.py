@@ -136,11 +136,7 @@ def job(prepared: str, out: str, batch: int, steps: int, workers: int, precision
     m = json.load(open(os.path.join(out, "metrics.json")))
     # The job logs samples/s per window of 10 steps; the steady rate is that of the windows after warm-up.
     late = [h for h in m["history"] if h["type"] == "train" and h["step"] > WARMUP_STEPS]
-    steady = (
-        sum(10 * batch for _ in late) / sum(10 * batch / h["samples_per_s"] for h in late)
-        if late
-        else float("nan")
-    )
+    steady = len(late) / sum(1 / h["samples_per_s"] for h in late) if late else float("nan")  # equal windows
     return Rate(m["train_samples_per_s"], steady, m["padding_fraction"])
 
 

@@ -40,6 +40,7 @@ from bertjob.training import (
     predict_batches,
     resolve_precision,
     rng_state,
+    row_lengths,
     seed_everything,
     set_lr,
     set_rng_state,
@@ -579,7 +580,9 @@ def train_loop(config: dict[str, Any]) -> None:
             batches = [collate(b, pad_id, multiple_of, device) for b in group]
             loss, _ = stepper.step(batches, state.step)
             n = sum(len(b["labels"]) for b in batches) * world
-            state.tokens_seen += sum(int(b["attention_mask"].sum()) for b in batches) * world
+            state.tokens_seen += (
+                sum(int(row_lengths(b).sum()) for b in group) * world
+            )  # host side: no GPU sync
             state.padded_tokens_seen += sum(b["input_ids"].numel() for b in batches) * world
             state.step += 1
             state.step_in_epoch += 1

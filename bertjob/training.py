@@ -24,14 +24,19 @@ import torch
 # Batches
 
 
+def row_lengths(batch: dict[str, Any]) -> np.ndarray:
+    """Token count of each row of a host-side batch (its `length` column when it has one)."""
+    if "length" in batch:
+        return np.asarray(batch["length"], dtype=np.int64)
+    return np.array([len(r) for r in batch["input_ids"]], dtype=np.int64)
+
+
 def collate(
     batch: dict[str, Any], pad_id: int, multiple_of: int = 1, device: Any = "cpu"
 ) -> dict[str, torch.Tensor]:
     """Dynamic padding: pad to the longest sequence in the batch (rounded up to `multiple_of`)."""
     rows = batch["input_ids"]
-    lengths = (
-        np.asarray(batch["length"], dtype=np.int64) if "length" in batch else np.array([len(r) for r in rows])
-    )
+    lengths = row_lengths(batch)
     width = int(lengths.max()) if len(lengths) else 1
     if multiple_of > 1:
         width = int(math.ceil(width / multiple_of) * multiple_of)
