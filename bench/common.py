@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import signal
+import socket
 import subprocess
+import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psutil
@@ -71,3 +77,43 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str,
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-4000:]}")
     return {"wall_s": time.time() - t0, "peak_rss_gib": peak[0] / 2**30, "output": out}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_head(num_cpus: int | None = None) -> Iterator[dict[str, str]]:
+    """A running single-node Ray (`ray start --head`, token auth as in the README), in a HOME of its
+    own; yields the environment a client needs to use it (RAY_ADDRESS, RAY_AUTH_MODE, HOME)."""
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    with tempfile.TemporaryDirectory() as home:
+        drop = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+        env = {**{k: v for k, v in os.environ.items() if k not in drop}, "HOME": home}
+        subprocess.run([ray_bin, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+        port = _free_port()
+        proc = subprocess.Popen(
+            [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+             f"--num-cpus={num_cpus or os.cpu_count()}", "--include-dashboard=false", "--disable-usage-stats"],
+            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            client = {**env, "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token"}
+            deadline = time.time() + 60
+            while subprocess.run([ray_bin, "status"], env=client, capture_output=True).returncode != 0:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError("ray start --head did not come up")
+                time.sleep(0.5)
+            time.sleep(2)  # let the head settle before timing anything on it
+            yield client
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+            subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], check=False)
+            proc.wait()

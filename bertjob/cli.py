@@ -134,7 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         args = {k: v for k, v in vars(ns).items() if k not in ("command", "log_level")}
         cfg = resolve(ns.command, args, dotted)
-        return run_command(ns.command, cfg)
+        rc = run_command(ns.command, cfg)
+        if "ray" in sys.modules:  # leave Ray now: its exit hook does the same after a 0.5 s sleep
+            import ray
+
+            ray.shutdown()
+        return rc
     except ConfigError as err:
         parser.exit(2, f"bertjob: {err}\n")
     except SetupError as err:  # input, model, output or cluster problems found before any work

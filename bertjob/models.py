@@ -121,20 +121,82 @@ class Encoder:
 
 
 def load_encoder(name: str, trust_remote_code: bool = False) -> Encoder:
-    return Encoder.of(load_tokenizer(name, trust_remote_code))
+    r = tokenizer_record(name, trust_remote_code)
+    return Encoder(r["spec"], r["info"]["cls_token_id"], r["info"]["sep_token_id"])
 
 
 def tokenizer_info(name: str, trust_remote_code: bool = False) -> dict[str, Any]:
+    return dict(tokenizer_record(name, trust_remote_code)["info"])
+
+
+@functools.lru_cache(maxsize=8)
+def tokenizer_record(name: str, trust_remote_code: bool = False) -> dict[str, Any]:
+    """What jobs need of a model's tokenizer: its info (manifest entry, fingerprint) and the JSON of
+    its Rust tokenizer as transformers loads it.
+
+    transformers takes ~1.5 s of CPU to load a tokenizer (it imports torch), which a short prepare
+    or infer feels. For a local directory the record is cached on disk (BERTJOB_CACHE, default
+    ~/.cache/bertjob), keyed by the contents of the directory's files other than weights and by the
+    library versions, so any change to the tokenizer makes a new record.
+    """
+    where = resolve_model(name)
+    path = _cache_path(where, trust_remote_code) if os.path.isdir(where) else None
+    if path is not None:
+        try:
+            with open(path) as f:
+                record = json.load(f)
+            if record.get("format") == TOKENIZER_RECORD:
+                record["info"].update(name=name, resolved=where)  # the same files may be elsewhere
+                return record
+        except (OSError, ValueError):
+            pass
     tok = load_tokenizer(name, trust_remote_code)
-    return {
-        "name": name,
-        "resolved": resolve_model(name),
-        "vocab_size": len(tok),
-        "fingerprint": tokenizer_fingerprint(tok),
-        "pad_token_id": tok.pad_token_id,
-        "cls_token_id": tok.cls_token_id,
-        "sep_token_id": tok.sep_token_id,
+    record = {
+        "format": TOKENIZER_RECORD,
+        "info": {
+            "name": name,
+            "resolved": where,
+            "vocab_size": len(tok),
+            "fingerprint": tokenizer_fingerprint(tok),
+            "pad_token_id": tok.pad_token_id,
+            "cls_token_id": tok.cls_token_id,
+            "sep_token_id": tok.sep_token_id,
+        },
+        "spec": tok.backend_tokenizer.to_str(),
     }
+    if path is not None:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(record, f)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only home: no cache, same result
+    return record
+
+
+TOKENIZER_RECORD = "bertjob-tokenizer/1"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx", ".ckpt", ".gguf", ".ot")
+
+
+def _cache_path(model_dir: str, trust_remote_code: bool) -> str:
+    from importlib.metadata import version
+
+    h = hashlib.sha256()
+    h.update(f"{version('transformers')} {version('tokenizers')} {trust_remote_code}\n".encode())
+    for entry in sorted(os.scandir(model_dir), key=lambda e: e.name):
+        if not entry.is_file() or entry.name.endswith(WEIGHT_SUFFIXES):
+            continue
+        h.update(f"{entry.name}\0".encode())
+        with open(entry.path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return os.path.join(cache_root(), "tokenizers", h.hexdigest()[:32] + ".json")
+
+
+def cache_root() -> str:
+    return os.environ.get("BERTJOB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bertjob")
 
 
 def load_classifier(name: str, trust_remote_code: bool = False, num_labels: int = 2) -> Any:

@@ -1,12 +1,14 @@
 """Prepare: raw reviews -> cleaned, tokenized, split Parquet shards plus a manifest.
 
-    read (Corpus units, in parallel) -> tokenize_batch (clean, quarantine, tokenize, truncate,
-    hash train rows) -> PreparedSink (one Parquet file per split per write task, plus statistics)
-    -> split_validation (train rows -> train / validation by hash, exact per label)
+    read (Corpus units, in parallel) -> Tokenize actors (clean, quarantine, tokenize, truncate,
+    hash train rows) -> WriteShards actor (one Parquet file per split per rows_per_shard rows, plus
+    statistics) -> split_validation (train rows -> train / validation by hash, exact per label)
 
 Validation is carved out of the corpus' `train` split in one pass: train rows are staged with a
 64-bit hash of their id, the driver reads back only (label, hash) to find per-label thresholds that
-put exactly round(fraction * n_label) rows in validation, and tasks rewrite the staged files.
+put exactly round(fraction * n_label) rows in validation, and the staged files are rewritten.
+Every write reports the files it finished; files that no write reported (a failed attempt's) are
+removed before the manifest is written.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import concurrent.futures
 import hashlib
 import itertools
 import logging
+import pickle
 import time
 import uuid
 from collections import defaultdict
@@ -37,7 +40,9 @@ log = logging.getLogger(__name__)
 
 LENGTH_HIST_MAX = 16_384  # token counts above this share the last histogram bin
 QUARANTINE = "quarantine"
-STAGING = "_staging"  # train rows waiting for the validation split; gone once the job finishes
+LOCAL_SPLIT_ROWS = 250_000  # up to this many staged train rows, the driver splits them itself
+STAGING = "_staging"
+WRITER_CPUS = 32  # one write actor per this many CPUs of tokenizing  # train rows waiting for the validation split; gone once the job finishes
 TRAIN, VALIDATION = "train", "validation"
 QUARANTINE_TEXT_CHARS = 10_000
 
@@ -237,27 +242,32 @@ def summarize(stats: dict[str, Any]) -> dict[str, Any]:
 class PreparedSink:
     """Writes each split's rows to DIR/<split>/part-*.parquet and quarantined rows to DIR/quarantine/.
 
-    Used as a Ray Data Datasink (see `make_sink`); `write` itself is plain Python and returns the
-    statistics of what it wrote.
+    `write_blocks` is plain Python: it returns the statistics of what it wrote and the files it
+    wrote ({path: rows}), so the job can tell finished files from those of a failed attempt.
     """
 
-    def __init__(self, output: str, rows_per_shard: int, stage_train: bool = False):
+    def __init__(self, output: str, stage_train: bool = False):
         self.output = output
-        self.rows_per_shard = rows_per_shard
         self.stage_train = stage_train  # train rows go to STAGING, uncounted, for split_validation
         self.run_id = uuid.uuid4().hex[:8]
 
-    def write_blocks(self, blocks: Iterable[pa.Table], task_index: int) -> dict[str, Any]:
+    def write_blocks(self, blocks: Iterable[pa.Table], index: int) -> tuple[dict[str, Any], dict[str, int]]:
         fs, root = filesystem(self.output)
         writers: dict[str, pq.ParquetWriter] = {}
+        paths: dict[str, str] = {}
+        files: dict[str, int] = {}
         stats: dict[str, dict[str, Any]] = {}
 
-        def writer(split: str, schema: pa.Schema) -> pq.ParquetWriter:
+        def write(split: str, table: pa.Table) -> None:
             if split not in writers:
                 fs.create_dir(join(root, split), recursive=True)
-                path = join(root, split, f"part-{self.run_id}-{task_index:05d}.parquet")
-                writers[split] = pq.ParquetWriter(path, schema, filesystem=fs, compression="zstd")
-            return writers[split]
+                paths[split] = join(root, split, f"part-{self.run_id}-{index:05d}.parquet")
+                writers[split] = pq.ParquetWriter(
+                    paths[split], table.schema, filesystem=fs, compression="zstd"
+                )
+                files[paths[split]] = 0
+            writers[split].write_table(table)
+            files[paths[split]] += table.num_rows
 
         try:
             for block in blocks:
@@ -267,16 +277,16 @@ class PreparedSink:
                     in_train = pc.equal(block.column("split"), TRAIN)
                     staged = block.filter(in_train)
                     if staged.num_rows:
-                        writer(STAGING, staged.schema).write_table(staged)
+                        write(STAGING, staged)
                     block = block.filter(pc.invert(in_train))
-                self._write_block(block, stats, writer)
+                self._write_block(block, stats, write)
         finally:
             for w in writers.values():
                 w.close()
-        return {split: dict(s) for split, s in stats.items()}
+        return {split: dict(s) for split, s in stats.items()}, files
 
     @staticmethod
-    def _write_block(block: pa.Table, stats: dict[str, dict[str, Any]], writer: Any) -> None:
+    def _write_block(block: pa.Table, stats: dict[str, dict[str, Any]], write: Any) -> None:
         if block.num_rows == 0:
             return
         cols = {name: block.column(name).to_numpy(zero_copy_only=False) for name in ("split", "reason")}
@@ -293,7 +303,8 @@ class PreparedSink:
                 s["quarantined"][str(r)] += 1
             if bad.any():
                 q = part.filter(pa.array(bad))
-                writer(QUARANTINE, QUARANTINE_SCHEMA).write_table(
+                write(
+                    QUARANTINE,
                     pa.table(
                         {
                             "id": q.column("id"),
@@ -303,7 +314,7 @@ class PreparedSink:
                             "text": q.column("raw_text"),
                         },
                         schema=QUARANTINE_SCHEMA,
-                    )
+                    ),
                 )
             s["utf8_replaced"] += int(
                 np.count_nonzero(part.column("utf8_replaced").to_numpy(zero_copy_only=False))
@@ -319,56 +330,46 @@ class PreparedSink:
             s["sum_length"] += int(full.sum())
             s["truncated"] += int(np.count_nonzero(good.column("truncated").to_numpy(zero_copy_only=False)))
             s["capped_chars"] += int(np.count_nonzero(good.column("capped").to_numpy(zero_copy_only=False)))
-            writer(str(split), PREPARED_SCHEMA).write_table(
-                good.select(PREPARED_SCHEMA.names).cast(PREPARED_SCHEMA)
-            )
+            write(str(split), good.select(PREPARED_SCHEMA.names).cast(PREPARED_SCHEMA))
 
 
-def make_sink(output: str, rows_per_shard: int, stage_train: bool) -> Any:
-    """The Ray Data Datasink around PreparedSink; statistics come back through write results."""
-    from ray.data.datasource import Datasink
+class WriteShards:
+    """The write stage: a long-lived actor that writes each batch it is given (`rows_per_shard`
+    rows) as one Parquet file per split, and returns what it wrote as one row.
 
-    class _Sink(Datasink):
-        def __init__(self) -> None:
-            self.inner = PreparedSink(output, rows_per_shard, stage_train)
-            self.stats: dict[str, dict[str, Any]] = {}
+    An actor rather than Ray Data's write tasks: each task needs an idle worker process, and a
+    cluster that keeps few of them (Ray's default: one per CPU) starts a fresh Python, ~1 CPU-s,
+    for nearly every write task. The actor starts once, while the first rows are tokenized.
+    """
 
-        @property
-        def min_rows_per_write(self) -> int:
-            return rows_per_shard
+    def __init__(self, output: str, stage_train: bool):
+        self.sink = PreparedSink(output, stage_train)
+        self.calls = 0
 
-        def get_name(self) -> str:
-            return "WritePreparedShards"
-
-        def write(self, blocks: Iterable[pa.Table], ctx: Any) -> dict[str, Any]:
-            return self.inner.write_blocks(blocks, ctx.task_idx)
-
-        def on_write_complete(self, write_result: Any) -> None:
-            for part in write_result.write_returns:
-                merge_stats(self.stats, part)
-
-    return _Sink()
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        written = self.sink.write_blocks([batch], self.calls)
+        self.calls += 1
+        return pa.table({"written": [pickle.dumps(written)]})
 
 
 # ---------------------------------------------------------------------------------------------
 # The job.
 
 
-def split_validation(output: str, fraction: float, rows_per_shard: int) -> dict[str, dict[str, Any]]:
-    """Move staged train rows to train/ or validation/: exactly round(fraction * n) rows of each label.
+def split_validation(
+    output: str, staged: dict[str, int], fraction: float
+) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+    """Move staged train rows ({path: rows}) to train/ or validation/: exactly round(fraction * n)
+    rows of each label. Returns the statistics and the files written.
 
-    The driver reads only each staged row's label and hash (8 bytes a row); Ray tasks rewrite the
-    staged files, one each, and return their statistics.
+    The driver reads only each staged row's label and hash (8 bytes a row). Up to LOCAL_SPLIT_ROWS
+    rows the driver also rewrites the files, in threads (Parquet and numpy release the GIL): that
+    takes less than starting worker processes. Beyond it, Ray tasks rewrite them, one file each.
     """
-    import ray
-
     fs, root = filesystem(output)
-    staged = sorted(
-        f.path for f in fs.get_file_info(pafs.FileSelector(join(root, STAGING), allow_not_found=True))
-        if f.path.endswith(".parquet")
-    )  # fmt: skip
+    paths = sorted(staged)
     per_label: dict[int, list[np.ndarray]] = defaultdict(list)
-    for path in staged:
+    for path in paths:
         t = pq.read_table(path, columns=["label", "h", "reason"], filesystem=fs)
         t = t.filter(pc.and_(t.column("label").is_valid(), t.column("reason").is_null()))
         lab, h = t.column("label").to_numpy(), t.column("h").to_numpy()
@@ -379,18 +380,28 @@ def split_validation(output: str, fraction: float, rows_per_shard: int) -> dict[
         h = np.sort(np.concatenate(parts))
         k = int(round(fraction * len(h)))
         thresholds[label] = int(h[k]) if k < len(h) else 2**64
-    task = ray.remote(num_cpus=1)(_split_staged)
+    args = [(output, p, i, thresholds) for i, p in enumerate(paths)]
+    if sum(staged.values()) <= LOCAL_SPLIT_ROWS:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            parts = list(pool.map(lambda a: _split_staged(*a), args))
+    else:
+        import ray
+
+        task = ray.remote(num_cpus=1)(_split_staged)
+        parts = ray.get([task.remote(*a) for a in args])
     stats: dict[str, dict[str, Any]] = {}
-    for part in ray.get(
-        [task.remote(output, p, i, thresholds, rows_per_shard) for i, p in enumerate(staged)]
-    ):
-        merge_stats(stats, part)
-    if staged:  # no train rows, no staging directory
+    files: dict[str, int] = {}
+    for part_stats, part_files in parts:
+        merge_stats(stats, part_stats)
+        files.update(part_files)
+    if paths:  # no train rows, no staging directory
         fs.delete_dir(join(root, STAGING))
-    return stats
+    return stats, files
 
 
-def _split_staged(output: str, path: str, index: int, thresholds: dict[int, int], rows_per_shard: int) -> Any:
+def _split_staged(
+    output: str, path: str, index: int, thresholds: dict[int, int]
+) -> tuple[dict[str, Any], dict[str, int]]:
     fs, _ = filesystem(output)
 
     def blocks() -> Iterable[pa.Table]:
@@ -405,7 +416,20 @@ def _split_staged(output: str, path: str, index: int, thresholds: dict[int, int]
             split = np.where(to_val, VALIDATION, TRAIN)
             yield t.set_column(t.schema.get_field_index("split"), "split", pa.array(split, pa.string()))
 
-    return PreparedSink(output, rows_per_shard).write_blocks(blocks(), index)
+    return PreparedSink(output).write_blocks(blocks(), index)
+
+
+def remove_unfinished(output: str, finished: Iterable[str]) -> list[str]:
+    """Delete the Parquet files under `output` that no successful write reported: those of a write
+    attempt that failed and was retried. Returns what it removed."""
+    fs, root = filesystem(output)
+    keep = set(finished)
+    gone = []
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
+        if info.type == pafs.FileType.File and info.path.endswith(".parquet") and info.path not in keep:
+            fs.delete_file(info.path)
+            gone.append(info.path)
+    return gone
 
 
 def run(cfg: PrepareConfig) -> dict[str, Any]:
@@ -436,29 +460,45 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     claim_output(cfg.output, "prepare")
 
     stage_train = cfg.validation_fraction > 0
-    sink = make_sink(cfg.output, cfg.rows_per_shard, stage_train)
     from ray.data import ActorPoolStrategy
 
+    cpus = max(1, int(cluster_cpus()))
     # Actors, not tasks: each starts once, while the first rows are read, and never again.
     ds = read_corpus(corpus).map_batches(
         Tokenize,
-        fn_constructor_kwargs={
-            "cfg": to_dict(cfg),
-            "encoder": encoder,
-        },
-        compute=ActorPoolStrategy(size=max(1, int(cluster_cpus()))),
+        fn_constructor_kwargs={"cfg": to_dict(cfg), "encoder": encoder},
+        compute=ActorPoolStrategy(size=cpus),
         batch_format="pyarrow",
         batch_size=cfg.batch_size,
         num_cpus=1,
     )
-    # Writing reserves no CPU either, so it is not fused into tokenization: tokenize tasks stay
-    # small (batch_size rows) and balanced across cores, while each write task gathers a whole shard.
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
+    # Writing reserves no CPU, so tokenize batches stay small and balanced across cores while each
+    # write gathers a whole shard. One writer keeps up with ~30 cores of tokenizing.
+    ds = ds.map_batches(
+        WriteShards,
+        fn_constructor_kwargs={"output": cfg.output, "stage_train": stage_train},
+        compute=ActorPoolStrategy(size=max(1, -(-cpus // WRITER_CPUS))),
+        batch_format="pyarrow",
+        batch_size=cfg.rows_per_shard,
+        num_cpus=0,
+    )
+    stats: dict[str, dict[str, Any]] = {}
+    finished: dict[str, int] = {}
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for blob in batch.column("written").to_pylist():
+            part_stats, part_files = pickle.loads(blob)
+            merge_stats(stats, part_stats)
+            finished.update(part_files)
+    staged = {p: n for p, n in finished.items() if f"/{STAGING}/" in p}
     t_split = time.time()
     if stage_train:
-        merge_stats(sink.stats, split_validation(cfg.output, cfg.validation_fraction, cfg.rows_per_shard))
+        split_stats, split_files = split_validation(cfg.output, staged, cfg.validation_fraction)
+        merge_stats(stats, split_stats)
+        finished.update(split_files)
     split_s = time.time() - t_split
-    splits = {name: summarize(s) for name, s in sorted(sink.stats.items())}
+    for path in remove_unfinished(cfg.output, set(finished) - set(staged)):
+        log.warning("prepare: removed %s, written by a write attempt that failed", path)
+    splits = {name: summarize(s) for name, s in sorted(stats.items())}
     read_total = sum(s["rows_read"] for s in splits.values())
     manifest = {
         "format": "bertjob-prepared/1",

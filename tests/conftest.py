@@ -6,6 +6,7 @@ import json
 import os
 import random
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("BERTJOB_CACHE", tempfile.mkdtemp(prefix="bertjob-test-cache-"))  # not ~/.cache
 
 POS_WORDS = "great wonderful superb loved brilliant excellent moving fun beautiful best".split()
 NEG_WORDS = "awful terrible boring hated worst dull poor waste bad stupid".split()

@@ -136,3 +136,37 @@ def test_a_corpus_without_train_rows_needs_no_validation_split(tmp_path, tiny_mo
     )
     assert {k: v["rows_written"] for k, v in m["splits"].items()} == {"test": 2}
     assert not (out / "_staging").exists()
+
+
+def test_driver_and_ray_tasks_give_the_same_validation_split(
+    tmp_path, imdb_small, prepared_small, tiny_model_dir, ray_local, monkeypatch
+):
+    monkeypatch.setattr(prepare, "LOCAL_SPLIT_ROWS", 0)  # small corpora split in the driver; force tasks
+    out = tmp_path / "out"
+    m = prepare.run(PrepareConfig(input=str(imdb_small), output=str(out), model=tiny_model_dir, max_length=64,
+                                  head_tokens=16))  # fmt: skip
+    assert {k: v["rows_written"] for k, v in m["splits"].items()} == {
+        "train": 180, "validation": 20, "test": 80, "unsup": 30,
+    }  # fmt: skip
+    for split in ("train", "validation"):
+        ids = sorted(pq.read_table(out / split).column("id").to_pylist())
+        assert ids == sorted(pq.read_table(prepared_small / split).column("id").to_pylist())
+    assert not (out / "_staging").exists()
+
+
+def test_files_no_write_reported_are_removed(tmp_path):
+    sink = prepare.PreparedSink(str(tmp_path))
+    batch = pa.table({
+        "id": ["a", "b"], "split": ["test", "test"], "label": pa.array([1, 0], pa.int8()),
+        "input_ids": pa.array([[2, 5, 3], [2, 3]], pa.list_(pa.int32())), "length": pa.array([3, 2], pa.int32()),
+        "full_length": pa.array([3, 2], pa.int32()), "truncated": [False, False], "capped": [False, False],
+        "utf8_replaced": [False, False], "reason": pa.array([None, None], pa.string()),
+        "raw_label": ["pos", "neg"], "raw_text": pa.array([None, None], pa.string()),
+        "h": pa.array([0, 0], pa.uint64()),
+    })  # fmt: skip
+    stats, kept = sink.write_blocks([batch], 0)
+    assert stats["test"]["rows_written"] == 2 and list(kept.values()) == [2]
+    failed = prepare.PreparedSink(str(tmp_path)).write_blocks([batch], 0)[1]  # an attempt nobody saw end
+    assert len(list((tmp_path / "test").glob("*.parquet"))) == 2
+    assert prepare.remove_unfinished(str(tmp_path), kept) == list(failed)
+    assert pq.read_table(tmp_path / "test").num_rows == 2

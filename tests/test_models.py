@@ -1,0 +1,59 @@
+"""Model and tokenizer resolution: the on-disk tokenizer record that spares jobs importing transformers."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from bertjob import models
+
+PROBE = """
+import json, sys
+from bertjob import models
+info = models.tokenizer_info(sys.argv[1])
+enc = models.load_encoder(sys.argv[1])
+ids = enc.backend.encode("Great movie, awful plot", add_special_tokens=False).ids
+print(json.dumps({"info": info, "ids": ids, "transformers": "transformers" in sys.modules}))
+"""
+
+
+def probe(model: str, cache: Path) -> dict:
+    env = {"BERTJOB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", PROBE, model], env=env, capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).parent.parent)  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_cached_tokenizer_record_matches_transformers_and_skips_importing_it(tmp_path, tiny_model_dir):
+    first = probe(tiny_model_dir, tmp_path / "cache")
+    assert first["transformers"]  # nothing cached yet: loaded through transformers
+    assert len(list((tmp_path / "cache" / "tokenizers").glob("*.json"))) == 1
+    second = probe(tiny_model_dir, tmp_path / "cache")
+    assert not second["transformers"]
+    assert second == {**first, "transformers": False}
+    tok = models.load_tokenizer(tiny_model_dir)
+    assert second["info"]["fingerprint"] == models.tokenizer_fingerprint(tok)
+    assert second["info"]["vocab_size"] == len(tok)
+    assert second["ids"] == tok("Great movie, awful plot", add_special_tokens=False)["input_ids"]
+
+
+def test_a_changed_tokenizer_file_gets_a_new_record(tmp_path, tiny_model_dir):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    before = probe(str(model), tmp_path / "cache")
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["do_lower_case"] = not cfg.get("do_lower_case", True)
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    after = probe(str(model), tmp_path / "cache")
+    assert after["transformers"]  # not served from the old record
+    assert after["info"]["fingerprint"] != before["info"]["fingerprint"]
+    assert len(list((tmp_path / "cache" / "tokenizers").glob("*.json"))) == 2
+
+
+def test_an_unwritable_cache_only_costs_time(tmp_path, tiny_model_dir):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    first = probe(tiny_model_dir, blocker)
+    again = probe(tiny_model_dir, blocker)
+    assert first == again and again["transformers"]
