@@ -16,12 +16,14 @@ import typing
 from typing import Any
 
 from bertjob.config import (
+    STAGE_SHARED,
     ConfigError,
     InferConfig,
     PipelineConfig,
     PrepareConfig,
     SetupError,
     TrainConfig,
+    base_type,
     build,
     is_pipeline_file,
     read_yaml,
@@ -47,9 +49,9 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: set[str] = fro
     for f in dataclasses.fields(cls):
         if f.name in skip or types[f.name] is dict:
             continue
-        typ = types[f.name]
+        typ, _ = base_type(types[f.name])
         meta = {"bool": "true|false", "int": "N", "float": "X", "str": "S"}[typ.__name__]
-        default = f.default if f.default != "" else "''"
+        default = {"": "''", None: "the model's"}.get(f.default, f.default)
         parser.add_argument(
             _flag(f.name),
             dest=f.name,
@@ -97,12 +99,28 @@ def resolve(command: str, args: dict[str, Any], dotted: dict[str, dict[str, Any]
         raise ConfigError([f"--{s}.KEY flags belong to `bertjob pipeline`" for s in dotted])
     stage_fields = {f.name for f in dataclasses.fields(cls)}
     pipe_fields = {f.name for f in dataclasses.fields(PipelineConfig)}
-    if is_pipeline_file(data) or any(k in pipe_fields - stage_fields for k in args):
+    with_file = is_pipeline_file(data)
+    # A pipeline-only flag the stage would not read is an error, never a silent no-op.
+    misplaced = [
+        k for k in args if k in pipe_fields - stage_fields and not (with_file and k in STAGE_SHARED[command])
+    ]
+    if misplaced:
+        raise ConfigError([_belongs(k, command) for k in misplaced])
+    if with_file:
         pipe_args = {k: v for k, v in args.items() if k in pipe_fields}
         pipeline = build(PipelineConfig, {**data, **pipe_args})
         base = dataclasses.asdict(pipeline.stage(command))
         return build(cls, {**base, **{k: v for k, v in args.items() if k in stage_fields}})
     return build(cls, {**data, **args})
+
+
+def _belongs(key: str, command: str) -> str:
+    owners = [
+        f"`bertjob {c}`" for c, cls in COMMANDS.items() if key in {f.name for f in dataclasses.fields(cls)}
+    ]
+    where = ", ".join(owners[:-1]) + f" or {owners[-1]}" if len(owners) > 1 else owners[0]
+    hint = " (or here, with a pipeline file: --config FILE)" if key in STAGE_SHARED[command] else ""
+    return f"{key}: not a `bertjob {command}` setting; it belongs to {where}{hint}"
 
 
 def _split_dotted(argv: list[str]) -> tuple[list[str], dict[str, dict[str, Any]]]:

@@ -36,8 +36,22 @@ class ConfigError(ValueError):
         super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
-def opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def opt(
+    default: Any, help: str, *, choices: tuple[str, ...] = (), unbounded: bool = False, **bounds: float
+) -> Any:
+    """A setting: its default, its help line, and what values are valid, checked by `build()`.
+
+    A number needs bounds (`ge`, `gt`, `le`, `lt`) or `unbounded=True`, so no numeric setting, a new
+    one included, reaches a worker unchecked (tests/test_config.py tries a bad value for each).
+    """
+    assert set(bounds) <= {"ge", "gt", "le", "lt"}, bounds
+    meta = {"help": help, **bounds, **({"choices": choices} if choices else {})}
+    if unbounded:
+        meta["unbounded"] = True
+    return field(default=default, metadata=meta)
+
+
+PRECISIONS = ("auto", "bf16", "fp16", "off")
 
 
 @dataclass
@@ -49,14 +63,18 @@ class PrepareConfig:
     )
     output: str = opt("", "output directory (local or s3:// / gs://); replaced on rerun")
     model: str = opt("minilm", "tokenizer source: minilm (embedded), a local directory, or a hub id")
-    max_length: int = opt(512, "tokens per sequence including [CLS] and [SEP]")
-    truncation: str = opt("head+tail", "head | tail | head+tail (Sun et al. 2019: best on IMDb)")
+    max_length: int = opt(512, "tokens per sequence including [CLS] and [SEP]", ge=8, le=8192)
+    truncation: str = opt(
+        "head+tail", "head | tail | head+tail (Sun et al. 2019: best on IMDb)", choices=TRUNCATIONS
+    )
     head_tokens: int = opt(
-        0, "tokens kept from the start with head+tail truncation (0: a quarter of max_length, 128 at 512)"
+        0,
+        "tokens kept from the start with head+tail truncation (0: a quarter of max_length, 128 at 512)",
+        ge=0,
     )
     strip_html: bool = opt(True, "turn <br /> into spaces, drop tags and unescape HTML entities")
     max_chars_per_end: int = opt(
-        0, "characters kept from each end of a huge text before tokenizing (0: 16 x max_length)"
+        0, "characters kept from each end of a huge text before tokenizing (0: 16 x max_length)", ge=0
     )
     text_column: str = opt("text", "text column of a generic corpus")
     label_column: str = opt(
@@ -64,26 +82,20 @@ class PrepareConfig:
     )
     id_column: str = opt("", "id column; empty: a stable id from source file and row number")
     split: str = opt("train", "split that a generic corpus without splits goes to")
-    validation_fraction: float = opt(0.1, "share of train held out as validation (stratified, seeded)")
-    seed: int = opt(42, "seed of the validation split")
-    rows_per_shard: int = opt(25_000, "target rows per Parquet shard")
-    batch_size: int = opt(512, "rows per tokenization batch")
+    validation_fraction: float = opt(
+        0.1, "share of train held out as validation (stratified, seeded)", ge=0, lt=1
+    )
+    seed: int = opt(42, "seed of the validation split", unbounded=True)
+    rows_per_shard: int = opt(25_000, "target rows per Parquet shard", ge=1)
+    batch_size: int = opt(512, "rows per tokenization batch", ge=1)
     trust_remote_code: bool = opt(False, "let transformers run code shipped with a hub model")
 
     def problems(self) -> list[str]:
         p = []
         if not self.output:
             p.append("output: required (--output DIR)")
-        if self.truncation not in TRUNCATIONS:
-            p.append(f"truncation: {self.truncation!r} is not one of {', '.join(TRUNCATIONS)}")
-        if not 8 <= self.max_length <= 8192:
-            p.append(f"max_length: {self.max_length} must be between 8 and 8192")
-        if self.truncation == "head+tail" and not 0 <= self.head_tokens < self.max_length - 2:
+        if self.truncation == "head+tail" and not self.head_tokens < self.max_length - 2:
             p.append(f"head_tokens: {self.head_tokens} must be between 0 (auto) and max_length - 3")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            p.append(f"validation_fraction: {self.validation_fraction} must be in [0, 1)")
-        if self.rows_per_shard < 1 or self.batch_size < 1:
-            p.append("rows_per_shard and batch_size must be positive")
         if not self.split or "/" in self.split:
             p.append(f"split: {self.split!r} must be a plain name such as train")
         return p
@@ -101,40 +113,43 @@ class TrainConfig:
     data: str = opt("", "prepared directory written by `bertjob prepare`")
     output: str = opt("", "output directory: model/, metrics.json, training_curves.png")
     model: str = opt("minilm", "starting weights: minilm (embedded), a local directory, or a hub id")
-    num_workers: int = opt(2, "data-parallel workers (one per GPU with use_gpu)")
+    num_workers: int = opt(2, "data-parallel workers (one per GPU with use_gpu)", ge=1)
     use_gpu: bool = opt(False, "one GPU per worker")
-    cpus_per_worker: float = opt(1.0, "CPUs reserved per worker")
-    torch_threads: int = opt(0, "intra-op threads per worker (0: cpus_per_worker)")
+    cpus_per_worker: float = opt(1.0, "CPUs reserved per worker", gt=0)
+    torch_threads: int = opt(0, "intra-op threads per worker (0: cpus_per_worker)", ge=0)
     malloc_tuning: bool = opt(
         True,
         "Linux: workers keep freed memory for reuse (glibc: no mmap, no trim, one arena) instead of "
         "page-faulting it back every step: CPU steps ~1.3x faster (off: the system's malloc settings)",
     )
-    epochs: int = opt(3, "passes over the train split")
-    max_steps: int = opt(0, "stop after this many optimizer steps (0: epochs decide)")
-    batch_size_per_worker: int = opt(32, "sequences per worker per micro-batch (seed recipe: 32)")
-    grad_accum_steps: int = opt(1, "micro-batches per optimizer step")
+    epochs: int = opt(3, "passes over the train split", ge=1)
+    max_steps: int = opt(0, "stop after this many optimizer steps (0: epochs decide)", ge=0)
+    batch_size_per_worker: int = opt(32, "sequences per worker per micro-batch (seed recipe: 32)", ge=1)
+    grad_accum_steps: int = opt(1, "micro-batches per optimizer step", ge=1)
     lr: float = opt(
-        5e-5, "peak learning rate of the top layer (2e-5 suits BERT-base; small models like more)"
+        5e-5, "peak learning rate of the top layer (2e-5 suits BERT-base; small models like more)", gt=0
     )
-    layer_lr_decay: float = opt(0.95, "lr multiplier per layer going down (Sun et al. 2019; 1.0 = off)")
-    weight_decay: float = opt(0.01, "AdamW weight decay (never on biases and LayerNorm)")
-    warmup_ratio: float = opt(0.1, "share of steps with linear warm-up")
-    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)")
+    layer_lr_decay: float = opt(
+        0.95, "lr multiplier per layer going down (Sun et al. 2019; 1.0 = off)", gt=0, le=1
+    )
+    weight_decay: float = opt(0.01, "AdamW weight decay (never on biases and LayerNorm)", ge=0)
+    warmup_ratio: float = opt(0.1, "share of steps with linear warm-up", ge=0, lt=1)
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)", ge=0)
     mixed_precision: str = opt(
-        "auto", "auto | bf16 | fp16 | off (auto: bf16 where supported, else fp16 on GPU)"
+        "auto", "auto | bf16 | fp16 | off (auto: bf16 where supported, else fp16 on GPU)", choices=PRECISIONS
     )
-    pad_to_multiple_of: int = opt(0, "pad batches to a multiple of this (0: 8 on GPU, 1 on CPU)")
+    pad_to_multiple_of: int = opt(0, "pad batches to a multiple of this (0: 8 on GPU, 1 on CPU)", ge=0)
     length_grouping: int = opt(
         8,
         "sort each N micro-batches' worth of shuffled rows by length before batching: less padding (1: off)",
+        ge=1,
     )
-    eval_every_steps: int = opt(0, "also evaluate every N steps (0: once per epoch)")
-    checkpoint_every_steps: int = opt(0, "also checkpoint every N steps (0: once per epoch)")
-    keep_checkpoints: int = opt(2, "checkpoints kept, best by validation accuracy")
-    early_stopping_patience: int = opt(0, "stop after N evaluations without improvement (0: off)")
-    log_every_steps: int = opt(20, "progress line every N steps (rank 0)")
-    max_failures: int = opt(2, "worker-group restarts before giving up")
+    eval_every_steps: int = opt(0, "also evaluate every N steps (0: once per epoch)", ge=0)
+    checkpoint_every_steps: int = opt(0, "also checkpoint every N steps (0: once per epoch)", ge=0)
+    keep_checkpoints: int = opt(2, "checkpoints kept, best by validation accuracy", ge=1)
+    early_stopping_patience: int = opt(0, "stop after N evaluations without improvement (0: off)", ge=0)
+    log_every_steps: int = opt(20, "progress line every N steps (rank 0)", ge=1)
+    max_failures: int = opt(2, "worker-group restarts before giving up (-1: no limit)", ge=-1)
     stream_data: bool = opt(
         False,
         "stream shards during training instead of loading them into the object store first (needs a CPU beyond the workers')",
@@ -144,9 +159,9 @@ class TrainConfig:
     )
     storage_path: str = opt("", "checkpoints root (local, NFS, s3://, gs://); empty: OUTPUT/ray_results")
     name: str = opt("bertjob-train", "run name; rerunning with the same name and storage_path resumes")
-    max_eval_rows: int = opt(0, "cap rows of validation/test evaluated (0: all)")
-    tracking: str = opt("none", "none | mlflow | tensorboard")
-    seed: int = opt(42, "seed of initialisation and data order")
+    max_eval_rows: int = opt(0, "cap rows of validation/test evaluated (0: all)", ge=0)
+    tracking: str = opt("none", "none | mlflow | tensorboard", choices=("none", "mlflow", "tensorboard"))
+    seed: int = opt(42, "seed of initialisation and data order", unbounded=True)
     trust_remote_code: bool = opt(False, "let transformers run code shipped with a hub model")
 
     def problems(self) -> list[str]:
@@ -155,26 +170,6 @@ class TrainConfig:
             p.append("data: required (--data PREPARED_DIR)")
         if not self.output:
             p.append("output: required (--output DIR)")
-        for name in (
-            "num_workers",
-            "epochs",
-            "batch_size_per_worker",
-            "grad_accum_steps",
-            "keep_checkpoints",
-            "length_grouping",
-        ):
-            if getattr(self, name) < 1:
-                p.append(f"{name}: must be at least 1")
-        if self.lr <= 0:
-            p.append("lr: must be positive")
-        if not 0 < self.layer_lr_decay <= 1:
-            p.append("layer_lr_decay: must be in (0, 1]")
-        if not 0 <= self.warmup_ratio < 1:
-            p.append("warmup_ratio: must be in [0, 1)")
-        if self.mixed_precision not in ("auto", "bf16", "fp16", "off"):
-            p.append(f"mixed_precision: {self.mixed_precision!r} is not one of auto, bf16, fp16, off")
-        if self.tracking not in ("none", "mlflow", "tensorboard"):
-            p.append(f"tracking: {self.tracking!r} is not one of none, mlflow, tensorboard")
         return p
 
     @property
@@ -193,20 +188,26 @@ class InferConfig:
     batch_size: int = opt(
         0,
         "sequences per forward pass (0: 16 on CPU, where small length-sorted batches are fastest; 256 on GPU)",
+        ge=0,
     )
-    num_workers: int = opt(2, "predictor actors")
+    num_workers: int = opt(2, "predictor actors", ge=1)
     use_gpu: bool = opt(False, "one GPU per predictor actor")
-    cpus_per_worker: float = opt(1.0, "CPUs reserved per predictor actor")
-    mixed_precision: str = opt("auto", "auto | bf16 | fp16 | off")
-    max_length: int = opt(0, "tokens per sequence (0: what the model was trained with)")
-    truncation: str = opt("", "head | tail | head+tail (empty: what the model was trained with)")
-    head_tokens: int = opt(0, "head tokens for head+tail (0: what the model was trained with)")
-    strip_html: bool = opt(True, "clean HTML as the prepare job does")
+    cpus_per_worker: float = opt(1.0, "CPUs reserved per predictor actor", gt=0)
+    mixed_precision: str = opt("auto", "auto | bf16 | fp16 | off", choices=PRECISIONS)
+    max_length: int = opt(0, "tokens per sequence (0: what the model was trained with)", ge=0, le=8192)
+    truncation: str = opt(
+        "", "head | tail | head+tail (empty: what the model was trained with)", choices=("", *TRUNCATIONS)
+    )
+    head_tokens: int = opt(0, "head tokens for head+tail (0: what the model was trained with)", ge=0)
+    strip_html: bool | None = opt(None, "clean HTML as prepare does (empty: what the model was trained with)")
+    max_chars_per_end: int = opt(
+        0, "characters kept from each end of a huge text (0: what the model was trained with)", ge=0
+    )
     text_column: str = opt("text", "text column of a generic corpus")
     id_column: str = opt("", "id column; empty: a stable id from source file and row number")
     label_column: str = opt("label", "label column (evaluate); missing means unlabelled")
     include_text: bool = opt(False, "copy the (cleaned) text into the output")
-    rows_per_shard: int = opt(50_000, "target rows per output Parquet file")
+    rows_per_shard: int = opt(50_000, "target rows per output Parquet file", ge=1)
     overwrite: bool = opt(False, "start clean instead of completing a previous partial run")
     trust_remote_code: bool = opt(False, "let transformers run code shipped with a hub model")
 
@@ -215,16 +216,20 @@ class InferConfig:
         for name in ("input", "model", "output"):
             if not getattr(self, name):
                 p.append(f"{name}: required (--{name} ...)")
-        if self.batch_size < 0 or self.num_workers < 1:
-            p.append("batch_size must be 0 (auto) or positive, num_workers at least 1")
-        if self.truncation and self.truncation not in TRUNCATIONS:
-            p.append(f"truncation: {self.truncation!r} is not one of {', '.join(TRUNCATIONS)}")
-        if self.mixed_precision not in ("auto", "bf16", "fp16", "off"):
-            p.append(f"mixed_precision: {self.mixed_precision!r} is not one of auto, bf16, fp16, off")
+        if 0 < self.max_length < 8:
+            p.append(f"max_length: {self.max_length} must be 0 (the model's) or at least 8")
         return p
 
 
 STAGES = ("prepare", "train", "evaluate", "infer")
+# The shared pipeline settings each stage's config is derived from (see PipelineConfig.stage); a
+# stage command given a pipeline file accepts these flags, and no other pipeline-only ones.
+STAGE_SHARED = {
+    "prepare": ("input", "output_dir", "model", "max_length", "truncation"),
+    "train": ("output_dir", "model", "num_workers", "use_gpu", "name", "storage_path"),
+    "evaluate": ("output_dir", "num_workers", "use_gpu"),
+    "infer": ("infer_input", "output_dir", "num_workers", "use_gpu"),
+}
 
 
 @dataclass
@@ -234,9 +239,9 @@ class PipelineConfig:
     input: str = opt(SAMPLE_INPUT, "corpus to prepare (see `bertjob prepare --help`)")
     output_dir: str = opt("bertjob-output", "root of all outputs: prepared/, train/, evaluate/, infer/")
     model: str = opt("minilm", "starting weights and tokenizer")
-    max_length: int = opt(512, "tokens per sequence")
-    truncation: str = opt("head+tail", "head | tail | head+tail")
-    num_workers: int = opt(2, "Ray Train workers and predictor actors")
+    max_length: int = opt(512, "tokens per sequence", ge=8, le=8192)
+    truncation: str = opt("head+tail", "head | tail | head+tail", choices=TRUNCATIONS)
+    num_workers: int = opt(2, "Ray Train workers and predictor actors", ge=1)
     use_gpu: bool = opt(False, "train and score on GPUs")
     name: str = opt("bertjob", "run name (checkpoints resume under it)")
     storage_path: str = opt("", "checkpoints root (empty: OUTPUT_DIR/checkpoints)")
@@ -248,8 +253,6 @@ class PipelineConfig:
 
     def problems(self) -> list[str]:
         p = []
-        if self.truncation not in TRUNCATIONS:
-            p.append(f"truncation: {self.truncation!r} is not one of {', '.join(TRUNCATIONS)}")
         for stage in STAGES:
             section = getattr(self, stage)
             if section is not None and not isinstance(section, dict):
@@ -307,7 +310,18 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def base_type(typ: Any) -> tuple[Any, bool]:
+    """(the type, whether None is allowed) of a field annotated `T` or `T | None`."""
+    args = typing.get_args(typ)
+    if type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return typ, False
+
+
 def _coerce(value: Any, typ: Any, key: str) -> Any:
+    typ, optional = base_type(typ)
+    if optional and (value is None or value == ""):
+        return None
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -365,10 +379,33 @@ def build(cls: type[T], values: dict[str, Any], where: str = "") -> T:
     if problems:
         raise ConfigError(problems)
     cfg = cls(**kwargs)
-    problems = [where + p for p in cfg.problems()]  # type: ignore[attr-defined]
+    problems = [where + p for p in out_of_range(cfg) + cfg.problems()]  # type: ignore[attr-defined]
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def out_of_range(cfg: Any) -> list[str]:
+    """Every value outside what its field declares (`opt(..., choices=, ge=, gt=, le=, lt=)`)."""
+    problems = []
+    for f in dataclasses.fields(cfg):
+        value, meta = getattr(cfg, f.name), f.metadata
+        if value is None or isinstance(value, (bool, dict)):
+            continue
+        if meta.get("choices") and value not in meta["choices"]:
+            shown = ", ".join(c or "'' (auto)" for c in meta["choices"])
+            problems.append(f"{f.name}: {value!r} is not one of {shown}")
+        # `not (value >= bound)`, so that NaN fails too
+        for key, ok, words in (
+            ("ge", lambda v, b: v >= b, "at least"),
+            ("gt", lambda v, b: v > b, "greater than"),
+            ("le", lambda v, b: v <= b, "at most"),
+            ("lt", lambda v, b: v < b, "less than"),
+        ):
+            if key in meta and not ok(value, meta[key]):
+                problems.append(f"{f.name}: {value} must be {words} {meta[key]:g}")
+                break
+    return problems
 
 
 def read_yaml(path: str) -> dict[str, Any]:

@@ -90,3 +90,84 @@ def test_help_documents_every_setting(capsys):
 
     for f in dataclasses.fields(TrainConfig):
         assert "--" + f.name.replace("_", "-") in out
+
+
+CONFIGS = (PrepareConfig, TrainConfig, InferConfig, PipelineConfig)
+REQUIRED = {"data": "d", "output": "o", "input": "i", "model": "m"}  # the settings with no usable default
+
+
+def _bad_value(f, typ):
+    """A value outside the field's declared range, or None when every value is valid."""
+    meta = f.metadata
+    if meta.get("choices"):
+        return "not-a-choice"
+    if typ not in (int, float):
+        return None
+    assert meta.get("unbounded") or {"ge", "gt", "le", "lt"} & set(meta), (
+        f"{f.name}: a numeric setting without bounds (give opt(..., ge=/gt=/le=/lt=) or unbounded=True)"
+    )
+    if meta.get("unbounded"):
+        return None
+    if "gt" in meta:
+        return meta["gt"]
+    if "ge" in meta:
+        return meta["ge"] - 1
+    return meta["lt"] if "lt" in meta else meta["le"] + 1
+
+
+@pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
+def test_every_setting_outside_its_range_is_one_clear_error_naming_it(cls):
+    import dataclasses
+    import typing
+
+    types = typing.get_type_hints(cls)
+    required = {k: v for k, v in REQUIRED.items() if k in types}
+    build(cls, required)  # the defaults are valid
+    tried = 0
+    for f in dataclasses.fields(cls):
+        bad = _bad_value(f, types[f.name])
+        if bad is None:
+            continue
+        with pytest.raises(ConfigError) as err:
+            build(cls, {**required, f.name: bad})
+        assert len(err.value.problems) == 1 and err.value.problems[0].startswith(f"{f.name}:"), err.value
+        tried += 1
+    assert tried >= 3
+    # the bugs that named this test: a ZeroDivisionError in the worker, an untrained export, 0 CPUs
+    for key, value in {"log_every_steps": 0, "max_steps": -3, "cpus_per_worker": 0}.items():
+        if key in types:
+            with pytest.raises(ConfigError, match=key):
+                build(cls, {**required, key: value})
+
+
+def test_a_pipeline_only_flag_on_a_stage_command_names_where_it_belongs(tmp_path):
+    with pytest.raises(ConfigError, match=r"max_length.*bertjob prepare"):
+        resolve("train", {"max_length": "256"}, {})
+    with pytest.raises(ConfigError, match=r"infer_input.*bertjob pipeline"):
+        resolve("train", {"infer_input": "x"}, {})
+    with pytest.raises(ConfigError, match=r"output_dir.*pipeline file"):
+        resolve("train", {"output_dir": "run"}, {})
+    f = tmp_path / "pipe.yaml"
+    f.write_text("output_dir: /runs/a\nmax_length: 128\n")
+    # with a pipeline file, the shared settings that reach the stage still work ...
+    assert resolve("train", {"config": str(f), "output_dir": "/runs/b"}, {}).output == "/runs/b/train"
+    assert resolve("prepare", {"config": str(f), "max_length": "256"}, {}).max_length == 256
+    # ... and one the stage never reads is an error, not a silent no-op
+    with pytest.raises(ConfigError, match=r"max_length.*bertjob prepare"):
+        resolve("train", {"config": str(f), "max_length": "256"}, {})
+
+
+def test_stage_shared_lists_exactly_the_pipeline_settings_each_stage_reads():
+    import dataclasses
+
+    from bertjob.config import STAGE_SHARED
+
+    changed = {"input": "other", "output_dir": "elsewhere", "model": "m2", "max_length": 64, "truncation": "head",
+               "num_workers": 3, "use_gpu": True, "name": "n2", "storage_path": "s2", "infer_input": "x"}  # fmt: skip
+    base = build(PipelineConfig, {})
+    for stage in STAGES:
+        reads = {
+            k for k, v in changed.items() if build(PipelineConfig, {k: v}).stage(stage) != base.stage(stage)
+        }
+        assert reads == set(STAGE_SHARED[stage]), stage
+    assert set(changed) == {f.name for f in dataclasses.fields(PipelineConfig)} - set(STAGES)
