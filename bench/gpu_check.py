@@ -96,8 +96,8 @@ def main() -> None:
     model.save_pretrained(out_dir)
     models.load_tokenizer(args.model).save_pretrained(out_dir)
     pred = Predictor(
-        out_dir, batch_size=256 if device.type == "cuda" else 32, precision="auto", max_length=args.max_length
-    )
+        out_dir, batch_size=256 if device.type == "cuda" else 32, precision="auto"
+    )  # pre-tokenized batches below: the text settings do not apply
     ids, _ = synthetic(20_000 if device.type == "cuda" else 512, args.max_length, rng)
     table = pa.table({"id": [str(i) for i in range(len(ids))], "input_ids": pa.array([x.tolist() for x in ids], pa.list_(pa.int32())),
                       "reason": pa.nulls(len(ids), pa.string())})  # fmt: skip

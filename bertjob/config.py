@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from bertjob.text import TRUNCATIONS
+from bertjob.text import CAP_CHARS_PER_TOKEN, TRUNCATIONS, TextSettings
 
 T = TypeVar("T")
 
@@ -104,6 +104,12 @@ class PrepareConfig:
     def head_n(self) -> int:
         """head_tokens, or by default a quarter of max_length: Sun et al.'s 128 of 512."""
         return self.head_tokens or max(1, self.max_length // 4)
+
+    def text_settings(self) -> TextSettings:
+        return TextSettings(
+            self.max_length, self.truncation, self.head_n, self.strip_html,
+            self.max_chars_per_end or CAP_CHARS_PER_TOKEN * self.max_length,
+        )  # fmt: skip
 
 
 @dataclass

@@ -33,7 +33,6 @@ from bertjob.config import InferConfig, join, to_dict
 from bertjob.metrics import classification_metrics
 from bertjob.outputs import (
     MANIFEST,
-    MARKER,
     OutputError,
     claim_output,
     ensure_output,
@@ -42,10 +41,9 @@ from bertjob.outputs import (
     versions,
     write_json,
 )
-from bertjob.prepare import encode_texts
 from bertjob.sources import InputError, filesystem, open_corpus
-from bertjob.text import BAD_LABEL, EMPTY_TEXT, LABEL_NAMES, NULL_TEXT, cap_chars, clean_text, parse_label
-from bertjob.training import autocast, resolve_precision, torch_threads
+from bertjob.text import CAP_CHARS_PER_TOKEN, LABEL_NAMES, TextSettings, parse_label, tokenize_rows
+from bertjob.training import autocast, collate, resolve_precision, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +78,35 @@ QUARANTINE_SCHEMA = pa.schema(
 # Model settings and checks
 
 
-def model_settings(model: str, trust_remote_code: bool = False) -> dict[str, Any]:
-    """Cleaning, max_length and truncation the model was trained with (bertjob.json beside it)."""
+# What a model without bertjob.json (a hub model) gets: prepare's defaults.
+DEFAULT_TEXT = {"max_length": 512, "truncation": "head+tail", "head_tokens": 128, "strip_html": True}
+
+
+def model_settings(model: str) -> dict[str, Any] | None:
+    """The text settings the model was trained with (bertjob.json beside it), or None."""
     where = models.resolve_model(model)
     path = os.path.join(where, "bertjob.json")
     if os.path.isdir(where) and os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    return {"max_length": 512, "truncation": "head+tail", "head_tokens": 128, "strip_html": True}
+    return None
+
+
+def text_settings(cfg: InferConfig, base: dict[str, Any] | None) -> TextSettings:
+    """The model's text settings (`base`: its bertjob.json, else a prepared input's manifest, else
+    prepare's defaults), each overridden by the command line where given there."""
+    b = TextSettings.of(base or DEFAULT_TEXT)
+    max_length = cfg.max_length or b.max_length
+    cap = b.max_chars_per_end
+    if cfg.max_length:  # a longer max_length than the model's needs a longer cap
+        cap = max(cap, CAP_CHARS_PER_TOKEN * max_length)
+    return TextSettings(
+        max_length=max_length,
+        truncation=cfg.truncation or b.truncation,
+        head_tokens=cfg.head_tokens or b.head_tokens,
+        strip_html=b.strip_html if cfg.strip_html is None else cfg.strip_html,
+        max_chars_per_end=cfg.max_chars_per_end or cap,
+    )
 
 
 def check_model(model: str, trust_remote_code: bool = False) -> list[str]:
@@ -119,10 +138,7 @@ class Predictor:
         self,
         model: str,
         batch_size: int = 64,
-        max_length: int = 0,
-        truncation: str = "",
-        head_tokens: int = 0,
-        strip_html: bool | None = None,
+        text: dict[str, Any] | None = None,
         precision: str = "auto",
         device: str = "auto",
         include_text: bool = False,
@@ -133,12 +149,8 @@ class Predictor:
         from transformers import AutoModelForSequenceClassification
 
         torch_threads(threads)
-        settings = model_settings(model, trust_remote_code)
-        self.max_length = max_length or int(settings["max_length"])
-        self.truncation = truncation or settings["truncation"]
-        self.head_tokens = head_tokens or int(settings.get("head_tokens", 128))
-        self.strip_html = settings.get("strip_html", True) if strip_html is None else strip_html
-        self.batch_size = batch_size
+        # `text`: TextSettings as a dict (infer.text_settings); by default the model's own
+        self.text = TextSettings(**text) if text else TextSettings.of(model_settings(model) or DEFAULT_TEXT)
         self.include_text = include_text
         self.evaluate = evaluate
         self.device = torch.device(
@@ -168,8 +180,7 @@ class Predictor:
 
     # Text -> token ids, with quarantine reasons; shared with the tokenize task stage.
     def tokenize(self, table: pa.Table) -> pa.Table:
-        return tokenize_table(table, self.encoder, self.max_length, self.truncation, self.head_tokens,
-                              self.strip_html, self.include_text, self.evaluate)  # fmt: skip
+        return tokenize_table(table, self.encoder, self.text, self.include_text, self.evaluate)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if "reason" not in batch.column_names:  # not yet through tokenize_table (CPU runs tokenize here)
@@ -182,26 +193,17 @@ class Predictor:
         reasons = batch.column("reason").to_pylist() if "reason" in batch.column_names else [None] * n
         good = np.array([r is None for r in reasons], dtype=bool)
         prob = np.full(n, np.nan, dtype=np.float32)
-        rows = batch.column("input_ids").to_pylist()
-        lengths = np.array([len(r) if r is not None else 0 for r in rows])
+        rows = batch.column("input_ids").combine_chunks()
+        lengths = np.diff(rows.offsets.to_numpy())
         idx = np.flatnonzero(good)
         order = idx[np.argsort(lengths[idx], kind="stable")]  # similar lengths together: less padding
         for start in range(0, len(order), self.batch_size):
             part = order[start : start + self.batch_size]
             if self._delay_s:
                 time.sleep(self._delay_s)
-            width = int(lengths[part].max())
-            if self.multiple_of > 1:
-                width = -(-width // self.multiple_of) * self.multiple_of
-            ids = np.full((len(part), width), self.pad_id, dtype=np.int64)
-            for j, i in enumerate(part):
-                ids[j, : lengths[i]] = rows[i]
-            mask = (np.arange(width)[None, :] < lengths[part][:, None]).astype(np.int64)
+            t = collate({"input_ids": rows.take(part)}, self.pad_id, self.multiple_of, self.device)
             with autocast(self.precision, self.device):
-                logits = self.model(
-                    input_ids=torch.from_numpy(ids).to(self.device, non_blocking=True),
-                    attention_mask=torch.from_numpy(mask).to(self.device, non_blocking=True),
-                ).logits
+                logits = self.model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
             prob[part] = torch.softmax(logits.float(), dim=-1)[:, 1].cpu().numpy()
         label = (prob >= 0.5).astype(np.int8)
         score = np.where(label == 1, prob, 1 - prob).astype(np.float32)
@@ -225,50 +227,28 @@ class Predictor:
 
 
 def tokenize_table(
-    table: pa.Table, encoder: models.Encoder, max_length: int, truncation: str, head_tokens: int, strip_html: bool,
-    include_text: bool = False, evaluate: bool = False,
-) -> pa.Table:  # fmt: skip
-    """Source rows -> rows with input_ids (or a quarantine reason). Pre-tokenized rows pass through."""
+    table: pa.Table,
+    encoder: models.Encoder,
+    settings: TextSettings,
+    include_text: bool = False,
+    evaluate: bool = False,
+) -> pa.Table:
+    """Source rows -> rows with input_ids (or a quarantine reason), through prepare's own path
+    (`text.tokenize_rows`); evaluate quarantines rows without a usable label. Pre-tokenized rows
+    (a prepared directory) pass through."""
     n = table.num_rows
     raw_labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * n
-    true = [parse_label(v) if v is not None else None for v in raw_labels]
-    reasons: list[str | None] = [None] * n
-    if evaluate:
-        for i, (raw, t) in enumerate(zip(raw_labels, true)):
-            if raw is not None and t is None:
-                reasons[i] = BAD_LABEL
     cols: dict[str, Any] = {"id": table.column("id")}
-    texts_out: list[str | None] = [None] * n
-    raw_text: list[str | None] = [None] * n
-    if "input_ids" in table.column_names:  # a prepared directory: already tokenized
-        input_ids = table.column("input_ids")
+    if "input_ids" in table.column_names:  # a prepared directory: already tokenized and checked
+        cols.update(input_ids=table.column("input_ids"), true_label=pa.array([parse_label(v) for v in raw_labels], pa.int8()),
+                    reason=pa.nulls(n, pa.string()), raw_text=pa.nulls(n, pa.string()))  # fmt: skip
     else:
-        texts = table.column("text").to_pylist()
-        to_encode: list[str | None] = [None] * n
-        for i, text in enumerate(texts):
-            if text is None:
-                reasons[i] = reasons[i] or NULL_TEXT
-                continue
-            cleaned = clean_text(text, strip_html)
-            if not cleaned:
-                reasons[i] = reasons[i] or EMPTY_TEXT
-                raw_text[i] = text[:10_000]
-                continue
-            if reasons[i]:
-                raw_text[i] = text[:10_000]
-                continue
-            cleaned, _ = cap_chars(cleaned, 16 * max_length)
-            texts_out[i] = cleaned if include_text else None
-            to_encode[i] = cleaned
-        input_ids, _ = encode_texts(to_encode, encoder, max_length, truncation, head_tokens)
-    cols.update(
-        input_ids=input_ids,
-        true_label=pa.array(true, pa.int8()),
-        reason=pa.array(reasons, pa.string()),
-        raw_text=pa.array(raw_text, pa.string()),
-    )
-    if include_text:
-        cols["text"] = pa.array(texts_out, pa.string())
+        splits = table.column("split").to_pylist() if "split" in table.column_names else None
+        t = tokenize_rows(table.column("text").to_pylist(), raw_labels, splits, encoder, settings, evaluate)
+        cols.update(input_ids=t.input_ids, true_label=pa.array(t.labels, pa.int8()),
+                    reason=pa.array(t.reasons, pa.string()), raw_text=pa.array(t.quarantined_text, pa.string()))  # fmt: skip
+        if include_text:
+            cols["text"] = pa.array(t.cleaned, pa.string())
     for name in ("unit", "row", "utf8_replaced"):
         if name in table.column_names:
             cols[name] = table.column(name)
@@ -276,9 +256,9 @@ def tokenize_table(
 
 
 def _tokenize_task(batch: pa.Table, settings: dict[str, Any], encoder: models.Encoder) -> pa.Table:
-    s = settings
-    return tokenize_table(batch, encoder, s["max_length"], s["truncation"], s["head_tokens"], s["strip_html"],
-                          s["include_text"], s["evaluate"])  # fmt: skip
+    return tokenize_table(
+        batch, encoder, TextSettings(**settings["text"]), settings["include_text"], settings["evaluate"]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,22 +385,32 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
         raise models.ModelError("; ".join(problems))
     corpus = open_corpus(cfg.input, cfg.text_column, cfg.label_column if evaluate or cfg.label_column else "", cfg.id_column,
                          cfg.split or "train")  # fmt: skip
-    settings = model_settings(cfg.model, cfg.trust_remote_code)
+    if evaluate and not corpus.labelled:
+        raise InputError(
+            f"input {cfg.input}: no labels to evaluate against ({corpus.describe()}, label column "
+            f"{cfg.label_column!r}); set --label-column, or score it with `bertjob infer`"
+        )
+    recorded = model_settings(cfg.model)
     fingerprint = models.tokenizer_info(cfg.model, cfg.trust_remote_code)["fingerprint"]
     if corpus.kind == "prepared":
-        prepared_fp = corpus.manifest["tokenizer"]["fingerprint"]  # type: ignore[attr-defined]
+        manifest = corpus.manifest  # type: ignore[attr-defined]
+        prepared_fp = manifest["tokenizer"]["fingerprint"]
         if prepared_fp != fingerprint:
             raise InputError(f"input {cfg.input} was tokenized with another tokenizer ({prepared_fp}) than model "
                              f"{cfg.model} uses ({fingerprint}); give the raw corpus instead")  # fmt: skip
-    effective = {
-        "max_length": cfg.max_length or settings["max_length"],
-        "truncation": cfg.truncation or settings["truncation"],
-        "head_tokens": cfg.head_tokens or settings.get("head_tokens", 128),
-        "strip_html": cfg.strip_html,
-    }
+        # Its rows are already tokenized: they must be as the model (or the command line) wants them.
+        effective = text_settings(cfg, recorded or manifest)
+        prepared = TextSettings.of(manifest).as_dict()
+        differ = {k: (v, effective.as_dict()[k]) for k, v in prepared.items() if effective.as_dict()[k] != v}
+        if differ:
+            shown = ", ".join(f"{k} {a!r} (model: {b!r})" for k, (a, b) in differ.items())
+            raise InputError(f"input {cfg.input} was prepared with other text settings than model {cfg.model} "
+                             f"was trained with: {shown}; give the raw corpus, or prepare it again with these settings")  # fmt: skip
+    else:
+        effective = text_settings(cfg, recorded)
     run_info = {"input": cfg.input, "split": cfg.split, "model": cfg.model, "tokenizer_fingerprint": fingerprint,
                 "weights": _weights_fingerprint(cfg.model),
-                "units": len(corpus.units), "settings": effective, "include_text": cfg.include_text}  # fmt: skip
+                "units": len(corpus.units), "settings": effective.as_dict(), "include_text": cfg.include_text}  # fmt: skip
     return corpus, run_info
 
 
@@ -447,8 +437,9 @@ def run(cfg: InferConfig, evaluate: bool = False, replace_changed: bool = False)
     ds = read_corpus(corpus, positions=True, split=cfg.split if corpus.kind != "prepared" else "", done=done,
                      num_cpus=0)  # fmt: skip
     pred_kwargs = dict(
-        model=cfg.model, batch_size=cfg.batch_size, precision=cfg.mixed_precision, include_text=cfg.include_text,
-        evaluate=evaluate, threads=max(1, int(cfg.cpus_per_worker)), trust_remote_code=cfg.trust_remote_code, **effective,
+        model=cfg.model, batch_size=cfg.batch_size, text=effective, precision=cfg.mixed_precision,
+        include_text=cfg.include_text, evaluate=evaluate, threads=max(1, int(cfg.cpus_per_worker)),
+        trust_remote_code=cfg.trust_remote_code,
     )  # fmt: skip
     if use_tasks_for_tokens:
         # GPUs should only score: tokenize on CPU tasks ahead of them.
@@ -477,36 +468,28 @@ def _resume_state(
 ) -> tuple[dict[int, Any] | None, int]:
     """({unit: done mask}, rows already committed), or (None, n) when the output is already complete.
 
-    An output written with other inputs or settings is an error, or with `replace_changed` (the
-    pipeline) replaced."""
+    An earlier output of this stage with other inputs or settings (or unknown ones) is an error, or
+    with `--overwrite`, or `replace_changed` (the pipeline), replaced. Other directories never are.
+    """
     run_path = join(cfg.output, RUN_FILE)
-    overwrite = cfg.overwrite
-    if not overwrite and exists(join(cfg.output, MARKER)) and exists(run_path):
-        if read_json(run_path) == run_info:
+    if not cfg.overwrite:
+        ensure_output(cfg.output, stage)  # refuses a directory of anything but this stage
+        earlier = read_json(run_path) if exists(run_path) else None
+        if earlier == run_info:
             if exists(join(cfg.output, MANIFEST)):
                 return None, 0
             done, already = committed_positions(cfg.output, run_info["units"])
             log.info("%s: resuming: %d rows already committed in %s", stage, already, cfg.output)
             return done, already
-        if not replace_changed:
-            raise OutputError(
-                f"output {cfg.output} holds a run with other inputs or settings; pass --overwrite to replace it"
-            )
-        log.info("%s: inputs or settings changed since %s was written; redoing it", stage, cfg.output)
-        overwrite = True
-    claim_output(cfg.output, stage) if overwrite or not exists(cfg.output) else _claim_fresh(
-        cfg.output, stage
-    )
+        fs, root = filesystem(cfg.output)
+        if earlier is not None or len(fs.get_file_info(pafs.FileSelector(root))) > 1:  # more than the marker
+            if not replace_changed:
+                raise OutputError(f"output {cfg.output} holds a {stage} run with other (or unknown) inputs or "
+                                  f"settings; pass --overwrite to replace it")  # fmt: skip
+            log.info("%s: inputs or settings changed since %s was written; redoing it", stage, cfg.output)
+    claim_output(cfg.output, stage)
     write_json(run_path, run_info)
     return {}, 0
-
-
-def _claim_fresh(output: str, stage: str) -> None:
-    ensure_output(output, stage)
-    fs, root = filesystem(output)
-    names = {os.path.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(root))}
-    if names - {MARKER}:
-        claim_output(output, stage)  # a bertjob output of another run without run.json: replace it
 
 
 def finish(

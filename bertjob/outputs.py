@@ -14,7 +14,7 @@ import pyarrow.fs as pafs
 from bertjob.config import SetupError, join
 from bertjob.sources import filesystem
 
-MARKER = "_bertjob_output"  # written first: this directory belongs to bertjob and may be replaced
+MARKER = "_bertjob_output"  # written first, naming the stage: only that stage may replace the directory
 MANIFEST = "manifest.json"  # written last: its presence means the output is complete
 
 
@@ -47,52 +47,78 @@ def write_json(path: str, obj: Any) -> None:
         f.write(data)
 
 
-def claim_output(path: str, stage: str, replace: bool = True) -> None:
-    """Make `path` an empty output directory of `stage`.
+def _existing(path: str, stage: str, own: tuple[str, ...] = ()) -> tuple[pafs.FileSystem, str, set[str]]:
+    """The entries of an existing output directory that `stage` may use (none for a new one).
 
-    An existing directory is replaced only when it is empty or was written by bertjob (it has the
-    marker), so a typo can never wipe an unrelated directory. The manifest goes first, so a crash
-    part-way leaves a directory that does not look complete.
+    A non-empty directory must carry bertjob's marker, naming this same stage: a typo can never wipe
+    an unrelated directory, nor one stage another's output (a train run with its checkpoints).
+    `own`: the names this stage writes; an unmarked directory holding only those is adopted (outputs
+    written before markers named their stage).
     """
     fs, where = filesystem(path)
     info = fs.get_file_info(where)
     if info.type == pafs.FileType.File:
         raise OutputError(f"output {path} is a file; give a directory")
-    if info.type == pafs.FileType.Directory:
-        children = fs.get_file_info(pafs.FileSelector(where))
-        names = {os.path.basename(c.path) for c in children}
-        if names and MARKER not in names:
+    if info.type == pafs.FileType.NotFound:
+        return fs, where, set()
+    names = {os.path.basename(c.path) for c in fs.get_file_info(pafs.FileSelector(where))}
+    if own and names and MARKER not in names and names <= set(own):
+        _mark(fs, where, stage)
+        names.add(MARKER)
+    if names and MARKER not in names:
+        raise OutputError(
+            f"output {path} exists and was not written by bertjob ({len(names)} entries); "
+            f"choose another directory or empty it"
+        )
+    owner = stage_of(path) if names else stage
+    if owner != stage:
+        raise OutputError(
+            f"output {path} holds a {owner} output, which `bertjob {stage}` never replaces; "
+            f"choose another directory"
+        )
+    return fs, where, names
+
+
+def stage_of(path: str) -> str:
+    """The stage named by a directory's marker ("unknown" when it cannot be read)."""
+    try:
+        return str(read_json(join(path, MARKER)).get("stage", "unknown"))
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
+
+
+def _mark(fs: pafs.FileSystem, where: str, stage: str) -> None:
+    fs.create_dir(where, recursive=True)
+    with fs.open_output_stream(join(where, MARKER)) as f:
+        f.write(json.dumps({"stage": stage, "started": time.time()}).encode())
+
+
+def claim_output(path: str, stage: str) -> None:
+    """Make `path` an empty output directory of `stage`, replacing an earlier output of the same
+    stage (see `_existing`). The manifest goes first, so a crash part-way leaves a directory that
+    does not look complete."""
+    fs, where, names = _existing(path, stage)
+    if names:
+        listing = fs.get_file_info(pafs.FileSelector(where, recursive=True))
+        top = join(where, MARKER)
+        nested = [i.path for i in listing if os.path.basename(i.path) == MARKER and i.path != top]
+        if nested:  # the output of another job inside this one (a pipeline's, a train run's)
             raise OutputError(
-                f"output {path} exists and was not written by bertjob ({len(names)} entries); "
-                f"choose another directory or empty it"
+                f"output {path} holds another bertjob output ({os.path.dirname(nested[0])}), which `bertjob {stage}` "
+                f"never replaces; choose another directory"
             )
-        if names and not replace:
-            raise OutputError(f"output {path} already holds a bertjob output")
-        if MANIFEST in names:
-            fs.delete_file(join(where, MANIFEST))
+    if MANIFEST in names:
+        fs.delete_file(join(where, MANIFEST))
+    if names:
         fs.delete_dir_contents(where, missing_dir_ok=True)
-    fs.create_dir(where, recursive=True)
-    with fs.open_output_stream(join(where, MARKER)) as f:
-        f.write(json.dumps({"stage": stage, "started": time.time()}).encode())
+    _mark(fs, where, stage)
 
 
-def ensure_output(path: str, stage: str) -> None:
-    """Create `path` (or reuse one bertjob wrote) without deleting what is in it."""
-    fs, where = filesystem(path)
-    info = fs.get_file_info(where)
-    if info.type == pafs.FileType.File:
-        raise OutputError(f"output {path} is a file; give a directory")
-    if info.type == pafs.FileType.Directory:
-        names = {os.path.basename(c.path) for c in fs.get_file_info(pafs.FileSelector(where))}
-        if names and MARKER not in names:
-            raise OutputError(
-                f"output {path} exists and was not written by bertjob; choose another directory"
-            )
-        if MARKER in names:
-            return
-    fs.create_dir(where, recursive=True)
-    with fs.open_output_stream(join(where, MARKER)) as f:
-        f.write(json.dumps({"stage": stage, "started": time.time()}).encode())
+def ensure_output(path: str, stage: str, own: tuple[str, ...] = ()) -> None:
+    """Create `path`, or keep an earlier output of `stage` as it is (`own`: see `_existing`)."""
+    fs, where, names = _existing(path, stage, own)
+    if MARKER not in names:
+        _mark(fs, where, stage)
 
 
 def versions() -> dict[str, str]:

@@ -16,7 +16,7 @@ from typing import Any
 from bertjob import infer, prepare, train
 from bertjob.cluster import init_ray
 from bertjob.config import PipelineConfig, join, to_dict
-from bertjob.outputs import MANIFEST, exists, read_json, write_json
+from bertjob.outputs import MANIFEST, ensure_output, exists, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,14 @@ def _prepared_is_current(cfg: Any) -> dict[str, Any] | None:
     return manifest if manifest.get("config") == to_dict(cfg) else None
 
 
+# What the pipeline writes under output_dir: a directory holding only these is adopted as its own.
+OWN_ENTRIES = ("prepared", "train", "evaluate", "infer", "checkpoints", "summary.json")
+
+
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     started = time.time()
     summary: dict[str, Any] = {"output_dir": cfg.output_dir, "stages": {}}
+    ensure_output(cfg.output_dir, "pipeline", own=OWN_ENTRIES)  # never another job's directory
 
     # 1. prepare
     p_cfg = cfg.stage("prepare")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import itertools
 import logging
 import pickle
 import time
@@ -34,7 +33,7 @@ from bertjob import models
 from bertjob.config import PrepareConfig, join, to_dict
 from bertjob.outputs import MANIFEST, claim_output, versions, write_json
 from bertjob.sources import InputError, filesystem, open_corpus
-from bertjob.text import BAD_LABEL, EMPTY_TEXT, NULL_TEXT, cap_chars, clean_text, keep_spans, parse_label
+from bertjob.text import tokenize_rows
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,6 @@ LOCAL_SPLIT_ROWS = 250_000  # up to this many staged train rows, the driver spli
 STAGING = "_staging"  # train rows waiting for the validation split; gone once the job finishes
 WRITER_CPUS = 32  # one write actor per this many CPUs of tokenizing
 TRAIN, VALIDATION = "train", "validation"
-QUARANTINE_TEXT_CHARS = 10_000
 
 PREPARED_SCHEMA = pa.schema(
     [
@@ -74,96 +72,33 @@ def row_hash(seed: int, row_id: str) -> int:
 # Pure per-batch work (runs inside Ray Data tasks; testable without Ray).
 
 
-def encode_texts(
-    texts: list[str | None], encoder: models.Encoder, max_length: int, truncation: str, head_tokens: int
-) -> tuple[pa.ListArray, np.ndarray]:
-    """Tokenize cleaned texts into ids with [CLS]/[SEP] that fit max_length, cut by `truncation`.
-
-    Returns the ids as a list<int32> array (an empty list where the text is None) and each text's
-    full token count with the special tokens (0 where None).
-    """
-    n = len(texts)
-    good = [i for i, t in enumerate(texts) if t is not None]
-    # The Rust tokenizer directly: without the offsets, attention masks and dicts of Python lists
-    # that the transformers wrapper builds, ~25% faster on IMDb reviews.
-    backend = encoder.backend
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # tokenizers < 0.21: no _fast
-    rows = [e.ids for e in encode([texts[i] for i in good], add_special_tokens=False)] if good else []
-    lengths = np.zeros(n, dtype=np.int64)
-    lengths[good] = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(lengths.sum()))
-    starts = np.zeros(n, dtype=np.int64)
-    np.cumsum(lengths[:-1], out=starts[1:])
-    head, tail = keep_spans(lengths, max_length, truncation, head_tokens)
-    present = np.zeros(n, dtype=bool)
-    present[good] = True
-    kept = np.where(present, head + tail + 2, 0)
-    offsets = np.zeros(n + 1, dtype=np.int32)
-    np.cumsum(kept, out=offsets[1:])
-    row = np.repeat(np.arange(n), kept)
-    pos = np.arange(int(offsets[-1])) - offsets[:-1][row] - 1  # -1 is [CLS]
-    src = np.where(
-        pos < head[row], starts[row] + pos, starts[row] + lengths[row] - tail[row] + pos - head[row]
-    )
-    values = flat[np.clip(src, 0, max(len(flat) - 1, 0))] if len(flat) else np.zeros(len(src), np.int32)
-    values[pos < 0] = encoder.cls_id
-    values[pos == kept[row] - 2] = encoder.sep_id
-    full = np.where(present, lengths + 2, 0)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32())), full
-
-
-def tokenize_batch(batch: pa.Table, c: PrepareConfig, encoder: models.Encoder) -> pa.Table:
-    """Clean, quarantine and tokenize one batch of source rows; train rows get their split hash `h`."""
-    max_chars = c.max_chars_per_end or 16 * c.max_length
+def tokenize_batch(batch: pa.Table, c: PrepareConfig, encoder: models.Encoder, labelled: bool) -> pa.Table:
+    """Clean, quarantine and tokenize one batch of source rows (`labelled`: the corpus has labels,
+    so a row without one is quarantined); train rows get their split hash `h`."""
     ids = batch.column("id").to_pylist()
-    texts = batch.column("text").to_pylist()
     raw_labels = batch.column("label").to_pylist()
     splits = batch.column("split").to_pylist()
-    n = len(ids)
-    labels: list[int | None] = [None] * n
-    reasons: list[str | None] = [None] * n
-    capped = [False] * n
-    hashes = np.zeros(n, dtype=np.uint64)
-    to_encode: list[str | None] = [None] * n
-    for i in range(n):
-        raw = raw_labels[i]
-        if raw is not None:
-            labels[i] = parse_label(raw)
-            if labels[i] is None:
-                reasons[i] = BAD_LABEL
-        if splits[i] == TRAIN and labels[i] is not None:
-            hashes[i] = row_hash(c.seed, ids[i])
-        text = texts[i]
-        if text is None:
-            reasons[i] = NULL_TEXT
-            continue
-        text = clean_text(text, c.strip_html)
-        if not text:
-            reasons[i] = EMPTY_TEXT
-            continue
-        if reasons[i] is None:
-            to_encode[i], capped[i] = cap_chars(text, max_chars)
-    input_ids, full_lengths = encode_texts(to_encode, encoder, c.max_length, c.truncation, c.head_n)
-    lengths = np.diff(input_ids.offsets.to_numpy()).astype(np.int32)
-    trunc = (full_lengths > c.max_length) | np.array(capped, dtype=bool)
-    quarantined_text = [
-        (texts[i][:QUARANTINE_TEXT_CHARS] if texts[i] is not None else None) if reasons[i] else None
-        for i in range(n)
-    ]
+    t = tokenize_rows(
+        batch.column("text").to_pylist(), raw_labels, splits, encoder, c.text_settings(), labelled
+    )
+    hashes = np.zeros(len(ids), dtype=np.uint64)
+    for i, (row_id, split, label) in enumerate(zip(ids, splits, t.labels)):
+        if split == TRAIN and label is not None:
+            hashes[i] = row_hash(c.seed, row_id)
     return pa.table(
         {
             "id": pa.array(ids, pa.string()),
             "split": pa.array(splits, pa.string()),
-            "label": pa.array(labels, pa.int8()),
-            "input_ids": input_ids,
-            "length": pa.array(lengths, pa.int32()),
-            "full_length": pa.array(full_lengths, pa.int32()),
-            "truncated": pa.array(trunc, pa.bool_()),
-            "capped": pa.array(capped, pa.bool_()),
+            "label": pa.array(t.labels, pa.int8()),
+            "input_ids": t.input_ids,
+            "length": pa.array(np.diff(t.input_ids.offsets.to_numpy()), pa.int32()),
+            "full_length": pa.array(t.full_lengths, pa.int32()),
+            "truncated": pa.array(t.truncated, pa.bool_()),
+            "capped": pa.array(t.capped, pa.bool_()),
             "utf8_replaced": batch.column("utf8_replaced"),
-            "reason": pa.array(reasons, pa.string()),
+            "reason": pa.array(t.reasons, pa.string()),
             "raw_label": pa.array(raw_labels, pa.string()),
-            "raw_text": pa.array(quarantined_text, pa.string()),
+            "raw_text": pa.array(t.quarantined_text, pa.string()),
             "h": pa.array(hashes, pa.uint64()),
         }
     )
@@ -172,12 +107,13 @@ def tokenize_batch(batch: pa.Table, c: PrepareConfig, encoder: models.Encoder) -
 class Tokenize:
     """The tokenize stage: one actor per CPU, each holding its encoder for the whole run."""
 
-    def __init__(self, cfg: dict[str, Any], encoder: models.Encoder):
+    def __init__(self, cfg: dict[str, Any], encoder: models.Encoder, labelled: bool):
         self.cfg = PrepareConfig(**cfg)
         self.encoder = encoder
+        self.labelled = labelled
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return tokenize_batch(batch, self.cfg, self.encoder)
+        return tokenize_batch(batch, self.cfg, self.encoder, self.labelled)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,7 +403,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     # Actors, not tasks: each starts once, while the first rows are read, and never again.
     ds = read_corpus(corpus).map_batches(
         Tokenize,
-        fn_constructor_kwargs={"cfg": to_dict(cfg), "encoder": encoder},
+        fn_constructor_kwargs={"cfg": to_dict(cfg), "encoder": encoder, "labelled": corpus.labelled},
         compute=ActorPoolStrategy(size=cpus),
         batch_format="pyarrow",
         batch_size=cfg.batch_size,
@@ -511,10 +447,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
         "rows_written": sum(s["rows_written"] for s in splits.values()),
         "rows_quarantined": sum(s["rows_quarantined"] for s in splits.values()),
         "tokenizer": tok_info,
-        "max_length": cfg.max_length,
-        "truncation": cfg.truncation,
-        "head_tokens": cfg.head_n,
-        "strip_html": cfg.strip_html,
+        **cfg.text_settings().as_dict(),  # max_length, truncation, head_tokens, strip_html, the cap
         "validation": {"fraction": cfg.validation_fraction, "seed": cfg.seed, "stratified": True},
         "config": to_dict(cfg),
         "versions": versions(),

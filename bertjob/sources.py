@@ -86,6 +86,9 @@ class Corpus:
     split: str = "train"
     split_of_unit: dict[str, str] = field(default_factory=dict)  # hf:// splits
     size_bytes: int = 0
+    # Rows carry labels (outside the unlabelled split): a row without one is quarantined, and
+    # evaluate refuses a corpus without them before any work.
+    labelled: bool = False
 
     def read(self, unit: Any, keys_only: bool = False) -> Iterator[pa.Table]:
         reader = {
@@ -160,7 +163,9 @@ def open_corpus(
         imdb.sort(key=lambda f: f.path)
         chunk = 1000
         units = [[f.path for f in imdb[i : i + chunk]] for i in range(0, len(imdb), chunk)]
-        return Corpus("imdb-dir", where, units, fs, size_bytes=sum(f.size for f in imdb), **opts)
+        return Corpus(
+            "imdb-dir", where, units, fs, size_bytes=sum(f.size for f in imdb), labelled=True, **opts
+        )
     files = [
         (f.path, f.size)
         for f in listing
@@ -203,7 +208,8 @@ def _generic(fs: pafs.FileSystem, root: str, files: list[tuple[str, int]], opts:
     kind = kinds.pop()
     corpus = Corpus(kind, root, [p for p, _ in files], fs, size_bytes=sum(s for _, s in files), **opts)
     for path, _ in files:
-        _check_columns(corpus, path)
+        names = _check_columns(corpus, path)
+        corpus.labelled |= bool(corpus.label_column) and corpus.label_column in names
     return corpus
 
 
@@ -230,16 +236,18 @@ def columns_of(corpus: Corpus, path: str) -> list[str]:
         raise InputError(f"input {path}: cannot be read as {corpus.kind} ({err})") from err
 
 
-def _check_columns(corpus: Corpus, path: str) -> None:
+def _check_columns(corpus: Corpus, path: str) -> list[str]:
+    """The file's columns (a JSONL file's: those of its first object), checked for text and id."""
     names = columns_of(corpus, path)
     if corpus.kind == "jsonl" and not names:
-        return  # an empty JSONL file adds no rows; the corpus-level emptiness check catches all-empty inputs
+        return names  # an empty JSONL file adds no rows; the corpus-level emptiness check catches all-empty inputs
     missing = [c for c in (corpus.text_column, corpus.id_column) if c and c not in names]
     if missing:
         raise InputError(
             f"input {path}: no column {', '.join(map(repr, missing))}; the columns are {names}. "
             f"Set --text-column / --id-column."
         )
+    return names
 
 
 def iter_lines(f: Any, chunk_size: int = 1 << 20) -> Iterator[bytes]:
@@ -383,7 +391,8 @@ def _open_imdb_tar(fs: pafs.FileSystem, path: str, size: int, opts: dict[str, st
         raise InputError(
             f"input {path}: an archive without the IMDb layout (train/pos/<id>_<rating>.txt ...)"
         )
-    return Corpus("imdb-tar", path, [(i, slices) for i in range(slices)], fs, size_bytes=size * 3, **opts)
+    units = [(i, slices) for i in range(slices)]
+    return Corpus("imdb-tar", path, units, fs, size_bytes=size * 3, labelled=True, **opts)
 
 
 def _open_prepared(fs: pafs.FileSystem, where: str, split: str) -> Corpus:
@@ -402,7 +411,8 @@ def _open_prepared(fs: pafs.FileSystem, where: str, split: str) -> Corpus:
     for s in splits:
         listing = fs.get_file_info(pafs.FileSelector(f"{where}/{s}", allow_not_found=True))
         units += sorted(f.path for f in listing if f.path.endswith(".parquet"))
-    corpus = Corpus("prepared", where, units, fs, split=split)
+    labelled = any(manifest["splits"][s].get("label_counts") for s in splits)
+    corpus = Corpus("prepared", where, units, fs, split=split, labelled=labelled)
     corpus.manifest = manifest  # type: ignore[attr-defined]
     return corpus
 
@@ -425,7 +435,9 @@ def _open_hf(name: str, **opts: str) -> Corpus:
             split_of[cache["filename"]] = "unsup" if split == "unsupervised" else split
     if not units:
         raise InputError(f"input hf://{name}: the dataset has no cached Arrow files to read")
-    return Corpus("arrow", f"hf://{name}", units, pafs.LocalFileSystem(), split_of_unit=split_of, **opts)
+    labelled = any(opts["label_column"] in ds.column_names for ds in dd.values())
+    return Corpus("arrow", f"hf://{name}", units, pafs.LocalFileSystem(), split_of_unit=split_of, labelled=labelled,
+                  **opts)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

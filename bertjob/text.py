@@ -1,4 +1,5 @@
-"""Pure text functions shared by prepare and infer: cleaning, label parsing, decoding, truncation.
+"""The one text path shared by prepare and infer: cleaning, the character cap, label parsing,
+quarantine reasons, tokenizing and truncation.
 
 Nothing here imports Ray or torch, so every function is unit-testable and runs on any machine.
 """
@@ -6,10 +7,16 @@ Nothing here imports Ray or torch, so every function is unit-testable and runs o
 from __future__ import annotations
 
 import html
+import itertools
 import re
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
+
+if TYPE_CHECKING:
+    from bertjob.models import Encoder
 
 TRUNCATIONS = ("head", "tail", "head+tail")
 
@@ -26,6 +33,38 @@ _LABELS = {
 EMPTY_TEXT = "empty_text"
 NULL_TEXT = "null_text"
 BAD_LABEL = "unrecognised_label"
+MISSING_LABEL = "missing_label"  # a row of a labelled split without a label
+QUARANTINE_TEXT_CHARS = 10_000  # of a quarantined row's text kept for inspection
+UNLABELLED_SPLIT = "unsup"  # IMDb's unlabelled reviews: the one split of a labelled corpus without labels
+CAP_CHARS_PER_TOKEN = 16  # default character cap per end: 16 x max_length (no real token is longer)
+
+
+@dataclass(frozen=True)
+class TextSettings:
+    """Everything that turns a raw text into token ids. Prepare records it in its manifest, train
+    in the model's bertjob.json, and infer/evaluate follow it, so a model scores text exactly as it
+    was trained on it."""
+
+    max_length: int
+    truncation: str
+    head_tokens: int
+    strip_html: bool
+    max_chars_per_end: int  # the effective cap, never 0
+
+    @classmethod
+    def of(cls, d: dict[str, Any]) -> TextSettings:
+        """From a manifest or bertjob.json; older ones lack the cap (it was 16 x max_length) or cleaning."""
+        max_length = int(d["max_length"])
+        return cls(
+            max_length=max_length,
+            truncation=d["truncation"],
+            head_tokens=int(d.get("head_tokens") or max(1, max_length // 4)),
+            strip_html=bool(d.get("strip_html", True)),
+            max_chars_per_end=int(d.get("max_chars_per_end") or CAP_CHARS_PER_TOKEN * max_length),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def decode_text(raw: bytes | str | None) -> tuple[str | None, bool]:
@@ -88,3 +127,92 @@ def keep_spans(
     over = lengths > budget
     head_n = {"head": budget, "tail": 0}.get(truncation, min(head_tokens, budget))
     return np.where(over, head_n, lengths), np.where(over, budget - head_n, 0)
+
+
+def encode_texts(
+    texts: list[str | None], encoder: Encoder, max_length: int, truncation: str, head_tokens: int
+) -> tuple[pa.ListArray, np.ndarray]:
+    """Tokenize cleaned texts into ids with [CLS]/[SEP] that fit max_length, cut by `truncation`.
+
+    Returns the ids as a list<int32> array (an empty list where the text is None) and each text's
+    full token count with the special tokens (0 where None).
+    """
+    n = len(texts)
+    good = [i for i, t in enumerate(texts) if t is not None]
+    # The Rust tokenizer directly: without the offsets, attention masks and dicts of Python lists
+    # that the transformers wrapper builds, ~25% faster on IMDb reviews.
+    backend = encoder.backend
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # tokenizers < 0.21: no _fast
+    rows = [e.ids for e in encode([texts[i] for i in good], add_special_tokens=False)] if good else []
+    lengths = np.zeros(n, dtype=np.int64)
+    lengths[good] = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(lengths.sum()))
+    starts = np.zeros(n, dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    head, tail = keep_spans(lengths, max_length, truncation, head_tokens)
+    present = np.zeros(n, dtype=bool)
+    present[good] = True
+    kept = np.where(present, head + tail + 2, 0)
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(kept, out=offsets[1:])
+    row = np.repeat(np.arange(n), kept)
+    pos = np.arange(int(offsets[-1])) - offsets[:-1][row] - 1  # -1 is [CLS]
+    src = np.where(
+        pos < head[row], starts[row] + pos, starts[row] + lengths[row] - tail[row] + pos - head[row]
+    )
+    values = flat[np.clip(src, 0, max(len(flat) - 1, 0))] if len(flat) else np.zeros(len(src), np.int32)
+    values[pos < 0] = encoder.cls_id
+    values[pos == kept[row] - 2] = encoder.sep_id
+    full = np.where(present, lengths + 2, 0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32())), full
+
+
+@dataclass
+class Tokenized:
+    """What `tokenize_rows` makes of a batch of source rows, column by column."""
+
+    labels: list[int | None]  # parsed; None where absent or unrecognised
+    reasons: list[str | None]  # the quarantine reason, None for a row to keep
+    input_ids: pa.ListArray  # with [CLS] and [SEP]; empty for quarantined rows
+    full_lengths: np.ndarray  # tokens before truncation, with the specials (0 when quarantined)
+    truncated: np.ndarray  # cut to max_length, or its text capped
+    capped: np.ndarray  # the text was longer than twice the cap
+    cleaned: list[str | None]  # the text as tokenized (None when quarantined)
+    quarantined_text: list[str | None]  # the start of a quarantined row's raw text
+
+
+def tokenize_rows(
+    texts: list[str | None],
+    raw_labels: list[Any],
+    splits: list[str] | None,
+    encoder: Encoder,
+    s: TextSettings,
+    check_labels: bool,
+) -> Tokenized:
+    """Clean, quarantine and tokenize rows: the one path of prepare, infer and evaluate.
+
+    A row is quarantined for a null text, a text that cleans to nothing, and, with `check_labels`
+    (a labelled corpus), an unrecognised or missing label outside the unlabelled split (whose
+    labels, such as the Hugging Face IMDb's -1, are ignored). Text reasons come first. Huge texts keep `max_chars_per_end` characters of each end before tokenizing.
+    """
+    n = len(texts)
+    labels = [parse_label(v) for v in raw_labels]
+    reasons: list[str | None] = [None] * n
+    capped = np.zeros(n, dtype=bool)
+    cleaned: list[str | None] = [None] * n
+    for i, text in enumerate(texts):
+        if text is None:
+            reasons[i] = NULL_TEXT
+            continue
+        text = clean_text(text, s.strip_html)
+        if not text:
+            reasons[i] = EMPTY_TEXT
+        elif check_labels and labels[i] is None and (splits is None or splits[i] != UNLABELLED_SPLIT):
+            reasons[i] = MISSING_LABEL if raw_labels[i] is None else BAD_LABEL
+        if reasons[i] is None:
+            cleaned[i], capped[i] = cap_chars(text, s.max_chars_per_end)
+    input_ids, full = encode_texts(cleaned, encoder, s.max_length, s.truncation, s.head_tokens)
+    quarantined = [t[:QUARANTINE_TEXT_CHARS] if r and t is not None else None for t, r in zip(texts, reasons)]
+    return Tokenized(
+        labels, reasons, input_ids, full, (full > s.max_length) | capped, capped, cleaned, quarantined
+    )

@@ -28,6 +28,7 @@ from bertjob import models
 from bertjob.config import SetupError, TrainConfig, join, to_dict
 from bertjob.metrics import classification_metrics
 from bertjob.outputs import MANIFEST, ensure_output, exists, read_json, versions, write_json
+from bertjob.text import TextSettings
 from bertjob.training import (
     Stepper,
     TrainState,
@@ -249,10 +250,7 @@ def export(
     tok.model_max_length = manifest["max_length"]
     tok.save_pretrained(model_dir)
     bertjob_settings = {
-        "max_length": manifest["max_length"],
-        "truncation": manifest["truncation"],
-        "head_tokens": manifest.get("head_tokens", 128),
-        "strip_html": manifest.get("strip_html", True),
+        **TextSettings.of(manifest).as_dict(),  # every text setting: infer and evaluate follow them
         "tokenizer_fingerprint": manifest["tokenizer"]["fingerprint"],
         "trained_from": cfg.model,
         "prepared_data": cfg.data,

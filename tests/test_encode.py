@@ -6,7 +6,9 @@ import pyarrow as pa
 
 from bertjob import models
 from bertjob.config import PrepareConfig
-from bertjob.prepare import encode_texts, row_hash, tokenize_batch
+from bertjob.infer import tokenize_table
+from bertjob.prepare import row_hash, tokenize_batch
+from bertjob.text import TextSettings, encode_texts
 
 LETTERS = " ".join("abcdefghijklmnopqrst")  # 20 one-token words in the tiny vocabulary
 
@@ -48,7 +50,7 @@ def test_tokenize_batch_quarantines_bad_rows_and_hashes_labelled_train_rows(tiny
             "utf8_replaced": [False] * 5,
         }
     )
-    out = tokenize_batch(batch, cfg, models.load_encoder(tiny_model_dir))
+    out = tokenize_batch(batch, cfg, models.load_encoder(tiny_model_dir), labelled=True)
     assert out.column("reason").to_pylist() == [None, "null_text", "empty_text", "unrecognised_label", None]
     assert out.column("label").to_pylist() == [1, 0, 0, None, 1]
     tok = models.load_tokenizer(tiny_model_dir)
@@ -63,3 +65,37 @@ def test_tokenize_batch_quarantines_bad_rows_and_hashes_labelled_train_rows(tiny
         0,
         0,
     ]
+
+
+# null, empty, whitespace-only, HTML-only, huge, unrecognised label, null text with a bad label,
+# missing label, an unlabelled-split row without a label
+TRICKY = [
+    ("r0", "a b <br /> c &amp; d", "pos", "test"), ("r1", None, "neg", "test"), ("r2", "", "neg", "test"),
+    ("r3", "  \t\n ", "1", "test"), ("r4", "<br /><br />", "0", "test"), ("r5", "a b c d e f g h i j " * 500, "pos", "test"),
+    ("r6", "a b", "maybe", "test"), ("r7", None, "maybe", "test"), ("r8", "a b c", None, "test"), ("r9", "b c", None, "unsup"),
+]  # fmt: skip
+TRICKY_REASONS = [None, "null_text", "empty_text", "empty_text", "empty_text", None, "unrecognised_label",
+                  "null_text", "missing_label", None]  # fmt: skip
+
+
+def test_prepare_and_infer_tokenize_tricky_rows_alike(tiny_model_dir):
+    """One path: the same ids, quarantine reasons, cap and truncation from prepare and from evaluate."""
+    enc = models.load_encoder(tiny_model_dir)
+    t = pa.table({"id": [r[0] for r in TRICKY], "text": [r[1] for r in TRICKY], "label": [r[2] for r in TRICKY],
+                  "split": [r[3] for r in TRICKY], "utf8_replaced": [False] * len(TRICKY)})  # fmt: skip
+    cfg = PrepareConfig(
+        input="x", output="y", model=tiny_model_dir, max_length=16, head_tokens=4, max_chars_per_end=30
+    )
+    prepared = tokenize_batch(t, cfg, enc, labelled=True)
+    scored = tokenize_table(t, enc, cfg.text_settings(), evaluate=True)
+    assert prepared.column("reason").to_pylist() == TRICKY_REASONS == scored.column("reason").to_pylist()
+    assert prepared.column("input_ids").to_pylist() == scored.column("input_ids").to_pylist()
+    assert prepared.column("capped").to_pylist()[5] and len(prepared.column("input_ids")[5]) == 16
+    # infer (no labels checked) scores the rows with bad or missing labels
+    plain = tokenize_table(t, enc, cfg.text_settings(), evaluate=False).column("reason").to_pylist()
+    assert plain == [r if r in ("null_text", "empty_text") else None for r in TRICKY_REASONS]
+
+
+def test_text_settings_of_older_records_fill_the_cap_and_cleaning():
+    old = TextSettings.of({"max_length": 128, "truncation": "head+tail", "head_tokens": 32})
+    assert (old.max_chars_per_end, old.strip_html) == (16 * 128, True)

@@ -14,6 +14,7 @@ import pytest
 from bertjob import infer
 from bertjob.config import InferConfig
 from bertjob.models import ModelError
+from bertjob.sources import InputError
 from tests.conftest import kill_session, review
 
 
@@ -50,6 +51,63 @@ def test_models_without_a_head_or_a_tokenizer_are_errors_before_any_work(
     assert infer.check_model(str(no_tok))
     with pytest.raises(ModelError):
         infer.run(InferConfig(input="imdb-sample", model=tiny_model_dir, output=str(tmp_path / "o")))
+
+
+def test_evaluate_on_an_unlabelled_corpus_fails_before_any_work(tiny_classifier_dir, tmp_path):
+    pq.write_table(pa.table({"text": ["great movie", "awful movie"]}), tmp_path / "unlabelled.parquet")
+    out = tmp_path / "eval"
+    with pytest.raises(InputError, match="no labels to evaluate"):
+        infer.run(InferConfig(input=str(tmp_path / "unlabelled.parquet"), model=tiny_classifier_dir, output=str(out)),
+                  evaluate=True)  # fmt: skip
+    assert not out.exists()  # nothing scored, nothing written
+
+
+def _model_trained_with(tiny_classifier_dir, tmp_path, **text):
+    import shutil
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_classifier_dir, d)
+    (d / "bertjob.json").write_text(
+        json.dumps({"max_length": 64, "truncation": "head+tail", "head_tokens": 16, **text})
+    )
+    return str(d)
+
+
+def test_infer_follows_every_text_setting_the_model_was_trained_with(tiny_classifier_dir, tmp_path):
+    model = _model_trained_with(tiny_classifier_dir, tmp_path, strip_html=False, max_chars_per_end=100)
+    pq.write_table(pa.table({"text": ["a <b>b</b>", "x " * 1000]}), tmp_path / "c.parquet")
+    cfg = InferConfig(input=str(tmp_path / "c.parquet"), model=model, output=str(tmp_path / "o"))
+    _, run_info = infer.describe(cfg)
+    assert run_info["settings"] == {"max_length": 64, "truncation": "head+tail", "head_tokens": 16,
+                                    "strip_html": False, "max_chars_per_end": 100}  # fmt: skip
+    # the command line still wins
+    flags = InferConfig(**{**infer.to_dict(cfg), "strip_html": True, "max_chars_per_end": 50})
+    assert (
+        infer.describe(flags)[1]["settings"]["strip_html"],
+        infer.describe(flags)[1]["settings"]["max_chars_per_end"],
+    ) == (True, 50)
+    tokens = infer.Predictor(model, precision="off").tokenize(pa.table({"id": ["a"], "text": ["a <br /> b"]}))
+    assert (
+        len(tokens.column("input_ids")[0]) > 4
+    )  # the tags were kept, as in training: more than [CLS] a b [SEP]
+
+
+def test_a_prepared_input_with_other_text_settings_than_the_model_is_an_error(tiny_classifier_dir, tmp_path):
+    from bertjob import models
+
+    model = _model_trained_with(tiny_classifier_dir, tmp_path, strip_html=True)
+    prepared = tmp_path / "prepared"
+    (prepared / "test").mkdir(parents=True)
+    manifest = {"format": "bertjob-prepared/1", "splits": {"test": {"rows_written": 0, "label_counts": {"0": 1}}},
+                "tokenizer": models.tokenizer_info(model), "max_length": 32, "truncation": "head+tail",
+                "head_tokens": 16, "strip_html": True}  # fmt: skip
+    (prepared / "manifest.json").write_text(json.dumps(manifest))
+    cfg = InferConfig(input=str(prepared), split="test", model=model, output=str(tmp_path / "o"))
+    with pytest.raises(InputError, match=r"other text settings.*max_length 32 \(model: 64\)"):
+        infer.describe(cfg, evaluate=True)
+    manifest["max_length"] = 64
+    (prepared / "manifest.json").write_text(json.dumps(manifest))
+    assert infer.describe(cfg, evaluate=True)[1]["settings"]["max_length"] == 64
 
 
 def _corpus(path, n, bad=True, seed=0, prefix="doc"):

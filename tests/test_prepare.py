@@ -51,16 +51,20 @@ def test_bad_rows_are_quarantined_with_reasons_and_counts_balance(tmp_path, tiny
     for i, (text, label) in enumerate(rows):
         lines.append(json.dumps({"text": text, "label": label, "rid": f"r{i}"}).encode())
     lines.append(b'{"text": "caf\xe9 au lait awful", "label": 0, "rid": "latin"}')  # Latin-1 bytes
+    lines.append(b'{"text": "great fun", "label": null, "rid": "nolabel"}')  # a labelled corpus: quarantined
+    lines.append(b'{"text": "awful fun", "rid": "nokey"}')
     (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     out = tmp_path / "out"
     m = prepare.run(PrepareConfig(input=str(tmp_path / "in.jsonl"), output=str(out), model=tiny_model_dir,
                                   max_length=32, head_tokens=8, id_column="rid", validation_fraction=0.0))  # fmt: skip
     train = m["splits"]["train"]
-    assert train["rows_read"] == 9 == train["rows_written"] + train["rows_quarantined"]
-    assert train["quarantined_by_reason"] == {"empty_text": 3, "null_text": 1, "unrecognised_label": 1}
+    assert train["rows_read"] == 11 == train["rows_written"] + train["rows_quarantined"]
+    assert sum(train["label_counts"].values()) == train["rows_written"]
+    assert train["quarantined_by_reason"] == {"empty_text": 3, "missing_label": 2, "null_text": 1,
+                                              "unrecognised_label": 1}  # fmt: skip
     assert train["utf8_replaced"] == 1 and train["capped_chars"] == 1
     q = pq.read_table(out / "quarantine")
-    assert sorted(q.column("id").to_pylist()) == ["r2", "r3", "r4", "r5", "r6"]
+    assert sorted(q.column("id").to_pylist()) == ["nokey", "nolabel", "r2", "r3", "r4", "r5", "r6"]
     written = pq.read_table(out / "train")
     assert sorted(written.column("id").to_pylist()) == ["latin", "r0", "r1", "r7"]
     huge = written.filter(pa.compute.equal(written.column("id"), "r7")).column("length").to_pylist()

@@ -123,3 +123,17 @@ def test_a_corrupt_tar_is_a_clear_error(tmp_path):
     path.write_bytes(gzip.compress(b"this is not a tar archive" * 100))
     with pytest.raises(InputError, match="not a tar archive"):
         list(tar_members(pafs.LocalFileSystem(), str(path), IMDB_FILE))
+
+
+def test_a_corpus_is_labelled_when_its_files_have_the_label_column(tmp_path, imdb_small):
+    pq.write_table(pa.table({"text": ["a", "b"], "label": [1, None]}), tmp_path / "l.parquet")
+    pq.write_table(pa.table({"text": ["a", "b"]}), tmp_path / "u.parquet")
+    (tmp_path / "l.jsonl").write_text('{"text": "a", "label": "pos"}\n{"text": "b", "label": null}\n')
+    (tmp_path / "u.jsonl").write_text('{"text": "a"}\n')
+    assert (
+        open_corpus(str(tmp_path / "l.parquet")).labelled and open_corpus(str(tmp_path / "l.jsonl")).labelled
+    )
+    assert not open_corpus(str(tmp_path / "u.parquet")).labelled
+    assert not open_corpus(str(tmp_path / "u.jsonl")).labelled
+    assert not open_corpus(str(tmp_path / "l.parquet"), label_column="").labelled
+    assert open_corpus(str(imdb_small)).labelled

@@ -37,7 +37,9 @@ def test_two_workers_train_and_save_a_model_that_transformers_loads(prepared_sma
     assert saved["best_epoch"] in (0, 1, 2) and saved["config"]["num_workers"] == 2
     assert (out / "training_curves.png").stat().st_size > 1000
     settings = json.loads((out / "model" / "bertjob.json").read_text())
-    assert (settings["max_length"], settings["truncation"]) == (64, "head+tail")
+    assert {k: settings[k] for k in ("max_length", "truncation", "head_tokens", "strip_html", "max_chars_per_end")} == {
+        "max_length": 64, "truncation": "head+tail", "head_tokens": 16, "strip_html": True, "max_chars_per_end": 1024,
+    }  # every text setting training used: infer and evaluate follow them  # fmt: skip
     assert (out / "model" / "model.safetensors").exists()
 
     from transformers import pipeline

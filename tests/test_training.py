@@ -124,3 +124,22 @@ def test_group_by_length_uses_every_row_once_with_less_padding_and_a_fixed_order
     assert all(np.array_equal(x["label"], y["label"]) for x, y in zip(out, again))
     # rows keep their own ids and labels together
     assert all(len(r) == n for b in out for r, n in zip(b["input_ids"], b["length"]))
+
+
+def test_collate_pads_arrow_numpy_and_2d_rows_alike():
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(5, 50, size=n).astype(np.int32) for n in (3, 0, 7, 1, 7)]
+    want = np.zeros((5, 8), dtype=np.int64)
+    for i, r in enumerate(rows):
+        want[i, : len(r)] = r
+    arrow = pa.array([[9, 9]] + [r.tolist() for r in rows], pa.list_(pa.int32())).slice(1)  # sliced, as taken
+    objects = np.empty(5, dtype=object)
+    objects[:] = rows
+    for layout in (arrow, pa.chunked_array([arrow.slice(0, 2), arrow.slice(2)]), objects):
+        out = collate({"input_ids": layout}, pad_id=0, multiple_of=8)
+        assert out["input_ids"].tolist() == want.tolist()
+        assert out["attention_mask"].sum(1).tolist() == [3, 0, 7, 1, 7]
+    square = np.arange(6, dtype=np.int32).reshape(2, 3)
+    assert collate({"input_ids": square}, pad_id=0)["input_ids"].tolist() == square.tolist()

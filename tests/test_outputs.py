@@ -1,0 +1,66 @@
+"""Stage outputs: each stage claims its directory with a marker naming it, and replaces only its own."""
+
+import pytest
+
+from bertjob import infer
+from bertjob.config import InferConfig
+from bertjob.outputs import OutputError, claim_output, ensure_output
+
+
+def test_a_stage_never_deletes_another_stages_output(tmp_path):
+    run = tmp_path / "run"
+    ensure_output(str(run), "train")
+    (run / "ray_results").mkdir()
+    (run / "ray_results" / "checkpoint.pt").write_bytes(b"hours of training")
+    for stage in ("prepare", "infer", "evaluate"):
+        with pytest.raises(OutputError, match=r"train output"):
+            claim_output(str(run), stage)
+    assert (run / "ray_results" / "checkpoint.pt").read_bytes() == b"hours of training"
+    claim_output(str(tmp_path / "prepared"), "prepare")
+    with pytest.raises(OutputError, match=r"prepare output"):
+        ensure_output(str(tmp_path / "prepared"), "train")
+    ensure_output(str(run), "train")  # its own: kept as it is
+    claim_output(str(tmp_path / "prepared"), "prepare")  # its own: prepare's rerun replaces it
+
+
+def test_nested_outputs_and_a_pipeline_root_are_never_wiped(tmp_path):
+    from bertjob.pipeline import OWN_ENTRIES
+
+    root = tmp_path / "root"
+    claim_output(str(root), "prepare")
+    ensure_output(str(root / "inner"), "train")  # e.g. a pipeline's output_dir pointed into it
+    with pytest.raises(OutputError, match="another bertjob output"):
+        claim_output(str(root), "prepare")
+    assert (root / "inner").exists()
+    # a pipeline root: adopted when it holds only what the pipeline writes, then protected
+    legacy = tmp_path / "legacy"
+    ensure_output(str(legacy / "train"), "train")
+    (legacy / "summary.json").write_text("{}")
+    ensure_output(str(legacy), "pipeline", own=OWN_ENTRIES)
+    with pytest.raises(OutputError, match="pipeline output"):
+        claim_output(str(legacy), "prepare")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(OutputError, match="not written by bertjob"):
+        ensure_output(str(tmp_path / "mine"), "pipeline", own=OWN_ENTRIES)
+
+
+def test_infer_replaces_its_own_output_only_with_overwrite(tmp_path, tiny_classifier_dir):
+    out = tmp_path / "scored"
+    claim_output(str(out), "infer")
+    (out / "predictions").mkdir()
+    (out / "predictions" / "part-0.parquet").write_bytes(b"an earlier run of unknown inputs")
+    cfg = InferConfig(input="unused", model=tiny_classifier_dir, output=str(out))
+    run_info = {"units": 1}
+    with pytest.raises(OutputError, match="--overwrite"):
+        infer._resume_state(cfg, run_info, "infer")
+    assert (out / "predictions" / "part-0.parquet").exists()
+    infer._resume_state(InferConfig(**{**infer.to_dict(cfg), "overwrite": True}), run_info, "infer")
+    assert not (out / "predictions").exists()
+    # --overwrite never reaches another stage's output
+    ensure_output(str(tmp_path / "run"), "train")
+    (tmp_path / "run" / "metrics.json").write_text("{}")
+    with pytest.raises(OutputError, match="train output"):
+        infer._resume_state(InferConfig(**{**infer.to_dict(cfg), "output": str(tmp_path / "run"), "overwrite": True}),
+                            run_info, "infer")  # fmt: skip
+    assert (tmp_path / "run" / "metrics.json").exists()
