@@ -30,6 +30,7 @@ import torch
 
 from bertjob import models
 from bertjob.config import InferConfig, join, to_dict
+from bertjob.identity import corpus_fingerprint, digest, identity, model_fingerprint
 from bertjob.metrics import classification_metrics
 from bertjob.outputs import (
     MANIFEST,
@@ -408,9 +409,13 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
                              f"was trained with: {shown}; give the raw corpus, or prepare it again with these settings")  # fmt: skip
     else:
         effective = text_settings(cfg, recorded)
-    run_info = {"input": cfg.input, "split": cfg.split, "model": cfg.model, "tokenizer_fingerprint": fingerprint,
-                "weights": _weights_fingerprint(cfg.model),
-                "units": len(corpus.units), "settings": effective.as_dict(), "include_text": cfg.include_text}  # fmt: skip
+    # The run's identity: the input's content (not its path), what scoring depends on, the model.
+    settings = {"text": effective.as_dict(), "split": cfg.split, "include_text": cfg.include_text, "evaluate": evaluate,
+                "columns": [cfg.text_column, cfg.label_column, cfg.id_column]}  # fmt: skip
+    model = {"files": model_fingerprint(cfg.model), "tokenizer": fingerprint}
+    run_info = {"identity": identity(corpus_fingerprint(corpus), settings, model), "input": cfg.input, "model": cfg.model,
+                "tokenizer_fingerprint": fingerprint, "weights": digest(model["files"]), "units": len(corpus.units),
+                "settings": effective.as_dict()}  # fmt: skip
     return corpus, run_info
 
 
@@ -475,7 +480,7 @@ def _resume_state(
     if not cfg.overwrite:
         ensure_output(cfg.output, stage)  # refuses a directory of anything but this stage
         earlier = read_json(run_path) if exists(run_path) else None
-        if earlier == run_info:
+        if earlier is not None and earlier.get("identity") == run_info["identity"]:
             if exists(join(cfg.output, MANIFEST)):
                 return None, 0
             done, already = committed_positions(cfg.output, run_info["units"])
@@ -533,7 +538,7 @@ def finish(
         "model": {
             "name": cfg.model,
             "tokenizer_fingerprint": run_info["tokenizer_fingerprint"],
-            "weights_sha256": _weights_fingerprint(cfg.model),
+            "weights_fingerprint": run_info["weights"],
         },  # fmt: skip
         "settings": run_info["settings"],
         "config": to_dict(cfg),
@@ -549,18 +554,6 @@ def finish(
     log.info("%s: %d rows read, %d scored, %d quarantined, %.1f rows/s -> %s", stage, rows_read, totals["scored"],
              manifest["rows_quarantined"], manifest["rows_per_s"] or 0, cfg.output)  # fmt: skip
     return manifest
-
-
-def _weights_fingerprint(model: str) -> str | None:
-    where = models.resolve_model(model)
-    path = os.path.join(where, "model.safetensors")
-    if not os.path.exists(path):
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def evaluation(cfg: InferConfig) -> dict[str, Any]:

@@ -7,30 +7,29 @@ interrupted (train from its latest checkpoint, infer/evaluate from their committ
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import time
 from typing import Any
 
-from bertjob import infer, prepare, train
+from bertjob import infer, models, prepare, train
 from bertjob.cluster import init_ray
-from bertjob.config import PipelineConfig, join, to_dict
+from bertjob.config import PipelineConfig, PrepareConfig, join, to_dict
+from bertjob.identity import identity, model_fingerprint
 from bertjob.outputs import MANIFEST, ensure_output, exists, read_json, write_json
+from bertjob.sources import open_corpus
 
 log = logging.getLogger(__name__)
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
-def _prepared_is_current(cfg: Any) -> dict[str, Any] | None:
+def _prepared_is_current(cfg: PrepareConfig) -> dict[str, Any] | None:
+    """The prepared output's manifest when it was made from this very input content and settings."""
     path = join(cfg.output, MANIFEST)
     if not exists(path):
         return None
     manifest = read_json(path)
-    return manifest if manifest.get("config") == to_dict(cfg) else None
+    corpus = open_corpus(cfg.input, cfg.text_column, cfg.label_column, cfg.id_column, cfg.split)
+    fingerprint = models.tokenizer_info(cfg.model, cfg.trust_remote_code)["fingerprint"]
+    return manifest if manifest.get("identity") == prepare.identity_of(cfg, corpus, fingerprint) else None
 
 
 # What the pipeline writes under output_dir: a directory holding only these is adopted as its own.
@@ -57,12 +56,14 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         "rows_per_s": round(manifest["rows_read"] / manifest["wall_s"], 1) if manifest.get("wall_s") else None,
     }  # fmt: skip
 
-    # 2. train: the run name carries a digest of its inputs, so changed data or settings start a
-    #    new run while an interrupted identical one resumes from its checkpoints.
+    # 2. train: the run name carries its identity (the prepared data's, the settings, the starting
+    #    weights), so changed data or settings start a new run while an interrupted identical one
+    #    resumes from its checkpoints.
     t_cfg = cfg.stage("train")
-    key = _digest(
-        {"prepared": manifest["splits"], "tokenizer": manifest["tokenizer"], "config": to_dict(t_cfg)}
-    )
+    settings = {
+        k: v for k, v in to_dict(t_cfg).items() if k not in ("data", "output", "name", "storage_path")
+    }
+    key = identity(manifest["identity"], settings, model_fingerprint(t_cfg.model))[:10]
     t_cfg = dataclasses.replace(t_cfg, name=f"{t_cfg.name}-{key}")
     metrics_path = join(t_cfg.output, "metrics.json")
     metrics = read_json(metrics_path) if exists(metrics_path) else None

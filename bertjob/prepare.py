@@ -31,8 +31,9 @@ import pyarrow.parquet as pq
 
 from bertjob import models
 from bertjob.config import PrepareConfig, join, to_dict
+from bertjob.identity import corpus_fingerprint, identity
 from bertjob.outputs import MANIFEST, claim_output, versions, write_json
-from bertjob.sources import InputError, filesystem, open_corpus
+from bertjob.sources import Corpus, InputError, filesystem, open_corpus
 from bertjob.text import tokenize_rows
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,13 @@ QUARANTINE_SCHEMA = pa.schema(
         ("text", pa.string()),
     ]
 )
+
+
+def identity_of(cfg: PrepareConfig, corpus: Corpus, tokenizer_fingerprint: str) -> str:
+    """What a prepared output is made from: the corpus' content (not its path), the settings, the
+    tokenizer. The pipeline reuses an output whose manifest records the same."""
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("input", "output")}
+    return identity(corpus_fingerprint(corpus), settings, tokenizer_fingerprint)
 
 
 def row_hash(seed: int, row_id: str) -> int:
@@ -392,6 +400,9 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
         init_ray(dashboard=False)
         ray_init_s = time.time() - t_init
         tok_info, encoder = tokenizer.result()  # a hub id that cannot be reached fails here
+    key = identity_of(
+        cfg, corpus, tok_info["fingerprint"]
+    )  # before reading: a change mid-run shows next time
     log.info("prepare: %s -> %s (tokenizer %s, max_length %d, %s)", corpus.describe(), cfg.output,
              cfg.model, cfg.max_length, cfg.truncation)  # fmt: skip
     claim_output(cfg.output, "prepare")
@@ -440,6 +451,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     read_total = sum(s["rows_read"] for s in splits.values())
     manifest = {
         "format": "bertjob-prepared/1",
+        "identity": key,
         "input": cfg.input,
         "corpus_kind": corpus.kind,
         "splits": splits,

@@ -51,7 +51,7 @@ def test_infer_replaces_its_own_output_only_with_overwrite(tmp_path, tiny_classi
     (out / "predictions").mkdir()
     (out / "predictions" / "part-0.parquet").write_bytes(b"an earlier run of unknown inputs")
     cfg = InferConfig(input="unused", model=tiny_classifier_dir, output=str(out))
-    run_info = {"units": 1}
+    run_info = {"identity": "x", "units": 1}
     with pytest.raises(OutputError, match="--overwrite"):
         infer._resume_state(cfg, run_info, "infer")
     assert (out / "predictions" / "part-0.parquet").exists()
