@@ -198,11 +198,13 @@ class Predictor:
         lengths = np.diff(rows.offsets.to_numpy())
         idx = np.flatnonzero(good)
         order = idx[np.argsort(lengths[idx], kind="stable")]  # similar lengths together: less padding
+        in_order = rows.take(order)  # once per batch; each sub-batch is then a zero-copy slice
         for start in range(0, len(order), self.batch_size):
             part = order[start : start + self.batch_size]
             if self._delay_s:
                 time.sleep(self._delay_s)
-            t = collate({"input_ids": rows.take(part)}, self.pad_id, self.multiple_of, self.device)
+            sub = in_order.slice(start, len(part))
+            t = collate({"input_ids": sub}, self.pad_id, self.multiple_of, self.device)
             with autocast(self.precision, self.device):
                 logits = self.model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
             prob[part] = torch.softmax(logits.float(), dim=-1)[:, 1].cpu().numpy()

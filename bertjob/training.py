@@ -26,62 +26,45 @@ import torch
 
 
 def ragged(input_ids: Any, lengths: Any = None) -> tuple[np.ndarray, np.ndarray]:
-    """(flat token ids, offsets) of a column of token-id rows, without a Python loop over rows:
-    a pyarrow list array (the predictor's batches), a numpy array of rows (Ray Data's numpy
-    batches) or a 2-D array (rows of one length)."""
+    """(the rows' token ids end to end, each row's length) of a column of token-id rows, without a
+    Python loop over rows: a pyarrow list array (the predictor's batches), a numpy array of rows
+    (Ray Data's numpy batches) or a 2-D array (rows of one length)."""
     if isinstance(input_ids, pa.ChunkedArray):
         input_ids = input_ids.combine_chunks()
     if isinstance(input_ids, (pa.ListArray, pa.LargeListArray)):
-        # offsets index into .values, which a sliced array shares with its parent
-        return input_ids.values.to_numpy(zero_copy_only=False), input_ids.offsets.to_numpy().astype(np.int64)
-    rows = np.asarray(input_ids) if not isinstance(input_ids, np.ndarray) else input_ids
-    if rows.dtype != object and rows.ndim == 2:
-        n, width = rows.shape
-        return rows.reshape(-1), np.arange(n + 1, dtype=np.int64) * width
-    n = len(rows)
+        offsets = input_ids.offsets.to_numpy()  # into .values, which a slice shares with its parent
+        values = input_ids.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
+        return values, np.diff(offsets).astype(np.int64)
+    if isinstance(input_ids, np.ndarray) and input_ids.dtype != object and input_ids.ndim == 2:
+        return input_ids.reshape(-1), np.full(len(input_ids), input_ids.shape[1], dtype=np.int64)
     if lengths is None:
-        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=n)
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    values = np.concatenate(list(rows)) if n else np.zeros(0, dtype=np.int64)
-    return values, offsets
+        lengths = np.fromiter(map(len, input_ids), dtype=np.int64, count=len(input_ids))
+    values = np.concatenate(input_ids) if len(input_ids) else np.zeros(0, dtype=np.int64)
+    return values, np.asarray(lengths, dtype=np.int64)
 
 
 def row_lengths(batch: dict[str, Any]) -> np.ndarray:
     """Token count of each row of a host-side batch (its `length` column when it has one)."""
     if "length" in batch:
         return np.asarray(batch["length"], dtype=np.int64)
-    return np.diff(ragged(batch["input_ids"])[1])
-
-
-def pad_rows(
-    values: np.ndarray, offsets: np.ndarray, rows: np.ndarray, pad_id: int, multiple_of: int = 1
-) -> tuple[np.ndarray, np.ndarray]:
-    """`rows` of a ragged batch as (ids, attention mask), padded to the longest of them (rounded up
-    to `multiple_of`): one gather, no loop over rows."""
-    starts = offsets[rows]
-    lengths = offsets[rows + 1] - starts
-    width = max(int(lengths.max()) if len(rows) else 0, 1)
-    if multiple_of > 1:
-        width = int(math.ceil(width / multiple_of) * multiple_of)
-    mask = np.arange(width)[None, :] < lengths[:, None]
-    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    before = np.zeros(len(rows), dtype=np.int64)  # tokens of the earlier rows, in the mask's order
-    np.cumsum(lengths[:-1], out=before[1:])
-    ids[mask] = values[np.repeat(starts - before, lengths) + np.arange(int(lengths.sum()))]
-    return ids, mask.astype(np.int64)
+    return ragged(batch["input_ids"])[1]
 
 
 def collate(
     batch: dict[str, Any], pad_id: int, multiple_of: int = 1, device: Any = "cpu"
 ) -> dict[str, torch.Tensor]:
     """Dynamic padding, shared by training and the predictor: pad to the longest sequence in the
-    batch (rounded up to `multiple_of`)."""
-    values, offsets = ragged(batch["input_ids"], batch.get("length"))
-    ids, mask = pad_rows(values, offsets, np.arange(len(offsets) - 1), pad_id, multiple_of)
+    batch (rounded up to `multiple_of`), in one masked assignment rather than a copy per row."""
+    values, lengths = ragged(batch["input_ids"], batch.get("length"))
+    width = max(int(lengths.max()) if len(lengths) else 0, 1)
+    if multiple_of > 1:
+        width = int(math.ceil(width / multiple_of) * multiple_of)
+    mask = np.arange(width) < lengths[:, None]
+    ids = np.full(mask.shape, pad_id, dtype=np.int64)
+    ids[mask] = values  # row-major: each row's tokens, then the next row's
     out = {
         "input_ids": torch.from_numpy(ids).to(device, non_blocking=True),
-        "attention_mask": torch.from_numpy(mask).to(device, non_blocking=True),
+        "attention_mask": torch.from_numpy(mask.astype(np.int64)).to(device, non_blocking=True),
     }
     if "label" in batch:
         out["labels"] = torch.as_tensor(np.asarray(batch["label"], dtype=np.int64)).to(
