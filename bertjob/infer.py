@@ -403,12 +403,12 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
                              f"{cfg.model} uses ({fingerprint}); give the raw corpus instead")  # fmt: skip
         # Its rows are already tokenized: they must be as the model (or the command line) wants them.
         effective = text_settings(cfg, recorded or manifest)
-        prepared = TextSettings.of(manifest).as_dict()
-        differ = {k: (v, effective.as_dict()[k]) for k, v in prepared.items() if effective.as_dict()[k] != v}
+        want, have = effective.as_dict(), TextSettings.of(manifest).as_dict()
+        differ = [f"{k} {have[k]!r} (model: {want[k]!r})" for k in want if want[k] != have[k]]
         if differ:
-            shown = ", ".join(f"{k} {a!r} (model: {b!r})" for k, (a, b) in differ.items())
             raise InputError(f"input {cfg.input} was prepared with other text settings than model {cfg.model} "
-                             f"was trained with: {shown}; give the raw corpus, or prepare it again with these settings")  # fmt: skip
+                             f"was trained with: {', '.join(differ)}; give the raw corpus, or prepare it again "
+                             f"with these settings")  # fmt: skip
     else:
         effective = text_settings(cfg, recorded)
     # The run's identity: the input's content (not its path), what scoring depends on, the model.
