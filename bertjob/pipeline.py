@@ -15,8 +15,9 @@ from typing import Any
 
 from bertjob import infer, prepare, train
 from bertjob.cluster import init_ray
-from bertjob.config import PipelineConfig, join, to_dict
-from bertjob.outputs import MANIFEST, exists, read_json, write_json
+from bertjob.config import PipelineConfig, to_dict
+from bertjob.outputs import MANIFEST
+from bertjob.storage import check_access, exists, join, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ def _prepared_is_current(cfg: Any) -> dict[str, Any] | None:
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     started = time.time()
+    check_access({"input": cfg.input, "output_dir": cfg.output_dir, "storage_path": cfg.storage_path,
+                  "infer_input": cfg.infer_input})  # fmt: skip
     summary: dict[str, Any] = {"output_dir": cfg.output_dir, "stages": {}}
 
     # 1. prepare
