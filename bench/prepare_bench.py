@@ -21,7 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import machine, ray_head, run_measured  # noqa: E402
-from bertjob import models  # noqa: E402
+from bertjob import models, storage  # noqa: E402
 from bertjob.sources import IMDB_FILE  # noqa: E402
 
 
@@ -63,11 +63,11 @@ def main() -> None:
     n, bound_s = bound(args.input, args.model)
     # The job reads its tokenizer from bertjob's cache, as every run after a user's first does.
     models.tokenizer_record(args.model)
-    env = {**os.environ, "BERTJOB_CACHE": models.cache_root()}
+    env = {**os.environ, "BERTJOB_CACHE": storage.cache_root()}
     env.pop("RAY_ADDRESS", None)
     job, manifest = run_job(args, env)
     with ray_head() as client:
-        client = {**client, "BERTJOB_CACHE": models.cache_root()}
+        client = {**client, "BERTJOB_CACHE": storage.cache_root()}
         # The first job on a fresh head also starts Ray Data's helper actors, which stay for later jobs.
         first_job, first_manifest = run_job(args, client)
         cjob, cmanifest = run_job(args, client)

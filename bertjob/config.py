@@ -7,8 +7,6 @@ once, as a ConfigError, before Ray starts.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,6 +264,8 @@ class PipelineConfig:
         return p
 
     def path(self, *parts: str) -> str:
+        from bertjob.storage import join  # storage imports this module (SetupError)
+
         return join(self.output_dir, *parts)
 
     def stage(self, name: str) -> Any:
@@ -299,13 +299,6 @@ class PipelineConfig:
             raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
         section = getattr(self, name) or {}
         return build(cls, {**base, **section}, where=f"{name}: ")
-
-
-def join(root: str, *parts: str) -> str:
-    """Join paths that may be URIs (s3://bucket/x) as well as local paths."""
-    if "://" in root:
-        return "/".join([root.rstrip("/"), *parts])
-    return os.path.join(root, *parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +427,3 @@ def is_pipeline_file(data: dict[str, Any]) -> bool:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
-
-
-def save_config(cfg: Any, path: str) -> None:
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")

@@ -19,7 +19,8 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from bertjob import models
-from bertjob.sources import Corpus, filesystem
+from bertjob.sources import Corpus
+from bertjob.storage import filesystem
 
 SMALL_INPUT_BYTES = 8 << 20  # inputs up to this size (and SMALL_INPUT_FILES files) are hashed
 SMALL_INPUT_FILES = 256

@@ -7,7 +7,11 @@
 
 Exactly once: every committed file holds the (unit, row) of its rows. A rerun reads those
 positions back, skips finished units and drops finished rows, so it completes only what is
-missing. `--overwrite` starts clean.
+missing. Nothing is ever renamed on an object store (a "rename" there is a copy and a delete):
+each file is one PUT, visible whole or not at all, and the manifest, written last, is the commit
+record. Before writing it, `settle` merges files that share positions (a killed run's write that
+landed after the rerun listed the output), so every position is committed once. `--overwrite`
+starts clean.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -29,7 +34,7 @@ import pyarrow.parquet as pq
 import torch
 
 from bertjob import models
-from bertjob.config import InferConfig, join, to_dict
+from bertjob.config import InferConfig, to_dict
 from bertjob.identity import corpus_fingerprint, digest, identity, model_fingerprint
 from bertjob.metrics import classification_metrics
 from bertjob.outputs import (
@@ -37,12 +42,10 @@ from bertjob.outputs import (
     OutputError,
     claim_output,
     ensure_output,
-    exists,
-    read_json,
     versions,
-    write_json,
 )
-from bertjob.sources import InputError, filesystem, open_corpus
+from bertjob.sources import InputError, open_corpus
+from bertjob.storage import check_access, copy, exists, filesystem, is_remote, join, read_json, write_json
 from bertjob.text import CAP_CHARS_PER_TOKEN, LABEL_NAMES, TextSettings, parse_label, tokenize_rows
 from bertjob.training import autocast, collate, resolve_precision, torch_threads
 
@@ -298,7 +301,7 @@ class PredictionSink:
         q = table.filter(pa.array(bad))
         schema = OUTPUT_SCHEMA.append(pa.field("text", pa.string())) if self.include_text else OUTPUT_SCHEMA
         if good.num_rows:
-            self._commit(PREDICTIONS, good.select(schema.names).cast(schema))
+            self.commit(PREDICTIONS, good.select(schema.names).cast(schema))
             stats["scored"] = good.num_rows
         if q.num_rows:
             qt = pa.table(
@@ -306,11 +309,12 @@ class PredictionSink:
                  "unit": q.column("unit"), "row": q.column("row")},
                 schema=QUARANTINE_SCHEMA,
             )  # fmt: skip
-            self._commit(QUARANTINE, qt)
+            self.commit(QUARANTINE, qt)
             stats["quarantined"] = Counter(q.column("reason").to_pylist())
         return stats
 
-    def _commit(self, kind: str, table: pa.Table) -> None:
+    def commit(self, kind: str, table: pa.Table) -> str:
+        """Write `table` under its content name; returns the path in the output's filesystem."""
         fs, root = filesystem(self.output)
         final = join(root, kind, f"part-{_content_name(table)}.parquet")
         if isinstance(fs, pafs.LocalFileSystem):
@@ -322,6 +326,7 @@ class PredictionSink:
         else:
             # Object stores make a PUT visible whole or not at all.
             pq.write_table(table, final, filesystem=fs, compression="zstd")
+        return final
 
 
 def make_sink(output: str, include_text: bool, rows_per_file: int) -> Any:
@@ -377,6 +382,60 @@ def committed_positions(output: str, units: int) -> tuple[dict[int, Any], int]:
     return done, total
 
 
+def settle(output: str, kind: str) -> int:
+    """Leave every position committed under DIR/<kind> in exactly one file; returns the rows dropped.
+
+    Committed files never change, so two can share positions only when two writes grouped
+    overlapping rows differently: a killed run's write whose PUT completed after the rerun had
+    listed the output, or a write retried with another grouping. Each set of files that share
+    positions is replaced by one file holding each position once: the merged file is written first
+    (named by its content, so doing it again writes the same object), then the others are deleted.
+    A crash in between leaves the merged file overlapping its sources: the next finish merges them
+    again into that same object.
+    """
+    fs, root = filesystem(output)
+    listing = fs.get_file_info(pafs.FileSelector(join(root, kind), allow_not_found=True))
+    files = sorted(f.path for f in listing if f.path.endswith(".parquet"))
+    if len(files) < 2:
+        return 0
+    keys = [_positions(pq.read_table(p, columns=["unit", "row"], filesystem=fs)) for p in files]
+    owner = np.repeat(np.arange(len(files)), [len(k) for k in keys])
+    all_keys = np.concatenate(keys)
+    order = np.argsort(all_keys, kind="stable")
+    same = np.flatnonzero(all_keys[order][1:] == all_keys[order][:-1])
+    if not len(same):
+        return 0
+    group = list(range(len(files)))  # union-find over files that share a position
+
+    def top(i: int) -> int:
+        while group[i] != i:
+            i = group[i]
+        return i
+
+    for i in same:
+        group[top(int(owner[order[i + 1]]))] = top(int(owner[order[i]]))
+    sets: dict[int, list[str]] = {}
+    for i in {int(owner[order[j]]) for j in np.concatenate([same, same + 1])}:
+        sets.setdefault(top(i), []).append(files[i])
+    dropped = 0
+    sink = PredictionSink(output, include_text=False)
+    for paths in sets.values():
+        table = pa.concat_tables(
+            [pq.read_table(p, filesystem=fs) for p in sorted(paths)], promote_options="default"
+        )
+        _, first = np.unique(_positions(table), return_index=True)  # sorted by position: deterministic
+        merged = sink.commit(kind, table.take(first))
+        for p in paths:
+            if p != merged:
+                fs.delete_file(p)
+        dropped += table.num_rows - len(first)
+    return dropped
+
+
+def _positions(table: pa.Table) -> np.ndarray:
+    return table.column("unit").to_numpy().astype(np.int64) << 40 | table.column("row").to_numpy()
+
+
 # ---------------------------------------------------------------------------------------------
 # The job
 
@@ -429,6 +488,7 @@ def run(cfg: InferConfig, evaluate: bool = False, replace_changed: bool = False)
 
     started = time.time()
     stage = "evaluate" if evaluate else "infer"
+    check_access({"input": cfg.input, "model": cfg.model, "output": cfg.output})
     corpus, run_info = describe(cfg, evaluate)
     effective = run_info["settings"]
     done, already = _resume_state(cfg, run_info, stage, replace_changed)
@@ -506,6 +566,12 @@ def finish(
     """Count what is committed (all runs), check it, then write metrics (evaluate) and the manifest."""
     scored, quarantined = sink.scored, sink.quarantined
     fs, root = filesystem(cfg.output)
+    for kind in (PREDICTIONS, QUARANTINE):
+        merged = settle(cfg.output, kind)
+        if merged:
+            log.warning(
+                "%s: %d rows were committed twice (a killed run's late write); kept once", stage, merged
+            )
     totals: dict[str, Any] = {"scored": 0, "quarantined": Counter()}
     pairs = 0
     positions = []
@@ -516,7 +582,7 @@ def finish(
         cols = ["unit", "row"] + (["reason"] if kind == QUARANTINE else [])
         t = pq.read_table(d, columns=cols, filesystem=fs)
         pairs += t.num_rows
-        positions.append(t.column("unit").to_numpy().astype(np.int64) << 40 | t.column("row").to_numpy())
+        positions.append(_positions(t))
         if kind == PREDICTIONS:
             totals["scored"] = t.num_rows
         else:
@@ -571,7 +637,11 @@ def evaluation(cfg: InferConfig) -> dict[str, Any]:
     probs = t.column("prob_positive").to_numpy()
     m = classification_metrics(labels, probs)
     write_json(join(cfg.output, "metrics.json"), m)
-    if "://" not in cfg.output:
+    if is_remote(cfg.output):
+        with tempfile.TemporaryDirectory(prefix="bertjob-report-") as local:
+            plot_report(labels, probs, m, os.path.join(local, "report.png"))
+            copy(os.path.join(local, "report.png"), join(cfg.output, "report.png"))
+    else:
         plot_report(labels, probs, m, os.path.join(cfg.output, "report.png"))
     log.info(
         "evaluate: accuracy %.4f f1 %.4f roc_auc %.4f on %d rows",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bertjob.config import SetupError
+from bertjob.storage import cache_root, is_remote, local_dir
 
 EMBEDDED = "minilm"
 TOKENIZER_FILES = (
@@ -38,9 +39,12 @@ def embedded_model_path() -> str:
 
 
 def resolve_model(name: str) -> str:
-    """Return what `from_pretrained` should get: a local directory or a hub id."""
+    """Return what `from_pretrained` should get: a local directory or a hub id. A model on s3://
+    or gs:// becomes a local copy, downloaded once per content (storage.local_dir)."""
     if name == EMBEDDED:
         return embedded_model_path()
+    if is_remote(name):
+        return local_dir(name)
     expanded = os.path.expanduser(name)
     if os.path.isdir(expanded):
         return os.path.abspath(expanded)
@@ -193,10 +197,6 @@ def _cache_path(model_dir: str, trust_remote_code: bool) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return os.path.join(cache_root(), "tokenizers", h.hexdigest()[:32] + ".json")
-
-
-def cache_root() -> str:
-    return os.environ.get("BERTJOB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bertjob")
 
 
 def load_classifier(name: str, trust_remote_code: bool = False, num_labels: int = 2) -> Any:

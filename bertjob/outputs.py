@@ -1,4 +1,4 @@
-"""Output directories on any pyarrow filesystem: claim, replace, JSON in and out, versions."""
+"""Output directories on any filesystem: claim (never wiping a directory bertjob did not write), versions."""
 
 from __future__ import annotations
 
@@ -6,13 +6,11 @@ import json
 import os
 import platform
 import time
-import uuid
-from typing import Any
 
 import pyarrow.fs as pafs
 
-from bertjob.config import SetupError, join
-from bertjob.sources import filesystem
+from bertjob.config import SetupError
+from bertjob.storage import filesystem, join, read_json
 
 MARKER = "_bertjob_output"  # written first, naming the stage: only that stage may replace the directory
 MANIFEST = "manifest.json"  # written last: its presence means the output is complete
@@ -20,31 +18,6 @@ MANIFEST = "manifest.json"  # written last: its presence means the output is com
 
 class OutputError(SetupError):
     """The output location cannot be used."""
-
-
-def exists(path: str) -> bool:
-    fs, where = filesystem(path)
-    return fs.get_file_info(where).type != pafs.FileType.NotFound
-
-
-def read_json(path: str) -> Any:
-    fs, where = filesystem(path)
-    with fs.open_input_stream(where) as f:
-        return json.loads(f.read().decode())
-
-
-def write_json(path: str, obj: Any) -> None:
-    """Write JSON; on a local disk through a temporary file and a rename, so readers never see half."""
-    data = (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
-    fs, where = filesystem(path)
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{where}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, where)
-        return
-    with fs.open_output_stream(where) as f:
-        f.write(data)
 
 
 def _existing(path: str, stage: str, own: tuple[str, ...] = ()) -> tuple[pafs.FileSystem, str, set[str]]:

@@ -13,10 +13,11 @@ from typing import Any
 
 from bertjob import infer, models, prepare, train
 from bertjob.cluster import init_ray
-from bertjob.config import PipelineConfig, PrepareConfig, join, to_dict
+from bertjob.config import PipelineConfig, PrepareConfig, to_dict
 from bertjob.identity import identity, model_fingerprint
-from bertjob.outputs import MANIFEST, ensure_output, exists, read_json, write_json
+from bertjob.outputs import MANIFEST, ensure_output
 from bertjob.sources import open_corpus
+from bertjob.storage import check_access, exists, join, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ OWN_ENTRIES = ("prepared", "train", "evaluate", "infer", "checkpoints", "summary
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     started = time.time()
+    check_access({"input": cfg.input, "output_dir": cfg.output_dir, "storage_path": cfg.storage_path,
+                  "infer_input": cfg.infer_input})  # fmt: skip
     summary: dict[str, Any] = {"output_dir": cfg.output_dir, "stages": {}}
     ensure_output(cfg.output_dir, "pipeline", own=OWN_ENTRIES)  # never another job's directory
 

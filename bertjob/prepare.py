@@ -30,10 +30,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bertjob import models
-from bertjob.config import PrepareConfig, join, to_dict
+from bertjob.config import PrepareConfig, to_dict
 from bertjob.identity import corpus_fingerprint, identity
-from bertjob.outputs import MANIFEST, claim_output, versions, write_json
-from bertjob.sources import Corpus, InputError, filesystem, open_corpus
+from bertjob.outputs import MANIFEST, claim_output, versions
+from bertjob.sources import Corpus, InputError, open_corpus
+from bertjob.storage import check_access, filesystem, join, write_json
 from bertjob.text import tokenize_rows
 
 log = logging.getLogger(__name__)
@@ -384,6 +385,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     from bertjob.datasource import read_corpus
 
     started = time.time()
+    check_access({"input": cfg.input, "output": cfg.output})
     corpus = open_corpus(cfg.input, cfg.text_column, cfg.label_column, cfg.id_column, cfg.split)
     if not corpus.has_rows():
         raise InputError(f"input {cfg.input}: no rows found ({corpus.describe()})")

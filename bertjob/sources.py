@@ -23,6 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bertjob.config import SetupError
+from bertjob.storage import filesystem
 from bertjob.text import decode_text
 
 ROW_SCHEMA = pa.schema(
@@ -51,13 +52,6 @@ PREPARED_FORMAT = "bertjob-prepared/1"
 
 class InputError(SetupError):
     """The input cannot be read as a corpus; raised before any work starts."""
-
-
-def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem for a local path or an s3:// / gs:// / hdfs:// URI."""
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
 
 def sample_path() -> str:

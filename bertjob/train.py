@@ -25,9 +25,20 @@ import numpy as np
 import torch
 
 from bertjob import models
-from bertjob.config import SetupError, TrainConfig, join, to_dict
+from bertjob.config import SetupError, TrainConfig, to_dict
 from bertjob.metrics import classification_metrics
-from bertjob.outputs import MANIFEST, ensure_output, exists, read_json, versions, write_json
+from bertjob.outputs import MANIFEST, ensure_output, versions
+from bertjob.storage import (
+    check_access,
+    copy,
+    exists,
+    filesystem,
+    is_remote,
+    join,
+    read_json,
+    remove,
+    write_json,
+)
 from bertjob.text import TextSettings
 from bertjob.training import (
     Stepper,
@@ -130,14 +141,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     from bertjob.cluster import init_ray
 
     started = time.time()
+    check_access({"data": cfg.data, "output": cfg.output, "storage_path": cfg.storage_path})
     manifest = read_manifest(cfg.data)
     problems = check_setup(cfg, manifest)
     if problems:
         raise TrainSetupError("cannot train:\n  - " + "\n  - ".join(problems))
-    if "://" in cfg.output:
-        raise TrainSetupError(
-            "train output must be a local or mounted directory; put checkpoints on s3:// or gs:// with --storage-path"
-        )
     ensure_output(cfg.output, "train")  # never wiped: it may hold the checkpoints a rerun resumes from
     init_ray()
     if cfg.check_resources:
@@ -177,8 +185,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         steps_per_epoch, total_steps,
     )  # fmt: skip
     storage = cfg.storage_path or join(cfg.output, "ray_results")
-    if "://" not in storage:
+    if is_remote(storage):  # Ray gets the filesystem the standard variables describe (storage.py)
+        storage_fs, storage_where = filesystem(storage)
+    else:
         storage = os.path.abspath(storage)
+        storage_fs, storage_where = None, storage
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": to_dict(cfg), "meta": meta},
@@ -189,7 +200,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         ),
         run_config=RunConfig(
             name=cfg.name,
-            storage_path=storage,
+            storage_path=storage_where,
+            storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             worker_runtime_env={"env_vars": malloc_env()} if cfg.malloc_tuning else None,
             checkpoint_config=CheckpointConfig(
@@ -223,7 +235,8 @@ def _root_message(err: BaseException) -> str:
 def _read_split(data: str, split: str, shuffle_seed: int | None, stream: bool) -> Any:
     import ray.data
 
-    ds = ray.data.read_parquet(join(data, split), columns=COLUMNS)
+    fs, where = filesystem(join(data, split))
+    ds = ray.data.read_parquet(where, filesystem=fs, columns=COLUMNS)
     if shuffle_seed is not None:
         # The prepared order follows the source (IMDb: all neg, then all pos); shuffle once, seeded,
         # so that a resumed epoch sees the same order. Each epoch adds a seeded local shuffle.
@@ -240,7 +253,22 @@ def export(
     cfg: TrainConfig, manifest: dict[str, Any], checkpoint: Any, wall_s: float, storage: str
 ) -> dict[str, Any]:
     """OUTPUT/model (the best model, HF format, loadable by transformers.pipeline), metrics.json, curves."""
-    model_dir = join(cfg.output, "model")
+    if not is_remote(cfg.output):
+        return _export_to(cfg.output, cfg, manifest, checkpoint, wall_s, storage)
+    # Object stores take whole objects: build the outputs locally, then upload them, metrics.json
+    # last (the pipeline takes a train output with metrics.json and a model as complete).
+    with tempfile.TemporaryDirectory(prefix="bertjob-export-") as local:
+        metrics = _export_to(local, cfg, manifest, checkpoint, wall_s, storage)
+        remove(join(cfg.output, "model"))
+        for name in ("model", "training_curves.png", "metrics.json"):
+            copy(os.path.join(local, name), join(cfg.output, name))
+    return metrics
+
+
+def _export_to(
+    out: str, cfg: TrainConfig, manifest: dict[str, Any], checkpoint: Any, wall_s: float, storage: str
+) -> dict[str, Any]:
+    model_dir = os.path.join(out, "model")
     with checkpoint.as_directory() as ckpt:
         final = json.loads(open(os.path.join(ckpt, FINAL_FILE)).read())
         if os.path.isdir(model_dir):
@@ -282,13 +310,13 @@ def export(
         "prepared": {k: manifest[k] for k in ("max_length", "truncation", "input")},
         "versions": versions(),
     }
-    write_json(join(cfg.output, "metrics.json"), metrics)
-    plot_curves(state["history"], os.path.join(cfg.output, "training_curves.png"))
+    write_json(os.path.join(out, "metrics.json"), metrics)
+    plot_curves(state["history"], os.path.join(out, "training_curves.png"))
     test = metrics["test"] or {}
     log.info(
         "train: best epoch %d, val accuracy %.4f, test accuracy %s; model in %s",
         state["best_epoch"] + 1, state["best_val_accuracy"],
-        f"{test['accuracy']:.4f}" if test else "n/a", model_dir,
+        f"{test['accuracy']:.4f}" if test else "n/a", join(cfg.output, "model"),
     )  # fmt: skip
     return metrics
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny BERT (random weights, vocabulary built here), small corpora, one local Ray."""
+"""Shared fixtures: a tiny BERT (random weights, vocabulary built here), small corpora, a local S3
+endpoint, one local Ray."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import random
 import tarfile
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -111,9 +114,90 @@ def imdb_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_imdb_dir(tmp_path_factory.mktemp("imdb"), {"train": 100, "test": 40, "unsup": 30})
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Endpoint:
+    """A moto S3 server on 127.0.0.1 that checks credentials, with one bucket."""
+
+    bucket = "bertjob-test"
+
+    def __init__(self, url: str, key: str, secret: str):
+        self.url, self.key, self.secret = url, key, secret
+
+    def uri(self, *parts: str) -> str:
+        """A fresh prefix in the bucket per call, so tests never see each other's objects."""
+        import uuid
+
+        return "/".join([f"s3://{self.bucket}", uuid.uuid4().hex[:10], *parts])
+
+
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the in-process integration tests (2 CPUs, as in CI)."""
+def s3() -> Iterator[S3Endpoint]:
+    """A real S3 HTTP endpoint (moto's server in its own process), reached only through the standard
+    AWS_* variables, which are set for the whole session before Ray starts so its workers inherit
+    them. The server checks credentials: an IAM user with an S3 policy owns the key pair the tests
+    use; from then on a wrong key is refused, as on AWS."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    import boto3
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(600):  # up to ~60 s on a loaded machine; a fixed sleep would race
+            try:
+                urllib.request.urlopen(f"{url}/moto-api/", timeout=5)
+                break
+            except OSError:
+                if server.poll() is not None:
+                    raise RuntimeError("the moto S3 server exited at start") from None
+                time.sleep(0.1)
+        admin = dict(endpoint_url=url, region_name="us-east-1", aws_access_key_id="admin",
+                     aws_secret_access_key="admin")  # fmt: skip
+        iam = boto3.client("iam", **admin)
+        iam.create_user(UserName="bertjob")
+        policy = {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+        }
+        iam.put_user_policy(UserName="bertjob", PolicyName="s3", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName="bertjob")["AccessKey"]
+        boto3.client("s3", **admin).create_bucket(Bucket=S3Endpoint.bucket)
+        # From here on every request must be signed by a known key with a policy that allows it.
+        urllib.request.urlopen(
+            urllib.request.Request(f"{url}/moto-api/reset-auth", data=b"0", method="POST",
+                                   headers={"Content-Type": "text/plain"})
+        )  # fmt: skip
+        endpoint = S3Endpoint(url, key["AccessKeyId"], key["SecretAccessKey"])
+        with pytest.MonkeyPatch.context() as mp:
+            for name, value in (("AWS_ENDPOINT_URL", url), ("AWS_ACCESS_KEY_ID", endpoint.key),
+                                ("AWS_SECRET_ACCESS_KEY", endpoint.secret), ("AWS_REGION", "us-east-1")):  # fmt: skip
+                mp.setenv(name, value)
+            for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+                mp.delenv(name, raising=False)
+            yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3: S3Endpoint):
+    """One local Ray for the in-process integration tests (2 CPUs, as in CI). It starts after the S3
+    endpoint so that its workers see the AWS_* variables, as a node configured for S3 would."""
     import ray
 
     ray.init(address="local", num_cpus=2, log_to_driver=False)

@@ -640,6 +640,23 @@ def test_gpu_overlay_has_gpu_workers(source: str) -> None:
                 )
 
 
+@pytest.mark.parametrize("source", [o for o in OVERLAYS if o.startswith("overlays/s3")])
+def test_s3_overlay_keeps_every_path_in_the_bucket_and_the_credentials_in_a_secret(source: str) -> None:
+    objs = objects(source)
+    for obj in objs:
+        if obj["kind"] == "RayJob":
+            flags = parse_entrypoint(obj["spec"]["entrypoint"])[1]
+            paths = {f: v for f, v in flags.items() if f in ("--input", "--output-dir", "--storage-path")}
+            assert paths and all(v.startswith("s3://") for v in paths.values()), f"{label(obj)}: {paths}"
+        for where, pod in pod_specs(obj):
+            if where.endswith("submitter"):
+                continue  # it only submits the job
+            ray = pod["containers"][0]
+            refs = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in ray.get("env", [])}
+            for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION"):
+                assert refs.get(name), f"{where}: {name} does not come from a Secret (secretKeyRef)"
+
+
 # --- the checkers catch what they are for ------------------------------------------------------------------
 
 

@@ -1,0 +1,186 @@
+"""The one home for paths and filesystems: local paths and s3:// / gs:// URIs, through pyarrow.
+
+Every stage reads and writes through `filesystem()`, so a local directory, S3 (or an
+S3-compatible store such as MinIO or Ceph) and GCS behave alike. S3 is configured only by the
+standard variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION) or
+the SDK's other sources (~/.aws, an instance role); GCS by Google's application default
+credentials.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from bertjob.config import SetupError
+
+NOT_FOUND = pafs.FileType.NotFound
+
+
+class StorageError(SetupError):
+    """A storage location cannot be reached or used."""
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def join(root: str, *parts: str) -> str:
+    """Join paths that may be URIs (s3://bucket/x) as well as local paths."""
+    if is_remote(root):
+        return "/".join([root.rstrip("/"), *parts])
+    return os.path.join(root, *parts)
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for a local path or an s3:// / gs:// / hdfs:// URI."""
+    if not is_remote(path):
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    scheme, rest = path.split("://", 1)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if scheme == "s3" and endpoint and "?" not in rest:
+        # pyarrow's S3FileSystem() ignores AWS_ENDPOINT_URL (pyarrow 26: only FileSystem.from_uri
+        # reads it), and Ray is handed this filesystem: pass what the standard variable says.
+        url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        fs = pafs.S3FileSystem(
+            endpoint_override=url.netloc + url.path.rstrip("/"), scheme=url.scheme, region=region
+        )
+        return fs, rest.rstrip("/")
+    try:
+        fs, where = pafs.FileSystem.from_uri(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise StorageError(f"{path}: {err}") from err
+    return fs, where.rstrip("/")
+
+
+def exists(path: str) -> bool:
+    fs, where = filesystem(path)
+    return fs.get_file_info(where).type != NOT_FOUND
+
+
+def read_json(path: str) -> Any:
+    fs, where = filesystem(path)
+    with fs.open_input_stream(where) as f:
+        return json.loads(f.read().decode())
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write JSON that readers see whole or not at all: locally a temporary file and a rename; on
+    an object store one PUT, which becomes visible only once complete."""
+    data = (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+    fs, where = filesystem(path)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(where), exist_ok=True)
+        tmp = f"{where}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, where)
+        return
+    with fs.open_output_stream(where) as f:
+        f.write(data)
+
+
+def copy(src: str, dst: str) -> None:
+    """Copy a file or a directory tree between any two locations (upload, download, or both remote)."""
+    src_fs, src_where = filesystem(src)
+    dst_fs, dst_where = filesystem(dst)
+    if isinstance(dst_fs, pafs.LocalFileSystem):  # pyarrow creates the directories below, not these
+        is_dir = src_fs.get_file_info(src_where).type == pafs.FileType.Directory
+        os.makedirs(dst_where if is_dir else os.path.dirname(dst_where), exist_ok=True)
+    pafs.copy_files(src_where, dst_where, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
+def remove(path: str) -> None:
+    """Delete a file or a directory tree; nothing there is fine."""
+    fs, where = filesystem(path)
+    kind = fs.get_file_info(where).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(where)
+    elif kind == pafs.FileType.File:
+        fs.delete_file(where)
+
+
+def cache_root() -> str:
+    return os.environ.get("BERTJOB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bertjob")
+
+
+def local_dir(uri: str) -> str:
+    """A local copy of a remote directory (a model), downloaded once per content.
+
+    The cache key is each file's name, size and ETag (its modification time where a store gives no
+    ETag), so a changed file makes a new copy and an unchanged one is never fetched again: every
+    predictor actor on a node shares one download. Concurrent callers download to temporary
+    directories; the first rename wins.
+    """
+    fs, where = filesystem(uri)
+    files = sorted(
+        (f for f in fs.get_file_info(pafs.FileSelector(where, recursive=True, allow_not_found=True))
+         if f.type == pafs.FileType.File),
+        key=lambda f: f.path,
+    )  # fmt: skip
+    if not files:
+        raise StorageError(f"{uri}: no such directory, or it holds no files")
+    h = hashlib.sha256(uri.encode())
+    for f in files:
+        with fs.open_input_file(f.path) as handle:  # a HEAD request: its headers carry the ETag
+            tag = handle.metadata().get("ETag") or str(f.mtime_ns).encode()
+        h.update(f"\0{f.path[len(where) :]}\0{f.size}\0".encode() + tag)
+    dest = os.path.join(cache_root(), "remote", h.hexdigest()[:32])
+    if os.path.isdir(dest):
+        return dest
+    tmp = f"{dest}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    os.makedirs(tmp)
+    pafs.copy_files(where, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    try:
+        os.rename(tmp, dest)
+    except OSError:  # another process finished the same download first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def check_access(locations: dict[str, str]) -> None:
+    """Reach every remote location ({role: path}) once, before any work: a wrong credential, a
+    missing bucket or an unreachable endpoint is one StorageError naming the URI and what failed."""
+    problems = []
+    for role, path in locations.items():
+        if not path or not is_remote(path) or path.startswith("hf://"):
+            continue
+        try:
+            fs, where = filesystem(path)
+            bucket = where.split("/", 1)[0]
+            if fs.get_file_info(bucket).type == NOT_FOUND:
+                problems.append(f"{role} {path}: bucket {bucket!r} does not exist{_endpoint_note(path)}")
+                continue
+            fs.get_file_info(pafs.FileSelector(where, allow_not_found=True))  # can we list it?
+        except StorageError as err:
+            problems.append(f"{role} {err}")
+        except OSError as err:
+            problems.append(f"{role} {path}: {_why(err)}{_endpoint_note(path)}: {err}")
+    if problems:
+        raise StorageError("storage problem:\n  - " + "\n  - ".join(problems))
+
+
+def _why(err: OSError) -> str:
+    text = str(err)
+    if any(
+        k in text
+        for k in ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")
+    ):
+        return "access denied (check the credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or the bucket's policy)"
+    if any(k in text for k in ("NETWORK_CONNECTION", "Could not connect", "resolve host", "curlCode")):
+        return "the endpoint cannot be reached (check AWS_ENDPOINT_URL and the network)"
+    return "cannot be reached"
+
+
+def _endpoint_note(path: str) -> str:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return f" (endpoint {endpoint})" if path.startswith("s3://") and endpoint else ""

@@ -1,0 +1,261 @@
+"""Storage on a real S3 endpoint (moto's server, see conftest `s3`): the storage module, every input
+format, the early access check, exactly-once infer output, and the pipeline with every path in
+the bucket, killed part-way and resumed from the bucket."""
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from bertjob import cli, infer, models, pipeline, storage
+from bertjob.config import InferConfig, PipelineConfig, build
+from bertjob.sources import open_corpus
+from tests.conftest import free_port, kill_session, make_imdb_dir, review, tar_dir
+
+PACKAGE = Path(__file__).parent.parent / "bertjob"
+STORAGE_FUNCTIONS = {"join", "filesystem", "exists", "read_json", "write_json", "copy", "remove",
+                     "local_dir", "cache_root", "check_access"}  # fmt: skip
+
+
+def test_storage_is_the_only_home_of_paths_and_filesystems():
+    defined: dict[str, list[str]] = {}
+    made_fs = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and node.name in STORAGE_FUNCTIONS:
+                defined.setdefault(node.name, []).append(path.name)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in ("from_uri", "S3FileSystem", "GcsFileSystem"):
+                made_fs.append(path.name)
+    assert defined == {name: ["storage.py"] for name in STORAGE_FUNCTIONS}
+    assert set(made_fs) == {"storage.py"}
+
+
+def test_json_files_and_directory_trees_round_trip_through_the_bucket(s3, tmp_path):
+    root = s3.uri("run")
+    assert not storage.exists(root)
+    storage.write_json(storage.join(root, "a", "m.json"), {"rows": 3})
+    assert storage.exists(root) and storage.read_json(storage.join(root, "a", "m.json")) == {"rows": 3}
+    src = tmp_path / "tree"
+    (src / "sub").mkdir(parents=True)
+    (src / "w.bin").write_bytes(os.urandom(6 << 20))  # above the 5 MiB multipart threshold
+    (src / "sub" / "t.txt").write_text("tok")
+    storage.copy(str(src), storage.join(root, "tree"))
+    storage.copy(storage.join(root, "tree"), str(tmp_path / "back"))
+    assert (tmp_path / "back" / "w.bin").read_bytes() == (src / "w.bin").read_bytes()
+    assert (tmp_path / "back" / "sub" / "t.txt").read_text() == "tok"
+    storage.remove(storage.join(root, "tree"))
+    assert not storage.exists(storage.join(root, "tree")) and storage.exists(
+        storage.join(root, "a", "m.json")
+    )
+
+
+def test_a_model_in_the_bucket_is_downloaded_once_per_content(s3, tiny_classifier_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("BERTJOB_CACHE", str(tmp_path / "cache"))
+    uri = s3.uri("model")
+    storage.copy(tiny_classifier_dir, uri)
+    first = models.resolve_model(uri)
+    stamp = os.stat(os.path.join(first, "model.safetensors")).st_mtime_ns
+    assert models.resolve_model(uri) == first  # the second actor on this node: no download
+    assert os.stat(os.path.join(first, "model.safetensors")).st_mtime_ns == stamp
+    assert len(os.listdir(tmp_path / "cache" / "remote")) == 1
+    assert infer.check_model(uri) == [] and infer.model_settings(uri)["max_length"] == 64
+    storage.write_json(storage.join(uri, "bertjob.json"), {"max_length": 32, "truncation": "head"})
+    changed = models.resolve_model(uri)  # a changed file is a new copy, never a stale one
+    assert changed != first and json.loads(Path(changed, "bertjob.json").read_text())["max_length"] == 32
+
+
+def _rows(corpus):
+    out = []
+    for unit in corpus.units:
+        for t in corpus.read(unit):
+            out += t.select(["id", "text", "label", "split"]).to_pylist()
+    return out
+
+
+def test_every_input_format_reads_the_same_from_the_bucket(s3, tmp_path):
+    import random
+
+    rng = random.Random(0)
+    rows = [
+        {"id": f"r{i}", "text": review(rng, i % 2 == 0), "label": "pos" if i % 2 else "neg"}
+        for i in range(30)
+    ]
+    local = tmp_path / "formats"
+    local.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), local / "a.parquet")
+    pa.csv.write_csv(pa.Table.from_pylist(rows), pa.CompressedOutputStream(str(local / "a.csv.gz"), "gzip"))
+    with pa.CompressedOutputStream(str(local / "a.jsonl.gz"), "gzip") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows).encode())
+    tar_dir(make_imdb_dir(tmp_path / "imdb", {"train": 3, "test": 2, "unsup": 2}), local / "imdb.tar.gz")
+    remote = s3.uri("formats")
+    storage.copy(str(local), remote)
+    for name in ("a.parquet", "a.csv.gz", "a.jsonl.gz", "imdb.tar.gz"):
+        here, there = open_corpus(str(local / name)), open_corpus(storage.join(remote, name))
+        assert there.kind == here.kind and _rows(there) == _rows(here) and _rows(here)
+
+
+def test_storage_problems_are_one_clear_error_before_any_work(s3, tmp_path, capsys, monkeypatch):
+    def fails(*argv: str) -> str:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(list(argv))
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "Traceback" not in err
+        return err
+
+    local_out = str(tmp_path / "out")
+    err = fails("prepare", "--input", "s3://no-such-bucket/reviews.parquet", "--output", local_out)
+    assert "s3://no-such-bucket/reviews.parquet: bucket 'no-such-bucket' does not exist" in err
+    assert not os.path.exists(local_out)  # nothing was started
+    data = s3.uri("prepared")
+    with monkeypatch.context() as m:
+        m.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")  # the server checks signatures
+        err = fails("train", "--data", data, "--output", local_out)
+    assert f"data {data}: access denied" in err
+    with monkeypatch.context() as m:
+        m.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+        err = fails("infer", "--input", "imdb-sample", "--model", "minilm", "--output", s3.uri("scored"))
+    assert "output s3://" in err and "the endpoint cannot be reached" in err
+    assert not os.path.exists(local_out)
+
+
+def _predictions(first: int, last: int) -> pa.Table:
+    rows = np.arange(first, last)
+    n = len(rows)
+    return pa.table(
+        {"id": [f"d{r}" for r in rows], "label": pa.array(np.ones(n), pa.int8()), "label_name": ["POSITIVE"] * n,
+         "score": pa.array(np.full(n, 0.9), pa.float32()), "prob_positive": pa.array(np.full(n, 0.9), pa.float32()),
+         "true_label": pa.nulls(n, pa.int8()), "unit": pa.array(np.zeros(n), pa.int32()), "row": rows},
+        schema=infer.OUTPUT_SCHEMA,
+    )  # fmt: skip
+
+
+def test_overlapping_commits_are_settled_to_one_row_per_position(s3):
+    out = s3.uri("scored")
+    sink = infer.PredictionSink(out, include_text=False)
+    sink.commit(infer.PREDICTIONS, _predictions(0, 100))
+    sink.commit(infer.PREDICTIONS, _predictions(150, 200))
+    # A killed run's write that landed late: rows 50-159, grouped otherwise, overlapping both.
+    late = sink.commit(infer.PREDICTIONS, _predictions(50, 160))
+    assert infer.settle(out, infer.PREDICTIONS) == 60
+    fs, root = storage.filesystem(out)
+    rows = pq.read_table(f"{root}/predictions", filesystem=fs).column("row").to_numpy()
+    assert sorted(rows) == list(range(200))
+    files = fs.get_file_info(pafs.FileSelector(f"{root}/predictions"))
+    assert len(files) == 1 and late not in {f.path for f in files}
+    # A crash after the merged file was written but before a source was deleted: settled again.
+    sink.commit(infer.PREDICTIONS, _predictions(150, 200))
+    assert infer.settle(out, infer.PREDICTIONS) == 50
+    assert [f.path for f in fs.get_file_info(pafs.FileSelector(f"{root}/predictions"))] == [files[0].path]
+    assert infer.settle(out, infer.PREDICTIONS) == 0
+
+
+def _wait_for(fs, base: str, name: str, proc, timeout_s: float = 900) -> bool:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        listing = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        if any(f.path.endswith(name) for f in listing):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.integration
+def test_a_killed_infer_on_s3_resumes_with_exactly_one_row_per_input(
+    s3, tiny_classifier_dir, tmp_path, ray_local
+):
+    import random
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        rng = random.Random(i)
+        rows = [{"id": f"p{i}-{j}", "text": review(rng, j % 2 == 0)} for j in range(300)]
+        pq.write_table(pa.Table.from_pylist(rows), corpus / f"part{i}.parquet")
+    data, model, out = s3.uri("corpus"), s3.uri("model"), s3.uri("scored")
+    storage.copy(str(corpus), data)
+    storage.copy(tiny_classifier_dir, model)
+    args = [sys.executable, "-m", "bertjob", "infer", "--input", data, "--model", model, "--output", out,
+            "--id-column", "id", "--batch-size", "16", "--num-workers", "2", "--rows-per-shard", "150"]  # fmt: skip
+    env = {**os.environ, "BERTJOB_TEST_PREDICT_DELAY_S": "0.2"}
+    proc = subprocess.Popen(
+        args, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    fs, root = storage.filesystem(out)
+    try:
+        committed = _wait_for(fs, f"{root}/predictions", ".parquet", proc)
+    finally:
+        kill_session(proc.pid)
+        proc.wait()
+    assert committed, "the run ended before it committed a file"
+    partial = pq.read_table(f"{root}/predictions", filesystem=fs).num_rows
+    assert 0 < partial < 1200 and not storage.exists(storage.join(out, "manifest.json"))
+    m = infer.run(
+        InferConfig(input=data, model=model, output=out, id_column="id", batch_size=16, num_workers=2)
+    )
+    assert m["rows_resumed"] == partial and m["rows_this_run"] == 1200 - partial
+    ids = pq.read_table(f"{root}/predictions", filesystem=fs).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 1200
+    assert storage.read_json(storage.join(out, "manifest.json"))["rows_scored"] == 1200
+
+
+@pytest.mark.integration
+def test_the_pipeline_on_s3_killed_in_training_resumes_from_the_bucket(
+    s3, tiny_model_dir, tmp_path, ray_local
+):
+    corpus = tar_dir(make_imdb_dir(tmp_path / "data", {"train": 40, "test": 20, "unsup": 10}, seed=3),
+                     tmp_path / "imdb.tar.gz")  # fmt: skip
+    data, out = s3.uri("imdb.tar.gz"), s3.uri("pipeline")
+    storage.copy(str(corpus), data)
+    settings = {
+        "input": data, "output_dir": out, "model": tiny_model_dir, "max_length": 32, "num_workers": 1, "name": "p",
+        "prepare": {"head_tokens": 8},
+        "train": {"epochs": 2, "batch_size_per_worker": 8, "mixed_precision": "off", "lr": 5e-3,
+                  "checkpoint_every_steps": 3},
+    }  # fmt: skip
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(json.dumps(settings))  # JSON is YAML
+    proc = subprocess.Popen([sys.executable, "-m", "bertjob", "pipeline", "--config", str(config)],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    fs, root = storage.filesystem(out)
+    try:  # killed once Ray Train has registered a checkpoint in the bucket
+        checkpointed = _wait_for(fs, f"{root}/checkpoints", "checkpoint_manager_snapshot.json", proc)
+    finally:
+        kill_session(proc.pid)
+        proc.wait()
+    assert checkpointed, "the pipeline ended before its first checkpoint"
+    assert not storage.exists(storage.join(out, "train", "metrics.json"))
+
+    summary = pipeline.run(build(PipelineConfig, settings))
+    st = summary["stages"]
+    assert st["prepare"]["reused"] and st["prepare"]["rows"] == {
+        "train": 72,
+        "validation": 8,
+        "test": 40,
+        "unsup": 10,
+    }
+    assert st["evaluate"]["rows_scored"] == 40 and st["infer"]["rows_scored"] == 10
+    metrics = storage.read_json(storage.join(out, "train", "metrics.json"))
+    assert metrics["resumed_at_steps"] and metrics["resumed_at_steps"][0] > 0  # from the bucket's checkpoint
+    assert metrics["steps"] == 2 * 9 and metrics["checkpoints"] == storage.join(out, "checkpoints")
+    for name in ("train/model/model.safetensors", "train/model/bertjob.json", "train/training_curves.png",
+                 "evaluate/metrics.json", "evaluate/report.png", "infer/manifest.json", "summary.json"):  # fmt: skip
+        assert fs.get_file_info(f"{root}/{name}").type == pafs.FileType.File, name
+    # The exported model loads from a local copy of the bucket, as transformers sees it.
+    from transformers import AutoModelForSequenceClassification
+
+    local = tmp_path / "model"
+    storage.copy(storage.join(out, "train", "model"), str(local))
+    assert AutoModelForSequenceClassification.from_pretrained(local).config.id2label[1] == "POSITIVE"
+    shutil.rmtree(local)
