@@ -245,6 +245,8 @@ def tokenize_table(
     n = table.num_rows
     raw_labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * n
     cols: dict[str, Any] = {"id": table.column("id")}
+    if include_text:
+        cols["text"] = pa.nulls(n, pa.string())  # a prepared directory keeps no text
     if "input_ids" in table.column_names:  # a prepared directory: already tokenized and checked
         cols.update(input_ids=table.column("input_ids"), true_label=pa.array([parse_label(v) for v in raw_labels], pa.int8()),
                     reason=pa.nulls(n, pa.string()), raw_text=pa.nulls(n, pa.string()))  # fmt: skip

@@ -38,6 +38,14 @@ def test_predictor_scores_in_input_order_and_flags_bad_rows(tiny_classifier_dir)
     # sorting by length inside the batch must not change any row's score
     alone = p(table.slice(4, 1)).column("prob_positive").to_pylist()[0]
     assert alone == pytest.approx(probs[4], abs=1e-5)
+    # pre-tokenized rows (a prepared directory) score the same; with include_text their text is null
+    tokens = p.tokenize(table).filter(pa.compute.is_null(pa.compute.field("reason")))
+    prepared = pa.table({"id": tokens.column("id"), "input_ids": tokens.column("input_ids")})
+    assert p.score(p.tokenize(prepared)).column("prob_positive").to_pylist() == pytest.approx(
+        [probs[i] for i in (0, 1, 4, 5)], abs=1e-5
+    )
+    with_text = infer.tokenize_table(prepared, p.encoder, p.text, include_text=True)
+    assert with_text.column("text").null_count == 4
 
 
 def test_models_without_a_head_or_a_tokenizer_are_errors_before_any_work(
