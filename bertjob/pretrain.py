@@ -496,7 +496,9 @@ class PretrainRecipe:
                 t0 = time.time()
                 self.save()
         st.train_time_s += time.time() - t0
-        st.epoch, st.step_in_epoch = st.epoch + 1, 0
+        stopped_part_way = st.step >= self.total_steps and st.step_in_epoch < self.meta["steps_per_epoch"]
+        if not stopped_part_way:  # max_steps: a rerun with more steps continues this epoch
+            st.epoch, st.step_in_epoch = st.epoch + 1, 0
 
     def log_progress(self, loss: float, rate: float) -> None:
         st = self.state

@@ -127,7 +127,9 @@ def test_a_tiny_bert_learns_masked_lm_on_a_synthetic_corpus(tiny_model_dir):
 
     def masked(idx, seed):
         b = collate({k: v[idx] for k, v in packed.items()}, tok.pad_token_id)
-        b["input_ids"], b["labels"] = masker(b["input_ids"], b["attention_mask"], torch.Generator().manual_seed(seed))
+        b["input_ids"], b["labels"] = masker(
+            b["input_ids"], b["attention_mask"], torch.Generator().manual_seed(seed)
+        )
         return b
 
     held_out = masked(np.arange(0, 32), seed=123)  # the same masks before and after
