@@ -1,4 +1,4 @@
-"""`ray job submit --working-dir . -- python jobs/pretrain.py --config configs/quickstart.yaml` entrypoint."""
+"""`ray job submit --working-dir . -- python jobs/pretrain.py --config configs/imdb-itpt-1gpu.yaml` entrypoint."""
 
 import os
 import sys
