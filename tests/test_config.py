@@ -103,11 +103,12 @@ def test_cli_reports_config_errors_before_starting(capsys):
     assert "truncation" in capsys.readouterr().err
 
 
-def test_help_documents_every_setting(capsys):
+@pytest.mark.parametrize("command, cls", [("train", TrainConfig), ("pretrain", PretrainConfig)])
+def test_help_documents_every_setting(capsys, command, cls):
     with pytest.raises(SystemExit):
-        main(["train", "--help"])
+        main([command, "--help"])
     out = capsys.readouterr().out
     import dataclasses
 
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(cls):
         assert "--" + f.name.replace("_", "-") in out
