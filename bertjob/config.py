@@ -196,7 +196,9 @@ class PretrainConfig:
         "unsup,train", "comma-separated splits to learn from: unsup and/or train, never validation/test"
     )
     max_length: int = opt(128, "tokens per packed sequence incl. [CLS] (Sun et al. 2019 pre-trained at 128)")
-    mlm_probability: float = opt(0.15, "share of tokens predicted; of those 8 in 10 become [MASK], 1 a random token, 1 stays")
+    mlm_probability: float = opt(
+        0.15, "share of tokens predicted; of those 8 in 10 become [MASK], 1 a random token, 1 stays"
+    )
     whole_word_masking: bool = opt(False, "mask all WordPiece pieces of a word together")
     num_workers: int = opt(2, "data-parallel workers (one per GPU with use_gpu)")
     use_gpu: bool = opt(False, "one GPU per worker")

@@ -273,28 +273,21 @@ def keep_pooler(base: str, model_dir: str, trust_remote_code: bool = False) -> N
     base model's. The masked-LM model ignores the extra tensors when it loads.
     """
     from safetensors.torch import load_file, save_file
-    from transformers import AutoModel, AutoModelForMaskedLM
+    from transformers import AutoModel
 
     path = os.path.join(model_dir, "model.safetensors")
     weights = load_file(path)
-    prefix = AutoModelForMaskedLM.from_config(
-        _config(model_dir, trust_remote_code), trust_remote_code=trust_remote_code
-    ).base_model_prefix
-    if any(".pooler." in k for k in weights):
+    anchor = "embeddings.word_embeddings.weight"
+    prefix = next((k[: -len(anchor)] for k in weights if k.endswith(anchor)), None)  # "bert." for BERT
+    if prefix is None or any(".pooler." in k for k in weights):
         return
     base_model = AutoModel.from_pretrained(models.resolve_model(base), trust_remote_code=trust_remote_code)
     pooler = getattr(base_model, "pooler", None)
     if pooler is None:
         return
     for k, v in pooler.state_dict().items():
-        weights[f"{prefix}.pooler.{k}"] = v.detach().contiguous()
+        weights[f"{prefix}pooler.{k}"] = v.detach().contiguous()
     save_file(weights, path, metadata={"format": "pt"})
-
-
-def _config(model_dir: str, trust_remote_code: bool) -> Any:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
 
 
 def pretrain_record(model: str) -> dict[str, Any] | None:
