@@ -30,7 +30,7 @@ import torch
 
 from bertjob import models
 from bertjob.config import PretrainConfig, SetupError, join, to_dict
-from bertjob.masking import Masker, MaskingRule, pack_sequences
+from bertjob.masking import MaskedLMLoss, Masker, MaskingRule, pack_sequences, sparse_targets
 from bertjob.outputs import ensure_output, exists, read_json, versions, write_json
 from bertjob.training import (
     Stepper,
@@ -385,7 +385,7 @@ class PretrainRecipe:
             model = AutoModelForMaskedLM.from_pretrained(
                 models.resolve_model(cfg.model), trust_remote_code=cfg.trust_remote_code
             )
-        self.model = ray.train.torch.prepare_model(model)
+        self.model = ray.train.torch.prepare_model(MaskedLMLoss(model))
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, layer_lr_decay=1.0)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.stepper = Stepper(
@@ -425,8 +425,8 @@ class PretrainRecipe:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if self.rank == 0:
-                net = self.model.module if hasattr(self.model, "module") else self.model
-                net.save_pretrained(tmp, safe_serialization=True)
+                net = self.model.module if hasattr(self.model, "module") else self.model  # DDP
+                net.model.save_pretrained(tmp, safe_serialization=True)
                 torch.save(
                     {
                         "state": dataclasses.asdict(self.state),
@@ -449,7 +449,8 @@ class PretrainRecipe:
         b = collate(rows, self.meta["pad_token_id"], multiple_of, "cpu")
         seed = np.random.SeedSequence([self.cfg.seed, self.state.step, micro, self.rank]).generate_state(1)[0]
         g = torch.Generator().manual_seed(int(seed))
-        b["input_ids"], b["labels"] = self.masker(b["input_ids"], b["attention_mask"], g)
+        b["input_ids"], labels = self.masker(b["input_ids"], b["attention_mask"], g)
+        b.update(sparse_targets(labels))
         return {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
 
     def train_epoch(self) -> None:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from bertjob.masking import IGNORE_INDEX, Masker, MaskingRule, pack_sequences
+from bertjob.masking import IGNORE_INDEX, MaskedLMLoss, Masker, MaskingRule, pack_sequences, sparse_targets
 
 CLS, SEP, PAD, MASK, UNK = 2, 3, 0, 4, 1
 SPECIALS = (PAD, UNK, CLS, SEP, MASK)
@@ -121,18 +121,19 @@ def test_a_tiny_bert_learns_masked_lm_on_a_synthetic_corpus(tiny_model_dir):
     batch = {"input_ids": np.array([np.array(r) for r in reviews], dtype=object)}
     packed = pack_sequences(batch, 32, tok.cls_token_id, tok.sep_token_id)
     masker = Masker(MaskingRule.of(tok))
-    model = AutoModelForMaskedLM.from_pretrained(tiny_model_dir)  # a bare BertModel: the head starts fresh
+    mlm = AutoModelForMaskedLM.from_pretrained(tiny_model_dir)  # a bare BertModel: the head starts fresh
+    model = MaskedLMLoss(mlm)
     opt = make_optimizer(model, 3e-3, 0.01, 1.0)
     stepper = Stepper(model, opt, torch.device("cpu"))
 
     def masked(idx, seed):
         b = collate({k: v[idx] for k, v in packed.items()}, tok.pad_token_id)
-        b["input_ids"], b["labels"] = masker(
+        b["input_ids"], labels = masker(
             b["input_ids"], b["attention_mask"], torch.Generator().manual_seed(seed)
         )
-        return b
+        return {**b, **sparse_targets(labels)}, labels
 
-    held_out = masked(np.arange(0, 32), seed=123)  # the same masks before and after
+    held_out, held_out_labels = masked(np.arange(0, 32), seed=123)  # the same masks before and after
 
     @torch.no_grad()
     def loss():
@@ -140,10 +141,16 @@ def test_a_tiny_bert_learns_masked_lm_on_a_synthetic_corpus(tiny_model_dir):
         return float(model(**held_out).loss)
 
     before = loss()
+    # the head only at the predicted positions: the same loss as the model's own, logits everywhere
+    with torch.no_grad():
+        full = mlm(
+            input_ids=held_out["input_ids"], attention_mask=held_out["attention_mask"], labels=held_out_labels
+        )
+    assert before == pytest.approx(float(full.loss), rel=1e-5)
     n = len(packed["input_ids"])
     for step in range(60):
         idx = np.random.default_rng(step).choice(np.arange(32, n), 16, replace=False)
-        stepper.step([masked(idx, seed=step)], step)
+        stepper.step([masked(idx, seed=step)[0]], step)
     after = loss()
     # ln(vocab) ~ 4.7 at the start; the corpus's own word entropy (~3.2) bounds it from below
     assert after < before - 0.6, (before, after)
