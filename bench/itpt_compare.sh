@@ -17,7 +17,7 @@ out=${OUT:-bertjob-itpt-compare-$scale}
 if [ "$scale" = toy ]; then
   archive=imdb-sample
   pt_steps=${PT_STEPS:-4}
-  ft=(--max-steps "${FT_STEPS:-6}" --max-eval-rows 64 --batch-size-per-worker 16 --log-every-steps 2)
+  ft=(--max-steps "${FT_STEPS:-6}" --batch-size-per-worker 16 --log-every-steps 2)  # scores all 1,000 test reviews
   pt_extra=(--log-every-steps 2 --checkpoint-every-steps 0)
 else
   pt_steps=${PT_STEPS:-3000}  # x 32 sequences of 128 tokens: ~0.6 epoch of IMDb's unsup + train
