@@ -190,7 +190,7 @@ def read_sequences(cfg: PretrainConfig, manifest: dict[str, Any], splits: list[s
         if manifest["truncation"] == "head+tail"
         else 0
     )
-    ds = ray.data.read_parquet([join(cfg.data, s) for s in splits], columns=["input_ids", "truncated"])
+    ds = ray.data.read_parquet([join(cfg.data, s) for s in splits]).select_columns(["input_ids", "truncated"])
     ds = ds.map_batches(
         pack_sequences,
         batch_size=PACK_ROWS,
