@@ -100,3 +100,10 @@ def test_train_fine_tunes_the_pretrained_model_and_records_where_it_came_from(
     assert e["rows_scored"] == 80 and e["metrics"]["accuracy"] == pytest.approx(
         t["test"]["accuracy"], abs=0.02
     )
+
+
+def test_setup_problems_are_one_clear_error_before_any_worker_starts(prepared_small, tmp_path):
+    with pytest.raises(train.TrainSetupError, match="no manifest.json"):
+        pretrain.run(cfg(tmp_path, tmp_path / "o1", "minilm"))
+    with pytest.raises(pretrain.PretrainSetupError, match="does not match"):
+        pretrain.run(cfg(prepared_small, tmp_path / "o2", "minilm"))
