@@ -1,4 +1,4 @@
-"""`bertjob prepare | train | infer | evaluate | pipeline` — flags generated from the config dataclasses.
+"""`bertjob prepare | pretrain | train | infer | evaluate | pipeline` — flags generated from the config dataclasses.
 
 Settings come from `--config FILE` (YAML) and then from flags; flags win. A stage given a pipeline
 YAML (one with `output_dir` or stage sections) takes that stage's derived settings from it, so the
@@ -21,6 +21,7 @@ from bertjob.config import (
     InferConfig,
     PipelineConfig,
     PrepareConfig,
+    PretrainConfig,
     SetupError,
     TrainConfig,
     base_type,
@@ -33,6 +34,7 @@ log = logging.getLogger("bertjob")
 
 COMMANDS: dict[str, type] = {
     "prepare": PrepareConfig,
+    "pretrain": PretrainConfig,
     "train": TrainConfig,
     "infer": InferConfig,
     "evaluate": InferConfig,
@@ -76,7 +78,7 @@ def make_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", metavar="FILE", help="YAML file of settings (flags override it)")
         _add_fields(p, cls)
         if name == "pipeline":
-            p.epilog = "Stage settings: --prepare.KEY, --train.KEY, --evaluate.KEY, --infer.KEY (see each stage's --help)."
+            p.epilog = "Stage settings: --prepare.KEY, --pretrain.KEY, --train.KEY, --evaluate.KEY, --infer.KEY (see each stage's --help)."
         else:
             extra = p.add_argument_group(
                 "with a pipeline config (--config with output_dir or stage sections)"
@@ -171,6 +173,10 @@ def run_command(command: str, cfg: Any) -> int:
         from bertjob import prepare
 
         prepare.run(cfg)
+    elif command == "pretrain":
+        from bertjob import pretrain
+
+        pretrain.run(cfg)
     elif command == "train":
         from bertjob import train
 

@@ -1,4 +1,4 @@
-"""Pipeline: prepare -> train -> evaluate (test split) -> infer, as one job with one summary.
+"""Pipeline: prepare -> [pretrain] -> train -> evaluate (test split) -> infer, as one job with one summary.
 
 A rerun reuses each stage whose inputs and settings are unchanged, and resumes one that was
 interrupted (train from its latest checkpoint, infer/evaluate from their committed files).
@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Any
 
-from bertjob import infer, models, prepare, train
+from bertjob import infer, models, prepare, pretrain, train
 from bertjob.cluster import init_ray
 from bertjob.config import PipelineConfig, PrepareConfig, to_dict
 from bertjob.identity import identity, model_fingerprint
@@ -37,6 +37,25 @@ def _prepared_is_current(cfg: PrepareConfig) -> dict[str, Any] | None:
 OWN_ENTRIES = ("prepared", "train", "evaluate", "infer", "checkpoints", "summary.json")
 
 
+def _run_key(cfg: Any, manifest: dict[str, Any]) -> str:
+    """A train or pretrain run's identity: the prepared data's, its settings, its starting weights."""
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("data", "output", "name", "storage_path")}
+    return identity(manifest["identity"], settings, model_fingerprint(cfg.model))[:10]
+
+
+def _finished(cfg: Any) -> dict[str, Any] | None:
+    """The metrics of a finished pretrain or train run of exactly this name (its model exported), else None."""
+    path = join(cfg.output, "metrics.json")
+    metrics = read_json(path) if exists(path) else None
+    if (
+        metrics is not None
+        and metrics.get("config", {}).get("name") == cfg.name
+        and exists(join(cfg.output, "model"))
+    ):
+        return metrics
+    return None
+
+
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     started = time.time()
     check_access({"input": cfg.input, "output_dir": cfg.output_dir, "storage_path": cfg.storage_path,
@@ -59,22 +78,29 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         "rows_per_s": round(manifest["rows_read"] / manifest["wall_s"], 1) if manifest.get("wall_s") else None,
     }  # fmt: skip
 
+    # 1b. pretrain (optional, off by default): masked-LM on the prepared unsup+train text; train then
+    #     starts from its model. Its run name carries its identity, as train's below.
+    if cfg.pretrain_stage:
+        pt_cfg = cfg.stage("pretrain")
+        pt_cfg = dataclasses.replace(pt_cfg, name=f"{pt_cfg.name}-{_run_key(pt_cfg, manifest)}")
+        pt_metrics, reused = _finished(pt_cfg), True
+        if pt_metrics is None:
+            pt_metrics, reused = pretrain.run(pt_cfg), False
+        else:
+            log.info("pipeline: pretrain: reusing %s (same data and settings)", pt_cfg.output)
+        summary["stages"]["pretrain"] = {
+            "output": pt_cfg.output, "reused": reused, "mlm_loss": pt_metrics["final_mlm_loss"],
+            "perplexity": pt_metrics["final_perplexity"], "samples_per_s": pt_metrics["train_samples_per_s"],
+        }  # fmt: skip
+
     # 2. train: the run name carries its identity (the prepared data's, the settings, the starting
-    #    weights), so changed data or settings start a new run while an interrupted identical one
-    #    resumes from its checkpoints.
+    #    weights: a new pre-trained model is a new run), so changed data or settings start a new
+    #    run while an interrupted identical one resumes from its checkpoints.
     t_cfg = cfg.stage("train")
-    settings = {
-        k: v for k, v in to_dict(t_cfg).items() if k not in ("data", "output", "name", "storage_path")
-    }
-    key = identity(manifest["identity"], settings, model_fingerprint(t_cfg.model))[:10]
+    key = _run_key(t_cfg, manifest)
     t_cfg = dataclasses.replace(t_cfg, name=f"{t_cfg.name}-{key}")
-    metrics_path = join(t_cfg.output, "metrics.json")
-    metrics = read_json(metrics_path) if exists(metrics_path) else None
-    if (
-        metrics is not None
-        and metrics.get("config", {}).get("name") == t_cfg.name
-        and exists(join(t_cfg.output, "model"))
-    ):
+    metrics = _finished(t_cfg)
+    if metrics is not None:
         log.info("pipeline: train: reusing %s (same data and settings)", t_cfg.output)
         reused = True
     else:
@@ -112,6 +138,11 @@ def print_summary(summary: dict[str, Any]) -> None:
         p = st["prepare"]
         rows = ", ".join(f"{k} {v}" for k, v in p["rows"].items())
         lines.append(f"prepare   {rows}  ({p['rows_per_s']} rows/s)  -> {p['output']}")
+    if "pretrain" in st:
+        p = st["pretrain"]
+        lines.append(
+            f"pretrain  MLM loss {p['mlm_loss']:.4f}, perplexity {p['perplexity']:.2f}  ({p['samples_per_s']} sequences/s)  -> {p['output']}/model"
+        )
     if "train" in st:
         t = st["train"]
         test = f"{t['test_accuracy']:.4f}" if t["test_accuracy"] is not None else "n/a"

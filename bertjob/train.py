@@ -28,6 +28,7 @@ from bertjob import models
 from bertjob.config import SetupError, TrainConfig, to_dict
 from bertjob.metrics import classification_metrics
 from bertjob.outputs import MANIFEST, ensure_output, versions
+from bertjob.pretrain import pretrain_record
 from bertjob.storage import (
     check_access,
     copy,
@@ -282,6 +283,7 @@ def _export_to(
         "tokenizer_fingerprint": manifest["tokenizer"]["fingerprint"],
         "trained_from": cfg.model,
         "prepared_data": cfg.data,
+        "pretraining": pretrain_record(cfg.model),  # where a `bertjob pretrain` model came from, or None
     }
     write_json(os.path.join(model_dir, "bertjob.json"), bertjob_settings)
     state = final["state"]

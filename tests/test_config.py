@@ -9,6 +9,7 @@ from bertjob.config import (
     InferConfig,
     PipelineConfig,
     PrepareConfig,
+    PretrainConfig,
     TrainConfig,
     build,
     read_yaml,
@@ -64,6 +65,26 @@ def test_stage_takes_its_settings_from_a_pipeline_file(tmp_path):
     assert (infer.model, infer.split) == ("/runs/b/train/model", "unsup")
 
 
+def test_the_pretrain_stage_is_off_unless_asked_for_and_then_train_starts_from_its_model(tmp_path):
+    f = tmp_path / "pipe.yaml"
+    f.write_text("output_dir: /runs/a\nname: r\npretrain:\n  epochs: 3\n")
+    assert resolve("train", {"config": str(f)}, {}).model == "minilm"  # a section alone does not enable it
+    pretrain = resolve("pretrain", {"config": str(f)}, {})
+    assert (pretrain.data, pretrain.output, pretrain.epochs, pretrain.name) == (
+        "/runs/a/prepared",
+        "/runs/a/pretrain",
+        3,
+        "r-pretrain",
+    )
+    assert (
+        resolve("train", {"config": str(f), "pretrain_stage": "true"}, {}).model == "/runs/a/pretrain/model"
+    )
+    assert build(PipelineConfig, read_yaml(str(ROOT / "configs" / "imdb-itpt-1gpu.yaml"))).pretrain_stage
+    assert not build(PipelineConfig, read_yaml(str(ROOT / "configs" / "quickstart.yaml"))).pretrain_stage
+    with pytest.raises(ConfigError, match="splits"):
+        build(PretrainConfig, {"data": "d", "output": "o", "splits": "train,test"})
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_file_loads_for_every_stage(path):
     first = path.read_text().splitlines()[0]
@@ -72,7 +93,7 @@ def test_every_config_file_loads_for_every_stage(path):
     )
     pipeline = build(PipelineConfig, read_yaml(str(path)))
     for stage in STAGES:
-        assert isinstance(pipeline.stage(stage), (PrepareConfig, TrainConfig, InferConfig))
+        assert isinstance(pipeline.stage(stage), (PrepareConfig, PretrainConfig, TrainConfig, InferConfig))
 
 
 def test_cli_reports_config_errors_before_starting(capsys):
@@ -82,13 +103,14 @@ def test_cli_reports_config_errors_before_starting(capsys):
     assert "truncation" in capsys.readouterr().err
 
 
-def test_help_documents_every_setting(capsys):
+@pytest.mark.parametrize("command, cls", [("train", TrainConfig), ("pretrain", PretrainConfig)])
+def test_help_documents_every_setting(capsys, command, cls):
     with pytest.raises(SystemExit):
-        main(["train", "--help"])
+        main([command, "--help"])
     out = capsys.readouterr().out
     import dataclasses
 
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(cls):
         assert "--" + f.name.replace("_", "-") in out
 
 
