@@ -185,7 +185,8 @@ def test_stage_shared_lists_exactly_the_pipeline_settings_each_stage_reads():
     from bertjob.config import STAGE_SHARED
 
     changed = {"input": "other", "output_dir": "elsewhere", "model": "m2", "max_length": 64, "truncation": "head",
-               "num_workers": 3, "use_gpu": True, "name": "n2", "storage_path": "s2", "infer_input": "x"}  # fmt: skip
+               "num_workers": 3, "use_gpu": True, "name": "n2", "storage_path": "s2", "infer_input": "x",
+               "pretrain_stage": True}  # fmt: skip
     base = build(PipelineConfig, {})
     for stage in STAGES:
         reads = {
