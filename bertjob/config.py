@@ -59,7 +59,9 @@ class PrepareConfig:
     input: str = opt(
         SAMPLE_INPUT, "IMDb tar.gz/dir, Parquet/CSV/JSONL file/dir/glob, hf://NAME, or imdb-sample"
     )
-    output: str = opt("", "output directory (local or s3:// / gs://); replaced on rerun")
+    output: str = opt(
+        "", "output directory (local or s3:// / gs://); a rerun replaces an earlier prepare output there"
+    )
     model: str = opt("minilm", "tokenizer source: minilm (embedded), a local directory, or a hub id")
     max_length: int = opt(512, "tokens per sequence including [CLS] and [SEP]", ge=8, le=8192)
     truncation: str = opt(
