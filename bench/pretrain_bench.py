@@ -54,7 +54,10 @@ def main() -> None:
         batch = {k: v.to(device) for k, v in (sparse if wrap else dense).items()}
         return lambda: stepper.step([batch], 0)
 
-    cases = {"baseline: logits at every position (HF loss)": runner(False), "candidate: predicted positions only": runner(True)}
+    cases = {
+        "baseline: logits at every position (HF loss)": runner(False),
+        "candidate: predicted positions only": runner(True),
+    }
     rates: dict[str, list[float]] = {k: [] for k in cases}
     for step in cases.values():
         for _ in range(2):
@@ -65,10 +68,14 @@ def main() -> None:
             for _ in range(args.steps):
                 step()
             rates[name].append(args.steps * args.batch_size / (time.perf_counter() - t0))
-    print(f"{machine()}; {args.model}, batch {args.batch_size} x {args.max_length} tokens, precision {precision}")
+    print(
+        f"{machine()}; {args.model}, batch {args.batch_size} x {args.max_length} tokens, precision {precision}"
+    )
     base = max(rates[next(iter(cases))])
     for name, r in rates.items():
-        print(f"{name:48s} {max(r):7.2f} sequences/s (rounds: {', '.join(f'{x:.2f}' for x in r)})  ratio {max(r) / base:.2f}")
+        print(
+            f"{name:48s} {max(r):7.2f} sequences/s (rounds: {', '.join(f'{x:.2f}' for x in r)})  ratio {max(r) / base:.2f}"
+        )
 
 
 if __name__ == "__main__":
