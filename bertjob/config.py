@@ -103,17 +103,27 @@ class TrainConfig:
     model: str = opt("minilm", "starting weights: minilm (embedded), a local directory, or a hub id")
     num_workers: int = opt(2, "data-parallel workers (one per GPU with use_gpu)")
     use_gpu: bool = opt(False, "one GPU per worker")
-    cpus_per_worker: float = opt(1.0, "CPUs reserved per worker")
-    torch_threads: int = opt(0, "intra-op threads per worker (0: cpus_per_worker)")
+    cpus_per_worker: float = opt(
+        0,
+        "CPUs per worker (0: a local Ray's CPUs split across the workers; on a cluster, a node's CPUs per worker)",
+    )
+    torch_threads: int = opt(0, "intra-op threads per worker (0: its CPUs)")
     malloc_tuning: bool = opt(
         True,
-        "Linux: workers keep freed memory for reuse (glibc: no mmap, no trim, one arena) instead of "
+        "Linux CPU workers keep freed memory for reuse (glibc: no mmap, no trim, one arena) instead of "
         "page-faulting it back every step: CPU steps ~1.3x faster (off: the system's malloc settings)",
     )
     epochs: int = opt(3, "passes over the train split")
     max_steps: int = opt(0, "stop after this many optimizer steps (0: epochs decide)")
-    batch_size_per_worker: int = opt(32, "sequences per worker per micro-batch (seed recipe: 32)")
-    grad_accum_steps: int = opt(1, "micro-batches per optimizer step")
+    batch_size: int = opt(
+        32,
+        "sequences per optimizer step, all workers together (the seed recipe's 32); independent of num_workers",
+    )
+    micro_batch_size: int = opt(
+        0,
+        "most sequences a worker runs through the model at once (0: what fits its memory); "
+        "a bigger share of batch_size accumulates gradients",
+    )
     lr: float = opt(
         5e-5, "peak learning rate of the top layer (2e-5 suits BERT-base; small models like more)"
     )
@@ -135,15 +145,22 @@ class TrainConfig:
     early_stopping_patience: int = opt(0, "stop after N evaluations without improvement (0: off)")
     log_every_steps: int = opt(20, "progress line every N steps (rank 0)")
     max_failures: int = opt(2, "worker-group restarts before giving up")
-    stream_data: bool = opt(
-        False,
-        "stream shards during training instead of loading them into the object store first (needs a CPU beyond the workers')",
+    shuffle_window_rows: int = opt(
+        0,
+        "rows shuffled together, read a window at a time (0: the whole split when its token ids "
+        "take up to 1 GiB, else 250,000)",
     )
     check_resources: bool = opt(
         True, "fail fast when the cluster cannot place the workers (off on autoscaling clusters)"
     )
     storage_path: str = opt("", "checkpoints root (local, NFS, s3://, gs://); empty: OUTPUT/ray_results")
     name: str = opt("bertjob-train", "run name; rerunning with the same name and storage_path resumes")
+    resume_changed: bool = opt(
+        False, "resume a run's checkpoint although model, data, batch_size or seed changed (else an error)"
+    )
+    sample_log: bool = opt(
+        False, "append each step's row indices per worker to STORAGE/NAME/samples/rank-N.jsonl (an audit)"
+    )
     max_eval_rows: int = opt(0, "cap rows of validation/test evaluated (0: all)")
     tracking: str = opt("none", "none | mlflow | tensorboard")
     seed: int = opt(42, "seed of initialisation and data order")
@@ -158,13 +175,15 @@ class TrainConfig:
         for name in (
             "num_workers",
             "epochs",
-            "batch_size_per_worker",
-            "grad_accum_steps",
+            "batch_size",
             "keep_checkpoints",
             "length_grouping",
         ):
             if getattr(self, name) < 1:
                 p.append(f"{name}: must be at least 1")
+        for name in ("cpus_per_worker", "micro_batch_size", "shuffle_window_rows", "max_steps"):
+            if getattr(self, name) < 0:
+                p.append(f"{name}: must be 0 (auto) or positive")
         if self.lr <= 0:
             p.append("lr: must be positive")
         if not 0 < self.layer_lr_decay <= 1:
@@ -176,10 +195,6 @@ class TrainConfig:
         if self.tracking not in ("none", "mlflow", "tensorboard"):
             p.append(f"tracking: {self.tracking!r} is not one of none, mlflow, tensorboard")
         return p
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.batch_size_per_worker * self.num_workers * self.grad_accum_steps
 
 
 @dataclass
