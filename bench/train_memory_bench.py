@@ -81,6 +81,10 @@ def main() -> None:
     ap.add_argument("--lengths", default="128,256,512")
     ap.add_argument("--batches", default="8,16")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--attention", default="sdpa,eager", help="attention implementations to compare")
+    ap.add_argument(
+        "--malloc", default="plain,tuned", help="plain: the system's malloc; tuned: malloc_tuning"
+    )
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     b1, b2 = (int(x) for x in args.batches.split(","))
@@ -88,8 +92,8 @@ def main() -> None:
     print(f"{'length':>6} {'attention':>9} {'malloc':>7} {'peak@' + str(b1):>10} {'peak@' + str(b2):>10} "
           f"{'MiB/seq':>8} {'fixed MiB':>9} {'s/step@' + str(b2):>10}")  # fmt: skip
     for length in lengths:
-        for attn in ("eager", "sdpa"):
-            for tuned in (False, True):
+        for attn in args.attention.split(","):
+            for tuned in [m == "tuned" for m in args.malloc.split(",")]:
                 r1 = cell(args.model, length, b1, attn, tuned, args.steps)
                 r2 = cell(args.model, length, b2, attn, tuned, args.steps)
                 per_seq = (r2["peak_rss"] - r1["peak_rss"]) / (b2 - b1)

@@ -125,7 +125,9 @@ class TrainConfig:
         "a bigger share of batch_size accumulates gradients",
     )
     lr: float = opt(
-        5e-5, "peak learning rate of the top layer (2e-5 suits BERT-base; small models like more)"
+        0.0,
+        "peak learning rate of the top layer (0: by model width: 2e-4 up to 384 wide like MiniLM, "
+        "5e-5 up to 768 like BERT-base, 2e-5 beyond)",
     )
     layer_lr_decay: float = opt(0.95, "lr multiplier per layer going down (Sun et al. 2019; 1.0 = off)")
     weight_decay: float = opt(0.01, "AdamW weight decay (never on biases and LayerNorm)")
@@ -137,7 +139,7 @@ class TrainConfig:
     pad_to_multiple_of: int = opt(0, "pad batches to a multiple of this (0: 8 on GPU, 1 on CPU)")
     length_grouping: int = opt(
         8,
-        "sort each N micro-batches' worth of shuffled rows by length before batching: less padding (1: off)",
+        "sort each N batches' worth of shuffled rows by length before cutting batches: less padding (1: off)",
     )
     eval_every_steps: int = opt(0, "also evaluate every N steps (0: once per epoch)")
     checkpoint_every_steps: int = opt(0, "also checkpoint every N steps (0: once per epoch)")
@@ -184,8 +186,8 @@ class TrainConfig:
         for name in ("cpus_per_worker", "micro_batch_size", "shuffle_window_rows", "max_steps"):
             if getattr(self, name) < 0:
                 p.append(f"{name}: must be 0 (auto) or positive")
-        if self.lr <= 0:
-            p.append("lr: must be positive")
+        if self.lr < 0:
+            p.append("lr: must be 0 (auto) or positive")
         if not 0 < self.layer_lr_decay <= 1:
             p.append("layer_lr_decay: must be in (0, 1]")
         if not 0 <= self.warmup_ratio < 1:
