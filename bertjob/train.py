@@ -35,6 +35,7 @@ from bertjob.checkpoint import TrainState
 from bertjob.config import SetupError, TrainConfig, join, to_dict
 from bertjob.metrics import classification_metrics
 from bertjob.outputs import MANIFEST, ensure_output, exists, read_json, versions, write_json
+from bertjob.sources import filesystem
 from bertjob.training import (
     IGNORE,
     NonFiniteLossError,
@@ -55,6 +56,7 @@ from bertjob.training import (
 
 log = logging.getLogger(__name__)
 
+NONFINITE_FILE = "nonfinite.json"  # left by the workers when the loss became NaN/inf
 RUN_FILE = (
     "bertjob_run.json"  # beside Ray's checkpoints: what the run trains on, to refuse resuming a changed one
 )
@@ -153,15 +155,13 @@ def plan_workers(
     problems: list[str] = []
     kind = "GPU" if cfg.use_gpu else "CPU"
     hosts = [n for n in nodes if n.get(kind, 0) >= 1]
-    per_node = max(1, math.ceil(cfg.num_workers / max(1, len(hosts))))
-    if cfg.use_gpu:
-        per_node = 1  # one worker per GPU: a node hosts as many workers as it has GPUs
+    per_node = math.ceil(cfg.num_workers / max(1, len(hosts)))
 
-    def slots(n: dict[str, float]) -> float:
-        return n.get("GPU", 1) if cfg.use_gpu else per_node
+    def workers_on(n: dict[str, float]) -> float:  # one worker per GPU on GPU nodes
+        return n["GPU"] if cfg.use_gpu else per_node
 
-    cpus = cfg.cpus_per_worker or (
-        max(1, min(int(n.get("CPU", 0) // slots(n)) for n in hosts)) if hosts else 1
+    cpus = cfg.cpus_per_worker or max(
+        1, min((int(n.get("CPU", 0) // workers_on(n)) for n in hosts), default=1)
     )
     share = math.ceil(cfg.batch_size / cfg.num_workers)
     micro = min(cfg.micro_batch_size or share, share)
@@ -169,24 +169,26 @@ def plan_workers(
     if not cfg.use_gpu and hosts:
         # Ray's memory resource is what its tasks may use; its memory monitor kills workers when the
         # node as a whole passes 95%. Keep a fifth of a worker's share for everything else.
-        budget = int(0.8 * min(n.get("memory", 0) / slots(n) for n in hosts))
-        if budget > 0 and not cfg.micro_batch_size:
-            while micro > 1 and memory_estimate(model_config, max_length, micro) > budget:
-                micro -= 1
+        budget = int(0.8 * min(n.get("memory", 0) / workers_on(n) for n in hosts)) or None
+        while (
+            budget
+            and not cfg.micro_batch_size
+            and micro > 1
+            and memory_estimate(model_config, max_length, micro) > budget
+        ):
+            micro -= 1
         estimate = memory_estimate(model_config, max_length, micro)
-        if budget > 0 and estimate > budget:
+        if budget and estimate > budget:
             gib = 2**30
-            problems.append(
-                f"a worker training at micro_batch_size {micro}, max_length {max_length} needs ~{estimate / gib:.1f} GiB; "
-                f"each of {per_node} worker(s) per node gets {budget / gib:.1f} GiB. Use fewer workers per node, "
-                f"a smaller max_length (prepare), or a smaller micro_batch_size"
-                + (
-                    f" (1 needs ~{memory_estimate(model_config, max_length, 1) / gib:.1f} GiB)"
-                    if micro > 1
-                    else ""
-                )
+            message = (
+                f"a worker training micro-batches of {micro} at max_length {max_length} needs ~{estimate / gib:.1f} GiB; "
+                f"each of {per_node} worker(s) per node gets {budget / gib:.1f} GiB"
             )
-    return WorkerPlan(cpus, max(1, micro), budget, estimate), problems
+            if cfg.micro_batch_size:  # the user's choice; the estimate may be cautious
+                log.warning("train: %s; a smaller micro_batch_size would fit", message)
+            else:
+                problems.append(f"{message}. Use fewer workers per node or a smaller max_length (prepare)")
+    return WorkerPlan(cpus, micro, budget, estimate), problems
 
 
 def default_lr(model_config: dict[str, Any]) -> float:
@@ -223,7 +225,6 @@ def run_identity(cfg: TrainConfig, manifest: dict[str, Any]) -> dict[str, Any]:
     return {
         "model": cfg.model,
         "data": {
-            "path": cfg.data,
             "tokenizer": manifest["tokenizer"]["fingerprint"],
             "max_length": manifest["max_length"],
             "splits": digest,
@@ -288,6 +289,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if problems:
         raise TrainSetupError("cannot train:\n  - " + "\n  - ".join(problems))
     check_run_compatible(cfg, run_identity(cfg, manifest), join(storage, cfg.name))
+    nonfinite = join(storage, cfg.name, NONFINITE_FILE)
+    if exists(nonfinite):  # from an earlier attempt of this run
+        fs, where = filesystem(nonfinite)
+        fs.delete_file(where)
 
     n_train = manifest["splits"]["train"]["rows_written"]
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
@@ -345,8 +350,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
         raise RuntimeError(f"training failed: {_root_message(err)}") from err
-    if (result.metrics or {}).get("nonfinite_step", -1) >= 0:
-        raise NonFiniteLossError(int(result.metrics["nonfinite_step"]))
+    if exists(nonfinite):
+        raise NonFiniteLossError(read_json(nonfinite)["step"])
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     return export(cfg, manifest, result.checkpoint, wall_s=time.time() - started, storage=storage, plan=plan)
@@ -715,7 +720,7 @@ class Recipe:
     def evaluate(self, split: str) -> dict[str, Any]:
         """Metrics on a split: each worker scores its own contiguous share, the results are gathered."""
         self.check_finite()
-        rows = SplitRows(join(self.cfg.data, split), cache_rows=1)
+        rows = SplitRows(join(self.cfg.data, split), cache_rows=WINDOW_ROWS)
         n = min(len(rows), self.cfg.max_eval_rows or len(rows))
         mine = np.array_split(np.arange(n), self.world)[self.rank]
         size = 2 * self.meta["micro_batch_size"]
@@ -813,6 +818,9 @@ def train_loop(config: dict[str, Any]) -> None:
         recipe.train()
         recipe.finish()
     except NonFiniteLossError as err:
-        # Not a fault to retry from a checkpoint: end the run and let the driver name the step.
+        # Not a fault to retry from a checkpoint: the workers end cleanly (no FailureConfig restart)
+        # and leave the step for the driver, beside the checkpoints (Ray's Result only carries the
+        # metrics of the latest checkpoint).
         recipe.close()
-        ray.train.report({"nonfinite_step": err.step})
+        if recipe.rank == 0:
+            write_json(join(recipe.meta["run_dir"], NONFINITE_FILE), {"step": err.step})
