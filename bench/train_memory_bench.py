@@ -8,6 +8,8 @@ reaches), and reports its peak RSS (ru_maxrss). Activation memory per sequence i
 the two batch sizes; the fixed part (weights, gradients, AdamW state, libraries) is what is left.
 Compared in the same run: attention "eager" vs "sdpa", the system's malloc vs the job's
 `malloc_tuning` (training.malloc_env), so the cost of keeping freed memory is a measured number.
+`--saved` instead prints what autograd keeps for backward per sequence (a forward pass with
+saved-tensor hooks, seconds on a busy machine): the slope the RSS cells measure, without the noise.
 """
 
 from __future__ import annotations
@@ -51,6 +53,34 @@ def one(model_name: str, length: int, batch: int, attn: str, steps: int) -> dict
     return {"peak_rss": rss, "step_s": min(times[1:] or times), "precision": precision}
 
 
+def saved_per_seq(model_name: str, length: int, attn: str, precision: str) -> float:
+    """Bytes autograd saves for backward per sequence (distinct storages, one forward pass of 2)."""
+    import torch
+
+    from bertjob import models
+    from bertjob.training import autocast
+
+    model = models.load_classifier(model_name, attn_implementation=attn)
+    model.train()
+    seen: set[int] = set()
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        if t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(1000, model.config.vocab_size, (2, length))
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        autocast(precision, torch.device("cpu")),
+    ):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return total / 2
+
+
 def cell(model: str, length: int, batch: int, attn: str, tuned: bool, steps: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     if tuned:
@@ -85,8 +115,18 @@ def main() -> None:
     ap.add_argument(
         "--malloc", default="plain,tuned", help="plain: the system's malloc; tuned: malloc_tuning"
     )
+    ap.add_argument("--saved", action="store_true", help="autograd's saved tensors per sequence only")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
+    if args.saved:
+        print(f"machine: {machine()}; model {args.model}; MiB saved for backward per sequence")
+        for attn in args.attention.split(","):
+            for precision in ("bf16", "off"):
+                sizes = [saved_per_seq(args.model, n, attn, precision) / 2**20 for n in lengths]
+                print(
+                    f"{attn:>6} {precision:>5} " + "  ".join(f"{n}: {v:6.1f}" for n, v in zip(lengths, sizes))
+                )
+        return
     b1, b2 = (int(x) for x in args.batches.split(","))
     print(f"machine: {machine()}; model {args.model}; {args.steps} steps per cell, full-length rows")
     print(f"{'length':>6} {'attention':>9} {'malloc':>7} {'peak@' + str(b1):>10} {'peak@' + str(b2):>10} "

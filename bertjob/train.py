@@ -124,24 +124,25 @@ class WorkerPlan:
 
 
 def memory_estimate(model_config: dict[str, Any], max_length: int, micro_batch_size: int) -> int:
-    """Resident bytes of a CPU training worker for a BERT-like model, fitted to
-    `bench/train_memory_bench.py` (MiniLM-L6 at 128/256/512, sdpa attention, the job's malloc):
-    the process (~600 MiB), 18 bytes per parameter (fp32 weights, gradients, AdamW's two moments,
-    bf16 copies) and the activations of `micro_batch_size` sequences of `max_length`."""
+    """Resident bytes of a CPU training worker for a BERT-like model: the process (~600 MiB), 18
+    bytes per parameter (fp32 weights, gradients, AdamW's two moments, bf16 copies) and what
+    autograd keeps for backward per sequence and layer, linear and quadratic in max_length.
+
+    Measured on MiniLM-L6 (bench/train_memory_bench.py and autograd's saved tensors), MiB per
+    sequence at 128 / 256 / 512: sdpa+bf16 38 / 93 / 284, eager+bf16 30 / 63 / 169, fp32 55 / 116 /
+    320; the constants below bound all of these (at 512: 371). At 512 the old default, 32 sequences
+    per worker, needed ~10 GB per worker: the two workers Ray's memory monitor killed on 24 GiB."""
     h = model_config.get("hidden_size", 768)
     layers = model_config.get("num_hidden_layers", 12)
-    inter = model_config.get("intermediate_size", 4 * h)
     heads = model_config.get("num_attention_heads", 12)
+    inter = model_config.get("intermediate_size", 4 * h)
     params = model_config.get("vocab_size", 30522) * h + layers * (4 * h * h + 2 * h * inter)
-    per_seq = (
-        layers * max_length * (ACT_PER_HIDDEN * h + ACT_PER_INTER * inter)
-        + layers * heads * max_length**2 * ACT_PER_SCORE
-    )
+    per_seq = layers * (ACT_PER_TOKEN * h * max_length + ACT_PER_SCORE * heads * max_length**2)
     return int(600 * 2**20 + 18 * params + micro_batch_size * per_seq)
 
 
-# Bytes per token per layer and unit of width, and per attention score (see memory_estimate).
-ACT_PER_HIDDEN, ACT_PER_INTER, ACT_PER_SCORE = 40.0, 10.0, 6.0
+# Bytes kept for backward per layer: per token and unit of hidden width, per attention score.
+ACT_PER_TOKEN, ACT_PER_SCORE = 170, 10
 
 
 def plan_workers(

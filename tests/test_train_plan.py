@@ -34,7 +34,7 @@ def test_on_a_cluster_a_worker_gets_its_nodes_cpus_per_worker_or_per_gpu():
 
 
 def test_the_micro_batch_fits_the_workers_memory_and_the_global_batch_stays():
-    roomy, problems = plan([{"CPU": 2.0, "memory": 16 * GIB}], num_workers=2)
+    roomy, problems = plan([{"CPU": 2.0, "memory": 24 * GIB}], num_workers=2)
     assert roomy.micro_batch_size == 16 and not problems  # the whole share of 32
     tight, problems = plan([{"CPU": 2.0, "memory": 6 * GIB}], num_workers=2)
     assert 1 <= tight.micro_batch_size < 16 and not problems
