@@ -639,9 +639,8 @@ class Recipe:
     def train_step(self, rows: np.ndarray) -> None:
         """Optimizer step `state.step`: this worker's share of the global batch `rows`."""
         cfg, state = self.cfg, self.state
-        torch.manual_seed(
-            step_seed(cfg.seed, state.step, self.rank)
-        )  # dropout masks: restored by the step alone
+        # Dropout masks from (seed, step, rank): a resumed step draws the same ones, nothing to restore.
+        torch.manual_seed(step_seed(cfg.seed, state.step, self.rank))
         segment = self.total_steps - state.schedule_start
         factor = lr_factor(state.step - state.schedule_start, segment, int(cfg.warmup_ratio * segment))
         set_lr(self.optimizer, self.base_lrs, factor)
@@ -653,9 +652,8 @@ class Recipe:
                 host["label"] = np.full(1, IGNORE)
             micro.append(collate(host, self.meta["pad_token_id"], self.multiple_of, self.device))
         self.stepper.step(micro, len(rows), state.step, self.world)
-        state.tokens_seen += int(
-            self.train_rows.lengths[rows].sum()
-        )  # host side, all workers: no device sync
+        # Counted on the host for all workers from the rows' lengths: no device sync.
+        state.tokens_seen += int(self.train_rows.lengths[rows].sum())
         state.padded_tokens_seen += self.padded_tokens(rows)
         if self.sample_log is not None:
             # attempt: how often this run was resumed before; a step re-run after a restart is logged again
@@ -663,11 +661,9 @@ class Recipe:
                       "rank": self.rank, "world": self.world, "rows": np.concatenate(parts).tolist()}  # fmt: skip
             self.sample_log.write(json.dumps(record) + "\n")
             self.sample_log.flush()
-        state.step, state.step_in_epoch, state.samples_seen = (
-            state.step + 1,
-            state.step_in_epoch + 1,
-            state.samples_seen + len(rows),
-        )
+        state.step += 1
+        state.step_in_epoch += 1
+        state.samples_seen += len(rows)
         self.window[:2] = [self.window[0] + len(rows), self.window[1] + 1]
         self.best_is_current = False
         if self.device.type != "cuda" or state.step % cfg.log_every_steps == 0:
