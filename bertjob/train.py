@@ -128,10 +128,11 @@ def memory_estimate(model_config: dict[str, Any], max_length: int, micro_batch_s
     bytes per parameter (fp32 weights, gradients, AdamW's two moments, bf16 copies) and what
     autograd keeps for backward per sequence and layer, linear and quadratic in max_length.
 
-    Measured on MiniLM-L6 (bench/train_memory_bench.py and autograd's saved tensors), MiB per
-    sequence at 128 / 256 / 512: sdpa+bf16 38 / 93 / 284, eager+bf16 30 / 63 / 169, fp32 55 / 116 /
-    320; the constants below bound all of these (at 512: 371). At 512 the old default, 32 sequences
-    per worker, needed ~10 GB per worker: the two workers Ray's memory monitor killed on 24 GiB."""
+    Measured on MiniLM-L6 (bench/train_memory_bench.py), MiB per sequence at 128 / 256 / 512 that
+    autograd keeps: sdpa+bf16 38 / 93 / 284, eager+bf16 30 / 63 / 169, fp32 55 / 116 / 320; peak RSS
+    per sequence at 512 with sdpa+bf16: 304 with the system's malloc, 378 with malloc_tuning (freed
+    blocks are kept). The constants below bound all of these (at 512: 405). At 512 the old default,
+    32 sequences per worker, needed ~10 GB per worker: what Ray's memory monitor killed on 24 GiB."""
     h = model_config.get("hidden_size", 768)
     layers = model_config.get("num_hidden_layers", 12)
     heads = model_config.get("num_attention_heads", 12)
@@ -142,7 +143,7 @@ def memory_estimate(model_config: dict[str, Any], max_length: int, micro_batch_s
 
 
 # Bytes kept for backward per layer: per token and unit of hidden width, per attention score.
-ACT_PER_TOKEN, ACT_PER_SCORE = 170, 10
+ACT_PER_TOKEN, ACT_PER_SCORE = 200, 10
 
 
 def plan_workers(
