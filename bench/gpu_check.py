@@ -62,7 +62,7 @@ def main() -> None:
 
     # Training step
     model = models.load_classifier(args.model).to(device)
-    stepper = Stepper(model, make_optimizer(model, 5e-5, 0.01, 0.95), device, precision, 1.0, 1)
+    stepper = Stepper(model, make_optimizer(model, 5e-5, 0.01, 0.95), device, precision, 1.0)
     ids, labels = synthetic(args.batch * 64, args.max_length, rng)
     batches = [
         collate(
@@ -76,13 +76,13 @@ def main() -> None:
         )  # fmt: skip
         for i in range(0, len(ids), args.batch)
     ]
-    stepper.step([batches[0]], 0)  # warm-up
+    stepper.step([batches[0]], args.batch, 0)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0, steps, tokens = time.perf_counter(), 0, 0
     while time.perf_counter() - t0 < args.seconds:
         b = batches[steps % len(batches)]
-        stepper.step([b], steps)
+        stepper.step([b], args.batch, steps)
         steps += 1
         tokens += int(b["attention_mask"].sum())
     if device.type == "cuda":

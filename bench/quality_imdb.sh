@@ -14,7 +14,7 @@ if [ "$mode" = gpu ]; then
 else
   bertjob prepare --input "$archive" --output "$out/prepared" --max-length 128 --head-tokens 64
   bertjob train --data "$out/prepared" --output "$out/train" --epochs 1 --num-workers 2 --cpus-per-worker 1 \
-    --batch-size-per-worker 16 --lr 1e-4 --log-every-steps 50 --name imdb-cpu
+    --batch-size 32 --lr 1e-4 --log-every-steps 50 --name imdb-cpu
 fi
 python - "$out/train/metrics.json" <<'PY'
 import json, sys

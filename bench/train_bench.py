@@ -12,6 +12,7 @@ sequence length, one run, one machine:
   (b') the same loop with plain random batches
   (c) transformers.Trainer with its defaults (fp32, random batches, DataCollatorWithPadding)
   (d) `bertjob train` with 2 workers x 1 core (data-parallel scaling on one machine)
+All run the same global batches (`training.epoch_batches`, the job's order).
 (a), (b), (b*) and (d) run --steps (0: one epoch, so that they see the same rows and their length-grouped
 batches pad alike); (b') and (c), whose random batches all pad to max_length on IMDb, run
 --short-steps. (b), (b*) and (a) run --rounds times, interleaved (b, b*, a, b, b*, a, ...), and each reports its best
@@ -62,21 +63,17 @@ def plain_loop(prepared: str, batch: int, steps: int, precision: str, grouping: 
     import torch
 
     from bertjob import models
-    from bertjob.training import Stepper, collate, group_by_length, make_optimizer
+    from bertjob.training import Stepper, collate, epoch_batches, make_optimizer
 
     torch.set_num_threads(os.cpu_count() or 1)
     ids, labels = rows(prepared)
     ids_arr = np.empty(len(ids), dtype=object)
     ids_arr[:] = [np.array(x) for x in ids]
-    size = batch * grouping
-    groups = (
-        {"input_ids": ids_arr[i : i + size], "length": np.array([len(x) for x in ids_arr[i : i + size]]),
-         "label": labels[i : i + size]}
-        for i in range(0, len(ids_arr), size)
-    )  # fmt: skip
-    batches = group_by_length(groups, batch, seed=0)
+    lengths = np.array([len(x) for x in ids_arr])
+    order = epoch_batches(lengths, batch, seed=42, epoch=0, length_grouping=grouping)  # the job's order
+    batches = ({"input_ids": ids_arr[b], "length": lengths[b], "label": labels[b]} for b in order)
     model = models.load_classifier("minilm")
-    stepper = Stepper(model, make_optimizer(model, 5e-5, 0.01, 0.95), torch.device("cpu"), precision, 1.0, 1)
+    stepper = Stepper(model, make_optimizer(model, 5e-5, 0.01, 0.95), torch.device("cpu"), precision, 1.0)
     real = padded = 0
     t0 = time.perf_counter()
     for s in range(steps):
@@ -85,7 +82,7 @@ def plain_loop(prepared: str, batch: int, steps: int, precision: str, grouping: 
         batch_t = collate(next(batches), 0)
         real += int(batch_t["attention_mask"].sum())
         padded += batch_t["input_ids"].numel()
-        stepper.step([batch_t], s)
+        stepper.step([batch_t], len(batch_t["labels"]), s)
     t1 = time.perf_counter()
     steady = (steps - WARMUP_STEPS) * batch / (t1 - t_warm) if steps > WARMUP_STEPS else float("nan")
     return Rate(steps * batch / (t1 - t0), steady, 1 - real / padded)
@@ -130,7 +127,7 @@ def job(prepared: str, out: str, batch: int, steps: int, workers: int, precision
     cpus = (os.cpu_count() or 1) // workers
     cmd = [sys.executable, "-m", "bertjob", "train", "--data", prepared, "--output", out, "--epochs", "1",
            "--max-steps", str(steps), "--num-workers", str(workers), "--cpus-per-worker", str(cpus),
-           "--batch-size-per-worker", str(batch // workers), "--mixed-precision", precision,
+           "--batch-size", str(batch), "--mixed-precision", precision,
            "--max-eval-rows", "64", "--log-every-steps", "10", "--name", f"bench-{workers}"]  # fmt: skip
     run_measured(cmd)
     m = json.load(open(os.path.join(out, "metrics.json")))

@@ -121,19 +121,35 @@ class TrainConfig:
     model: str = opt("minilm", "starting weights: minilm (embedded), a local directory, or a hub id")
     num_workers: int = opt(2, "data-parallel workers (one per GPU with use_gpu)", ge=1)
     use_gpu: bool = opt(False, "one GPU per worker")
-    cpus_per_worker: float = opt(1.0, "CPUs reserved per worker", gt=0)
-    torch_threads: int = opt(0, "intra-op threads per worker (0: cpus_per_worker)", ge=0)
+    cpus_per_worker: float = opt(
+        0,
+        "CPUs per worker (0: a local Ray's CPUs split across the workers; on a cluster, a node's CPUs per worker)",
+        ge=0,
+    )
+    torch_threads: int = opt(0, "intra-op threads per worker (0: its CPUs)", ge=0)
     malloc_tuning: bool = opt(
         True,
-        "Linux: workers keep freed memory for reuse (glibc: no mmap, no trim, one arena) instead of "
+        "Linux CPU workers keep freed memory for reuse (glibc: no mmap, no trim, one arena) instead of "
         "page-faulting it back every step: CPU steps ~1.3x faster (off: the system's malloc settings)",
     )
     epochs: int = opt(3, "passes over the train split", ge=1)
     max_steps: int = opt(0, "stop after this many optimizer steps (0: epochs decide)", ge=0)
-    batch_size_per_worker: int = opt(32, "sequences per worker per micro-batch (seed recipe: 32)", ge=1)
-    grad_accum_steps: int = opt(1, "micro-batches per optimizer step", ge=1)
+    batch_size: int = opt(
+        32,
+        "sequences per optimizer step, all workers together (the seed recipe's 32); independent of num_workers",
+        ge=1,
+    )
+    micro_batch_size: int = opt(
+        0,
+        "most sequences a worker runs through the model at once (0: what fits its memory); "
+        "a bigger share of batch_size accumulates gradients",
+        ge=0,
+    )
     lr: float = opt(
-        5e-5, "peak learning rate of the top layer (2e-5 suits BERT-base; small models like more)", gt=0
+        0.0,
+        "peak learning rate of the top layer (0: by model width: 2e-4 up to 384 wide like MiniLM, "
+        "5e-5 up to 768 like BERT-base, 2e-5 beyond)",
+        ge=0,
     )
     layer_lr_decay: float = opt(
         0.95, "lr multiplier per layer going down (Sun et al. 2019; 1.0 = off)", gt=0, le=1
@@ -147,7 +163,7 @@ class TrainConfig:
     pad_to_multiple_of: int = opt(0, "pad batches to a multiple of this (0: 8 on GPU, 1 on CPU)", ge=0)
     length_grouping: int = opt(
         8,
-        "sort each N micro-batches' worth of shuffled rows by length before batching: less padding (1: off)",
+        "sort each N batches' worth of shuffled rows by length before cutting batches: less padding (1: off)",
         ge=1,
     )
     eval_every_steps: int = opt(0, "also evaluate every N steps (0: once per epoch)", ge=0)
@@ -156,15 +172,23 @@ class TrainConfig:
     early_stopping_patience: int = opt(0, "stop after N evaluations without improvement (0: off)", ge=0)
     log_every_steps: int = opt(20, "progress line every N steps (rank 0)", ge=1)
     max_failures: int = opt(2, "worker-group restarts before giving up (-1: no limit)", ge=-1)
-    stream_data: bool = opt(
-        False,
-        "stream shards during training instead of loading them into the object store first (needs a CPU beyond the workers')",
+    shuffle_window_rows: int = opt(
+        0,
+        "rows shuffled together, read a window at a time (0: the whole split when its token ids "
+        "take up to 1 GiB, else 250,000)",
+        ge=0,
     )
     check_resources: bool = opt(
         True, "fail fast when the cluster cannot place the workers (off on autoscaling clusters)"
     )
     storage_path: str = opt("", "checkpoints root (local, NFS, s3://, gs://); empty: OUTPUT/ray_results")
     name: str = opt("bertjob-train", "run name; rerunning with the same name and storage_path resumes")
+    resume_changed: bool = opt(
+        False, "resume a run's checkpoint although model, data, batch_size or seed changed (else an error)"
+    )
+    sample_log: bool = opt(
+        False, "append each step's row indices per worker to STORAGE/NAME/samples/rank-N.jsonl (an audit)"
+    )
     max_eval_rows: int = opt(0, "cap rows of validation/test evaluated (0: all)", ge=0)
     tracking: str = opt("none", "none | mlflow | tensorboard", choices=("none", "mlflow", "tensorboard"))
     seed: int = opt(42, "seed of initialisation and data order", unbounded=True)
@@ -177,10 +201,6 @@ class TrainConfig:
         if not self.output:
             p.append("output: required (--output DIR)")
         return p
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.batch_size_per_worker * self.num_workers * self.grad_accum_steps
 
 
 PRETRAIN_SPLITS = ("unsup", "train")  # never validation or test: they judge the fine-tuned model

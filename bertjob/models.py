@@ -199,8 +199,11 @@ def _cache_path(model_dir: str, trust_remote_code: bool) -> str:
     return os.path.join(cache_root(), "tokenizers", h.hexdigest()[:32] + ".json")
 
 
-def load_classifier(name: str, trust_remote_code: bool = False, num_labels: int = 2) -> Any:
-    """AutoModelForSequenceClassification with our label names, from any model setting."""
+def load_classifier(
+    name: str, trust_remote_code: bool = False, num_labels: int = 2, attn_implementation: str | None = None
+) -> Any:
+    """AutoModelForSequenceClassification with our label names, from any model setting
+    (`attn_implementation`: transformers' choice, "sdpa" for BERT, unless given)."""
     from transformers import AutoModelForSequenceClassification
 
     where = resolve_model(name)
@@ -210,11 +213,27 @@ def load_classifier(name: str, trust_remote_code: bool = False, num_labels: int 
         label2id={"NEGATIVE": 0, "POSITIVE": 1},
         trust_remote_code=trust_remote_code,
     )
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     try:
         return AutoModelForSequenceClassification.from_pretrained(where, **kwargs)
     except OSError as err:
         if os.path.isdir(where):
             raise ModelError(f"cannot load a model from {where}: {err}") from err
+        raise _hub_hint(name, err) from err
+
+
+def model_config(name: str, trust_remote_code: bool = False) -> dict[str, Any]:
+    """The model's config.json as a dict (sizes: hidden, layers, heads, vocabulary), without torch."""
+    where = resolve_model(name)
+    path = Path(where) / "config.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code).to_dict()
+    except OSError as err:
         raise _hub_hint(name, err) from err
 
 

@@ -15,6 +15,7 @@ reviews prepare truncated (head+tail): ~10% of IMDb's tokens at max_length 512 (
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,17 +36,15 @@ from bertjob.masking import MaskedLMLoss, Masker, MaskingRule, pack_sequences, s
 from bertjob.outputs import ensure_output, versions
 from bertjob.storage import exists, join, read_json, write_json
 from bertjob.training import (
+    NonFiniteLossError,
     Stepper,
-    chunks,
     collate,
     lr_factor,
     make_optimizer,
     malloc_env,
     resolve_precision,
-    rng_state,
-    seed_everything,
     set_lr,
-    set_rng_state,
+    step_seed,
     torch_threads,
 )
 
@@ -107,7 +107,10 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     ensure_output(cfg.output, "pretrain")  # never wiped: it may hold the checkpoints a rerun resumes from
     init_ray()
     if cfg.check_resources:
-        problems = train.check_resources(cfg)  # type: ignore[arg-type]
+        from bertjob.cluster import cluster_cpus, cluster_gpus
+
+        plan = train.WorkerPlan(cfg.cpus_per_worker, cfg.batch_size_per_worker, None, None)
+        problems = train.check_resources(cfg, plan, cluster_cpus(), cluster_gpus())  # type: ignore[arg-type]
         if problems:
             raise PretrainSetupError("cannot pretrain:\n  - " + "\n  - ".join(problems))
 
@@ -343,6 +346,18 @@ class PretrainState:
     resumed_at_steps: list[int] = field(default_factory=list)  # one entry per restart or rerun
 
 
+def chunks(it: Iterator[Any], n: int) -> Iterator[list[Any]]:
+    """Lists of n items (the last may be shorter)."""
+    it = iter(it)
+    while batch := list(itertools.islice(it, n)):
+        yield batch
+
+
+def masked_lm_loss(model: torch.nn.Module, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy over the micro-batch's predicted tokens (MaskedLMLoss gives their mean)."""
+    return model(**mb).loss * mb["masked_labels"].shape[0]
+
+
 class PretrainRecipe:
     """Runs on every Ray Train worker: setup() then train() (epochs -> steps), save()/load() side by side."""
 
@@ -372,7 +387,7 @@ class PretrainRecipe:
 
         cfg = self.cfg
         torch_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
-        seed_everything(cfg.seed)
+        torch.manual_seed(cfg.seed)  # a fresh masked-LM head's initialisation
         # A base model without an MLM head (the embedded MiniLM is a bare BertModel) gets a freshly
         # initialised head; its decoder is tied to the word embeddings, so only the small transform
         # layer and the output bias start from scratch.
@@ -390,14 +405,13 @@ class PretrainRecipe:
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, layer_lr_decay=1.0)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.stepper = Stepper(
-            self.model, self.optimizer, self.device, self.precision, cfg.max_grad_norm, cfg.grad_accum_steps,
-            no_sync=getattr(self.model, "no_sync", None),
+            self.model, self.optimizer, self.device, self.precision, cfg.max_grad_norm,
+            no_sync=getattr(self.model, "no_sync", None), loss_fn=masked_lm_loss,
         )  # fmt: skip
         if saved is not None:
             self.optimizer.load_state_dict(saved["optimizer"])
             if self.stepper.scaler is not None and saved.get("scaler"):
                 self.stepper.scaler.load_state_dict(saved["scaler"])
-            set_rng_state(saved["rng"])
         if self.rank == 0:
             log.info(
                 "pretrain worker setup: %d workers on %s, precision %s, global batch %d, GLIBC_TUNABLES=%s",
@@ -433,7 +447,6 @@ class PretrainRecipe:
                         "state": dataclasses.asdict(self.state),
                         "optimizer": self.optimizer.state_dict(),
                         "scaler": self.stepper.scaler.state_dict() if self.stepper.scaler else None,
-                        "rng": rng_state(),
                     },
                     os.path.join(tmp, STATE_FILE),
                 )
@@ -468,11 +481,15 @@ class PretrainRecipe:
         skip = st.step_in_epoch * cfg.grad_accum_steps  # resume mid-epoch: skip what was trained on
         micro = (b for i, b in enumerate(rows) if skip <= i < self.meta["micro_per_epoch"])
         t0 = window_t = time.time()
-        window_loss, window_n, window_samples = 0.0, 0, 0
+        window_masked, window_samples = 0, 0
         for group in chunks(micro, cfg.grad_accum_steps):
             set_lr(self.optimizer, self.base_lrs, lr_factor(st.step, self.total_steps, self.warmup_steps))
+            torch.manual_seed(step_seed(cfg.seed, st.step, self.rank))  # dropout: the same after a resume
             batches = [self.masked_batch(b, i) for i, b in enumerate(group)]
-            loss, _ = self.stepper.step(batches, st.step)
+            # The mean over this worker's predicted tokens; DDP averages the workers (a tensor's
+            # shape is known on the host: no device sync).
+            masked = max(1, sum(int(b["masked_labels"].shape[0]) for b in batches))
+            self.stepper.step(batches, masked * self.world, st.step, self.world)
             n = sum(len(b["input_ids"]) for b in group) * self.world
             st.tokens_seen += sum(int(b["length"].sum()) for b in group) * self.world  # host side
             st.step, st.step_in_epoch, st.samples_seen = (
@@ -480,10 +497,15 @@ class PretrainRecipe:
                 st.step_in_epoch + 1,
                 st.samples_seen + n,
             )
-            window_loss, window_n, window_samples = window_loss + loss, window_n + 1, window_samples + n
+            window_masked, window_samples = window_masked + masked, window_samples + n
             if st.step % cfg.log_every_steps == 0 or st.step == self.total_steps:
-                self.log_progress(window_loss / window_n, window_samples / max(time.time() - window_t, 1e-9))
-                window_loss, window_n, window_samples, window_t = 0.0, 0, 0, time.time()
+                if self.stepper.first_nonfinite_step() >= 0:  # reads the device, at log steps only
+                    raise NonFiniteLossError(self.stepper.first_nonfinite_step())
+                loss_sum, _ = self.stepper.take_stats()
+                self.log_progress(
+                    loss_sum / window_masked, window_samples / max(time.time() - window_t, 1e-9)
+                )
+                window_masked, window_samples, window_t = 0, 0, time.time()
             if st.step_in_epoch >= self.meta["steps_per_epoch"] or st.step >= self.total_steps:
                 break
             if cfg.checkpoint_every_steps and st.step % cfg.checkpoint_every_steps == 0:

@@ -1,17 +1,23 @@
 """Train: data-parallel fine-tuning with Ray Train's TorchTrainer, from prepared shards to a HF model.
 
-    driver: validate (manifest, tokenizer fingerprint, splits, resources) -> TorchTrainer.fit()
-            -> export the best model to OUTPUT/model, metrics.json, training_curves.png
-    worker: train_loop (bertjob.training does the step) -> ray.train.report(metrics, checkpoint)
+    driver: validate (manifest, tokenizer, splits, run compatibility), plan the workers (CPUs,
+            micro-batch for their memory) -> TorchTrainer.fit() -> OUTPUT/model, metrics.json, curves
+    worker: Recipe (setup, train: epochs -> steps, evaluate, save/load checkpoint, finish)
+
+One optimizer step: `Recipe.train_step` takes global batch `state.step` of the epoch's order
+(`training.epoch_batches`: a function of seed and epoch only), keeps this worker's share of it,
+and `training.Stepper.step` runs it in micro-batches, weighting each row 1 / batch size.
 
 Resuming: a restarted worker group, or a rerun with the same `name` and `storage_path`, finds the
 latest checkpoint through `ray.train.get_checkpoint()` (Ray Train V2 restores its checkpoint
-manager from storage) and continues mid-epoch.
+manager from storage) and continues with the next global batch, with any number of workers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -24,7 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bertjob import models
+from bertjob import checkpoint, models
+from bertjob.checkpoint import TrainState
 from bertjob.config import SetupError, TrainConfig, to_dict
 from bertjob.metrics import classification_metrics
 from bertjob.outputs import MANIFEST, ensure_output, versions
@@ -42,30 +49,32 @@ from bertjob.storage import (
 )
 from bertjob.text import TextSettings
 from bertjob.training import (
+    IGNORE,
+    NonFiniteLossError,
+    SplitRows,
     Stepper,
-    TrainState,
-    chunks,
     collate,
-    group_by_length,
+    epoch_batches,
     lr_factor,
     make_optimizer,
     malloc_env,
     predict_batches,
     resolve_precision,
-    rng_state,
-    row_lengths,
-    seed_everything,
     set_lr,
-    set_rng_state,
+    step_seed,
     torch_threads,
+    worker_micro_batches,
 )
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["label", "input_ids", "length"]
-STATE_FILE = "training_state.pt"
-BEST_DIR = "best_model"
-FINAL_FILE = "final.json"
+NONFINITE_FILE = "nonfinite.json"  # left by the workers when the loss became NaN/inf
+RUN_FILE = (
+    "bertjob_run.json"  # beside Ray's checkpoints: what the run trains on, to refuse resuming a changed one
+)
+MIN_STEPS = 100  # fewer optimizer steps than this rarely fine-tune a BERT (finding: 12 steps learned nothing)
+IN_MEMORY_BYTES = 2**30  # a train split whose token ids take up to this is shuffled whole, in memory
+WINDOW_ROWS = 250_000  # else: rows per shuffle window
 
 
 class TrainSetupError(SetupError):
@@ -100,43 +109,164 @@ def check_setup(cfg: TrainConfig, manifest: dict[str, Any]) -> list[str]:
     except models.ModelError as err:
         problems.append(str(err))
     splits = manifest.get("splits", {})
-    for name in ("train", "validation"):
-        written = splits.get(name, {}).get("rows_written", 0)
-        if written == 0:
+    for name in ("train", "validation", "test"):
+        split = splits.get(name, {})
+        written, counts = split.get("rows_written", 0), split.get("label_counts") or {}
+        if written == 0 and name != "test":
             hint = " (set validation_fraction > 0 in prepare)" if name == "validation" else ""
             problems.append(f"split {name!r} of {cfg.data} has no rows{hint}")
-        elif name == "train" and set(splits[name].get("label_counts", {})) != {"0", "1"}:
+        elif name == "train" and set(counts) != {"0", "1"}:
+            problems.append(f"split 'train' of {cfg.data} needs both labels; it has {counts}")
+        if counts and sum(counts.values()) != written:
             problems.append(
-                f"split 'train' of {cfg.data} needs both labels; it has {splits[name].get('label_counts')}"
+                f"split {name!r} of {cfg.data}: its label counts {counts} sum to {sum(counts.values())}, "
+                f"not to its {written} rows; the manifest does not describe the data (prepare again)"
             )
-    if splits.get("train", {}).get("rows_written", 0) and splits["train"]["rows_written"] < cfg.num_workers:
-        problems.append(f"split 'train' has fewer rows than num_workers ({cfg.num_workers})")
     return problems
 
 
-def check_resources(cfg: TrainConfig) -> list[str]:
-    from bertjob.cluster import cluster_cpus, cluster_gpus
+@dataclasses.dataclass
+class WorkerPlan:
+    """What each worker gets, decided on the driver from the cluster and the data."""
 
+    cpus: float
+    micro_batch_size: int
+    memory_budget: int | None  # bytes a worker may use (CPU workers), None where unknown
+    memory_estimate: int | None  # bytes a worker needs at that micro-batch
+
+
+def memory_estimate(model_config: dict[str, Any], max_length: int, micro_batch_size: int) -> int:
+    """Resident bytes of a CPU training worker for a BERT-like model: the process (~600 MiB), 18
+    bytes per parameter (fp32 weights, gradients, AdamW's two moments, bf16 copies) and what
+    autograd keeps for backward per sequence and layer, linear and quadratic in max_length.
+
+    Measured on MiniLM-L6 (bench/train_memory_bench.py), MiB per sequence at 128 / 256 / 512 that
+    autograd keeps: sdpa+bf16 38 / 93 / 284, eager+bf16 30 / 63 / 169, fp32 55 / 116 / 320; peak RSS
+    per sequence at 512 with sdpa+bf16: 304 with the system's malloc, 378 with malloc_tuning (freed
+    blocks are kept). The constants below bound all of these (at 512: 405). At 512 the old default,
+    32 sequences per worker, needed ~10 GB per worker: what Ray's memory monitor killed on 24 GiB."""
+    h = model_config.get("hidden_size", 768)
+    layers = model_config.get("num_hidden_layers", 12)
+    heads = model_config.get("num_attention_heads", 12)
+    inter = model_config.get("intermediate_size", 4 * h)
+    params = model_config.get("vocab_size", 30522) * h + layers * (4 * h * h + 2 * h * inter)
+    per_seq = layers * (ACT_PER_TOKEN * h * max_length + ACT_PER_SCORE * heads * max_length**2)
+    return int(600 * 2**20 + 18 * params + micro_batch_size * per_seq)
+
+
+# Bytes kept for backward per layer: per token and unit of hidden width, per attention score.
+ACT_PER_TOKEN, ACT_PER_SCORE = 200, 10
+
+
+def plan_workers(
+    cfg: TrainConfig, nodes: list[dict[str, float]], model_config: dict[str, Any], max_length: int
+) -> tuple[WorkerPlan, list[str]]:
+    """CPUs and micro-batch per worker from the nodes' resources (Ray's `ray.nodes()` Resources).
+
+    CPUs: the nodes that can host a worker, split between the workers each would host (a local
+    Ray: the machine's CPUs split across the workers; GPU nodes: their CPUs per GPU). Micro-batch:
+    the largest that fits the memory Ray gives each worker, up to its share of `batch_size`."""
+    problems: list[str] = []
+    kind = "GPU" if cfg.use_gpu else "CPU"
+    hosts = [n for n in nodes if n.get(kind, 0) >= 1]
+    per_node = math.ceil(cfg.num_workers / max(1, len(hosts)))
+
+    def workers_on(n: dict[str, float]) -> float:  # one worker per GPU on GPU nodes
+        return n["GPU"] if cfg.use_gpu else per_node
+
+    cpus = cfg.cpus_per_worker or max(
+        1, min((int(n.get("CPU", 0) // workers_on(n)) for n in hosts), default=1)
+    )
+    share = math.ceil(cfg.batch_size / cfg.num_workers)
+    micro = min(cfg.micro_batch_size or share, share)
+    budget = estimate = None
+    if not cfg.use_gpu and hosts:
+        # Ray's memory resource is what its tasks may use; its memory monitor kills workers when the
+        # node as a whole passes 95%. Keep a fifth of a worker's share for everything else.
+        budget = int(0.8 * min(n.get("memory", 0) / workers_on(n) for n in hosts)) or None
+        while (
+            budget
+            and not cfg.micro_batch_size
+            and micro > 1
+            and memory_estimate(model_config, max_length, micro) > budget
+        ):
+            micro -= 1
+        estimate = memory_estimate(model_config, max_length, micro)
+        if budget and estimate > budget:
+            gib = 2**30
+            message = (
+                f"a worker training micro-batches of {micro} at max_length {max_length} needs ~{estimate / gib:.1f} GiB; "
+                f"each of {per_node} worker(s) per node gets {budget / gib:.1f} GiB"
+            )
+            if cfg.micro_batch_size:  # the user's choice; the estimate may be cautious
+                log.warning("train: %s; a smaller micro_batch_size would fit", message)
+            else:
+                problems.append(f"{message}. Use fewer workers per node or a smaller max_length (prepare)")
+    return WorkerPlan(cpus, micro, budget, estimate), problems
+
+
+def default_lr(model_config: dict[str, Any]) -> float:
+    """Peak lr by model width. Small models want more: MiniLM-L6 at 5e-5 or 1e-4 learned nothing
+    in the ~20 steps of a few hundred reviews (chance accuracy), 2e-4 reached 74%; BERT-base's
+    recipes use 2e-5 to 5e-5 (Sun et al. 2019; Devlin et al. 2019)."""
+    width = model_config.get("hidden_size", 768)
+    return 2e-4 if width <= 384 else 5e-5 if width <= 768 else 2e-5
+
+
+def check_resources(cfg: TrainConfig, plan: WorkerPlan, cpus: float, gpus: float) -> list[str]:
     problems = []
-    cpus, gpus = cluster_cpus(), cluster_gpus()
     if cfg.use_gpu and gpus == 0:
         problems.append(
             "use_gpu is set but the Ray cluster has no GPU (set --use-gpu false, or add GPU nodes)"
         )
     elif cfg.use_gpu and gpus < cfg.num_workers:
         problems.append(f"{cfg.num_workers} workers need {cfg.num_workers} GPUs; the cluster has {gpus:g}")
-    need = cfg.num_workers * cfg.cpus_per_worker + (1 if cfg.stream_data else 0)
+    need = cfg.num_workers * plan.cpus
     if need > cpus:
         problems.append(
-            f"{cfg.num_workers} workers x {cfg.cpus_per_worker:g} CPUs need {need:g} CPUs; the cluster has {cpus:g} "
+            f"{cfg.num_workers} workers x {plan.cpus:g} CPUs need {need:g} CPUs; the cluster has {cpus:g} "
             f"(lower --num-workers or --cpus-per-worker; on an autoscaling cluster set --check-resources false)"
         )
     return problems
 
 
+def run_identity(cfg: TrainConfig, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint of this run depends on: resuming it with any of these changed would
+    continue another run's weights or data order."""
+    splits = manifest["splits"]
+    data = {k: {f: splits[k].get(f) for f in ("rows_written", "label_counts")} for k in splits}
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return {
+        "model": cfg.model,
+        "data": {
+            "tokenizer": manifest["tokenizer"]["fingerprint"],
+            "max_length": manifest["max_length"],
+            "splits": digest,
+        },
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "length_grouping": cfg.length_grouping,
+    }
+
+
+def check_run_compatible(cfg: TrainConfig, identity: dict[str, Any], run_dir: str) -> None:
+    """A rerun with the same name resumes; one whose model, data or order changed is an error."""
+    if exists(join(run_dir, "checkpoint_manager_snapshot.json")) and exists(join(run_dir, RUN_FILE)):
+        before = read_json(join(run_dir, RUN_FILE))
+        changed = [k for k in identity if before.get(k) != identity[k]]
+        if changed and not cfg.resume_changed:
+            details = "; ".join(f"{k}: {before.get(k)} -> {identity[k]}" for k in changed)
+            raise TrainSetupError(
+                f"run {cfg.name!r} in {os.path.dirname(run_dir)} has checkpoints of a different run ({details}). "
+                f"Start a new run with another --name, or pass --resume-changed true to continue those weights anyway"
+            )
+    write_json(join(run_dir, RUN_FILE), identity)
+
+
 def run(cfg: TrainConfig) -> dict[str, Any]:
+    import ray
     import ray.train
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from bertjob.cluster import init_ray
@@ -147,82 +277,95 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     problems = check_setup(cfg, manifest)
     if problems:
         raise TrainSetupError("cannot train:\n  - " + "\n  - ".join(problems))
-    ensure_output(cfg.output, "train")  # never wiped: it may hold the checkpoints a rerun resumes from
-    init_ray()
-    if cfg.check_resources:
-        problems = check_resources(cfg)
-        if problems:
-            raise TrainSetupError("cannot train:\n  - " + "\n  - ".join(problems))
-
-    datasets = {
-        name: _read_split(
-            cfg.data, name, shuffle_seed=cfg.seed if name == "train" else None, stream=cfg.stream_data
-        )
-        for name in ("train", "validation", "test")
-        if manifest["splits"].get(name, {}).get("rows_written", 0) > 0
-    }
-    has_test_labels = bool(manifest["splits"].get("test", {}).get("label_counts"))
-    if not has_test_labels:
-        datasets.pop("test", None)
-    n_train = manifest["splits"]["train"]["rows_written"]
-    micro_per_epoch = math.ceil((n_train // cfg.num_workers) / cfg.batch_size_per_worker)
-    steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.grad_accum_steps))
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    meta = {
-        "micro_per_epoch": micro_per_epoch,
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps,
-        "pad_token_id": manifest["tokenizer"]["pad_token_id"] or 0,
-        "fail_at_step": int(os.environ.get("BERTJOB_FAIL_AT_STEP", "-1")),
-        "fail_marker": os.environ.get("BERTJOB_FAIL_MARKER", ""),
-        "has_test": "test" in datasets,
-        "tracking_dir": os.path.abspath(join(cfg.output, "tensorboard")) if "://" not in cfg.output else "",
-    }
-    log.info(
-        "train: %d rows, %d workers x %d per worker x %d accumulation = global batch %d; %d steps/epoch, %d steps",
-        n_train, cfg.num_workers, cfg.batch_size_per_worker, cfg.grad_accum_steps, cfg.global_batch_size,
-        steps_per_epoch, total_steps,
-    )  # fmt: skip
     storage = cfg.storage_path or join(cfg.output, "ray_results")
     if is_remote(storage):  # Ray gets the filesystem the standard variables describe (storage.py)
+        if cfg.sample_log:
+            raise TrainSetupError("sample_log needs a local or mounted storage_path")
         storage_fs, storage_where = filesystem(storage)
     else:
         storage = os.path.abspath(storage)
         storage_fs, storage_where = None, storage
+    ensure_output(cfg.output, "train")  # never wiped: it may hold the checkpoints a rerun resumes from
+    init_ray()
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    model_config = models.model_config(cfg.model, cfg.trust_remote_code)
+    if not cfg.lr:
+        cfg = dataclasses.replace(
+            cfg, lr=default_lr(model_config)
+        )  # the resolved value is what metrics.json records
+    plan, problems = plan_workers(cfg, nodes, model_config, manifest["max_length"])
+    if cfg.check_resources:
+        from bertjob.cluster import cluster_cpus, cluster_gpus
+
+        problems += check_resources(cfg, plan, cluster_cpus(), cluster_gpus())
+    if problems:
+        raise TrainSetupError("cannot train:\n  - " + "\n  - ".join(problems))
+    check_run_compatible(cfg, run_identity(cfg, manifest), join(storage, cfg.name))
+    nonfinite = join(storage, cfg.name, NONFINITE_FILE)
+    remove(nonfinite)  # from an earlier attempt of this run
+
+    n_train = manifest["splits"]["train"]["rows_written"]
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    total_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or math.inf)
+    share = math.ceil(cfg.batch_size / cfg.num_workers)
+    log.info(
+        "train: %d rows, global batch %d = %d workers x %d rows (micro-batches of %d, %d accumulated); "
+        "%d steps/epoch, %d steps; %g CPUs and %d threads per worker%s",
+        n_train, cfg.batch_size, cfg.num_workers, share, plan.micro_batch_size,
+        math.ceil(share / plan.micro_batch_size), steps_per_epoch, total_steps, plan.cpus,
+        cfg.torch_threads or max(1, int(plan.cpus)),
+        f", ~{plan.memory_estimate / 2**30:.1f} of {plan.memory_budget / 2**30:.1f} GiB memory each" if plan.memory_budget else "",
+    )  # fmt: skip
+    if total_steps < MIN_STEPS and not cfg.max_steps:
+        log.warning(
+            "train: only %d optimizer steps (%d rows / batch_size %d x %d epochs): fine-tuning a BERT usually "
+            "needs at least ~%d; the model may learn little. Use more data, more --epochs or a smaller --batch-size",
+            total_steps, n_train, cfg.batch_size, cfg.epochs, MIN_STEPS,
+        )  # fmt: skip
+    mean_tokens = min(manifest["max_length"], manifest["splits"]["train"].get("tokens", {}).get("mean", 1e9))
+    token_bytes = mean_tokens * n_train * 4  # int32 token ids
+    window = cfg.shuffle_window_rows or (0 if token_bytes <= IN_MEMORY_BYTES else WINDOW_ROWS)
+    meta = {
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "micro_batch_size": plan.micro_batch_size,
+        "threads": cfg.torch_threads or max(1, int(plan.cpus)),
+        "window_rows": window,
+        "pad_token_id": manifest["tokenizer"]["pad_token_id"] or 0,
+        "splits": [s for s in ("validation", "test") if manifest["splits"].get(s, {}).get("label_counts")],
+        "run_dir": join(storage, cfg.name),
+        "tracking_dir": "" if is_remote(cfg.output) else os.path.abspath(join(cfg.output, "tensorboard")),
+    }
+    # Malloc tuning is measured on CPU workers only; a GPU worker's host memory does not pace its step.
+    env = malloc_env() if cfg.malloc_tuning and not cfg.use_gpu else {}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": to_dict(cfg), "meta": meta},
         scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers,
-            use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker},
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": plan.cpus}
         ),
         run_config=RunConfig(
             name=cfg.name,
             storage_path=storage_where,
             storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            worker_runtime_env={"env_vars": malloc_env()} if cfg.malloc_tuning else None,
+            worker_runtime_env={"env_vars": env} if env else None,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints,
                 checkpoint_score_attribute="val_accuracy",
                 checkpoint_score_order="max",
             ),
         ),
-        datasets=datasets,
-        # Only train is split (equally, so every worker runs the same number of steps); evaluation
-        # splits reach every worker whole and each worker scores every world_size-th batch.
-        dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
         raise RuntimeError(f"training failed: {_root_message(err)}") from err
+    if exists(nonfinite):
+        raise NonFiniteLossError(read_json(nonfinite)["step"])
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
-    return export(cfg, manifest, result.checkpoint, wall_s=time.time() - started, storage=storage)
+    return export(cfg, manifest, result.checkpoint, wall_s=time.time() - started, storage=storage, plan=plan)
 
 
 def _root_message(err: BaseException) -> str:
@@ -233,33 +376,21 @@ def _root_message(err: BaseException) -> str:
     return text.strip().splitlines()[-1] if text.strip() else repr(err)
 
 
-def _read_split(data: str, split: str, shuffle_seed: int | None, stream: bool) -> Any:
-    import ray.data
-
-    fs, where = filesystem(join(data, split))
-    ds = ray.data.read_parquet(where, filesystem=fs, columns=COLUMNS)
-    if shuffle_seed is not None:
-        # The prepared order follows the source (IMDb: all neg, then all pos); shuffle once, seeded,
-        # so that a resumed epoch sees the same order. Each epoch adds a seeded local shuffle.
-        ds = ds.random_shuffle(seed=shuffle_seed)
-    if not stream:
-        # Token ids are small (IMDb train: ~30 MB). Loading them into the object store up front
-        # means the workers need no CPU for Ray Data tasks while they train: on a 2-CPU machine
-        # with 2 workers there is none to spare, and a streaming read would wait for ever.
-        ds = ds.materialize()
-    return ds
-
-
 def export(
-    cfg: TrainConfig, manifest: dict[str, Any], checkpoint: Any, wall_s: float, storage: str
+    cfg: TrainConfig,
+    manifest: dict[str, Any],
+    result_checkpoint: Any,
+    wall_s: float,
+    storage: str,
+    plan: WorkerPlan,
 ) -> dict[str, Any]:
     """OUTPUT/model (the best model, HF format, loadable by transformers.pipeline), metrics.json, curves."""
     if not is_remote(cfg.output):
-        return _export_to(cfg.output, cfg, manifest, checkpoint, wall_s, storage)
+        return _export_to(cfg.output, cfg, manifest, result_checkpoint, wall_s, storage, plan)
     # Object stores take whole objects: build the outputs locally, then upload them, metrics.json
     # last (the pipeline takes a train output with metrics.json and a model as complete).
     with tempfile.TemporaryDirectory(prefix="bertjob-export-") as local:
-        metrics = _export_to(local, cfg, manifest, checkpoint, wall_s, storage)
+        metrics = _export_to(local, cfg, manifest, result_checkpoint, wall_s, storage, plan)
         remove(join(cfg.output, "model"))
         for name in ("model", "training_curves.png", "metrics.json"):
             copy(os.path.join(local, name), join(cfg.output, name))
@@ -267,14 +398,20 @@ def export(
 
 
 def _export_to(
-    out: str, cfg: TrainConfig, manifest: dict[str, Any], checkpoint: Any, wall_s: float, storage: str
+    out: str,
+    cfg: TrainConfig,
+    manifest: dict[str, Any],
+    result_checkpoint: Any,
+    wall_s: float,
+    storage: str,
+    plan: WorkerPlan,
 ) -> dict[str, Any]:
     model_dir = os.path.join(out, "model")
-    with checkpoint.as_directory() as ckpt:
-        final = json.loads(open(os.path.join(ckpt, FINAL_FILE)).read())
+    with result_checkpoint.as_directory() as ckpt:
+        final = json.loads(open(os.path.join(ckpt, checkpoint.FINAL_FILE)).read())
         if os.path.isdir(model_dir):
             shutil.rmtree(model_dir)
-        shutil.copytree(os.path.join(ckpt, BEST_DIR), model_dir)
+        shutil.copytree(os.path.join(ckpt, checkpoint.BEST_DIR), model_dir)
     tok = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
     tok.model_max_length = manifest["max_length"]
     tok.save_pretrained(model_dir)
@@ -304,7 +441,10 @@ def _export_to(
         if state.get("padded_tokens_seen")
         else None,
         "wall_s": round(wall_s, 1),
-        "global_batch_size": cfg.global_batch_size,
+        "global_batch_size": cfg.batch_size,
+        "micro_batch_size": plan.micro_batch_size,
+        "cpus_per_worker": plan.cpus,
+        "worker_threads": final.get("threads"),
         "precision": final.get("precision"),
         "worker_glibc_tunables": final.get("glibc_tunables", ""),
         "checkpoints": storage,
@@ -408,91 +548,226 @@ def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in _unwrap(model).state_dict().items()}
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker."""
-    import ray.train
-    import ray.train.torch
-    from ray.train import Checkpoint
+class Recipe:
+    """The worker side of a run, one object per Ray Train worker: setup, then epochs of steps with
+    evaluations and checkpoints, then finish. State lives on the object; Ray calls are marked."""
 
-    cfg = TrainConfig(**config["cfg"])
-    meta = config["meta"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
-    seed_everything(cfg.seed)
-    device = ray.train.torch.get_device()
-    precision = resolve_precision(cfg.mixed_precision, device)
-    multiple_of = cfg.pad_to_multiple_of or (8 if device.type == "cuda" else 1)
-    pad_id = meta["pad_token_id"]
-    total_steps = meta["total_steps"]
-    warmup_steps = int(cfg.warmup_ratio * total_steps)
+    def __init__(self, cfg: TrainConfig, meta: dict[str, Any], rank: int, world: int, device: torch.device):
+        self.cfg, self.meta, self.rank, self.world, self.device = cfg, meta, rank, world, device
+        self.total_steps = meta["total_steps"]
+        self.state = TrainState()
+        self.best: dict[str, torch.Tensor] | None = None  # best weights so far, on the CPU
+        self.best_is_current = False
+        self.window = [0, 0, time.time()]  # since the last progress line: rows, steps, start
 
-    model = models.load_classifier(cfg.model, cfg.trust_remote_code)
-    state, best_sd, saved = TrainState(), None, None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            from safetensors.torch import load_file
+    # --- setup ----------------------------------------------------------------------------------
 
-            model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
-            saved = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
-            state = TrainState(**saved["state"])
-            if saved.get("best_is_current"):
-                best_sd = {k: v.clone() for k, v in model.state_dict().items()}
-            elif os.path.exists(os.path.join(d, BEST_DIR, "model.safetensors")):
-                best_sd = load_file(os.path.join(d, BEST_DIR, "model.safetensors"))
-        state.resumed_at_steps.append(state.step)
-        if rank == 0:
-            log.info(
-                "resuming from step %d (epoch %d, step %d in epoch)",
-                state.step,
-                state.epoch + 1,
-                state.step_in_epoch,
-            )
-    model = ray.train.torch.prepare_model(model)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.layer_lr_decay)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    stepper = Stepper(
-        model, optimizer, device, precision, cfg.max_grad_norm, cfg.grad_accum_steps,
-        no_sync=getattr(model, "no_sync", None),
-    )  # fmt: skip
-    if saved is not None:
-        optimizer.load_state_dict(saved["optimizer"])
-        base_lrs = saved.get("base_lrs", base_lrs)
-        if stepper.scaler is not None and saved.get("scaler"):
-            stepper.scaler.load_state_dict(saved["scaler"])
-        set_rng_state(saved["rng"])
-    tracker = _Tracker(cfg.tracking, meta["tracking_dir"], config["cfg"]) if rank == 0 else None
-    if rank == 0:
-        log.info(
-            "worker setup: %d workers on %s, precision %s, global batch %d, GLIBC_TUNABLES=%s",
-            world,
-            device,
-            precision,
-            cfg.global_batch_size,
-            os.environ.get("GLIBC_TUNABLES", "(unset)"),
+    def setup(self, resume_from: str | None) -> None:
+        cfg = self.cfg
+        torch_threads(self.meta["threads"])
+        torch.manual_seed(cfg.seed)  # the classifier head's initialisation
+        self.precision = resolve_precision(cfg.mixed_precision, self.device)
+        self.multiple_of = cfg.pad_to_multiple_of or (8 if self.device.type == "cuda" else 1)
+        model = models.load_classifier(cfg.model, cfg.trust_remote_code)
+        import ray.train.torch  # Ray: DDP wrapping and device placement
+
+        self.model = ray.train.torch.prepare_model(model)
+        self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.layer_lr_decay)
+        # The configured lr, also when resuming (a changed --lr applies to the steps still to come).
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.stepper = Stepper(self.model, self.optimizer, self.device, self.precision, cfg.max_grad_norm,
+                               no_sync=getattr(self.model, "no_sync", None))  # fmt: skip
+        if resume_from:
+            self.load_checkpoint(resume_from)
+        window = self.meta["window_rows"]
+        self.train_rows = SplitRows(join(cfg.data, "train"), cache_rows=2 * window if window else None)
+        self.windows = self.train_rows.windows(window) if window else None
+        self.tracker = (
+            _Tracker(cfg.tracking, self.meta["tracking_dir"], to_dict(cfg)) if self.rank == 0 else None
+        )
+        self.sample_log = None
+        if cfg.sample_log:
+            os.makedirs(join(self.meta["run_dir"], "samples"), exist_ok=True)
+            self.sample_log = open(join(self.meta["run_dir"], "samples", f"rank-{self.rank}.jsonl"), "a")
+        if self.rank == 0:
+            log.info("worker setup: %d workers on %s, precision %s, %d threads, GLIBC_TUNABLES=%s", self.world,
+                     self.device, self.precision, torch.get_num_threads(), os.environ.get("GLIBC_TUNABLES", "(unset)"))  # fmt: skip
+
+    # --- checkpoints: save and load, one the mirror of the other ---------------------------------
+
+    def save_checkpoint(self, metrics: dict[str, Any], final: dict[str, Any] | None = None) -> None:
+        """Report `metrics` with a checkpoint written by rank 0 (every worker must report)."""
+        import ray.train  # Ray: the checkpoint goes to storage through report()
+
+        self.check_finite()  # never checkpoint NaN weights
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if self.rank == 0:
+                checkpoint.save(tmp, _unwrap(self.model), self.optimizer, self.stepper.scaler, self.state,
+                                self.best, self.best_is_current, final)  # fmt: skip
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    def load_checkpoint(self, path: str) -> None:
+        self.state, self.best = checkpoint.load(
+            path, _unwrap(self.model), self.optimizer, self.stepper.scaler
+        )
+        self.best_is_current = False
+        if self.state.finished and self.state.step < self.total_steps:
+            # Extending a finished run with more epochs: the added steps get a schedule of their own
+            # (warm-up to the configured lr, decay to 0 at the new end), not the old one stretched.
+            self.state.schedule_start, self.state.finished = self.state.step, False
+        self.state.resumed_at_steps.append(self.state.step)
+        if self.rank == 0:
+            log.info("resuming at step %d (epoch %d, step %d of it)", self.state.step, self.state.epoch + 1,
+                     self.state.step_in_epoch)  # fmt: skip
+
+    # --- training -------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        cfg, state = self.cfg, self.state
+        while state.epoch < cfg.epochs and state.step < self.total_steps and not state.finished:
+            stopped = self.train_epoch()
+            if stopped:
+                break
+            is_best, stop = self.evaluate_and_record()
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+            self.save_checkpoint({"val_accuracy": state.history[-1]["val_accuracy"], "step": state.step,
+                                  "epoch": state.epoch, "is_best": int(is_best)})  # fmt: skip
+            if stop:
+                break
+
+    def train_epoch(self) -> bool:
+        """The rest of the current epoch; True when stopped early (max_steps, early stopping)."""
+        cfg, state = self.cfg, self.state
+        batches = epoch_batches(self.train_rows.lengths, cfg.batch_size, cfg.seed, state.epoch,
+                                cfg.length_grouping, self.windows)  # fmt: skip
+        t0 = time.time()
+        for rows in batches[state.step_in_epoch :]:
+            self.train_step(rows)
+            if state.step >= self.total_steps:
+                state.train_time_s += time.time() - t0
+                return state.step_in_epoch < len(batches)
+            if state.step_in_epoch == len(batches):
+                break
+            if cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0:
+                state.train_time_s += time.time() - t0
+                is_best, stop = self.evaluate_and_record()
+                self.save_checkpoint({"val_accuracy": state.history[-1]["val_accuracy"], "step": state.step,
+                                      "epoch": state.epoch, "is_best": int(is_best)})  # fmt: skip
+                t0 = time.time()
+                if stop:
+                    return True
+            elif cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
+                # Mid-epoch checkpoints rank last (-1) so that best-N keeps evaluated ones; Ray Train
+                # always keeps the latest checkpoint as well, which is what a restart resumes from.
+                self.save_checkpoint({"val_accuracy": -1.0, "step": state.step, "epoch": state.epoch})
+        state.train_time_s += time.time() - t0
+        return False
+
+    def train_step(self, rows: np.ndarray) -> None:
+        """Optimizer step `state.step`: this worker's share of the global batch `rows`."""
+        cfg, state = self.cfg, self.state
+        # Dropout masks from (seed, step, rank): a resumed step draws the same ones, nothing to restore.
+        torch.manual_seed(step_seed(cfg.seed, state.step, self.rank))
+        segment = self.total_steps - state.schedule_start
+        factor = lr_factor(state.step - state.schedule_start, segment, int(cfg.warmup_ratio * segment))
+        set_lr(self.optimizer, self.base_lrs, factor)
+        parts = worker_micro_batches(rows, self.rank, self.world, self.meta["micro_batch_size"])
+        micro = []
+        for part in parts:
+            host = self.train_rows.take(part if len(part) else rows[:1])
+            if not len(part):  # a short last batch left this worker nothing: one row that weighs nothing
+                host["label"] = np.full(1, IGNORE)
+            micro.append(collate(host, self.meta["pad_token_id"], self.multiple_of, self.device))
+        self.stepper.step(micro, len(rows), state.step, self.world)
+        # Counted on the host for all workers from the rows' lengths: no device sync.
+        state.tokens_seen += int(self.train_rows.lengths[rows].sum())
+        state.padded_tokens_seen += self.padded_tokens(rows)
+        if self.sample_log is not None:
+            # attempt: how often this run was resumed before; a step re-run after a restart is logged again
+            record = {"step": state.step, "epoch": state.epoch, "attempt": len(state.resumed_at_steps),
+                      "rank": self.rank, "world": self.world, "rows": np.concatenate(parts).tolist()}  # fmt: skip
+            self.sample_log.write(json.dumps(record) + "\n")
+            self.sample_log.flush()
+        state.step += 1
+        state.step_in_epoch += 1
+        state.samples_seen += len(rows)
+        self.window[:2] = [self.window[0] + len(rows), self.window[1] + 1]
+        self.best_is_current = False
+        if self.device.type != "cuda" or state.step % cfg.log_every_steps == 0:
+            self.check_finite()  # a host read: free on CPU, so there every step; on a GPU at log steps
+        if state.step % cfg.log_every_steps == 0 or state.step == self.total_steps:
+            self.log_progress()
+
+    def padded_tokens(self, rows: np.ndarray) -> int:
+        """Tokens with padding that all workers' micro-batches of the global batch `rows` hold."""
+        m = self.multiple_of
+        return sum(
+            len(part) * -(-int(self.train_rows.lengths[part].max()) // m) * m
+            for r in range(self.world)
+            for part in worker_micro_batches(rows, r, self.world, self.meta["micro_batch_size"])
+            if len(part)
         )
 
-    def evaluate(split: str) -> dict[str, Any]:
-        it = ray.train.get_dataset_shard(split).iter_batches(
-            batch_size=max(64, cfg.batch_size_per_worker * 2), batch_format="numpy"
-        )
-        limit = cfg.max_eval_rows or None
-
-        def mine():
-            seen = 0
-            for i, b in enumerate(it):
-                if limit is not None and seen >= limit:
-                    break
-                seen += len(b["label"])
-                if i % world == rank:
-                    yield collate(b, pad_id, multiple_of, device)
-
-        probs, labels, loss_sum = predict_batches(_unwrap(model), mine(), device, precision)
-        if world > 1:
+    def check_finite(self) -> None:
+        bad = torch.tensor(self.stepper.first_nonfinite_step(), device=self.device)
+        if self.world > 1:  # a NaN loss on one worker only (fp16) must stop them all
             import torch.distributed as dist
 
-            gathered: list[Any] = [None] * world
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if int(bad) >= 0:
+            raise NonFiniteLossError(int(bad))
+
+    def log_progress(self) -> None:
+        state, (rows, steps, t0) = self.state, self.window
+        loss_sum, norm_sum = self.stepper.take_stats()
+        totals = torch.tensor([loss_sum], dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(totals)
+        dt = time.time() - t0
+        rate = rows / dt if dt > 0 else 0.0
+        entry = {"type": "train", "step": state.step, "epoch": state.epoch, "loss": float(totals[0]) / max(1, rows),
+                 "grad_norm": norm_sum / max(1, steps), "lr": self.optimizer.param_groups[-1]["lr"], "samples_per_s": rate}  # fmt: skip
+        state.history.append(entry)
+        if self.rank == 0:
+            eta = (self.total_steps - state.step) * self.cfg.batch_size / rate if rate else float("nan")
+            log.info("epoch %d step %d/%d loss %.4f lr %.2e %.1f samples/s ETA %.0fs", state.epoch + 1, state.step,
+                     self.total_steps, entry["loss"], entry["lr"], rate, eta)  # fmt: skip
+            self.tracker.log(
+                {f"train/{k}": entry[k] for k in ("loss", "grad_norm", "lr", "samples_per_s")}, state.step
+            )  # type: ignore[union-attr]
+        self.window = [0, 0, time.time()]
+
+    # --- evaluation -----------------------------------------------------------------------------
+
+    def evaluate(self, split: str) -> dict[str, Any]:
+        """Metrics on a split: each worker scores its own contiguous share, the results are gathered."""
+        self.check_finite()
+        rows = SplitRows(join(self.cfg.data, split), cache_rows=WINDOW_ROWS)
+        n = min(len(rows), self.cfg.max_eval_rows or len(rows))
+        mine = np.array_split(np.arange(n), self.world)[self.rank]
+        size = 2 * self.meta["micro_batch_size"]
+
+        def batches():
+            for start in range(0, len(mine), 16 * size):  # sorted by length in chunks: little padding
+                chunk = mine[start : start + 16 * size]
+                chunk = chunk[np.argsort(rows.lengths[chunk], kind="stable")]
+                for i in range(0, len(chunk), size):
+                    yield collate(
+                        rows.take(chunk[i : i + size]),
+                        self.meta["pad_token_id"],
+                        self.multiple_of,
+                        self.device,
+                    )
+
+        probs, labels, loss_sum = predict_batches(_unwrap(self.model), batches(), self.device, self.precision)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * self.world
             dist.all_gather_object(gathered, (probs, labels, loss_sum))
             probs = np.concatenate([g[0] for g in gathered])
             labels = np.concatenate([g[1] for g in gathered])
@@ -501,221 +776,77 @@ def train_loop(config: dict[str, Any]) -> None:
         m["loss"] = loss_sum / max(1, len(labels))
         return m
 
-    def report(metrics: dict[str, Any], final: dict[str, Any] | None = None) -> None:
-        """Checkpoint on rank 0 (others report None, as Ray Train requires every worker to report)."""
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                net = _unwrap(model)
-                net.save_pretrained(tmp, safe_serialization=True)
-                best_is_current = (
-                    best_sd is not None and state.best_epoch >= 0 and metrics.get("is_best", False)
-                )
-                if best_is_current:
-                    net.save_pretrained(os.path.join(tmp, BEST_DIR), safe_serialization=True)
-                elif best_sd is not None:
-                    _save_hf(net.config, best_sd, os.path.join(tmp, BEST_DIR))
-                torch.save(
-                    {
-                        "state": dataclasses.asdict(state),
-                        "optimizer": optimizer.state_dict(),
-                        "scaler": stepper.scaler.state_dict() if stepper.scaler else None,
-                        "rng": rng_state(),
-                        "base_lrs": base_lrs,
-                        "best_is_current": best_is_current,
-                        # The schedule is a pure function of (step, total_steps, warmup): no state.
-                        "schedule": {
-                            "step": state.step,
-                            "total_steps": total_steps,
-                            "warmup_steps": warmup_steps,
-                        },
-                    },
-                    os.path.join(tmp, STATE_FILE),
-                )
-                if final is not None:
-                    with open(os.path.join(tmp, FINAL_FILE), "w") as f:
-                        json.dump(
-                            {
-                                **final,
-                                "state": dataclasses.asdict(state),
-                                "precision": precision,
-                                "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-                            },
-                            f,
-                            default=float,
-                        )
-                ckpt = Checkpoint.from_directory(tmp)
-            clean = {
-                k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-            }
-            ray.train.report(clean, checkpoint=ckpt)
-
-    def after_eval(m: dict[str, Any]) -> tuple[bool, bool]:
-        """Record an evaluation; returns (is_best, stop_early)."""
-        nonlocal best_sd
-        state.history.append(
-            {
-                "type": "eval",
-                "step": state.step,
-                "epoch": state.epoch,
-                **{f"val_{k}": v for k, v in m.items() if k != "confusion_matrix"},
-            }
-        )
+    def evaluate_and_record(self) -> tuple[bool, bool]:
+        """Evaluate on validation and record it; returns (is_best, stop_early)."""
+        state, m = self.state, self.evaluate("validation")
+        state.history.append({"type": "eval", "step": state.step, "epoch": state.epoch,
+                              **{f"val_{k}": v for k, v in m.items() if k != "confusion_matrix"}})  # fmt: skip
         # Best by accuracy; validation loss breaks ties (small validation sets tie often).
         is_best = (m["accuracy"], -m["loss"]) > (state.best_val_accuracy, -state.best_val_loss)
         if is_best:
             state.best_val_accuracy, state.best_val_loss = m["accuracy"], m["loss"]
             state.best_epoch, state.evals_without_improvement = state.epoch, 0
-            best_sd = _cpu_state(model)
+            self.best, self.best_is_current = _cpu_state(self.model), True
         else:
             state.evals_without_improvement += 1
-        if rank == 0:
-            log.info(
-                "eval epoch %d step %d: val accuracy %.4f f1 %.4f auc %.4f loss %.4f%s", state.epoch + 1, state.step,
-                m["accuracy"], m["f1"], m["roc_auc"], m["loss"], " (best)" if is_best else "",
-            )  # fmt: skip
-            tracker.log({f"val/{k}": v for k, v in m.items() if isinstance(v, float)}, state.step)  # type: ignore[union-attr]
-        stop = (
-            cfg.early_stopping_patience > 0 and state.evals_without_improvement >= cfg.early_stopping_patience
-        )
-        return is_best, stop
+            self.best_is_current = False
+        if self.rank == 0:
+            log.info("eval epoch %d step %d: val accuracy %.4f f1 %.4f auc %.4f loss %.4f%s", state.epoch + 1,
+                     state.step, m["accuracy"], m["f1"], m["roc_auc"], m["loss"], " (best)" if is_best else "")  # fmt: skip
+            self.tracker.log({f"val/{k}": v for k, v in m.items() if isinstance(v, float)}, state.step)  # type: ignore[union-attr]
+        patience = self.cfg.early_stopping_patience
+        return is_best, patience > 0 and state.evals_without_improvement >= patience
 
-    train_shard = ray.train.get_dataset_shard("train")
-    stop = state.finished and state.step >= total_steps
-    window_loss, window_n, window_t, window_samples = 0.0, 0, time.time(), 0
-    while not stop and state.epoch < cfg.epochs and state.step < total_steps:
-        epoch_seed = cfg.seed + 1000 * state.epoch + rank
-        groups = train_shard.iter_batches(
-            batch_size=cfg.batch_size_per_worker * cfg.length_grouping,
-            batch_format="numpy",
-            local_shuffle_buffer_size=cfg.batch_size_per_worker * max(8, cfg.length_grouping),
-            local_shuffle_seed=epoch_seed,
-            prefetch_batches=1,
-        )
-        it = group_by_length(groups, cfg.batch_size_per_worker, epoch_seed)
-        skip = state.step_in_epoch * cfg.grad_accum_steps  # resume mid-epoch: skip what was trained on
-        micro = (b for i, b in enumerate(it) if i >= skip and i < meta["micro_per_epoch"])
-        epoch_t0 = time.time()
-        for group in chunks(micro, cfg.grad_accum_steps):
-            if (
-                meta["fail_at_step"] == state.step
-                and meta["fail_marker"]
-                and not os.path.exists(meta["fail_marker"])
-            ):
-                open(meta["fail_marker"], "w").write(f"failed at step {state.step} on rank {rank}\n")
-                raise RuntimeError(f"injected test failure at step {state.step}")
-            set_lr(optimizer, base_lrs, lr_factor(state.step, total_steps, warmup_steps))
-            batches = [collate(b, pad_id, multiple_of, device) for b in group]
-            loss, _ = stepper.step(batches, state.step)
-            n = sum(len(b["labels"]) for b in batches) * world
-            state.tokens_seen += (
-                sum(int(row_lengths(b).sum()) for b in group) * world
-            )  # host side: no GPU sync
-            state.padded_tokens_seen += sum(b["input_ids"].numel() for b in batches) * world
-            state.step += 1
-            state.step_in_epoch += 1
-            state.samples_seen += n
-            window_loss, window_n, window_samples = window_loss + loss, window_n + 1, window_samples + n
-            if state.step % cfg.log_every_steps == 0 or state.step == total_steps:
-                dt = time.time() - window_t
-                rate = window_samples / dt if dt > 0 else 0.0
-                lr_now = optimizer.param_groups[-1]["lr"]
-                state.history.append(
-                    {
-                        "type": "train",
-                        "step": state.step,
-                        "epoch": state.epoch,
-                        "loss": window_loss / window_n,
-                        "lr": lr_now,
-                        "samples_per_s": rate,
-                    }
+    # --- the end --------------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """The best weights, scored on validation and test; the last checkpoint keeps the latest
+        weights (to extend the run) and these results."""
+        self.state.finished = True
+        current = _cpu_state(self.model)
+        if self.best is not None:
+            _unwrap(self.model).load_state_dict(self.best)
+        final = {"best_validation": self.evaluate("validation"), "precision": self.precision,
+                 "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "threads": torch.get_num_threads()}  # fmt: skip
+        if "test" in self.meta["splits"]:
+            final["test"] = self.evaluate("test")
+            if self.rank == 0:
+                t = final["test"]
+                log.info(
+                    "test (best model): accuracy %.4f f1 %.4f auc %.4f", t["accuracy"], t["f1"], t["roc_auc"]
                 )
-                if rank == 0:
-                    eta = (total_steps - state.step) * cfg.global_batch_size / rate if rate else float("nan")
-                    log.info(
-                        "epoch %d step %d/%d loss %.4f lr %.2e %.1f samples/s ETA %.0fs",
-                        state.epoch + 1, state.step, total_steps, window_loss / window_n, lr_now, rate, eta,
-                    )  # fmt: skip
-                    tracker.log(
-                        {
-                            "train/loss": window_loss / window_n,
-                            "train/lr": lr_now,
-                            "train/samples_per_s": rate,
-                        },
-                        state.step,
-                    )  # type: ignore[union-attr]
-                window_loss, window_n, window_t, window_samples = 0.0, 0, time.time(), 0
-            end_of_epoch = state.step_in_epoch >= meta["steps_per_epoch"] or state.step >= total_steps
-            if end_of_epoch:
-                break
-            if cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0:
-                state.train_time_s += time.time() - epoch_t0
-                epoch_t0 = time.time()
-                m = evaluate("validation")
-                is_best, stop = after_eval(m)
-                report(
-                    {
-                        "val_accuracy": m["accuracy"],
-                        "step": state.step,
-                        "epoch": state.epoch,
-                        "is_best": is_best,
-                    }
-                )
-                if stop:
-                    break
-            elif cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
-                # Mid-epoch checkpoints rank last (-1) so that best-N keeps evaluated ones; Ray Train
-                # always keeps the latest checkpoint as well, which is what a restart resumes from.
-                report({"val_accuracy": -1.0, "step": state.step, "epoch": state.epoch})
-        state.train_time_s += time.time() - epoch_t0
-        if stop:
-            break
-        m = evaluate("validation")
-        is_best, stop = after_eval(m)
-        state.epoch += 1
-        state.step_in_epoch = 0
-        report({"val_accuracy": m["accuracy"], "step": state.step, "epoch": state.epoch, "is_best": is_best})
+        _unwrap(self.model).load_state_dict(current)
+        # The best weights always in their own directory of the last checkpoint: export copies it.
+        self.best, self.best_is_current = (self.best if self.best is not None else current), False
+        self.save_checkpoint({"val_accuracy": self.state.best_val_accuracy, "step": self.state.step,
+                              "epoch": self.state.epoch, "final": 1}, final=final)  # fmt: skip
+        self.close()
 
-    # The end: the best weights, evaluated on the test split when there is one.
-    state.finished = True
-    final: dict[str, Any] = {}
-    current = _cpu_state(model)
-    if best_sd is not None:
-        _unwrap(model).load_state_dict(best_sd)
-    final["best_validation"] = evaluate("validation")
-    if meta["has_test"]:
-        final["test"] = evaluate("test")
-        if rank == 0:
-            log.info(
-                "test (best model): accuracy %.4f f1 %.4f auc %.4f",
-                final["test"]["accuracy"],
-                final["test"]["f1"],
-                final["test"]["roc_auc"],
-            )
-    best_for_export = best_sd if best_sd is not None else current
-    _unwrap(model).load_state_dict(current)  # the checkpoint keeps the latest weights for extension
-    best_sd = best_for_export
-    report(
-        {"val_accuracy": state.best_val_accuracy, "step": state.step, "epoch": state.epoch, "final": 1},
-        final=final,
-    )
-    if tracker is not None:
-        tracker.close()
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+        if self.sample_log is not None:
+            self.sample_log.close()
 
 
-def _save_hf(config: Any, state_dict: dict[str, torch.Tensor], path: str) -> None:
-    """Save `state_dict` as a HF model directory without disturbing the live model."""
-    from safetensors.torch import save_file
+def train_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train  # Ray: this worker's place in the group, its device, the checkpoint to resume
+    import ray.train.torch
 
-    os.makedirs(path, exist_ok=True)
-    config.save_pretrained(path)
-    shared = {k: v.contiguous() for k, v in state_dict.items()}
-    # Tied weights share storage; safetensors refuses shared tensors, so keep the first name only.
-    seen, out = set(), {}
-    for k, v in shared.items():
-        key = (v.data_ptr(), tuple(v.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        out[k] = v
-    save_file(out, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    ctx = ray.train.get_context()
+    recipe = Recipe(TrainConfig(**config["cfg"]), config["meta"], ctx.get_world_rank(), ctx.get_world_size(),
+                    ray.train.torch.get_device())  # fmt: skip
+    resume = ray.train.get_checkpoint()
+    with resume.as_directory() if resume else contextlib.nullcontext() as path:
+        recipe.setup(path)
+    try:
+        recipe.train()
+        recipe.finish()
+    except NonFiniteLossError as err:
+        # Not a fault to retry from a checkpoint: the workers end cleanly (no FailureConfig restart)
+        # and leave the step for the driver, beside the checkpoints (Ray's Result only carries the
+        # metrics of the latest checkpoint).
+        recipe.close()
+        if recipe.rank == 0:
+            write_json(join(recipe.meta["run_dir"], NONFINITE_FILE), {"step": err.step})

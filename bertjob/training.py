@@ -10,11 +10,10 @@ import contextlib
 import functools
 import math
 import os
-import random
 import re
 import sys
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -184,78 +183,212 @@ def set_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], factor: floa
 # ---------------------------------------------------------------------------------------------
 # The step
 
+IGNORE = -100  # label of a row that only fills a worker's empty micro-batch: it weighs nothing
+
 
 class NonFiniteLossError(RuntimeError):
-    """The loss or the gradients became NaN/inf; continuing would only waste compute."""
+    """The loss or the gradients became NaN/inf: a problem with the data or the settings, not a
+    fault to retry."""
+
+    def __init__(self, step: int):
+        self.step = step
+        super().__init__(
+            f"the loss or the gradient norm became NaN/inf at optimizer step {step}; "
+            "lower --lr, check the data, or try --mixed-precision off"
+        )
+
+
+def classification_loss(model: torch.nn.Module, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy of a micro-batch's rows (fill-in rows labelled IGNORE weigh nothing)."""
+    logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+    return torch.nn.functional.cross_entropy(
+        logits.float(), mb["labels"], reduction="sum", ignore_index=IGNORE
+    )
 
 
 @dataclass
 class Stepper:
-    """One optimizer step over `grad_accum_steps` micro-batches, with mixed precision and clipping."""
+    """One optimizer step over a worker's micro-batches of a global batch, with mixed precision
+    and clipping. Loss and gradient norm stay on the device until `take_stats` reads them (at log
+    steps), so a GPU step never waits for the host. `loss_fn(model, micro_batch)` sums the loss of
+    the micro-batch's units (rows for classification, predicted tokens for masked-LM)."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     device: torch.device
     precision: str = "off"
     max_grad_norm: float = 1.0
-    grad_accum_steps: int = 1
     scaler: Any = None
     no_sync: Any = None  # DDP's model.no_sync, to skip all-reduce on accumulation micro-batches
+    loss_fn: Any = classification_loss
 
     def __post_init__(self) -> None:
         if self.precision == "fp16" and self.scaler is None:
             self.scaler = torch.amp.GradScaler(self.device.type)
+        self._sums = torch.zeros(2, device=self.device)  # summed loss of this worker's rows, grad norms
+        self._first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
 
-    def step(self, micro_batches: list[dict[str, torch.Tensor]], step_no: int) -> tuple[float, float]:
-        """Returns (mean loss, gradient norm). Raises NonFiniteLossError on NaN/inf (not with fp16,
-        whose scaler skips such steps by design)."""
+    def step(
+        self, micro_batches: list[dict[str, torch.Tensor]], batch_rows: int, step_no: int, world: int = 1
+    ) -> None:
+        """`micro_batches` are this worker's share of a global batch of `batch_rows` rows.
+
+        Each row's loss weighs world / batch_rows and DDP averages the workers' gradients, so the
+        gradient is the mean over the global batch, however many workers and micro-batches share
+        it: the same weights whatever num_workers (up to float rounding)."""
         self.model.train()
-        total = 0.0
-        n = len(micro_batches)
+        weight = world / batch_rows
+        loss_sum = torch.zeros((), device=self.device)
         for i, mb in enumerate(micro_batches):
-            sync = i == n - 1 or self.no_sync is None
-            ctx = contextlib.nullcontext() if sync else self.no_sync()
-            with ctx:
+            last = i == len(micro_batches) - 1
+            with contextlib.nullcontext() if last or self.no_sync is None else self.no_sync():
                 with autocast(self.precision, self.device):
-                    loss = self.model(**mb).loss / n
+                    ce = self.loss_fn(self.model, mb)
+                loss = ce * weight
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total += float(loss.detach())
+            loss_sum += ce.detach()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
         )
-        norm_value = float(norm)
+        # fp16: inf gradients are the scaler's business (it skips the step and lowers the scale).
+        finite = torch.isfinite(loss_sum) if self.scaler else torch.isfinite(loss_sum) & torch.isfinite(norm)
+        self._first_bad.masked_fill_(~finite & (self._first_bad < 0), step_no)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            if not math.isfinite(norm_value) or not math.isfinite(total):
-                raise NonFiniteLossError(
-                    f"loss became non-finite at step {step_no} (loss {total}, grad norm {norm_value})"
-                )
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, norm_value
+        self._sums += torch.stack([loss_sum, norm.float()])
+
+    def take_stats(self) -> tuple[float, float]:
+        """(summed loss of this worker's rows, summed gradient norm) since the last call; reads the device."""
+        loss_sum, norm_sum = self._sums.tolist()
+        self._sums.zero_()
+        return loss_sum, norm_sum
+
+    def first_nonfinite_step(self) -> int:
+        """The first step whose loss or gradient norm was NaN/inf, or -1; reads the device."""
+        return int(self._first_bad)
 
 
-def group_by_length(
-    groups: Iterable[dict[str, np.ndarray]], batch_size: int, seed: int
-) -> Iterator[dict[str, np.ndarray]]:
-    """Length-grouped batching: sort each group of rows by length, cut it into batches of
-    `batch_size`, and yield those in a seeded random order.
+# ---------------------------------------------------------------------------------------------
+# Data order: which rows train in which step
 
-    With dynamic padding a batch costs its longest row times its size; neighbours in length waste
-    little (random IMDb batches at max_length 256 are ~25% padding). Every row is still used once.
+
+def epoch_batches(
+    lengths: np.ndarray,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    length_grouping: int = 1,
+    windows: list[tuple[int, int]] | None = None,
+) -> list[np.ndarray]:
+    """The epoch's global batches as arrays of row indices: a function of the split, (seed, epoch)
+    and the settings only, never of how many workers read it or how often the run restarted.
+
+    Rows are shuffled (a streamed split in `windows` of consecutive rows: the windows in a random
+    order, rows shuffled within each); each run of `length_grouping` batches' worth of rows is
+    sorted by length and cut into batches, which go in a random order within the run. With dynamic
+    padding a batch costs its longest row: neighbours in length waste little (random IMDb batches
+    at max_length 256 are ~25% padding). Every row is in one batch; only the last may be short.
     """
-    rng = np.random.default_rng(seed)
-    for group in groups:
-        rows = group["input_ids"]
-        lengths = np.asarray(group["length"]) if "length" in group else np.array([len(r) for r in rows])
-        order = np.argsort(lengths, kind="stable")
-        cuts = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        for j in rng.permutation(len(cuts)):
-            yield {k: v[cuts[j]] for k, v in group.items()}
+    rng = np.random.default_rng([seed, epoch])
+    windows = windows or [(0, len(lengths))]
+    order = np.concatenate(
+        [
+            windows[w][0] + rng.permutation(windows[w][1] - windows[w][0])
+            for w in rng.permutation(len(windows))
+        ]
+    )
+    span = batch_size * length_grouping
+    batches: list[np.ndarray] = []
+    for i in range(0, len(order), span):
+        run = order[i : i + span]
+        run = run[np.argsort(lengths[run], kind="stable")]
+        full = len(run) // batch_size
+        cuts = [run[j * batch_size : (j + 1) * batch_size] for j in range(full)]
+        batches += [cuts[j] for j in rng.permutation(full)]
+        if len(run) % batch_size:
+            batches.append(run[full * batch_size :])
+    return batches
+
+
+def worker_micro_batches(batch: np.ndarray, rank: int, world: int, micro_batch_size: int) -> list[np.ndarray]:
+    """Worker `rank`'s share of a global batch, cut into micro-batches for gradient accumulation.
+
+    Every worker gets the same number of micro-batches (DDP all-reduces on the last one); a share
+    smaller than that count (a short last batch) leaves some empty, to be filled with IGNORE rows."""
+    shares = np.array_split(batch, world)
+    accumulate = max(1, math.ceil(len(shares[0]) / micro_batch_size))
+    return np.array_split(shares[rank], accumulate)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of one worker's step (dropout masks): restored by knowing the step alone."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+class SplitRows:
+    """A prepared split's rows by index, read straight from its Parquet shards (no Ray Data):
+    length and label of every row up front, token ids a shard at a time, keeping at most
+    `cache_rows` rows' worth of shards in memory (None: all)."""
+
+    def __init__(self, split_dir: str, cache_rows: int | None = None):
+        import pyarrow.fs as pafs
+        import pyarrow.parquet as pq
+
+        from bertjob.storage import filesystem
+
+        self._fs, where = filesystem(split_dir)
+        infos = self._fs.get_file_info(pafs.FileSelector(where))
+        self.files = sorted(i.path for i in infos if i.path.endswith(".parquet"))
+        tables = [pq.read_table(f, columns=["length", "label"], filesystem=self._fs) for f in self.files]
+        self.offsets = np.cumsum([0] + [t.num_rows for t in tables])
+        self.lengths = np.concatenate([t["length"].to_numpy() for t in tables]).astype(np.int64)
+        self.labels = np.concatenate([t["label"].to_numpy() for t in tables]).astype(np.int64)
+        self.cache_rows = cache_rows
+        self._shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # shard -> (token values, offsets)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def windows(self, rows_per_window: int) -> list[tuple[int, int]]:
+        """Consecutive shards grouped into windows of at least `rows_per_window` rows."""
+        out, start = [], 0
+        for end in self.offsets[1:]:
+            if end - start >= rows_per_window or end == self.offsets[-1]:
+                out.append((start, int(end)))
+                start = int(end)
+        return out
+
+    def _shard(self, s: int) -> tuple[np.ndarray, np.ndarray]:
+        import pyarrow.parquet as pq
+
+        if s not in self._shards:
+            col = pq.read_table(self.files[s], columns=["input_ids"], filesystem=self._fs)["input_ids"]
+            arr = col.combine_chunks()
+            self._shards[s] = (arr.values.to_numpy(), arr.offsets.to_numpy())
+            while (
+                self.cache_rows is not None
+                and len(self._shards) > 1
+                and sum(int(self.offsets[k + 1] - self.offsets[k]) for k in self._shards) > self.cache_rows
+            ):
+                del self._shards[next(iter(self._shards))]  # oldest first
+        return self._shards[s]
+
+    def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The rows (split positions) as a host batch: input_ids (arrays), length, label."""
+        shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        ids = np.empty(len(rows), dtype=object)
+        for s in np.unique(shard_of):
+            values, offs = self._shard(int(s))
+            for i in np.nonzero(shard_of == s)[0]:
+                local = rows[i] - self.offsets[s]
+                ids[i] = values[offs[local] : offs[local + 1]]
+        return {"input_ids": ids, "length": self.lengths[rows], "label": self.labels[rows]}
 
 
 @torch.inference_mode()
@@ -275,61 +408,6 @@ def predict_batches(
         probs.append(torch.softmax(logits, dim=-1)[:, 1].cpu().numpy())
     cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
     return cat(probs, np.float32), cat(labels, np.int64), loss_sum
-
-
-# ---------------------------------------------------------------------------------------------
-# Training state (saved in every checkpoint next to model.safetensors)
-
-
-@dataclass
-class TrainState:
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # current epoch (0-based)
-    step_in_epoch: int = 0  # optimizer steps done within `epoch`
-    best_val_accuracy: float = -1.0
-    best_val_loss: float = float("inf")
-    best_epoch: int = -1
-    evals_without_improvement: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    finished: bool = False
-    samples_seen: int = 0
-    tokens_seen: int = 0  # real tokens trained on, all workers
-    padded_tokens_seen: int = 0  # the same plus their batches' padding
-    train_time_s: float = 0.0
-    resumed_at_steps: list[int] = field(default_factory=list)  # one entry per restart or rerun
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        with contextlib.suppress(Exception):
-            torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def chunks(it: Iterator[Any], n: int) -> Iterator[list[Any]]:
-    buf = []
-    for x in it:
-        buf.append(x)
-        if len(buf) == n:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
 
 
 def torch_threads(n: int) -> None:

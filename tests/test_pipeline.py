@@ -17,7 +17,7 @@ def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, tiny_model_dir, ra
     settings = {
         "input": str(corpus), "output_dir": str(tmp_path / "out"), "model": tiny_model_dir, "max_length": 32,
         "num_workers": 1, "name": "p", "prepare": {"head_tokens": 8},
-        "train": {"epochs": 1, "batch_size_per_worker": 8, "mixed_precision": "off", "lr": 5e-3},
+        "train": {"epochs": 1, "batch_size": 16, "mixed_precision": "off", "lr": 5e-3},
     }  # fmt: skip
     cfg = build(PipelineConfig, settings)
     first = pipeline.run(cfg)

@@ -71,7 +71,7 @@ def test_ray_job_submit_runs_the_pipeline_on_a_token_auth_cluster(ray_head, tmp_
     config = {
         "input": str(corpus), "output_dir": str(out), "model": tiny_model_dir, "max_length": 32, "num_workers": 1,
         "name": "submit-test", "prepare": {"head_tokens": 8},
-        "train": {"epochs": 1, "batch_size_per_worker": 8, "cpus_per_worker": 1, "mixed_precision": "off"},
+        "train": {"epochs": 1, "batch_size": 16, "cpus_per_worker": 1, "mixed_precision": "off"},
     }  # fmt: skip
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
     deadline = time.time() + 90
