@@ -17,11 +17,11 @@ out=${OUT:-bertjob-itpt-compare-$scale}
 if [ "$scale" = toy ]; then
   archive=imdb-sample
   pt_steps=${PT_STEPS:-4}
-  ft=(--max-steps "${FT_STEPS:-6}" --batch-size-per-worker 16 --log-every-steps 2)  # scores all 1,000 test reviews
+  ft=(--max-steps "${FT_STEPS:-6}" --batch-size 16 --log-every-steps 2)  # scores all 1,000 test reviews
   pt_extra=(--log-every-steps 2 --checkpoint-every-steps 0)
 else
   pt_steps=${PT_STEPS:-3000}  # x 32 sequences of 128 tokens: ~0.6 epoch of IMDb's unsup + train
-  ft=(--epochs "${FT_EPOCHS:-1}" --batch-size-per-worker 32 --log-every-steps 50)
+  ft=(--epochs "${FT_EPOCHS:-1}" --batch-size 32 --log-every-steps 50)
   pt_extra=(--log-every-steps 50 --checkpoint-every-steps 500)
 fi
 # One worker with both cores: on 2 cores it beats two 1-core DDP workers (README, train bench).

@@ -111,6 +111,7 @@ def test_a_tiny_bert_learns_masked_lm_on_a_synthetic_corpus(tiny_model_dir):
 
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
+    from bertjob.pretrain import masked_lm_loss
     from bertjob.training import Stepper, collate, make_optimizer
     from tests.conftest import review
 
@@ -124,7 +125,7 @@ def test_a_tiny_bert_learns_masked_lm_on_a_synthetic_corpus(tiny_model_dir):
     mlm = AutoModelForMaskedLM.from_pretrained(tiny_model_dir)  # a bare BertModel: the head starts fresh
     model = MaskedLMLoss(mlm)
     opt = make_optimizer(model, 3e-3, 0.01, 1.0)
-    stepper = Stepper(model, opt, torch.device("cpu"))
+    stepper = Stepper(model, opt, torch.device("cpu"), loss_fn=masked_lm_loss)
 
     def masked(idx, seed):
         b = collate({k: v[idx] for k, v in packed.items()}, tok.pad_token_id)
@@ -150,7 +151,8 @@ def test_a_tiny_bert_learns_masked_lm_on_a_synthetic_corpus(tiny_model_dir):
     n = len(packed["input_ids"])
     for step in range(60):
         idx = np.random.default_rng(step).choice(np.arange(32, n), 16, replace=False)
-        stepper.step([masked(idx, seed=step)[0]], step)
+        mb = masked(idx, seed=step)[0]
+        stepper.step([mb], len(mb["masked_labels"]), step)
     after = loss()
     # ln(vocab) ~ 4.7 at the start; the corpus's own word entropy (~3.2) bounds it from below
     assert after < before - 0.6, (before, after)

@@ -86,7 +86,7 @@ def test_train_fine_tunes_the_pretrained_model_and_records_where_it_came_from(
     run = tmp_path / "train"
     t = train.run(
         TrainConfig(data=str(prepared_small), output=str(run), model=str(model_dir), num_workers=2, epochs=1,
-                    batch_size_per_worker=8, lr=5e-3, name="ft", storage_path=str(run / "ckpt"), mixed_precision="off")
+                    batch_size=16, lr=5e-3, name="ft", storage_path=str(run / "ckpt"), mixed_precision="off")
     )  # fmt: skip
     record = json.loads((run / "model" / "bertjob.json").read_text())
     assert record["trained_from"] == str(model_dir)

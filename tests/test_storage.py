@@ -221,7 +221,7 @@ def test_the_pipeline_on_s3_killed_in_training_resumes_from_the_bucket(
     settings = {
         "input": data, "output_dir": out, "model": tiny_model_dir, "max_length": 32, "num_workers": 1, "name": "p",
         "prepare": {"head_tokens": 8},
-        "train": {"epochs": 2, "batch_size_per_worker": 8, "mixed_precision": "off", "lr": 5e-3,
+        "train": {"epochs": 2, "batch_size": 8, "mixed_precision": "off", "lr": 5e-3,
                   "checkpoint_every_steps": 3},
     }  # fmt: skip
     config = tmp_path / "pipeline.yaml"
