@@ -34,7 +34,7 @@ from bertjob import models
 from bertjob.config import PretrainConfig, SetupError, to_dict
 from bertjob.masking import MaskedLMLoss, Masker, MaskingRule, pack_sequences, sparse_targets
 from bertjob.outputs import ensure_output, versions
-from bertjob.storage import exists, join, read_json, write_json
+from bertjob.storage import exists, for_workers, join, read_json, write_json
 from bertjob.training import (
     NonFiniteLossError,
     Stepper,
@@ -95,6 +95,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     from bertjob.cluster import init_ray
 
     started = time.time()
+    cfg = dataclasses.replace(cfg, data=for_workers(cfg.data), model=for_workers(cfg.model))
     manifest = train.read_manifest(cfg.data)
     tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
     problems = check_setup(cfg, manifest, tokenizer)

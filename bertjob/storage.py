@@ -33,6 +33,12 @@ def is_remote(path: str) -> bool:
     return "://" in path
 
 
+def for_workers(path: str) -> str:
+    """A local path as every Ray worker can open it: absolute (Ray Train runs its workers in a
+    directory of its own, where a relative path means nothing). URIs and hub ids pass unchanged."""
+    return path if is_remote(path) or not os.path.exists(path) else os.path.abspath(path)
+
+
 def join(root: str, *parts: str) -> str:
     """Join paths that may be URIs (s3://bucket/x) as well as local paths."""
     if is_remote(root):

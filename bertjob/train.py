@@ -41,6 +41,7 @@ from bertjob.storage import (
     copy,
     exists,
     filesystem,
+    for_workers,
     is_remote,
     join,
     read_json,
@@ -273,6 +274,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     started = time.time()
     check_access({"data": cfg.data, "output": cfg.output, "storage_path": cfg.storage_path})
+    cfg = dataclasses.replace(cfg, data=for_workers(cfg.data), model=for_workers(cfg.model))
     manifest = read_manifest(cfg.data)
     problems = check_setup(cfg, manifest)
     if problems:

@@ -259,3 +259,12 @@ def test_the_pipeline_on_s3_killed_in_training_resumes_from_the_bucket(
     storage.copy(storage.join(out, "train", "model"), str(local))
     assert AutoModelForSequenceClassification.from_pretrained(local).config.id2label[1] == "POSITIVE"
     shutil.rmtree(local)
+
+
+def test_local_paths_reach_ray_workers_absolute(tmp_path, monkeypatch):
+    # Ray Train runs its workers in a directory of its own: `--data prepared/` must arrive absolute.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prepared").mkdir()
+    assert storage.for_workers("prepared") == str(tmp_path / "prepared")
+    assert storage.for_workers("s3://bucket/prepared") == "s3://bucket/prepared"
+    assert storage.for_workers("minilm") == "minilm"  # a model name, not a directory here
