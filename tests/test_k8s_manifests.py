@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shlex
 import shutil
@@ -468,6 +469,69 @@ def first_difference(a: Any, b: Any, path: str = "") -> str:
     return f"{path or '/'}: {a!r} != {b!r}"
 
 
+@cache
+def load_config(path: str) -> dict:
+    """A bertjob config as plain YAML (not bertjob.config: this test only needs num_workers and sizes)."""
+    return yaml.safe_load(repo_path(path).read_text()) or {}
+
+
+def training_settings(config: dict) -> dict:
+    """The train stage's settings: the pipeline's shared ones, then its `train:` section (PipelineConfig.stage)."""
+    shared = {key: config[key] for key in ("num_workers", "use_gpu") if key in config}
+    return {"num_workers": 2, "use_gpu": False, **shared, **(config.get("train") or {})}
+
+
+def worker_range(num_workers: Any) -> tuple[int, int] | None:
+    """(min, max) of `num_workers`: an int is a fixed count, [min, max] an elastic range."""
+    if isinstance(num_workers, int) and not isinstance(num_workers, bool):
+        return (num_workers, num_workers)
+    if isinstance(num_workers, list) and len(num_workers) == 2 and all(type(n) is int for n in num_workers):
+        return (num_workers[0], num_workers[1]) if 1 <= num_workers[0] <= num_workers[1] else None
+    return None
+
+
+def training_group_problems(where: str, spec: dict, config_path: str, config: dict) -> list[str]:
+    """The worker group that trains (GPU pods with use_gpu, else CPU pods) must offer exactly the
+    config's worker range: min = max(1, minReplicas x per pod), max = maxReplicas x per pod, where per
+    pod is the pod's GPUs (one each) or Ray's CPUs of the pod (num-cpus, else the CPU limit) //
+    cpus_per_worker. minReplicas 0 (scale from zero) still means one worker: the autoscaler adds the
+    first pod when training asks for it."""
+    train = training_settings(config)
+    wanted = worker_range(train["num_workers"])
+    if wanted is None:
+        return [f"{config_path}: num_workers {train['num_workers']!r} is neither an int nor [min, max]"]
+    use_gpu = bool(train["use_gpu"])
+    groups = [
+        g
+        for g in spec.get("workerGroupSpecs", [])
+        if requests_gpu(g["template"]["spec"]["containers"][0]) == use_gpu
+    ]
+    if len(groups) != 1:
+        return [f"{where}: {len(groups)} {'GPU' if use_gpu else 'CPU'} worker groups, want one to train on"]
+    (group,) = groups
+    limits = group["template"]["spec"]["containers"][0]["resources"].get("limits", {})
+    if use_gpu:
+        per_pod = int(limits.get("nvidia.com/gpu", 0))
+    elif not train.get("cpus_per_worker"):
+        return [
+            f"{config_path}: train.cpus_per_worker unset, so the workers per pod depend on the nodes up at start"
+        ]
+    else:
+        cpus = parse_quantity(group.get("rayStartParams", {}).get("num-cpus", limits.get("cpu", 0)))
+        per_pod = int(cpus // Decimal(str(train["cpus_per_worker"])))
+    if per_pod < 1:
+        return [f"{where} group {group['groupName']}: a pod can't host one training worker of {config_path}"]
+    low, high = group.get("minReplicas", 0), group.get("maxReplicas", 0)
+    offered = (max(1, low * per_pod), high * per_pod)
+    if offered != wanted:
+        return [
+            f"{where} group {group['groupName']}: minReplicas {low}, maxReplicas {high} x {per_pod} worker(s)"
+            f" per pod give num_workers [{offered[0]}, {offered[1]}]; {config_path} trains on"
+            f" [{wanted[0]}, {wanted[1]}]"
+        ]
+    return []
+
+
 # --- tests -----------------------------------------------------------------------------------------------
 
 
@@ -657,6 +721,61 @@ def test_s3_overlay_keeps_every_path_in_the_bucket_and_the_credentials_in_a_secr
                 assert refs.get(name), f"{where}: {name} does not come from a Secret (secretKeyRef)"
 
 
+def family(source: str) -> str:
+    """The overlay family (cpu-local, gpu, s3) of a source, whose objects share one cluster spec."""
+    return source if source == "files" else source.split("/")[1]
+
+
+def configs_of_family(source: str) -> set[str]:
+    """The --config of every RayJob of the source's family (a cluster/ overlay has no RayJob of its own)."""
+    return {
+        parse_entrypoint(obj["spec"]["entrypoint"])[1]["--config"]
+        for other in SOURCES
+        if family(other) == family(source)
+        for obj in rayjobs(other)
+    }
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_training_worker_group_matches_the_configs_num_workers(source: str) -> None:
+    """Each RayJob's cluster trains with its own --config; the long-lived RayCluster with its family's.
+    The rule is training_group_problems': the group's minReplicas/maxReplicas times the training workers
+    one pod holds give the config's num_workers range (min at least 1)."""
+    problems = []
+    for obj in ray_objects(source):
+        if obj["kind"] == "RayJob":
+            paths = {parse_entrypoint(obj["spec"]["entrypoint"])[1]["--config"]}
+        else:
+            paths = configs_of_family(source)
+        assert paths, f"{label(obj)}: no RayJob in its family says which config it trains with"
+        for where, spec in cluster_specs(obj):
+            for path in sorted(paths):
+                problems += training_group_problems(where, spec, path, load_config(path))
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("cluster", [o for o in OVERLAYS if o.endswith("/cluster")])
+def test_gcs_ft_component_on_a_long_lived_cluster(cluster: str, tmp_path: Path) -> None:
+    """components/gcs-ft is in no overlay (it needs your Redis): build it onto each cluster/ overlay."""
+    if (why := kubectl_problem()) is not None:
+        pytest.skip(why)
+    to_k8s = Path(os.path.relpath(K8S, tmp_path))
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [(to_k8s / cluster).as_posix()],
+        "components": [(to_k8s / "components/gcs-ft").as_posix()],
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    (obj,) = copy.deepcopy(list(kustomize(str(tmp_path))))
+    pvcs = {o["metadata"]["name"] for o in objects("files") if o["kind"] == "PersistentVolumeClaim"}
+    problems = crd_problems(obj) + security_problems(obj) + image_problems(obj) + operator_problems(obj, pvcs)
+    assert not problems, "\n".join(problems)
+    options = obj["spec"]["gcsFaultToleranceOptions"]
+    assert options["redisAddress"] and "value" not in options["redisPassword"]  # from a Secret only
+    assert options["redisPassword"]["valueFrom"]["secretKeyRef"]["name"]
+
+
 # --- the checkers catch what they are for ------------------------------------------------------------------
 
 
@@ -729,3 +848,22 @@ def test_image_and_operator_checks_catch_drift(good_rayjob: dict) -> None:
     other = copy.deepcopy(good_rayjob)
     other["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = "1"
     assert "num-cpus" in "\n".join(cluster_spec_problems([good_rayjob, other]))
+
+
+def test_training_group_check_catches_a_range_the_group_cannot_offer(good_rayjob: dict) -> None:
+    spec = good_rayjob["spec"]["rayClusterSpec"]
+    config = {"train": {"num_workers": [1, 2], "cpus_per_worker": 2}}
+    cpu_group = spec["workerGroupSpecs"][0]
+    assert training_group_problems("x", spec, "c.yaml", config) == []
+    cpu_group["maxReplicas"] = 4
+    assert "give num_workers [1, 4]; c.yaml trains on [1, 2]" in "\n".join(
+        training_group_problems("x", spec, "c.yaml", config)
+    )
+    cpu_group["maxReplicas"] = 2
+    config["train"]["cpus_per_worker"] = 1  # two workers fit a 2-CPU pod: [2, 4]
+    assert "[2, 4]" in "\n".join(training_group_problems("x", spec, "c.yaml", config))
+    del config["train"]["cpus_per_worker"]
+    assert "cpus_per_worker unset" in "\n".join(training_group_problems("x", spec, "c.yaml", config))
+    gpu = {"use_gpu": True, "train": {"num_workers": 2}}  # fixed 2, but the GPU group is 0..2 pods
+    assert "give num_workers [1, 2]" in "\n".join(training_group_problems("x", spec, "g.yaml", gpu))
+    assert "neither" in "\n".join(training_group_problems("x", spec, "c.yaml", {"num_workers": [3, 1]}))
