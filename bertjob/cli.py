@@ -19,6 +19,7 @@ from bertjob.config import (
     STAGE_SHARED,
     ConfigError,
     InferConfig,
+    JobError,
     PipelineConfig,
     PrepareConfig,
     PretrainConfig,
@@ -52,7 +53,9 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: set[str] = fro
         if f.name in skip or types[f.name] is dict:
             continue
         typ, _ = base_type(types[f.name])
-        meta = {"bool": "true|false", "int": "N", "float": "X", "str": "S"}[typ.__name__]
+        meta = {"bool": "true|false", "int": "N", "float": "X", "str": "S", "Workers": "N|MIN-MAX"}[
+            typ.__name__
+        ]
         default = {"": "''", None: "the model's"}.get(f.default, f.default)
         parser.add_argument(
             _flag(f.name),
@@ -164,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"bertjob: {err}\n")
     except SetupError as err:  # input, model, output or cluster problems found before any work
         parser.exit(2, f"bertjob: error: {err}\n")
+    except JobError as err:
+        parser.exit(1, f"bertjob: error: {err}\n")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -54,3 +55,14 @@ def cluster_gpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0))
+
+
+def actor_pool(least: int, most: int | None, cpus: float = 1, gpus: float = 0) -> Any:
+    """A Ray Data actor pool that follows the cluster: it starts with as many actors as the cluster
+    holds now (at least `least`, at most `most`), and Ray Data grows it onto CPUs and GPUs that join
+    later, up to `most` (None: no limit), or shrinks it when actors idle or their node dies."""
+    from ray.data import ActorPoolStrategy
+
+    fits = cluster_gpus() // gpus if gpus else cluster_cpus() // cpus if cpus else least
+    start = int(max(least, min(fits, most or fits)))
+    return ActorPoolStrategy(min_size=least, max_size=most, initial_size=start)

@@ -26,6 +26,11 @@ class SetupError(ValueError):
     and exits 2, without a traceback."""
 
 
+class JobError(RuntimeError):
+    """The job stopped for a reason it can name (no capacity for its workers, a NaN loss): the CLI
+    prints it and exits 1, without a traceback."""
+
+
 class ConfigError(ValueError):
     """One or more configuration problems, each on its own line."""
 
@@ -52,8 +57,50 @@ def opt(
 PRECISIONS = ("auto", "bf16", "fp16", "off")
 
 
+class Workers(typing.NamedTuple):
+    """A worker count: fixed (YAML `2`, flag `2`) or an elastic range (YAML `[1, 4]`, flag `1-4`)
+    that Ray Train resizes within as nodes die and join (`ScalingConfig(num_workers=(1, 4))`)."""
+
+    min: int
+    max: int
+
+    @classmethod
+    def parse(cls, value: Any) -> Workers:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        if isinstance(value, int):
+            return cls(value, value)
+        if isinstance(value, str):
+            lo, _, hi = value.replace(" ", "").partition("-")
+            return cls(int(lo), int(hi or lo))
+        if isinstance(value, (list, tuple)) and len(value) == 2 and all(type(v) is int for v in value):
+            return cls(*value)
+        raise ValueError(value)
+
+    @property
+    def fixed(self) -> bool:
+        return self.min == self.max
+
+    def scaling(self) -> int | tuple[int, int]:
+        """What Ray Train's ScalingConfig(num_workers=...) takes."""
+        return self.min if self.fixed else (self.min, self.max)
+
+    def __str__(self) -> str:
+        return str(self.min) if self.fixed else f"{self.min}-{self.max}"
+
+
+class Settings:
+    """Base of the job configs: a worker count given as a plain int in code (`TrainConfig(...,
+    num_workers=2)`, or a config dict a Ray worker rebuilds) becomes a Workers, as build() makes it."""
+
+    def __post_init__(self) -> None:
+        value = getattr(self, "num_workers", None)
+        if value is not None and not isinstance(value, Workers):
+            self.num_workers = Workers.parse(value)
+
+
 @dataclass
-class PrepareConfig:
+class PrepareConfig(Settings):
     """Stream a review corpus through Ray Data into tokenized Parquet shards."""
 
     input: str = opt(
@@ -113,13 +160,18 @@ class PrepareConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Settings):
     """Fine-tune data-parallel with Ray Train's TorchTrainer on a prepared directory."""
 
     data: str = opt("", "prepared directory written by `bertjob prepare`")
     output: str = opt("", "output directory: model/, metrics.json, training_curves.png")
     model: str = opt("minilm", "starting weights: minilm (embedded), a local directory, or a hub id")
-    num_workers: int = opt(2, "data-parallel workers (one per GPU with use_gpu)", ge=1)
+    num_workers: Workers = opt(
+        Workers(2, 2),
+        "data-parallel workers (one per GPU with use_gpu): N, or a range MIN-MAX (YAML [MIN, MAX]) that "
+        "grows and shrinks with the cluster",
+        ge=1,
+    )
     use_gpu: bool = opt(False, "one GPU per worker")
     cpus_per_worker: float = opt(
         0,
@@ -172,6 +224,19 @@ class TrainConfig:
     early_stopping_patience: int = opt(0, "stop after N evaluations without improvement (0: off)", ge=0)
     log_every_steps: int = opt(20, "progress line every N steps (rank 0)", ge=1)
     max_failures: int = opt(2, "worker-group restarts before giving up (-1: no limit)", ge=-1)
+    placement_timeout_s: float = opt(
+        600,
+        "a fixed-size run whose workers cannot all be placed for this long (at start, or after a node "
+        "died) stops with an error naming what it asked for and what the cluster has; long enough for "
+        "an autoscaler to add a node. An elastic run waits up to this (at most 60 s) for a group, then "
+        "tries again with what the cluster holds",
+        gt=0,
+    )
+    resize_check_s: float = opt(
+        60,
+        "an elastic run (num_workers MIN-MAX) checks this often whether the cluster can hold more workers",
+        gt=0,
+    )
     shuffle_window_rows: int = opt(
         0,
         "rows shuffled together, read a window at a time (0: the whole split when its token ids "
@@ -207,7 +272,7 @@ PRETRAIN_SPLITS = ("unsup", "train")  # never validation or test: they judge the
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(Settings):
     """Masked-LM pre-training on a prepared directory's own reviews (unsup + train) before fine-tuning."""
 
     data: str = opt("", "prepared directory written by `bertjob prepare` (its unsup and train splits)")
@@ -226,7 +291,7 @@ class PretrainConfig:
         lt=1,
     )
     whole_word_masking: bool = opt(False, "mask all WordPiece pieces of a word together")
-    num_workers: int = opt(2, "data-parallel workers (one per GPU with use_gpu)", ge=1)
+    num_workers: Workers = opt(Workers(2, 2), "data-parallel workers (one per GPU with use_gpu)", ge=1)
     use_gpu: bool = opt(False, "one GPU per worker")
     cpus_per_worker: float = opt(1.0, "CPUs reserved per worker", gt=0)
     torch_threads: int = opt(0, "intra-op threads per worker (0: cpus_per_worker)", ge=0)
@@ -267,6 +332,10 @@ class PretrainConfig:
                 f"splits: {self.splits!r}; pre-training reads only {' and '.join(PRETRAIN_SPLITS)} "
                 "(validation and test judge the fine-tuned model and must stay unseen)"
             )
+        if not self.num_workers.fixed:
+            p.append(
+                f"num_workers: {self.num_workers}: pretrain takes a fixed count (its batch is per worker)"
+            )
         return p
 
     @property
@@ -281,11 +350,11 @@ class PretrainConfig:
 
     @property
     def global_batch_size(self) -> int:
-        return self.batch_size_per_worker * self.num_workers * self.grad_accum_steps
+        return self.batch_size_per_worker * self.num_workers.max * self.grad_accum_steps
 
 
 @dataclass
-class InferConfig:
+class InferConfig(Settings):
     """Score a corpus with a fine-tuned model on a Ray Data actor pool (evaluate adds metrics)."""
 
     input: str = opt("", "corpus: IMDb tar.gz/dir, Parquet/CSV/JSONL, hf://NAME, or a prepared directory")
@@ -297,7 +366,12 @@ class InferConfig:
         "sequences per forward pass (0: 16 on CPU, where small length-sorted batches are fastest; 256 on GPU)",
         ge=0,
     )
-    num_workers: int = opt(2, "predictor actors", ge=1)
+    num_workers: Workers = opt(
+        Workers(1, 64),
+        "predictor actors: N, or a range MIN-MAX (YAML [MIN, MAX]): the pool grows onto CPUs and GPUs "
+        "that join while it runs, up to MAX",
+        ge=1,
+    )
     use_gpu: bool = opt(False, "one GPU per predictor actor")
     cpus_per_worker: float = opt(1.0, "CPUs reserved per predictor actor", gt=0)
     mixed_precision: str = opt("auto", "auto | bf16 | fp16 | off", choices=PRECISIONS)
@@ -335,13 +409,13 @@ STAGE_SHARED = {
     "prepare": ("input", "output_dir", "model", "max_length", "truncation"),
     "pretrain": ("output_dir", "model", "num_workers", "use_gpu", "name", "storage_path"),
     "train": ("output_dir", "model", "num_workers", "use_gpu", "name", "storage_path", "pretrain_stage"),
-    "evaluate": ("output_dir", "num_workers", "use_gpu"),
-    "infer": ("infer_input", "output_dir", "num_workers", "use_gpu"),
+    "evaluate": ("output_dir", "use_gpu"),
+    "infer": ("infer_input", "output_dir", "use_gpu"),
 }
 
 
 @dataclass
-class PipelineConfig:
+class PipelineConfig(Settings):
     """prepare -> train -> evaluate (test split) -> infer, each stage's output feeding the next."""
 
     input: str = opt(SAMPLE_INPUT, "corpus to prepare (see `bertjob prepare --help`)")
@@ -351,7 +425,9 @@ class PipelineConfig:
     model: str = opt("minilm", "starting weights and tokenizer")
     max_length: int = opt(512, "tokens per sequence", ge=8, le=8192)
     truncation: str = opt("head+tail", "head | tail | head+tail", choices=TRUNCATIONS)
-    num_workers: int = opt(2, "Ray Train workers and predictor actors", ge=1)
+    num_workers: Workers = opt(
+        Workers(2, 2), "Ray Train workers: N, or a range MIN-MAX (YAML [MIN, MAX]) for elastic training", ge=1
+    )
     use_gpu: bool = opt(False, "train and score on GPUs")
     name: str = opt("bertjob", "run name (checkpoints resume under it)")
     storage_path: str = opt("", "checkpoints root (empty: OUTPUT_DIR/checkpoints)")
@@ -404,13 +480,12 @@ class PipelineConfig:
         elif name == "evaluate":
             cls, base = InferConfig, dict(
                 input=prepared, split="test", model=model_dir, output=self.path("evaluate"),
-                num_workers=self.num_workers, use_gpu=self.use_gpu,
+                use_gpu=self.use_gpu,
             )  # fmt: skip
         elif name == "infer":
             cls, base = InferConfig, dict(
                 input=self.infer_input or prepared, split="" if self.infer_input else "unsup",
-                model=model_dir, output=self.path("infer"), num_workers=self.num_workers,
-                use_gpu=self.use_gpu,
+                model=model_dir, output=self.path("infer"), use_gpu=self.use_gpu,
             )  # fmt: skip
         else:
             raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
@@ -470,6 +545,13 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ValueError(f"{key}: expected a string, got {value!r}")
+    if typ is Workers:
+        try:
+            return Workers.parse(value)
+        except ValueError:
+            raise ValueError(
+                f"{key}: expected a count N or a range MIN-MAX ([MIN, MAX] in YAML), got {value!r}"
+            ) from None
     if typ is dict:
         if value is None or isinstance(value, dict):
             return value
@@ -508,6 +590,10 @@ def out_of_range(cfg: Any) -> list[str]:
         value, meta = getattr(cfg, f.name), f.metadata
         if value is None or isinstance(value, (bool, dict)):
             continue
+        if isinstance(value, Workers):
+            if value.min > value.max:
+                problems.append(f"{f.name}: range {value} must go from the smaller to the larger count")
+            value = value.min
         if meta.get("choices") and value not in meta["choices"]:
             shown = ", ".join(c or "'' (auto)" for c in meta["choices"])
             problems.append(f"{f.name}: {value!r} is not one of {shown}")
@@ -543,4 +629,6 @@ def is_pipeline_file(data: dict[str, Any]) -> bool:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as plain values, as a YAML file would give them (a worker count: `2` or `[1, 4]`)."""
+    return {k: (v.min if v.fixed else list(v)) if isinstance(v, Workers) else v
+            for k, v in dataclasses.asdict(cfg).items()}  # fmt: skip

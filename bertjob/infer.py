@@ -485,7 +485,7 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
 def run(cfg: InferConfig, evaluate: bool = False, replace_changed: bool = False) -> dict[str, Any]:
     import ray
 
-    from bertjob.cluster import init_ray
+    from bertjob.cluster import actor_pool, init_ray
     from bertjob.datasource import read_corpus
 
     started = time.time()
@@ -514,12 +514,12 @@ def run(cfg: InferConfig, evaluate: bool = False, replace_changed: bool = False)
         # GPUs should only score: tokenize on CPU tasks ahead of them.
         ds = ds.map_batches(_tokenize_task, fn_kwargs={"settings": pred_kwargs, "encoder": models.load_encoder(cfg.model, cfg.trust_remote_code)},
                             batch_format="pyarrow", batch_size=1024, num_cpus=1)  # fmt: skip
-    from ray.data import ActorPoolStrategy
-
     ds = ds.map_batches(
         Predictor,
         fn_constructor_kwargs=pred_kwargs,
-        compute=ActorPoolStrategy(size=cfg.num_workers),
+        compute=actor_pool(
+            cfg.num_workers.min, cfg.num_workers.max, cfg.cpus_per_worker, 1 if cfg.use_gpu else 0
+        ),
         batch_size=max((cfg.batch_size or 16) * 16, 512),
         batch_format="pyarrow",
         num_cpus=cfg.cpus_per_worker,

@@ -381,7 +381,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     """Run the prepare job; returns the manifest."""
     import ray
 
-    from bertjob.cluster import cluster_cpus, init_ray
+    from bertjob.cluster import actor_pool, cluster_cpus, init_ray
     from bertjob.datasource import read_corpus
 
     started = time.time()
@@ -413,11 +413,12 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     from ray.data import ActorPoolStrategy
 
     cpus = max(1, int(cluster_cpus()))
-    # Actors, not tasks: each starts once, while the first rows are read, and never again.
+    # Actors, not tasks: each starts once, while the first rows are read, and never again; one per
+    # CPU at start, more on nodes that join.
     ds = read_corpus(corpus).map_batches(
         Tokenize,
         fn_constructor_kwargs={"cfg": to_dict(cfg), "encoder": encoder, "labelled": corpus.labelled},
-        compute=ActorPoolStrategy(size=cpus),
+        compute=actor_pool(1, None),
         batch_format="pyarrow",
         batch_size=cfg.batch_size,
         num_cpus=1,

@@ -118,9 +118,9 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     splits = [s for s in cfg.split_names if manifest["splits"].get(s, {}).get("rows_written", 0) > 0]
     sequences = read_sequences(cfg, manifest, splits)
     n_seq, n_tokens = sequences.count(), int(sequences.sum("length"))
-    if n_seq < cfg.num_workers:
-        raise PretrainSetupError(f"{n_seq} packed sequences cannot feed {cfg.num_workers} workers")
-    micro_per_epoch = math.ceil((n_seq // cfg.num_workers) / cfg.batch_size_per_worker)
+    if n_seq < cfg.num_workers.max:
+        raise PretrainSetupError(f"{n_seq} packed sequences cannot feed {cfg.num_workers.max} workers")
+    micro_per_epoch = math.ceil((n_seq // cfg.num_workers.max) / cfg.batch_size_per_worker)
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.grad_accum_steps))
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
@@ -146,7 +146,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         "the rest was truncated by prepare at max_length %d); %d workers x %d x %d accumulation = global batch %d; "
         "%d steps/epoch, %d steps",
         "+".join(splits), rows, n_seq, cfg.max_length, n_tokens, 100 * min(kept, 1.0), manifest["max_length"],
-        cfg.num_workers, cfg.batch_size_per_worker, cfg.grad_accum_steps, cfg.global_batch_size,
+        cfg.num_workers.max, cfg.batch_size_per_worker, cfg.grad_accum_steps, cfg.global_batch_size,
         steps_per_epoch, total_steps,
     )  # fmt: skip
     storage = cfg.storage_path or join(cfg.output, "ray_results")
@@ -156,7 +156,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         pretrain_loop,
         train_loop_config={"cfg": to_dict(cfg), "meta": meta},
         scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers,
+            num_workers=cfg.num_workers.max,
             use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker},
         ),

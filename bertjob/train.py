@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from bertjob import checkpoint, models
+from bertjob import checkpoint, models, runlog
 from bertjob.checkpoint import TrainState
-from bertjob.config import SetupError, TrainConfig, to_dict
+from bertjob.config import JobError, SetupError, TrainConfig, to_dict
 from bertjob.metrics import classification_metrics
 from bertjob.outputs import MANIFEST, ensure_output, versions
 from bertjob.pretrain import pretrain_record
@@ -170,7 +170,9 @@ def plan_workers(
     problems: list[str] = []
     kind = "GPU" if cfg.use_gpu else "CPU"
     hosts = [n for n in nodes if n.get(kind, 0) >= 1]
-    per_node = math.ceil(cfg.num_workers / max(1, len(hosts)))
+    # An elastic run plans for its largest group (CPUs shared by the most workers per node) and
+    # its smallest (the largest share of each global batch per worker).
+    per_node = math.ceil(cfg.num_workers.max / max(1, len(hosts)))
 
     def workers_on(n: dict[str, float]) -> float:  # one worker per GPU on GPU nodes
         return n["GPU"] if cfg.use_gpu else per_node
@@ -178,7 +180,7 @@ def plan_workers(
     cpus = cfg.cpus_per_worker or max(
         1, min((int(n.get("CPU", 0) // workers_on(n)) for n in hosts), default=1)
     )
-    share = math.ceil(cfg.batch_size / cfg.num_workers)
+    share = math.ceil(cfg.batch_size / cfg.num_workers.min)
     micro = min(cfg.micro_batch_size or share, share)
     budget = estimate = None
     if not cfg.use_gpu and hosts:
@@ -216,16 +218,17 @@ def default_lr(model_config: dict[str, Any]) -> float:
 
 def check_resources(cfg: TrainConfig, plan: WorkerPlan, cpus: float, gpus: float) -> list[str]:
     problems = []
+    least = cfg.num_workers.min  # an elastic run starts with what its minimum needs
     if cfg.use_gpu and gpus == 0:
         problems.append(
             "use_gpu is set but the Ray cluster has no GPU (set --use-gpu false, or add GPU nodes)"
         )
-    elif cfg.use_gpu and gpus < cfg.num_workers:
-        problems.append(f"{cfg.num_workers} workers need {cfg.num_workers} GPUs; the cluster has {gpus:g}")
-    need = cfg.num_workers * plan.cpus
+    elif cfg.use_gpu and gpus < least:
+        problems.append(f"{least} workers need {least} GPUs; the cluster has {gpus:g}")
+    need = least * plan.cpus
     if need > cpus:
         problems.append(
-            f"{cfg.num_workers} workers x {plan.cpus:g} CPUs need {need:g} CPUs; the cluster has {cpus:g} "
+            f"{least} workers x {plan.cpus:g} CPUs need {need:g} CPUs; the cluster has {cpus:g} "
             f"(lower --num-workers or --cpus-per-worker; on an autoscaling cluster set --check-resources false)"
         )
     return problems
@@ -309,9 +312,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     n_train = manifest["splits"]["train"]["rows_written"]
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or math.inf)
-    share = math.ceil(cfg.batch_size / cfg.num_workers)
+    share = math.ceil(cfg.batch_size / cfg.num_workers.min)
     log.info(
-        "train: %d rows, global batch %d = %d workers x %d rows (micro-batches of %d, %d accumulated); "
+        "train: %d rows, global batch %d = %s workers x up to %d rows (micro-batches of %d, up to %d accumulated); "
         "%d steps/epoch, %d steps; %g CPUs and %d threads per worker%s",
         n_train, cfg.batch_size, cfg.num_workers, share, plan.micro_batch_size,
         math.ceil(share / plan.micro_batch_size), steps_per_epoch, total_steps, plan.cpus,
@@ -340,17 +343,31 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     }
     # Malloc tuning is measured on CPU workers only; a GPU worker's host memory does not pace its step.
     env = malloc_env() if cfg.malloc_tuning and not cfg.use_gpu else {}
+    # How long Ray Train waits for a worker group's placement before the attempt fails (its
+    # controller reads this variable). A fixed-size run then stops (controller failures are not
+    # retried: without that, Ray Train waits for capacity forever). An elastic one tries again with
+    # what the cluster holds then: right after a node dies Ray still counts it for a few seconds,
+    # and a group sized with it waits for it, so it waits a minute at most.
+    attempt_s = cfg.placement_timeout_s if cfg.num_workers.fixed else min(cfg.placement_timeout_s, 60)
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(attempt_s)
+    per_worker = {"CPU": plan.cpus, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": to_dict(cfg), "meta": meta},
         scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": plan.cpus}
+            num_workers=cfg.num_workers.scaling(),
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": plan.cpus},
+            elastic_resize_monitor_interval_s=cfg.resize_check_s,
         ),
         run_config=RunConfig(
             name=cfg.name,
             storage_path=storage_where,
             storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            failure_config=FailureConfig(
+                max_failures=cfg.max_failures, controller_failure_limit=0 if cfg.num_workers.fixed else -1
+            ),
+            callbacks=[runlog.RunEvents(meta["run_dir"])],
             worker_runtime_env={"env_vars": env} if env else None,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints,
@@ -362,12 +379,40 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
+        if "WorkerGroupStartupTimeoutError" in str(err) or "WorkerGroupStartupTimeoutError" in repr(
+            getattr(err, "controller_failure", None)
+        ):
+            raise PlacementTimeoutError(cfg, per_worker) from err
         raise RuntimeError(f"training failed: {_root_message(err)}") from err
     if exists(nonfinite):
         raise NonFiniteLossError(read_json(nonfinite)["step"])
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
-    return export(cfg, manifest, result.checkpoint, wall_s=time.time() - started, storage=storage, plan=plan)
+    events = runlog.timeline(meta["run_dir"])
+    for e in events["restarts"]:
+        log.info("train: %s at %s (%s): %s -> %s workers, resumed from step %s", e["event"],
+                 time.strftime("%H:%M:%S", time.localtime(e["at"])), e["why"], e["workers_before"],
+                 e["workers_after"], e["from_step"])  # fmt: skip
+    return export(cfg, manifest, result.checkpoint, wall_s=time.time() - started, storage=storage, plan=plan,
+                  events=events)  # fmt: skip
+
+
+class PlacementTimeoutError(JobError):
+    """A fixed-size run whose workers the cluster could not place within placement_timeout_s."""
+
+    def __init__(self, cfg: TrainConfig, per_worker: dict[str, float]):
+        import ray
+
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        free = ray.available_resources()
+        have = {k: f"{free.get(k, 0):g} free of {ray.cluster_resources().get(k, 0):g}" for k in per_worker}
+        super().__init__(
+            f"training stopped: Ray could not place {cfg.num_workers} workers x {per_worker} within "
+            f"placement_timeout_s={cfg.placement_timeout_s:g}s; the cluster has {len(alive)} alive nodes, "
+            + ", ".join(f"{k} {v}" for k, v in have.items())
+            + ". Add nodes, lower --num-workers, or give a range (--num-workers 1-N) to train on what is there; "
+            "a rerun with the same --name resumes from the latest checkpoint"
+        )
 
 
 def _root_message(err: BaseException) -> str:
@@ -385,14 +430,15 @@ def export(
     wall_s: float,
     storage: str,
     plan: WorkerPlan,
+    events: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """OUTPUT/model (the best model, HF format, loadable by transformers.pipeline), metrics.json, curves."""
     if not is_remote(cfg.output):
-        return _export_to(cfg.output, cfg, manifest, result_checkpoint, wall_s, storage, plan)
+        return _export_to(cfg.output, cfg, manifest, result_checkpoint, wall_s, storage, plan, events)
     # Object stores take whole objects: build the outputs locally, then upload them, metrics.json
     # last (the pipeline takes a train output with metrics.json and a model as complete).
     with tempfile.TemporaryDirectory(prefix="bertjob-export-") as local:
-        metrics = _export_to(local, cfg, manifest, result_checkpoint, wall_s, storage, plan)
+        metrics = _export_to(local, cfg, manifest, result_checkpoint, wall_s, storage, plan, events)
         remove(join(cfg.output, "model"))
         for name in ("model", "training_curves.png", "metrics.json"):
             copy(os.path.join(local, name), join(cfg.output, name))
@@ -407,6 +453,7 @@ def _export_to(
     wall_s: float,
     storage: str,
     plan: WorkerPlan,
+    events: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     model_dir = os.path.join(out, "model")
     with result_checkpoint.as_directory() as ckpt:
@@ -434,6 +481,10 @@ def _export_to(
         "history": state["history"],
         "steps": state["step"],
         "resumed_at_steps": state["resumed_at_steps"],
+        # Every worker group of the run (count, from which step) and what ended the one before it.
+        "workers_over_time": (events or {}).get("workers", []),
+        "restarts": (events or {}).get("restarts", []),
+        "placement_retries": (events or {}).get("placement_retries", []),
         "samples_seen": state["samples_seen"],
         "train_samples_per_s": round(state["samples_seen"] / state["train_time_s"], 2)
         if state["train_time_s"]
@@ -592,6 +643,10 @@ class Recipe:
             os.makedirs(join(self.meta["run_dir"], "samples"), exist_ok=True)
             self.sample_log = open(join(self.meta["run_dir"], "samples", f"rank-{self.rank}.jsonl"), "a")
         if self.rank == 0:
+            import ray  # Ray: the node this worker group's rank 0 runs on
+
+            runlog.record(self.meta["run_dir"], "start", workers=self.world, from_step=self.state.step,
+                          epoch=self.state.epoch, node=ray.get_runtime_context().get_node_id())  # fmt: skip
             log.info("worker setup: %d workers on %s, precision %s, %d threads, GLIBC_TUNABLES=%s", self.world,
                      self.device, self.precision, torch.get_num_threads(), os.environ.get("GLIBC_TUNABLES", "(unset)"))  # fmt: skip
 

@@ -20,6 +20,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from bertjob.config import JobError
+
 # ---------------------------------------------------------------------------------------------
 # Batches
 
@@ -186,7 +188,7 @@ def set_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], factor: floa
 IGNORE = -100  # label of a row that only fills a worker's empty micro-batch: it weighs nothing
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(JobError):
     """The loss or the gradients became NaN/inf: a problem with the data or the settings, not a
     fault to retry."""
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.multinode import free_port  # noqa: F401  (the tests' one free-port helper)
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -112,14 +114,6 @@ def tar_dir(src: Path, dest: Path) -> Path:
 def imdb_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic IMDb layout: 100 + 100 train, 40 + 40 test, 30 unsup."""
     return make_imdb_dir(tmp_path_factory.mktemp("imdb"), {"train": 100, "test": 40, "unsup": 30})
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class S3Endpoint:

@@ -11,6 +11,7 @@ from bertjob.config import (
     PrepareConfig,
     PretrainConfig,
     TrainConfig,
+    Workers,
     build,
     read_yaml,
 )
@@ -123,6 +124,8 @@ def _bad_value(f, typ):
     meta = f.metadata
     if meta.get("choices"):
         return "not-a-choice"
+    if typ is Workers:
+        return meta["ge"] - 1
     if typ not in (int, float):
         return None
     assert meta.get("unbounded") or {"ge", "gt", "le", "lt"} & set(meta), (
@@ -196,3 +199,36 @@ def test_stage_shared_lists_exactly_the_pipeline_settings_each_stage_reads():
         }
         assert reads == set(STAGE_SHARED[stage]), stage
     assert set(changed) == {f.name for f in dataclasses.fields(PipelineConfig)} - set(STAGES)
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (3, Workers(3, 3)),
+        ("3", Workers(3, 3)),
+        ("1-4", Workers(1, 4)),
+        ([1, 4], Workers(1, 4)),
+        ([2, 2], Workers(2, 2)),
+    ],
+)
+def test_num_workers_is_a_count_or_an_elastic_range(value, expected):
+    cfg = build(TrainConfig, {"data": "d", "output": "o", "num_workers": value})
+    assert cfg.num_workers == expected
+    assert cfg.num_workers.scaling() == (expected.min if expected.min == expected.max else tuple(expected))
+
+
+@pytest.mark.parametrize("value", ["4-1", "0-2", [1, 2, 3], "one", True, [1.5, 2]])
+def test_a_bad_worker_range_is_one_error_naming_num_workers(value):
+    with pytest.raises(ConfigError) as err:
+        build(TrainConfig, {"data": "d", "output": "o", "num_workers": value})
+    assert len(err.value.problems) == 1 and err.value.problems[0].startswith("num_workers:"), err.value
+
+
+def test_the_flag_takes_a_range_and_yaml_a_list(tmp_path):
+    from bertjob.cli import make_parser, resolve
+
+    (tmp_path / "p.yaml").write_text("output_dir: out\nnum_workers: [1, 3]\n")
+    assert resolve("train", {"config": str(tmp_path / "p.yaml")}, {}).num_workers == Workers(1, 3)
+    ns = make_parser().parse_args(["train", "--data", "d", "--output", "o", "--num-workers", "2-5"])
+    args = {k: v for k, v in vars(ns).items() if k not in ("command", "log_level")}
+    assert resolve("train", args, {}).num_workers == Workers(2, 5)

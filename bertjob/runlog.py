@@ -1,0 +1,95 @@
+"""What happened to a training run: how many workers trained when, and every restart and resize.
+
+Two writers, one record per event, each a JSON file of its own in `RUN_DIR/events/` (one PUT on an
+object store, so nothing is appended and nothing lost when a process dies):
+- Ray Train's controller (`RunEvents`, a callback on its state changes): a restart after a failure
+  (why: the error) and a resize of an elastic run (why: the cluster changed).
+- rank 0 of every worker group as it starts: how many workers, and from which step and epoch.
+`timeline()` joins them for metrics.json: each restart with the start that followed it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from typing import Any
+
+from ray.train.v2._internal.execution.callback import ControllerCallback
+
+from bertjob.storage import filesystem, join, read_json, write_json
+
+log = logging.getLogger(__name__)
+EVENTS_DIR = "events"
+
+
+def record(run_dir: str, kind: str, **fields: Any) -> None:
+    at = time.time()
+    name = f"{at:.6f}-{kind}-{uuid.uuid4().hex[:6]}.json"
+    write_json(join(run_dir, EVENTS_DIR, name), {"at": at, "event": kind, **fields})
+
+
+def _why(error: BaseException) -> str:
+    """One line: the first line of each worker's failure (a dead node: the actor died), else the error's."""
+    failures = getattr(error, "worker_failures", None) or {}
+    if failures:
+        return "; ".join(f"rank {r}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+                         for r, e in sorted(failures.items()))  # fmt: skip
+    inner = getattr(error, "controller_failure", None) or error
+    return f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0][:300]}"
+
+
+class RunEvents(ControllerCallback):
+    """On Ray Train's controller: records restarts (with the error) and resizes (with the counts).
+
+    Ray Train's ControllerCallback is a developer API (Ray 2.60); RunConfig accepts it beside user
+    callbacks. If it changes, the run still trains; only these records are missing."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self.workers = 0
+
+    def after_controller_state_update(self, previous_state: Any, current_state: Any) -> None:
+        kind = type(current_state).__name__
+        try:
+            decision = getattr(current_state, "scaling_decision", None)
+            if kind in ("RestartingState", "ReschedulingState"):
+                why = _why(current_state.training_failed_error)
+                if why.startswith("WorkerGroupStartupTimeoutError"):  # a group that never started
+                    log.warning("train: %d workers could not be placed in time; trying again", self.workers)
+                    record(self.run_dir, "placement_retry", why=why, workers_before=self.workers)
+                else:
+                    log.warning(
+                        "train: the worker group failed (%s); restarting from the latest checkpoint", why
+                    )
+                    record(self.run_dir, "restart", why=why, workers_before=self.workers)
+            elif kind == "ResizingState":
+                why = f"the cluster can now hold {decision.num_workers} workers (was {self.workers})"
+                log.info("train: resizing: %s", why)
+                record(self.run_dir, "resize", why=why, workers_before=self.workers)
+            if decision is not None and getattr(decision, "num_workers", None):
+                self.workers = decision.num_workers
+        except Exception:  # a record must never stop the run
+            log.exception("train: could not record the controller's %s", kind)
+
+
+def timeline(run_dir: str) -> dict[str, list[dict[str, Any]]]:
+    """{"workers": [{at, workers, from_step, epoch, node}], "restarts": [{at, event, why,
+    workers_before, workers_after, from_step}], "placement_retries": [{at, why, workers_before}]}:
+    the run's events, reruns under the same name included."""
+    fs, where = filesystem(join(run_dir, EVENTS_DIR))
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(where, allow_not_found=True))
+    events = sorted((read_json(join(run_dir, EVENTS_DIR, os.path.basename(i.path))) for i in infos
+                     if i.path.endswith(".json")), key=lambda e: e["at"])  # fmt: skip
+    starts = [e for e in events if e["event"] == "start"]
+    restarts = []
+    for e in (e for e in events if e["event"] in ("restart", "resize")):
+        after = next((s for s in starts if s["at"] >= e["at"]), None)
+        restarts.append(
+            {**e, "workers_after": after and after["workers"], "from_step": after and after["from_step"]}
+        )
+    retries = [e for e in events if e["event"] == "placement_retry"]
+    return {"workers": starts, "restarts": restarts, "placement_retries": retries}
