@@ -179,8 +179,6 @@ class Predictor:
             self.precision = "off"
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.multiple_of = 8 if self.device.type == "cuda" else 1
-        # Test-only: a pause before every forward pass, so that a test can kill a run part-way.
-        self._delay_s = float(os.environ.get("BERTJOB_TEST_PREDICT_DELAY_S", "0"))
 
     # Text -> token ids, with quarantine reasons; shared with the tokenize task stage.
     def tokenize(self, table: pa.Table) -> pa.Table:
@@ -204,8 +202,6 @@ class Predictor:
         in_order = rows.take(order)  # once per batch; each sub-batch is then a zero-copy slice
         for start in range(0, len(order), self.batch_size):
             part = order[start : start + self.batch_size]
-            if self._delay_s:
-                time.sleep(self._delay_s)
             sub = in_order.slice(start, len(part))
             t = collate({"input_ids": sub}, self.pad_id, self.multiple_of, self.device)
             with autocast(self.precision, self.device):

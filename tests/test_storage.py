@@ -188,9 +188,8 @@ def test_a_killed_infer_on_s3_resumes_with_exactly_one_row_per_input(
     storage.copy(tiny_classifier_dir, model)
     args = [sys.executable, "-m", "bertjob", "infer", "--input", data, "--model", model, "--output", out,
             "--id-column", "id", "--batch-size", "16", "--num-workers", "2", "--rows-per-shard", "150"]  # fmt: skip
-    env = {**os.environ, "BERTJOB_TEST_PREDICT_DELAY_S": "0.2"}
     proc = subprocess.Popen(
-        args, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     fs, root = storage.filesystem(out)
     try:
