@@ -194,7 +194,14 @@ def ray_local(s3: S3Endpoint):
     endpoint so that its workers see the AWS_* variables, as a node configured for S3 would."""
     import ray
 
-    ray.init(address="local", num_cpus=2, log_to_driver=False)
+    # Ray Train's placement-group cleaner polls the state API, whose address its actor finds as a
+    # driver would: RAY_ADDRESS, else /tmp/ray/ray_current_cluster, which names the last cluster
+    # `ray start` or a multi-node test started, long gone by now. Each poll then waits out its
+    # 10 s timeout, and every train and pretrain run ends ~12 s late. Name this Ray's API server
+    # to its workers (only: the CLI's subprocesses start Rays of their own).
+    port = free_port()
+    ray.init(address="local", num_cpus=2, log_to_driver=False, dashboard_port=port,
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})  # fmt: skip
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

@@ -25,12 +25,19 @@ def cfg(prepared, out, tiny_model_dir, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-def test_two_workers_train_and_save_a_model_that_transformers_loads(prepared_small, tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained(prepared_small, tiny_model_dir, tmp_path_factory):
+    """One finished 3-epoch run on 2 workers: its outputs are checked, then its checkpoints extended."""
+    out = tmp_path_factory.mktemp("train") / "run"
     # a randomly initialised tiny BERT: 2 epochs learn the task for some data orders, 3 for all we tried
     m = train.run(
         cfg(prepared_small, out, tiny_model_dir, epochs=3, checkpoint_every_steps=5, keep_checkpoints=1)
     )
+    return out, m
+
+
+def test_two_workers_train_and_save_a_model_that_transformers_loads(trained):
+    out, m = trained
     # 180 train rows in global batches of 16 (8 per worker): 12 steps per epoch (the last of 4 rows), 3 epochs
     assert m["steps"] == 36 and m["global_batch_size"] == 16
     assert [h["epoch"] for h in m["history"] if h["type"] == "eval"] == [0, 1, 2]
@@ -107,7 +114,11 @@ def test_a_killed_worker_then_a_killed_job_resume_at_the_exact_sample_with_fewer
     kw = dict(
         model=model, epochs=2, checkpoint_every_steps=2, sample_log=True, max_failures=1, keep_checkpoints=1
     )
-    whole = train.run(cfg(prepared_small, tmp_path / "a", tiny_model_dir, **kw))
+    # Checkpoints do not change what is trained (a resumed run must match this one): the
+    # uninterrupted run and the resumed rerun skip the mid-epoch ones, ~1.5 s each on 2 CPUs.
+    whole = train.run(
+        cfg(prepared_small, tmp_path / "a", tiny_model_dir, **{**kw, "checkpoint_every_steps": 0})
+    )
     assert whole["steps"] == 24 and whole["resumed_at_steps"] == []
 
     out = tmp_path / "b"
@@ -132,7 +143,9 @@ def test_a_killed_worker_then_a_killed_job_resume_at_the_exact_sample_with_fewer
     finally:
         kill_session(proc.pid)  # and now the whole job, Ray included
         proc.wait()
-    resumed = train.run(cfg(prepared_small, out, tiny_model_dir, **{**kw, "num_workers": 1}))
+    resumed = train.run(
+        cfg(prepared_small, out, tiny_model_dir, **{**kw, "num_workers": 1, "checkpoint_every_steps": 0})
+    )
     assert len(resumed["resumed_at_steps"]) == 2 and 0 < resumed["resumed_at_steps"][1] < 24, resumed[
         "resumed_at_steps"
     ]
@@ -178,24 +191,25 @@ def test_a_non_finite_loss_stops_the_run_at_once_naming_the_step(prepared_small,
 
 
 def test_extending_a_finished_run_schedules_the_added_steps_and_a_changed_run_is_refused(
-    prepared_small, tiny_model_dir, tmp_path
+    trained, prepared_small, tiny_model_dir, tmp_path
 ):
-    out = tmp_path / "run"
-    first = train.run(cfg(prepared_small, out, tiny_model_dir, epochs=1))
-    assert first["steps"] == 12 and first["resumed_at_steps"] == []
+    # The shared run's checkpoints, continued into another output: that run's own outputs stay as they are.
+    done, first = trained
+    kw = dict(storage_path=str(done / "ckpt"), checkpoint_every_steps=5, keep_checkpoints=1)
+    assert first["steps"] == 36 and first["resumed_at_steps"] == []
     # finding 13.6: the same name with another global batch (or model, or data) is not resumed
     with pytest.raises(train.TrainSetupError, match=r"batch_size: 16 -> 8.*another --name"):
-        train.run(cfg(prepared_small, out, tiny_model_dir, epochs=2, batch_size=8))
-    second = train.run(cfg(prepared_small, out, tiny_model_dir, epochs=2, lr=1e-2))
-    assert second["resumed_at_steps"] == [12]
-    assert second["steps"] == 24
+        train.run(cfg(prepared_small, tmp_path / "refused", tiny_model_dir, epochs=4, batch_size=8, **kw))
+    second = train.run(cfg(prepared_small, tmp_path / "run", tiny_model_dir, epochs=4, lr=1e-2, **kw))
+    assert second["resumed_at_steps"] == [36]
+    assert second["steps"] == 48
     evals = [h for h in second["history"] if h["type"] == "eval"]
-    assert [h["epoch"] for h in evals] == [0, 1]
-    assert evals[0] == [h for h in first["history"] if h["type"] == "eval"][0]
+    assert [h["epoch"] for h in evals] == [0, 1, 2, 3]
+    assert evals[:3] == [h for h in first["history"] if h["type"] == "eval"]
     # the 12 added steps have their own schedule at the new lr: warm-up (1 step), then linear decay
-    # to 0 at step 24; step 15 trains at 1e-2 x (12 - 3) / 11 (it used to be the old lr, 5e-3, x 0.41)
+    # to 0 at step 48; step 39 trains at 1e-2 x (12 - 3) / 11 (it used to be the old lr, 5e-3, x 0.41)
     lr = {h["step"]: h["lr"] for h in second["history"] if h["type"] == "train"}
-    assert lr[16] == pytest.approx(1e-2 * 9 / 11)
+    assert lr[40] == pytest.approx(1e-2 * 9 / 11)
 
 
 def test_setup_problems_are_clear_errors_before_training(prepared_small, tiny_model_dir, tmp_path, ray_local):
