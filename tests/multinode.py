@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RAY = str(Path(sys.executable).parent / "ray")
-DROP = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+DROP = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_API_SERVER_ADDRESS")
 
 
 def free_port() -> int:
@@ -67,8 +67,12 @@ class RayCluster:
         self.head: Node | None = None
         # As the README says: a token is generated (in a HOME of the cluster's own, so no token of
         # another run is used), and every process of the cluster and its clients uses it.
-        self.env = {**{k: v for k, v in os.environ.items() if k not in DROP},
-                    "HOME": str(self.home), "RAY_AUTH_MODE": "token"}  # fmt: skip
+        # Ray Train finds the state API by RAY_API_SERVER_ADDRESS, else by the file a `ray start`
+        # without --temp-dir writes on each node (/tmp/ray/ray_current_cluster): name it.
+        self.env = {**{k: v for k, v in os.environ.items() if k not in DROP}, "HOME": str(self.home),
+                    "RAY_AUTH_MODE": "token", "RAY_API_SERVER_ADDRESS": self.dashboard,
+                    # A dead node is declared after 5 missed 1 s health checks (Ray: 5 x 3 s).
+                    "RAY_health_check_period_ms": "1000"}  # fmt: skip
         subprocess.run([RAY, "get-auth-token", "--generate"], env=self.env, check=True, capture_output=True)
 
     @property
