@@ -268,6 +268,7 @@ def test_ray_job_submit_runs_the_pipeline_on_the_cluster_with_every_path_in_s3(c
     assert storage.exists(storage.join(out, "train", "model", "model.safetensors"))
     # Ray Train's controller and rank 0 recorded the run's worker groups in the bucket, and
     # metrics.json (in the bucket too) carries them.
-    groups = runlog.timeline(storage.join(out, "checkpoints", "submit-test"))["workers"]
-    assert groups and groups[0]["workers"] in (1, 2)
-    assert storage.read_json(storage.join(out, "train", "metrics.json"))["workers_over_time"] == groups
+    metrics = storage.read_json(storage.join(out, "train", "metrics.json"))
+    groups = runlog.timeline(storage.join(metrics["checkpoints"], metrics["config"]["name"]))["workers"]
+    assert groups and groups[0]["workers"] in (1, 2) and groups[0]["from_step"] == 0
+    assert metrics["workers_over_time"] == groups

@@ -247,6 +247,9 @@ def test_the_pipeline_on_s3_killed_in_training_resumes_from_the_bucket(
     assert st["evaluate"]["rows_scored"] == 40 and st["infer"]["rows_scored"] == 10
     metrics = storage.read_json(storage.join(out, "train", "metrics.json"))
     assert metrics["resumed_at_steps"] and metrics["resumed_at_steps"][0] > 0  # from the bucket's checkpoint
+    # Both invocations' worker groups, recorded in the bucket: the rerun's from the resumed step.
+    groups = metrics["workers_over_time"]
+    assert [g["from_step"] for g in groups] == [0, metrics["resumed_at_steps"][0]], groups
     assert metrics["steps"] == 9 and metrics["checkpoints"] == storage.join(out, "checkpoints")
     for name in ("train/model/model.safetensors", "train/model/bertjob.json", "train/training_curves.png",
                  "evaluate/metrics.json", "evaluate/report.png", "infer/manifest.json", "summary.json"):  # fmt: skip
