@@ -11,6 +11,7 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
 from bertjob.sources import ROW_SCHEMA, Corpus
+from bertjob.storage import exists, join, read_json, write_json
 
 # Reading is light next to tokenizing and scoring. Read tasks reserve no CPU: any reservation, however
 # small, makes Ray Data admit one fewer whole-CPU task of the heavy stage (on 2 cores: half the
@@ -22,7 +23,10 @@ READ_CONCURRENCY = 4
 
 class CorpusDatasource(Datasource):
     """Reads a Corpus; with `positions`, adds `unit` and `row` (a row's stable place in the input),
-    keeps only rows of `split` (when set) and drops rows whose position is in `done`."""
+    keeps only rows of `split` (when set) and drops rows whose position is in `done`. With
+    `receipts` (a directory), each unit's count of rows in `split` is written there as
+    `unit-<i>.json` before its last rows leave the reader, so that a job counts what it read from
+    the input itself, not from what reached its output."""
 
     def __init__(
         self,
@@ -31,12 +35,14 @@ class CorpusDatasource(Datasource):
         positions: bool = False,
         split: str = "",
         done: dict[int, Any] | None = None,
+        receipts: str = "",
     ):
         self.corpus = corpus
         self.keys_only = keys_only
         self.positions = positions
         self.split = split
         self.done = done or {}
+        self.receipts = receipts
 
     def get_name(self) -> str:
         return f"Read{self.corpus.kind.title().replace('-', '')}"
@@ -50,31 +56,46 @@ class CorpusDatasource(Datasource):
         units = [(i, u) for i, u in enumerate(self.corpus.units) if self.done.get(i) is not True]
         n = max(1, min(len(units), parallelism))
         groups = [units[i::n] for i in range(n)]
-        corpus, keys_only, positions, split, done = (
-            self.corpus,
-            self.keys_only,
-            self.positions,
-            self.split,
-            self.done,
-        )
+        corpus, keys_only, positions, split, done, receipts = (
+            self.corpus, self.keys_only, self.positions, self.split, self.done, self.receipts,
+        )  # fmt: skip
 
         def make(group: list[Any]) -> ReadTask:
             def read() -> Any:
                 for index, unit in group:
-                    row = 0
+                    row, in_split, last = 0, 0, None
                     for table in corpus.read(unit, keys_only):
                         if positions:
                             n_in = table.num_rows
+                            in_split += n_in if not split else count_split(table, split)
                             table = with_positions(table, index, row, split, done.get(index))
                             row += n_in
-                        if table.num_rows:
-                            yield table
+                        if last is not None:
+                            yield last
+                        last = table if table.num_rows else None
+                    if receipts:
+                        write_json(join(receipts, f"unit-{index}.json"), {"rows": in_split})
+                    if last is not None:
+                        yield last
 
             size = corpus.size_bytes // max(1, len(groups))
             meta = BlockMetadata(num_rows=None, size_bytes=size, exec_stats=None, input_files=None)
             return ReadTask(read, meta, schema=None if positions else ROW_SCHEMA)
 
         return [make(g) for g in groups]
+
+
+def count_split(table: pa.Table, split: str) -> int:
+    return int(np.count_nonzero(table.column("split").to_numpy(zero_copy_only=False) == split))
+
+
+def rows_read(receipts: str, units: int) -> int:
+    """The input's rows, from the receipts of every unit (this run's and earlier runs')."""
+    missing = [i for i in range(units) if not exists(join(receipts, f"unit-{i}.json"))]
+    if missing:
+        raise RuntimeError(f"{len(missing)} of {units} input units were never read to the end (first: unit "
+                           f"{missing[0]}); rerun to complete")  # fmt: skip
+    return sum(read_json(join(receipts, f"unit-{i}.json"))["rows"] for i in range(units))
 
 
 def with_positions(table: pa.Table, unit: int, first_row: int, split: str, done: Any) -> pa.Table:
@@ -100,6 +121,7 @@ def read_corpus(
     split: str = "",
     done: dict[int, Any] | None = None,
     num_cpus: float = READ_CPUS,
+    receipts: str = "",
 ) -> ray.data.Dataset:
-    source = CorpusDatasource(corpus, keys_only, positions, split, done)
+    source = CorpusDatasource(corpus, keys_only, positions, split, done, receipts)
     return ray.data.read_datasource(source, num_cpus=num_cpus, concurrency=READ_CONCURRENCY)

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 PREDICTIONS = "predictions"
 QUARANTINE = "quarantine"
 RUN_FILE = "run.json"
+RECEIPTS = "_read"  # per input unit, the rows its reader read (datasource.CorpusDatasource)
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -500,7 +501,7 @@ def run(cfg: InferConfig, evaluate: bool = False, replace_changed: bool = False)
     init_ray(dashboard=False)
     use_tasks_for_tokens = cfg.use_gpu and corpus.kind != "prepared"
     ds = read_corpus(corpus, positions=True, split=cfg.split if corpus.kind != "prepared" else "", done=done,
-                     num_cpus=0)  # fmt: skip
+                     num_cpus=0, receipts=join(cfg.output, RECEIPTS))  # fmt: skip
     pred_kwargs = dict(
         model=cfg.model, batch_size=cfg.batch_size, text=effective, precision=cfg.mixed_precision,
         include_text=cfg.include_text, evaluate=evaluate, threads=max(1, int(cfg.cpus_per_worker)),
@@ -588,7 +589,10 @@ def finish(
     unique = len(np.unique(np.concatenate(positions))) if positions else 0
     if unique != pairs:
         raise RuntimeError(f"{cfg.output}: {pairs - unique} rows are committed twice; rerun with --overwrite")
-    rows_read = scored + sum(quarantined.values()) + already
+    # Counted from the input (each unit's reader wrote how many rows it read), not from the output.
+    from bertjob.datasource import rows_read as input_rows
+
+    rows_read = input_rows(join(cfg.output, RECEIPTS), run_info["units"])
     if rows_read != pairs:
         raise RuntimeError(f"{cfg.output}: {pairs} rows committed but {rows_read} read; rerun to complete")
     wall = time.time() - started
