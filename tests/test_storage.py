@@ -177,17 +177,18 @@ def test_a_killed_infer_on_s3_resumes_with_exactly_one_row_per_input(
 ):
     import random
 
+    # Enough rows that predictor batches, and so commits, come one after another over seconds.
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(4):
         rng = random.Random(i)
-        rows = [{"id": f"p{i}-{j}", "text": review(rng, j % 2 == 0)} for j in range(300)]
+        rows = [{"id": f"p{i}-{j}", "text": review(rng, j % 2 == 0)} for j in range(3000)]
         pq.write_table(pa.Table.from_pylist(rows), corpus / f"part{i}.parquet")
     data, model, out = s3.uri("corpus"), s3.uri("model"), s3.uri("scored")
     storage.copy(str(corpus), data)
     storage.copy(tiny_classifier_dir, model)
     args = [sys.executable, "-m", "bertjob", "infer", "--input", data, "--model", model, "--output", out,
-            "--id-column", "id", "--batch-size", "16", "--num-workers", "2", "--rows-per-shard", "150"]  # fmt: skip
+            "--id-column", "id", "--batch-size", "16", "--num-workers", "2", "--rows-per-shard", "1000"]  # fmt: skip
     proc = subprocess.Popen(
         args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -199,14 +200,14 @@ def test_a_killed_infer_on_s3_resumes_with_exactly_one_row_per_input(
         proc.wait()
     assert committed, "the run ended before it committed a file"
     partial = pq.read_table(f"{root}/predictions", filesystem=fs).num_rows
-    assert 0 < partial < 1200 and not storage.exists(storage.join(out, "manifest.json"))
+    assert 0 < partial < 12000 and not storage.exists(storage.join(out, "manifest.json"))
     m = infer.run(
         InferConfig(input=data, model=model, output=out, id_column="id", batch_size=16, num_workers=2)
     )
-    assert m["rows_resumed"] == partial and m["rows_this_run"] == 1200 - partial
+    assert m["rows_resumed"] == partial and m["rows_this_run"] == 12000 - partial
     ids = pq.read_table(f"{root}/predictions", filesystem=fs).column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == 1200
-    assert storage.read_json(storage.join(out, "manifest.json"))["rows_scored"] == 1200
+    assert len(ids) == len(set(ids)) == 12000
+    assert storage.read_json(storage.join(out, "manifest.json"))["rows_scored"] == 12000
 
 
 @pytest.mark.integration
