@@ -31,16 +31,9 @@ def init_ray(dashboard: bool = True) -> None:
         # that run beside one actor per CPU would then start a fresh Python (~1.5 s of CPU) each time.
         # `None` rather than True: with a minimal Ray (no ray[default]) Ray then starts its API server
         # without the web UI instead of refusing to start.
-        # The cleaner finds the state API as a driver would: RAY_API_SERVER_ADDRESS, else the
-        # cluster that /tmp/ray/ray_current_cluster names, which is the last `ray start` on this host
-        # (long gone, perhaps): each of its polls then waits out a 10 s timeout and every training
-        # run ends ~12 s late. So this Ray's own address goes to its processes (they inherit it).
         cpus = os.cpu_count() or 1
-        port = _free_port()
-        if dashboard and "RAY_API_SERVER_ADDRESS" not in os.environ:
-            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(address="local", log_to_driver=True, include_dashboard=None if dashboard else False,
-                 dashboard_port=port, _system_config={"num_workers_soft_limit": cpus + 4})  # fmt: skip
+                 _system_config={"num_workers_soft_limit": cpus + 4})  # fmt: skip
         log.info("started a local Ray with %s CPUs", int(ray.cluster_resources().get("CPU", 0)))
     from ray.data import DataContext
 
@@ -50,14 +43,6 @@ def init_ray(dashboard: bool = True) -> None:
     # Smaller blocks than Ray's 128 MiB: a single streamed archive (the IMDb tar) then hands its
     # first rows to the tokenize/score actors after ~6k reviews instead of half the corpus.
     ctx.target_max_block_size = 8 * 2**20
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cluster_cpus() -> float:
