@@ -40,6 +40,13 @@ def _why(error: BaseException) -> str:
     return f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0][:300]}"
 
 
+def is_placement_timeout(error: BaseException) -> bool:
+    """Ray Train gave up placing a worker group (its ControllerError wraps the startup timeout)."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    return isinstance(getattr(error, "controller_failure", None), WorkerGroupStartupTimeoutError)
+
+
 class RunEvents(ControllerCallback):
     """On Ray Train's controller: records restarts (with the error) and resizes (with the counts).
 
@@ -55,8 +62,9 @@ class RunEvents(ControllerCallback):
         try:
             decision = getattr(current_state, "scaling_decision", None)
             if kind in ("RestartingState", "ReschedulingState"):
-                why = _why(current_state.training_failed_error)
-                if why.startswith("WorkerGroupStartupTimeoutError"):  # a group that never started
+                error = current_state.training_failed_error
+                why = _why(error)
+                if is_placement_timeout(error):  # a group that never started
                     log.warning("train: %d workers could not be placed in time; trying again", self.workers)
                     record(self.run_dir, "placement_retry", why=why, workers_before=self.workers)
                 else:

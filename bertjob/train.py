@@ -379,9 +379,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
-        if "WorkerGroupStartupTimeoutError" in str(err) or "WorkerGroupStartupTimeoutError" in repr(
-            getattr(err, "controller_failure", None)
-        ):
+        if runlog.is_placement_timeout(err):
             raise PlacementTimeoutError(cfg, per_worker) from err
         raise RuntimeError(f"training failed: {_root_message(err)}") from err
     if exists(nonfinite):
