@@ -27,7 +27,7 @@ fi
 # One worker with both cores: on 2 cores it beats two 1-core DDP workers (README, train bench).
 workers=(--num-workers 1 --cpus-per-worker 2)
 finetune=(train --lr 1e-4 --layer-lr-decay 0.95 --warmup-ratio 0.1 "${workers[@]}" "${ft[@]}")
-pretrain=(pretrain --max-length 128 --max-steps "$pt_steps" --batch-size-per-worker 32 --lr 1e-4
+pretrain=(pretrain --max-length 128 --max-steps "$pt_steps" --batch-size 32 --lr 1e-4
   --warmup-ratio 0.06 "${workers[@]}" "${pt_extra[@]}")
 
 bertjob prepare --input "$archive" --output "$out/prepared-512" --max-length 512

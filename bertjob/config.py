@@ -159,6 +159,58 @@ class PrepareConfig(Settings):
         )  # fmt: skip
 
 
+# Worker settings that train and pretrain share (one definition, one meaning).
+
+
+def workers_opt() -> Any:
+    return opt(
+        Workers(2, 2),
+        "data-parallel workers (one per GPU with use_gpu): N, or a range MIN-MAX (YAML [MIN, MAX]) that "
+        "grows and shrinks with the cluster",
+        ge=1,
+    )
+
+
+def cpus_per_worker_opt() -> Any:
+    return opt(
+        0,
+        "CPUs per worker (0: a local Ray's CPUs split across the workers; on a cluster, a node's CPUs per worker)",
+        ge=0,
+    )
+
+
+def batch_size_opt(default: int, what: str) -> Any:
+    return opt(default, f"{what} per optimizer step, all workers together; independent of num_workers", ge=1)
+
+
+def micro_batch_size_opt() -> Any:
+    return opt(
+        0,
+        "most sequences a worker runs through the model at once (0: what fits its memory); "
+        "a bigger share of batch_size accumulates gradients",
+        ge=0,
+    )
+
+
+def placement_timeout_opt() -> Any:
+    return opt(
+        600,
+        "a fixed-size run whose workers cannot all be placed for this long (at start, or after a node "
+        "died) stops with an error naming what it asked for and what the cluster has; long enough for "
+        "an autoscaler to add a node. An elastic run waits up to this (at most 60 s) for a group, then "
+        "tries again with what the cluster holds",
+        gt=0,
+    )
+
+
+def resize_check_opt() -> Any:
+    return opt(
+        60,
+        "an elastic run (num_workers MIN-MAX) checks this often whether the cluster can hold more workers",
+        gt=0,
+    )
+
+
 @dataclass
 class TrainConfig(Settings):
     """Fine-tune data-parallel with Ray Train's TorchTrainer on a prepared directory."""
@@ -166,18 +218,9 @@ class TrainConfig(Settings):
     data: str = opt("", "prepared directory written by `bertjob prepare`")
     output: str = opt("", "output directory: model/, metrics.json, training_curves.png")
     model: str = opt("minilm", "starting weights: minilm (embedded), a local directory, or a hub id")
-    num_workers: Workers = opt(
-        Workers(2, 2),
-        "data-parallel workers (one per GPU with use_gpu): N, or a range MIN-MAX (YAML [MIN, MAX]) that "
-        "grows and shrinks with the cluster",
-        ge=1,
-    )
+    num_workers: Workers = workers_opt()
     use_gpu: bool = opt(False, "one GPU per worker")
-    cpus_per_worker: float = opt(
-        0,
-        "CPUs per worker (0: a local Ray's CPUs split across the workers; on a cluster, a node's CPUs per worker)",
-        ge=0,
-    )
+    cpus_per_worker: float = cpus_per_worker_opt()
     torch_threads: int = opt(0, "intra-op threads per worker (0: its CPUs)", ge=0)
     malloc_tuning: bool = opt(
         True,
@@ -186,17 +229,8 @@ class TrainConfig(Settings):
     )
     epochs: int = opt(3, "passes over the train split", ge=1)
     max_steps: int = opt(0, "stop after this many optimizer steps (0: epochs decide)", ge=0)
-    batch_size: int = opt(
-        32,
-        "sequences per optimizer step, all workers together (the seed recipe's 32); independent of num_workers",
-        ge=1,
-    )
-    micro_batch_size: int = opt(
-        0,
-        "most sequences a worker runs through the model at once (0: what fits its memory); "
-        "a bigger share of batch_size accumulates gradients",
-        ge=0,
-    )
+    batch_size: int = batch_size_opt(32, "sequences (the seed recipe's 32)")
+    micro_batch_size: int = micro_batch_size_opt()
     lr: float = opt(
         0.0,
         "peak learning rate of the top layer (0: by model width: 2e-4 up to 384 wide like MiniLM, "
@@ -224,19 +258,8 @@ class TrainConfig(Settings):
     early_stopping_patience: int = opt(0, "stop after N evaluations without improvement (0: off)", ge=0)
     log_every_steps: int = opt(20, "progress line every N steps (rank 0)", ge=1)
     max_failures: int = opt(2, "worker-group restarts before giving up (-1: no limit)", ge=-1)
-    placement_timeout_s: float = opt(
-        600,
-        "a fixed-size run whose workers cannot all be placed for this long (at start, or after a node "
-        "died) stops with an error naming what it asked for and what the cluster has; long enough for "
-        "an autoscaler to add a node. An elastic run waits up to this (at most 60 s) for a group, then "
-        "tries again with what the cluster holds",
-        gt=0,
-    )
-    resize_check_s: float = opt(
-        60,
-        "an elastic run (num_workers MIN-MAX) checks this often whether the cluster can hold more workers",
-        gt=0,
-    )
+    placement_timeout_s: float = placement_timeout_opt()
+    resize_check_s: float = resize_check_opt()
     shuffle_window_rows: int = opt(
         0,
         "rows shuffled together, read a window at a time (0: the whole split when its token ids "
@@ -291,15 +314,15 @@ class PretrainConfig(Settings):
         lt=1,
     )
     whole_word_masking: bool = opt(False, "mask all WordPiece pieces of a word together")
-    num_workers: Workers = opt(Workers(2, 2), "data-parallel workers (one per GPU with use_gpu)", ge=1)
+    num_workers: Workers = workers_opt()
     use_gpu: bool = opt(False, "one GPU per worker")
-    cpus_per_worker: float = opt(1.0, "CPUs reserved per worker", gt=0)
-    torch_threads: int = opt(0, "intra-op threads per worker (0: cpus_per_worker)", ge=0)
+    cpus_per_worker: float = cpus_per_worker_opt()
+    torch_threads: int = opt(0, "intra-op threads per worker (0: its CPUs)", ge=0)
     malloc_tuning: bool = opt(True, "Linux: workers reuse freed memory (as in train); ~1.3x faster CPU steps")
     epochs: int = opt(1, "passes over the packed sequences", ge=1)
     max_steps: int = opt(0, "stop after this many optimizer steps (0: epochs decide)", ge=0)
-    batch_size_per_worker: int = opt(32, "sequences per worker per micro-batch (Sun et al.: 32 in all)", ge=1)
-    grad_accum_steps: int = opt(1, "micro-batches per optimizer step", ge=1)
+    batch_size: int = batch_size_opt(32, "packed sequences (Sun et al. 2019: 32)")
+    micro_batch_size: int = micro_batch_size_opt()
     lr: float = opt(5e-5, "peak learning rate (Sun et al. 2019 ITPT: 5e-5)", gt=0)
     weight_decay: float = opt(0.01, "AdamW weight decay (never on biases and LayerNorm)", ge=0)
     warmup_ratio: float = opt(0.1, "share of steps with linear warm-up (Sun et al.: 10k of 100k)", ge=0, lt=1)
@@ -313,11 +336,17 @@ class PretrainConfig(Settings):
     keep_checkpoints: int = opt(2, "latest checkpoints kept", ge=1)
     log_every_steps: int = opt(20, "progress line every N steps (rank 0)", ge=1)
     max_failures: int = opt(2, "worker-group restarts before giving up (-1: no limit)", ge=-1)
+    placement_timeout_s: float = placement_timeout_opt()
+    resize_check_s: float = resize_check_opt()
     check_resources: bool = opt(
         True, "fail fast when the cluster cannot place the workers (off on autoscaling clusters)"
     )
     storage_path: str = opt("", "checkpoints root (local, NFS, s3://, gs://); empty: OUTPUT/ray_results")
     name: str = opt("bertjob-pretrain", "run name; rerunning with the same name and storage_path resumes")
+    resume_changed: bool = opt(
+        False,
+        "resume a run's checkpoint although its model, data or masking settings changed (else an error)",
+    )
     seed: int = opt(42, "seed of the data order and the masks", unbounded=True)
     trust_remote_code: bool = opt(False, "let transformers run code shipped with a hub model")
 
@@ -332,25 +361,11 @@ class PretrainConfig(Settings):
                 f"splits: {self.splits!r}; pre-training reads only {' and '.join(PRETRAIN_SPLITS)} "
                 "(validation and test judge the fine-tuned model and must stay unseen)"
             )
-        if not self.num_workers.fixed:
-            p.append(
-                f"num_workers: {self.num_workers}: pretrain takes a fixed count (its batch is per worker)"
-            )
         return p
-
-    @property
-    def stream_data(self) -> bool:
-        """Packed sequences are always held in the object store (as train's default): no CPU for
-        Ray Data beside the workers."""
-        return False
 
     @property
     def split_names(self) -> list[str]:
         return [s.strip() for s in self.splits.split(",") if s.strip()]
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.batch_size_per_worker * self.num_workers.max * self.grad_accum_steps
 
 
 @dataclass

@@ -1,11 +1,14 @@
 """Pretrain: within-task masked-LM pre-training (ITPT, Sun et al. 2019) on a prepared directory's own
 reviews, before fine-tuning with `bertjob train --model OUTPUT/model`.
 
-    driver: validate (manifest, splits, tokenizer, [MASK]) -> read unsup + train shards (never
-            validation or test) -> pack into max_length sequences (bertjob.masking) -> shuffle once,
-            seeded -> TorchTrainer.fit() -> export OUTPUT/model (AutoModelForMaskedLM + tokenizer),
-            metrics.json (MLM loss and perplexity curve), pretraining_curves.png
-    worker: PretrainRecipe: setup / train_epoch / save / load / finish; bertjob.training does the step.
+    driver: validate (manifest, splits, tokenizer, [MASK]), plan the workers as train does -> pack
+            unsup + train shards (never validation or test) into max_length sequences, once per run
+            (STORAGE/NAME/packed) -> train.fit (TorchTrainer, fixed or elastic workers) -> export
+            OUTPUT/model (AutoModelForMaskedLM + tokenizer), metrics.json (MLM loss and perplexity
+            curve, workers over time), pretraining_curves.png
+    worker: PretrainRecipe: setup / train_epoch / train_step / save beside load; each step takes the
+            next global batch of the epoch's order (seed, epoch), masked as a whole with (seed, step),
+            and this worker's share of it: the same run whatever the number of workers.
 
 Sequences come from the prepared shards, not from the raw corpus: one tokenize path, and the
 validation rows prepare carved out of train are already elsewhere. The cost is the middle of
@@ -14,8 +17,8 @@ reviews prepare truncated (head+tail): ~10% of IMDb's tokens at max_length 512 (
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import itertools
 import json
 import logging
 import math
@@ -23,29 +26,30 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from bertjob import models
+from bertjob import models, runlog
 from bertjob.config import PretrainConfig, SetupError, to_dict
-from bertjob.masking import MaskedLMLoss, Masker, MaskingRule, pack_sequences, sparse_targets
+from bertjob.masking import IGNORE_INDEX, MaskedLMLoss, Masker, MaskingRule, pack_sequences, sparse_targets
 from bertjob.outputs import ensure_output, versions
 from bertjob.storage import exists, for_workers, join, read_json, write_json
 from bertjob.training import (
     NonFiniteLossError,
+    SplitRows,
     Stepper,
     collate,
+    epoch_batches,
     lr_factor,
     make_optimizer,
-    malloc_env,
     resolve_precision,
     set_lr,
     step_seed,
     torch_threads,
+    worker_micro_batches,
 )
 
 log = logging.getLogger(__name__)
@@ -53,6 +57,9 @@ log = logging.getLogger(__name__)
 STATE_FILE = "pretrain_state.pt"
 FINAL_FILE = "final.json"
 PACK_ROWS = 1024  # reviews packed together; only the last sequence of each such batch is short
+PACKED_DIR = "packed"  # in the run's directory: the packed sequences, written once per run
+PACKED_FILE = "_packed.json"  # written last: the packing is complete (sequences, tokens)
+MASK_STREAM = 1  # the masks' random stream, apart from dropout's (training.step_seed)
 PROVENANCE = "bertjob.json"  # in OUTPUT/model: what the model was pre-trained from and on
 
 
@@ -87,9 +94,8 @@ def check_setup(cfg: PretrainConfig, manifest: dict[str, Any], tokenizer: Any) -
 
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
-    import ray.train
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    import ray
+    from ray.train import CheckpointConfig
 
     from bertjob import train
     from bertjob.cluster import init_ray
@@ -106,25 +112,26 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     if problems:
         raise PretrainSetupError("cannot pretrain:\n  - " + "\n  - ".join(problems))
     ensure_output(cfg.output, "pretrain")  # never wiped: it may hold the checkpoints a rerun resumes from
+    storage = train.run_storage(cfg)
+    run_dir = join(storage, cfg.name)
     init_ray()
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    plan, problems = train.plan_workers(cfg, nodes, models.model_config(cfg.model, cfg.trust_remote_code),
+                                        cfg.max_length)  # fmt: skip
     if cfg.check_resources:
         from bertjob.cluster import cluster_cpus, cluster_gpus
 
-        plan = train.WorkerPlan(cfg.cpus_per_worker, cfg.batch_size_per_worker, None, None)
-        problems = train.check_resources(cfg, plan, cluster_cpus(), cluster_gpus())  # type: ignore[arg-type]
-        if problems:
-            raise PretrainSetupError("cannot pretrain:\n  - " + "\n  - ".join(problems))
-
+        problems += train.check_resources(cfg, plan, cluster_cpus(), cluster_gpus())  # type: ignore[arg-type]
+    if problems:
+        raise PretrainSetupError("cannot pretrain:\n  - " + "\n  - ".join(problems))
     splits = [s for s in cfg.split_names if manifest["splits"].get(s, {}).get("rows_written", 0) > 0]
-    sequences = read_sequences(cfg, manifest, splits)
-    n_seq, n_tokens = sequences.count(), int(sequences.sum("length"))
-    if n_seq < cfg.num_workers.max:
-        raise PretrainSetupError(f"{n_seq} packed sequences cannot feed {cfg.num_workers.max} workers")
-    micro_per_epoch = math.ceil((n_seq // cfg.num_workers.max) / cfg.batch_size_per_worker)
-    steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.grad_accum_steps))
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    identity = train.run_identity(cfg, manifest, max_length=cfg.max_length, splits=splits,
+                                  mlm_probability=cfg.mlm_probability, whole_word_masking=cfg.whole_word_masking)  # fmt: skip
+    train.check_run_compatible(cfg, identity, run_dir)
+    packed = pack(cfg, manifest, splits, join(run_dir, PACKED_DIR))
+    n_seq, n_tokens = packed["sequences"], packed["tokens"]
+    steps_per_epoch = math.ceil(n_seq / cfg.batch_size)
+    total_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or math.inf)
     # What packing kept of the text: prepare's token counts are before truncation and include
     # [CLS]/[SEP]; the packed stream has one [SEP] per review (two at a head+tail seam) and one [CLS]
     # per sequence.
@@ -134,46 +141,27 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     rows = sum(manifest["splits"][s]["rows_written"] for s in splits)
     kept = (n_tokens - n_seq - rows) / text_tokens if text_tokens else 1.0
     rule = MaskingRule.of(tokenizer, cfg.mlm_probability, cfg.whole_word_masking)
+    share = math.ceil(cfg.batch_size / cfg.num_workers.min)
     meta = {
-        "micro_per_epoch": micro_per_epoch,
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
+        "micro_batch_size": plan.micro_batch_size,
+        "threads": cfg.torch_threads or max(1, int(plan.cpus)),
+        "window_rows": train.shuffle_window(n_tokens * 4),  # int32 token ids
+        "packed": join(run_dir, PACKED_DIR),
+        "run_dir": run_dir,
         "pad_token_id": manifest["tokenizer"]["pad_token_id"] or 0,
         "masking": dataclasses.asdict(rule),
     }
     log.info(
         "pretrain: %s (%d reviews) -> %d sequences of up to %d tokens (%d tokens; %.0f%% of the reviews' text, "
-        "the rest was truncated by prepare at max_length %d); %d workers x %d x %d accumulation = global batch %d; "
-        "%d steps/epoch, %d steps",
+        "the rest was truncated by prepare at max_length %d); global batch %d = %s workers x up to %d "
+        "(micro-batches of %d); %d steps/epoch, %d steps; %g CPUs per worker",
         "+".join(splits), rows, n_seq, cfg.max_length, n_tokens, 100 * min(kept, 1.0), manifest["max_length"],
-        cfg.num_workers.max, cfg.batch_size_per_worker, cfg.grad_accum_steps, cfg.global_batch_size,
-        steps_per_epoch, total_steps,
+        cfg.batch_size, cfg.num_workers, share, plan.micro_batch_size, steps_per_epoch, total_steps, plan.cpus,
     )  # fmt: skip
-    storage = cfg.storage_path or join(cfg.output, "ray_results")
-    if "://" not in storage:
-        storage = os.path.abspath(storage)
-    trainer = TorchTrainer(
-        pretrain_loop,
-        train_loop_config={"cfg": to_dict(cfg), "meta": meta},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers.max,
-            use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=cfg.name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            worker_runtime_env={"env_vars": malloc_env()} if cfg.malloc_tuning else None,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),  # the latest N
-        ),
-        datasets={"train": sequences},
-        dataset_config=DataConfig(datasets_to_split=["train"]),  # equally: the same steps on every worker
-    )
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as err:
-        raise RuntimeError(f"pre-training failed: {train._root_message(err)}") from err
+    result = train.fit(cfg, pretrain_loop, {"cfg": to_dict(cfg), "meta": meta}, plan, storage,
+                       CheckpointConfig(num_to_keep=cfg.keep_checkpoints), "pre-training")  # the latest N  # fmt: skip
     if result.checkpoint is None:
         raise RuntimeError("pre-training finished without a checkpoint")
     data_stats = {
@@ -182,36 +170,66 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         "tokens": n_tokens,
         "text_kept_fraction": round(min(kept, 1.0), 4),
     }
-    return export(cfg, manifest, tokenizer, result.checkpoint, data_stats, time.time() - started, storage)
+    return export(cfg, manifest, tokenizer, result.checkpoint, data_stats, time.time() - started, storage,
+                  runlog.timeline(run_dir))  # fmt: skip
 
 
-def read_sequences(cfg: PretrainConfig, manifest: dict[str, Any], splits: list[str]) -> Any:
-    """The packed sequences of `splits`, shuffled once (seeded) and held in the object store."""
-    import ray.data
+def pack(cfg: PretrainConfig, manifest: dict[str, Any], splits: list[str], where: str) -> dict[str, Any]:
+    """The packed sequences of `splits` as Parquet shards in `where` (in the run's directory), written
+    once per run: every restart and rerun trains on the same sequences in the same places, so that
+    the data order (a function of seed and epoch over their positions) is the run's own. One shard
+    per prepared shard, read and written in file order by the driver (no Ray Data: deterministic)."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
 
+    from bertjob.storage import filesystem, remove
+
+    done = join(where, PACKED_FILE)
+    if exists(done):
+        return read_json(done)
+    remove(where)  # an earlier attempt's partial packing
     tok = manifest["tokenizer"]
     seam = (
         min(manifest.get("head_tokens", 0), manifest["max_length"] - 2)
         if manifest["truncation"] == "head+tail"
         else 0
     )
-    ds = ray.data.read_parquet([join(cfg.data, s) for s in splits]).select_columns(["input_ids", "truncated"])
-    ds = ds.map_batches(
-        pack_sequences,
-        batch_size=PACK_ROWS,
-        batch_format="numpy",
-        fn_kwargs=dict(
-            max_length=cfg.max_length, cls_id=tok["cls_token_id"], sep_id=tok["sep_token_id"], seam_after=seam
-        ),
-    )
-    # Shuffled once so that a resumed epoch sees the same order (each epoch adds a seeded local
-    # shuffle); materialized so the workers spend no CPU on Ray Data tasks while they train.
-    return ds.random_shuffle(seed=cfg.seed).materialize()
+    out_fs, out = filesystem(where)
+    out_fs.create_dir(out, recursive=True)
+    sequences = tokens = 0
+    for split in splits:
+        in_fs, split_dir = filesystem(join(cfg.data, split))
+        files = sorted(
+            i.path for i in in_fs.get_file_info(pafs.FileSelector(split_dir)) if i.path.endswith(".parquet")
+        )
+        for i, f in enumerate(files):
+            reader = pq.ParquetFile(f, filesystem=in_fs)
+            chunks = [
+                pack_sequences(
+                    {k: b.column(k).to_numpy(zero_copy_only=False) for k in ("input_ids", "truncated")},
+                    cfg.max_length,
+                    tok["cls_token_id"],
+                    tok["sep_token_id"],
+                    seam,
+                )  # fmt: skip
+                for b in reader.iter_batches(PACK_ROWS, columns=["input_ids", "truncated"])
+            ]
+            seqs = [q for c in chunks for q in c["input_ids"]]
+            lengths = np.array([len(q) for q in seqs], dtype=np.int32)
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+            values = np.concatenate(seqs) if seqs else np.zeros(0, np.int32)
+            table = pa.table({"input_ids": pa.ListArray.from_arrays(offsets, values), "length": lengths})
+            pq.write_table(table, f"{out}/{split}-{i:05d}.parquet", filesystem=out_fs)
+            sequences, tokens = sequences + len(lengths), tokens + int(lengths.sum())
+    record = {"splits": splits, "sequences": sequences, "tokens": tokens}
+    write_json(done, record)
+    return record
 
 
 def export(
     cfg: PretrainConfig, manifest: dict[str, Any], tokenizer: Any, checkpoint: Any, data_stats: dict[str, Any],
-    wall_s: float, storage: str,
+    wall_s: float, storage: str, events: dict[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
     """OUTPUT/model (AutoModelForMaskedLM with the tokenizer), metrics.json, pretraining_curves.png."""
     model_dir = join(cfg.output, "model")
@@ -246,6 +264,10 @@ def export(
         "final_perplexity": last[0]["perplexity"] if last else None,
         "history": state["history"],
         "resumed_at_steps": state["resumed_at_steps"],
+        # Every worker group of the run (count, from which step) and what ended the one before it.
+        "workers_over_time": events["workers"],
+        "restarts": events["restarts"],
+        "placement_retries": events["placement_retries"],
         "samples_seen": state["samples_seen"],
         "tokens_seen": state["tokens_seen"],
         "train_time_s": round(state["train_time_s"], 1),
@@ -253,7 +275,7 @@ def export(
         if state["train_time_s"]
         else None,
         "wall_s": round(wall_s, 1),
-        "global_batch_size": cfg.global_batch_size,
+        "global_batch_size": cfg.batch_size,
         "precision": final.get("precision"),
         "checkpoints": storage,
         "config": to_dict(cfg),
@@ -347,61 +369,41 @@ class PretrainState:
     resumed_at_steps: list[int] = field(default_factory=list)  # one entry per restart or rerun
 
 
-def chunks(it: Iterator[Any], n: int) -> Iterator[list[Any]]:
-    """Lists of n items (the last may be shorter)."""
-    it = iter(it)
-    while batch := list(itertools.islice(it, n)):
-        yield batch
-
-
 def masked_lm_loss(model: torch.nn.Module, mb: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed cross-entropy over the micro-batch's predicted tokens (MaskedLMLoss gives their mean)."""
     return model(**mb).loss * mb["masked_labels"].shape[0]
 
 
 class PretrainRecipe:
-    """Runs on every Ray Train worker: setup() then train() (epochs -> steps), save()/load() side by side."""
+    """The worker side of a pretrain run, as train's Recipe: setup, then steps over the epoch's
+    global batches (`training.epoch_batches` over the packed sequences), save() beside load()."""
 
-    def __init__(self, config: dict[str, Any]):
-        import ray.train
-        import ray.train.torch
-
-        self.cfg = PretrainConfig(**config["cfg"])
-        self.meta = config["meta"]
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
-        self.precision = resolve_precision(self.cfg.mixed_precision, self.device)
-        self.masker = Masker(
-            MaskingRule(
-                **{k: tuple(v) if isinstance(v, list) else v for k, v in self.meta["masking"].items()}
-            )
-        )
+    def __init__(
+        self, cfg: PretrainConfig, meta: dict[str, Any], rank: int, world: int, device: torch.device
+    ):
+        self.cfg, self.meta, self.rank, self.world, self.device = cfg, meta, rank, world, device
+        self.precision = resolve_precision(cfg.mixed_precision, device)
+        rule = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["masking"].items()}
+        self.masker = Masker(MaskingRule(**rule))
         self.state = PretrainState()
-        self.total_steps = self.meta["total_steps"]
-        self.warmup_steps = int(self.cfg.warmup_ratio * self.total_steps)
+        self.total_steps = meta["total_steps"]
+        self.warmup_steps = int(cfg.warmup_ratio * self.total_steps)
+        self.multiple_of = 8 if device.type == "cuda" else 1
+        self.window = [0, 0, time.time()]  # since the last progress line: sequences, predicted tokens, start
 
-    def setup(self) -> None:
-        import ray.train
-        import ray.train.torch
+    def setup(self, resume_from: str | None) -> None:
+        import ray
+        import ray.train.torch  # Ray: DDP wrapping and device placement
         from transformers import AutoModelForMaskedLM
 
         cfg = self.cfg
-        torch_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
+        torch_threads(self.meta["threads"])
         torch.manual_seed(cfg.seed)  # a fresh masked-LM head's initialisation
         # A base model without an MLM head (the embedded MiniLM is a bare BertModel) gets a freshly
         # initialised head; its decoder is tied to the word embeddings, so only the small transform
         # layer and the output bias start from scratch.
-        checkpoint = ray.train.get_checkpoint()
-        saved = None
-        if checkpoint:
-            with checkpoint.as_directory() as d:
-                model = AutoModelForMaskedLM.from_pretrained(d, trust_remote_code=cfg.trust_remote_code)
-                saved = self.load(d)
-        else:
-            model = AutoModelForMaskedLM.from_pretrained(
-                models.resolve_model(cfg.model), trust_remote_code=cfg.trust_remote_code
-            )
+        source = resume_from or models.resolve_model(cfg.model)
+        model = AutoModelForMaskedLM.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
         self.model = ray.train.torch.prepare_model(MaskedLMLoss(model))
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, layer_lr_decay=1.0)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
@@ -409,34 +411,23 @@ class PretrainRecipe:
             self.model, self.optimizer, self.device, self.precision, cfg.max_grad_norm,
             no_sync=getattr(self.model, "no_sync", None), loss_fn=masked_lm_loss,
         )  # fmt: skip
-        if saved is not None:
-            self.optimizer.load_state_dict(saved["optimizer"])
-            if self.stepper.scaler is not None and saved.get("scaler"):
-                self.stepper.scaler.load_state_dict(saved["scaler"])
+        if resume_from:
+            self.load(resume_from)
+        window = self.meta["window_rows"]
+        self.rows = SplitRows(self.meta["packed"], cache_rows=2 * window if window else None, labelled=False)
+        self.windows = self.rows.windows(window) if window else None
         if self.rank == 0:
-            log.info(
-                "pretrain worker setup: %d workers on %s, precision %s, global batch %d, GLIBC_TUNABLES=%s",
-                self.world, self.device, self.precision, cfg.global_batch_size,
-                os.environ.get("GLIBC_TUNABLES", "(unset)"),
-            )  # fmt: skip
+            runlog.record(self.meta["run_dir"], "start", workers=self.world, from_step=self.state.step,
+                          epoch=self.state.epoch, node=ray.get_runtime_context().get_node_id())  # fmt: skip
+            log.info("pretrain worker setup: %d workers on %s, precision %s, global batch %d, GLIBC_TUNABLES=%s",
+                     self.world, self.device, self.precision, cfg.batch_size, os.environ.get("GLIBC_TUNABLES", "(unset)"))  # fmt: skip
 
-    def load(self, directory: str) -> dict[str, Any]:
-        """Restore what save() wrote (the weights are loaded with from_pretrained beside it): the
-        state here, and returned, to apply once the model is wrapped, optimizer, scaler and RNG states."""
-        saved = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=False)
-        self.state = PretrainState(**saved["state"])
-        self.state.resumed_at_steps.append(self.state.step)
-        if self.rank == 0:
-            log.info(
-                "pretrain: resuming from step %d (epoch %d, step %d in epoch)",
-                self.state.step, self.state.epoch + 1, self.state.step_in_epoch,
-            )  # fmt: skip
-        return saved
+    # --- checkpoints: save and load, one the mirror of the other ---------------------------------
 
     def save(self, final: bool = False) -> None:
-        """Checkpoint on rank 0 through ray.train.report (every worker must report)."""
+        """Checkpoint on rank 0 through ray.train.report (every worker must report): the masked-LM
+        weights as a Hugging Face directory, beside them the state, optimizer and scaler."""
         import ray.train
-        from ray.train import Checkpoint
 
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
@@ -454,98 +445,126 @@ class PretrainRecipe:
                 if final:
                     with open(os.path.join(tmp, FINAL_FILE), "w") as f:
                         json.dump({"state": dataclasses.asdict(self.state), "precision": self.precision}, f)
-                ckpt = Checkpoint.from_directory(tmp)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({"step": self.state.step, "epoch": self.state.epoch}, checkpoint=ckpt)
 
-    def masked_batch(self, rows: dict[str, Any], micro: int) -> dict[str, torch.Tensor]:
-        """Pad, then mask with a generator seeded by (seed, step, micro-batch, rank): a resumed run
-        draws the same masks as an uninterrupted one."""
-        multiple_of = 8 if self.device.type == "cuda" else 1
-        b = collate(rows, self.meta["pad_token_id"], multiple_of, "cpu")
-        seed = np.random.SeedSequence([self.cfg.seed, self.state.step, micro, self.rank]).generate_state(1)[0]
-        g = torch.Generator().manual_seed(int(seed))
-        b["input_ids"], labels = self.masker(b["input_ids"], b["attention_mask"], g)
-        b.update(sparse_targets(labels))
-        return {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
+    def load(self, directory: str) -> None:
+        """Restore what save() wrote beside the weights (setup loaded those): state, optimizer, scaler."""
+        saved = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=False)
+        self.state = PretrainState(**saved["state"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.stepper.scaler is not None and saved.get("scaler"):
+            self.stepper.scaler.load_state_dict(saved["scaler"])
+        self.state.resumed_at_steps.append(self.state.step)
+        if self.rank == 0:
+            log.info("pretrain: resuming at step %d (epoch %d, step %d of it)", self.state.step,
+                     self.state.epoch + 1, self.state.step_in_epoch)  # fmt: skip
+
+    # --- training -------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        st = self.state
+        while st.epoch < self.cfg.epochs and st.step < self.total_steps:
+            self.train_epoch()
+            if st.step < self.total_steps:
+                self.save()
+        st.finished = True
+        self.save(final=True)
 
     def train_epoch(self) -> None:
-        import ray.train
-
+        """The rest of the current epoch (up to total_steps)."""
         cfg, st = self.cfg, self.state
-        rows = ray.train.get_dataset_shard("train").iter_batches(
-            batch_size=cfg.batch_size_per_worker,
-            batch_format="numpy",
-            local_shuffle_buffer_size=cfg.batch_size_per_worker * 8,
-            local_shuffle_seed=cfg.seed + 1000 * st.epoch + self.rank,
-            prefetch_batches=1,
-        )
-        skip = st.step_in_epoch * cfg.grad_accum_steps  # resume mid-epoch: skip what was trained on
-        micro = (b for i, b in enumerate(rows) if skip <= i < self.meta["micro_per_epoch"])
-        t0 = window_t = time.time()
-        window_masked, window_samples = 0, 0
-        for group in chunks(micro, cfg.grad_accum_steps):
-            set_lr(self.optimizer, self.base_lrs, lr_factor(st.step, self.total_steps, self.warmup_steps))
-            torch.manual_seed(step_seed(cfg.seed, st.step, self.rank))  # dropout: the same after a resume
-            batches = [self.masked_batch(b, i) for i, b in enumerate(group)]
-            # The mean over this worker's predicted tokens; DDP averages the workers (a tensor's
-            # shape is known on the host: no device sync).
-            masked = max(1, sum(int(b["masked_labels"].shape[0]) for b in batches))
-            self.stepper.step(batches, masked * self.world, st.step, self.world)
-            n = sum(len(b["input_ids"]) for b in group) * self.world
-            st.tokens_seen += sum(int(b["length"].sum()) for b in group) * self.world  # host side
-            st.step, st.step_in_epoch, st.samples_seen = (
-                st.step + 1,
-                st.step_in_epoch + 1,
-                st.samples_seen + n,
-            )
-            window_masked, window_samples = window_masked + masked, window_samples + n
-            if st.step % cfg.log_every_steps == 0 or st.step == self.total_steps:
-                if self.stepper.first_nonfinite_step() >= 0:  # reads the device, at log steps only
-                    raise NonFiniteLossError(self.stepper.first_nonfinite_step())
-                loss_sum, _ = self.stepper.take_stats()
-                self.log_progress(
-                    loss_sum / window_masked, window_samples / max(time.time() - window_t, 1e-9)
-                )
-                window_masked, window_samples, window_t = 0, 0, time.time()
-            if st.step_in_epoch >= self.meta["steps_per_epoch"] or st.step >= self.total_steps:
+        batches = epoch_batches(self.rows.lengths, cfg.batch_size, cfg.seed, st.epoch, 1, self.windows)
+        t0 = time.time()
+        for rows in batches[st.step_in_epoch :]:
+            self.train_step(rows)
+            if st.step >= self.total_steps or st.step_in_epoch == len(batches):
                 break
             if cfg.checkpoint_every_steps and st.step % cfg.checkpoint_every_steps == 0:
-                st.train_time_s += time.time() - t0
-                t0 = time.time()
+                st.train_time_s, t0 = st.train_time_s + time.time() - t0, time.time()
                 self.save()
         st.train_time_s += time.time() - t0
-        stopped_part_way = st.step >= self.total_steps and st.step_in_epoch < self.meta["steps_per_epoch"]
-        if not stopped_part_way:  # max_steps: a rerun with more steps continues this epoch
+        if st.step_in_epoch == len(
+            batches
+        ):  # not stopped part-way by max_steps: a rerun with more continues it
             st.epoch, st.step_in_epoch = st.epoch + 1, 0
 
-    def log_progress(self, loss: float, rate: float) -> None:
-        st = self.state
+    def train_step(self, rows: np.ndarray) -> None:
+        """Optimizer step `state.step`: this worker's share of the global batch `rows`, masked."""
+        cfg, st = self.cfg, self.state
+        set_lr(self.optimizer, self.base_lrs, lr_factor(st.step, self.total_steps, self.warmup_steps))
+        torch.manual_seed(step_seed(cfg.seed, st.step, self.rank))  # dropout: the same after a resume
+        micro, predicted = self.masked_share(rows)
+        # Each predicted token of the global batch weighs 1 / `predicted`: the gradient is their mean
+        # whatever the number of workers.
+        self.stepper.step(micro, max(1, predicted), st.step, self.world)
+        st.tokens_seen += int(self.rows.lengths[rows].sum())  # all workers, counted on the host
+        st.step, st.step_in_epoch, st.samples_seen = (
+            st.step + 1,
+            st.step_in_epoch + 1,
+            st.samples_seen + len(rows),
+        )
+        self.window[:2] = [self.window[0] + len(rows), self.window[1] + predicted]
+        if st.step % cfg.log_every_steps == 0 or st.step == self.total_steps:
+            if self.stepper.first_nonfinite_step() >= 0:  # reads the device, at log steps only
+                raise NonFiniteLossError(self.stepper.first_nonfinite_step())
+            self.log_progress()
+
+    def masked_share(self, rows: np.ndarray) -> tuple[list[dict[str, torch.Tensor]], int]:
+        """The global batch `rows` masked as a whole with a generator seeded by (seed, step), so the
+        masks do not depend on the number of workers or on a restart; returns this worker's micro-
+        batches of it and the batch's count of predicted tokens (known to every worker: no sync)."""
+        batch = collate(self.rows.take(rows), self.meta["pad_token_id"], self.multiple_of)
+        seed = np.random.SeedSequence([self.cfg.seed, self.state.step], spawn_key=(MASK_STREAM,))
+        ids, labels = self.masker(
+            batch["input_ids"], batch["attention_mask"], torch.Generator().manual_seed(int(seed.generate_state(1)[0]))
+        )  # fmt: skip
+        lengths, m, out = self.rows.lengths[rows], self.multiple_of, []
+        for part in worker_micro_batches(
+            np.arange(len(rows)), self.rank, self.world, self.meta["micro_batch_size"]
+        ):
+            empty = not len(part)  # a short last batch left this worker nothing: one row predicting nothing
+            part = part if not empty else np.arange(1)
+            width = min(-(-int(lengths[part].max()) // m) * m, ids.shape[1])
+            mb_labels = labels[part, :width] if not empty else torch.full((1, width), IGNORE_INDEX)
+            mb = {"input_ids": ids[part, :width], "attention_mask": batch["attention_mask"][part, :width],
+                  **sparse_targets(mb_labels)}  # fmt: skip
+            out.append({k: v.to(self.device, non_blocking=True) for k, v in mb.items()})
+        return out, int((labels != IGNORE_INDEX).sum())
+
+    def log_progress(self) -> None:
+        st, (sequences, predicted, t0) = self.state, self.window
+        loss_sum, _ = self.stepper.take_stats()
+        total = torch.tensor([loss_sum], dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(total)
+        loss = float(total[0]) / max(1, predicted)
+        rate = sequences / max(time.time() - t0, 1e-9)
         lr = self.optimizer.param_groups[-1]["lr"]
         ppl = math.exp(min(loss, 50.0))
         st.history.append(
             {"type": "train", "step": st.step, "epoch": st.epoch, "loss": loss, "perplexity": ppl, "lr": lr, "samples_per_s": rate}
         )  # fmt: skip
         if self.rank == 0:
-            eta = (self.total_steps - st.step) * self.cfg.global_batch_size / rate if rate else float("nan")
+            eta = (self.total_steps - st.step) * self.cfg.batch_size / rate if rate else float("nan")
             log.info(
                 "pretrain epoch %d step %d/%d MLM loss %.4f perplexity %.2f lr %.2e %.1f sequences/s ETA %.0fs",
                 st.epoch + 1, st.step, self.total_steps, loss, ppl, lr, rate, eta,
             )  # fmt: skip
-
-    def train(self) -> None:
-        while self.state.epoch < self.cfg.epochs and self.state.step < self.total_steps:
-            self.train_epoch()
-            if self.state.step < self.total_steps:
-                self.save()
-        self.finish()
-
-    def finish(self) -> None:
-        self.state.finished = True
-        self.save(final=True)
+        self.window = [0, 0, time.time()]
 
 
 def pretrain_loop(config: dict[str, Any]) -> None:
-    """The Ray Train worker function."""
-    recipe = PretrainRecipe(config)
-    recipe.setup()
+    """Runs on every Ray Train worker."""
+    import ray.train  # Ray: this worker's place in the group, its device, the checkpoint to resume
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    recipe = PretrainRecipe(PretrainConfig(**config["cfg"]), config["meta"], ctx.get_world_rank(),
+                            ctx.get_world_size(), ray.train.torch.get_device())  # fmt: skip
+    resume = ray.train.get_checkpoint()
+    with resume.as_directory() if resume else contextlib.nullcontext() as path:
+        recipe.setup(path)
     recipe.train()

@@ -234,9 +234,9 @@ def check_resources(cfg: TrainConfig, plan: WorkerPlan, cpus: float, gpus: float
     return problems
 
 
-def run_identity(cfg: TrainConfig, manifest: dict[str, Any]) -> dict[str, Any]:
-    """What a checkpoint of this run depends on: resuming it with any of these changed would
-    continue another run's weights or data order."""
+def run_identity(cfg: Any, manifest: dict[str, Any], **settings: Any) -> dict[str, Any]:
+    """What a checkpoint of this run (train, or pretrain with its `settings`) depends on: resuming
+    it with any of these changed would continue another run's weights or data order."""
     splits = manifest["splits"]
     data = {k: {f: splits[k].get(f) for f in ("rows_written", "label_counts")} for k in splits}
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -249,11 +249,17 @@ def run_identity(cfg: TrainConfig, manifest: dict[str, Any]) -> dict[str, Any]:
         },
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
-        "length_grouping": cfg.length_grouping,
+        **settings,
     }
 
 
-def check_run_compatible(cfg: TrainConfig, identity: dict[str, Any], run_dir: str) -> None:
+def shuffle_window(token_bytes: float, setting: int = 0) -> int:
+    """Rows shuffled together: 0 (the whole split, in memory) when its token ids take up to
+    IN_MEMORY_BYTES, else WINDOW_ROWS read a window at a time; `setting` when given."""
+    return setting or (0 if token_bytes <= IN_MEMORY_BYTES else WINDOW_ROWS)
+
+
+def check_run_compatible(cfg: Any, identity: dict[str, Any], run_dir: str) -> None:
     """A rerun with the same name resumes; one whose model, data or order changed is an error."""
     if exists(join(run_dir, "checkpoint_manager_snapshot.json")) and exists(join(run_dir, RUN_FILE)):
         before = read_json(join(run_dir, RUN_FILE))
@@ -269,9 +275,7 @@ def check_run_compatible(cfg: TrainConfig, identity: dict[str, Any], run_dir: st
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
     import ray
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import CheckpointConfig
 
     from bertjob.cluster import init_ray
 
@@ -282,14 +286,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     problems = check_setup(cfg, manifest)
     if problems:
         raise TrainSetupError("cannot train:\n  - " + "\n  - ".join(problems))
-    storage = cfg.storage_path or join(cfg.output, "ray_results")
-    if is_remote(storage):  # Ray gets the filesystem the standard variables describe (storage.py)
-        if cfg.sample_log:
-            raise TrainSetupError("sample_log needs a local or mounted storage_path")
-        storage_fs, storage_where = filesystem(storage)
-    else:
-        storage = os.path.abspath(storage)
-        storage_fs, storage_where = None, storage
+    storage = run_storage(cfg)
+    if is_remote(storage) and cfg.sample_log:
+        raise TrainSetupError("sample_log needs a local or mounted storage_path")
     ensure_output(cfg.output, "train")  # never wiped: it may hold the checkpoints a rerun resumes from
     init_ray()
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
@@ -305,7 +304,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         problems += check_resources(cfg, plan, cluster_cpus(), cluster_gpus())
     if problems:
         raise TrainSetupError("cannot train:\n  - " + "\n  - ".join(problems))
-    check_run_compatible(cfg, run_identity(cfg, manifest), join(storage, cfg.name))
+    check_run_compatible(
+        cfg, run_identity(cfg, manifest, length_grouping=cfg.length_grouping), join(storage, cfg.name)
+    )
     nonfinite = join(storage, cfg.name, NONFINITE_FILE)
     remove(nonfinite)  # from an earlier attempt of this run
 
@@ -329,7 +330,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         )  # fmt: skip
     mean_tokens = min(manifest["max_length"], manifest["splits"]["train"].get("tokens", {}).get("mean", 1e9))
     token_bytes = mean_tokens * n_train * 4  # int32 token ids
-    window = cfg.shuffle_window_rows or (0 if token_bytes <= IN_MEMORY_BYTES else WINDOW_ROWS)
+    window = shuffle_window(token_bytes, cfg.shuffle_window_rows)
     meta = {
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
@@ -341,6 +342,35 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         "run_dir": join(storage, cfg.name),
         "tracking_dir": "" if is_remote(cfg.output) else os.path.abspath(join(cfg.output, "tensorboard")),
     }
+    checkpoints = CheckpointConfig(
+        num_to_keep=cfg.keep_checkpoints,
+        checkpoint_score_attribute="val_accuracy",
+        checkpoint_score_order="max",
+    )
+    result = fit(cfg, train_loop, {"cfg": to_dict(cfg), "meta": meta}, plan, storage, checkpoints, "training")
+    if exists(nonfinite):
+        raise NonFiniteLossError(read_json(nonfinite)["step"])
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    return export(cfg, manifest, result.checkpoint, wall_s=time.time() - started, storage=storage, plan=plan,
+                  events=runlog.timeline(meta["run_dir"]))  # fmt: skip
+
+
+def run_storage(cfg: Any) -> str:
+    """Where a run's checkpoints go: storage_path or OUTPUT/ray_results, absolute when local."""
+    storage = cfg.storage_path or join(cfg.output, "ray_results")
+    return storage if is_remote(storage) else os.path.abspath(storage)
+
+
+def fit(cfg: Any, loop: Any, loop_config: dict[str, Any], plan: WorkerPlan, storage: str, checkpoints: Any,
+        what: str) -> Any:  # fmt: skip
+    """Ray Train's TorchTrainer for a train or pretrain run (`cfg`: their shared worker settings):
+    a fixed or elastic worker group, a bounded wait for placement, restarts recorded under
+    STORAGE/NAME/events and logged. Returns Ray's Result."""
+    import ray.train
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     # Malloc tuning is measured on CPU workers only; a GPU worker's host memory does not pace its step.
     env = malloc_env() if cfg.malloc_tuning and not cfg.use_gpu else {}
     # How long Ray Train waits for a worker group's placement before the attempt fails (its
@@ -350,10 +380,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     # and a group sized with it waits for it, so it waits a minute at most.
     attempt_s = cfg.placement_timeout_s if cfg.num_workers.fixed else min(cfg.placement_timeout_s, 60)
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(attempt_s)
-    per_worker = {"CPU": plan.cpus, **({"GPU": 1} if cfg.use_gpu else {})}
+    storage_fs, storage_where = filesystem(storage) if is_remote(storage) else (None, storage)
+    run_dir = join(storage, cfg.name)
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": to_dict(cfg), "meta": meta},
+        loop,
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers.scaling(),
             use_gpu=cfg.use_gpu,
@@ -367,38 +398,30 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             failure_config=FailureConfig(
                 max_failures=cfg.max_failures, controller_failure_limit=0 if cfg.num_workers.fixed else -1
             ),
-            callbacks=[runlog.RunEvents(meta["run_dir"])],
+            callbacks=[runlog.RunEvents(run_dir)],
             worker_runtime_env={"env_vars": env} if env else None,
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=cfg.keep_checkpoints,
-                checkpoint_score_attribute="val_accuracy",
-                checkpoint_score_order="max",
-            ),
+            checkpoint_config=checkpoints,
         ),
     )
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
         if runlog.is_placement_timeout(err):
-            raise PlacementTimeoutError(cfg, per_worker) from err
-        raise RuntimeError(f"training failed: {_root_message(err)}") from err
-    if exists(nonfinite):
-        raise NonFiniteLossError(read_json(nonfinite)["step"])
-    if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint")
-    events = runlog.timeline(meta["run_dir"])
-    for e in events["restarts"]:
-        log.info("train: %s at %s (%s): %s -> %s workers, resumed from step %s", e["event"],
+            raise PlacementTimeoutError(
+                cfg, {"CPU": plan.cpus, **({"GPU": 1} if cfg.use_gpu else {})}
+            ) from err
+        raise RuntimeError(f"{what} failed: {_root_message(err)}") from err
+    for e in runlog.timeline(run_dir)["restarts"]:
+        log.info("%s: %s at %s (%s): %s -> %s workers, resumed from step %s", what, e["event"],
                  time.strftime("%H:%M:%S", time.localtime(e["at"])), e["why"], e["workers_before"],
                  e["workers_after"], e["from_step"])  # fmt: skip
-    return export(cfg, manifest, result.checkpoint, wall_s=time.time() - started, storage=storage, plan=plan,
-                  events=events)  # fmt: skip
+    return result
 
 
 class PlacementTimeoutError(JobError):
     """A fixed-size run whose workers the cluster could not place within placement_timeout_s."""
 
-    def __init__(self, cfg: TrainConfig, per_worker: dict[str, float]):
+    def __init__(self, cfg: Any, per_worker: dict[str, float]):
         import ray
 
         alive = [n for n in ray.nodes() if n["Alive"]]

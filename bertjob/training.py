@@ -336,9 +336,10 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 class SplitRows:
     """A prepared split's rows by index, read straight from its Parquet shards (no Ray Data):
     length and label of every row up front, token ids a shard at a time, keeping at most
-    `cache_rows` rows' worth of shards in memory (None: all)."""
+    `cache_rows` rows' worth of shards in memory (None: all). Unlabelled rows (pretrain's packed
+    sequences) have no label column."""
 
-    def __init__(self, split_dir: str, cache_rows: int | None = None):
+    def __init__(self, split_dir: str, cache_rows: int | None = None, labelled: bool = True):
         import pyarrow.fs as pafs
         import pyarrow.parquet as pq
 
@@ -347,10 +348,13 @@ class SplitRows:
         self._fs, where = filesystem(split_dir)
         infos = self._fs.get_file_info(pafs.FileSelector(where))
         self.files = sorted(i.path for i in infos if i.path.endswith(".parquet"))
-        tables = [pq.read_table(f, columns=["length", "label"], filesystem=self._fs) for f in self.files]
+        columns = ["length", "label"] if labelled else ["length"]
+        tables = [pq.read_table(f, columns=columns, filesystem=self._fs) for f in self.files]
         self.offsets = np.cumsum([0] + [t.num_rows for t in tables])
         self.lengths = np.concatenate([t["length"].to_numpy() for t in tables]).astype(np.int64)
-        self.labels = np.concatenate([t["label"].to_numpy() for t in tables]).astype(np.int64)
+        self.labels = (
+            np.concatenate([t["label"].to_numpy() for t in tables]).astype(np.int64) if labelled else None
+        )
         self.cache_rows = cache_rows
         self._shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # shard -> (token values, offsets)
 
@@ -390,7 +394,8 @@ class SplitRows:
             for i in np.nonzero(shard_of == s)[0]:
                 local = rows[i] - self.offsets[s]
                 ids[i] = values[offs[local] : offs[local + 1]]
-        return {"input_ids": ids, "length": self.lengths[rows], "label": self.labels[rows]}
+        batch = {"input_ids": ids, "length": self.lengths[rows]}
+        return batch if self.labels is None else {**batch, "label": self.labels[rows]}
 
 
 @torch.inference_mode()

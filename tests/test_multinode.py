@@ -126,7 +126,10 @@ def test_elastic_training_survives_a_killed_node_and_grows_back_when_one_joins(
 
     first = wait_until(lambda: starts(), proc, log)[0]
     assert first["workers"] == 2, first
-    wait_until(lambda: list((ckpts / "e").glob("checkpoint_*")), proc, log)
+    # A checkpoint counts once Ray Train has registered it (its snapshot of the run's checkpoints),
+    # not when its directory appears: a report the controller never collected from the dead node
+    # leaves a directory that no restart resumes from.
+    wait_until(lambda: (ckpts / "e" / "checkpoint_manager_snapshot.json").exists(), proc, log)
     victim = node_of(cluster, first["node"])
     cluster.kill(victim)
     killed_at = time.time()

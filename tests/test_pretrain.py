@@ -6,39 +6,56 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from bertjob import infer, pretrain, train
 from bertjob.config import ConfigError, InferConfig, PretrainConfig, TrainConfig, build
 from bertjob.masking import pack_sequences
+from tests.test_train import _no_dropout
 
 pytestmark = pytest.mark.integration
 
 
 def cfg(prepared, out, model, **kw):
     base = dict(data=str(prepared), output=str(out), model=model, num_workers=2, epochs=1, max_length=32,
-                batch_size_per_worker=8, lr=5e-3, log_every_steps=2, name="pt", storage_path=str(out / "ckpt"),
+                batch_size=16, lr=5e-3, log_every_steps=2, name="pt", storage_path=str(out / "ckpt"),
                 mixed_precision="off", checkpoint_every_steps=2)  # fmt: skip
     return PretrainConfig(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
 def pretrained(prepared_small, tiny_model_dir, ray_local, tmp_path_factory):
-    """A run stopped after 3 steps by max_steps (a checkpoint at step 2, its last at step 3), then
-    the same run again without the cap; the rerun's own mid-epoch checkpoints (~1.5 s each on 2
-    CPUs) are not needed."""
-    out = tmp_path_factory.mktemp("pretrain") / "out"
-    first = pretrain.run(cfg(prepared_small, out, tiny_model_dir, max_steps=3))
-    second = pretrain.run(cfg(prepared_small, out, tiny_model_dir, checkpoint_every_steps=0))
-    return out, first, second
+    """A 2-worker run stopped after 3 steps by max_steps (a checkpoint at step 2, its last at step
+    3), then the same run again without the cap on 1 worker; and the same two runs on 2 workers
+    both times (the second elastic: 1-2 workers, 2 on this Ray). The model has no dropout: then 1 and 2 workers compute the same gradients."""
+    root = tmp_path_factory.mktemp("pretrain")
+    model = _no_dropout(tiny_model_dir, root)
+    out, same = root / "out", root / "same-workers"
+    first = pretrain.run(cfg(prepared_small, out, model, max_steps=3))
+    second = pretrain.run(cfg(prepared_small, out, model, num_workers=1, checkpoint_every_steps=0))
+    pretrain.run(cfg(prepared_small, same, model, max_steps=3, checkpoint_every_steps=0))
+    reference = pretrain.run(cfg(prepared_small, same, model, num_workers="1-2", checkpoint_every_steps=0))
+    return out, first, second, reference
 
 
-def test_a_stopped_pretrain_run_resumes_from_its_checkpoint_and_its_loss_falls(pretrained, prepared_small):
-    out, first, second = pretrained
+def test_a_stopped_pretrain_run_resumes_on_fewer_workers_as_if_never_stopped_and_its_loss_falls(
+    pretrained, prepared_small
+):
+    out, first, second, reference = pretrained
     assert first["steps"] == 3 and first["resumed_at_steps"] == []
     assert second["resumed_at_steps"] == [3]  # not from scratch
-    # every sequence once per epoch: the sequences split equally over 2 workers, 8 per micro-batch
-    assert second["steps"] == -(-(second["sequences"] // 2) // 8)
-    losses = [h["loss"] for h in second["history"] if h["type"] == "train"]
+    assert [w["workers"] for w in second["workers_over_time"]] == [2, 1]
+    assert [w["workers"] for w in reference["workers_over_time"]] == [2, 2]
+    assert reference["config"]["num_workers"] == [1, 2]
+    # every sequence once per epoch: global batches of 16, however many workers
+    assert second["steps"] == reference["steps"] == -(-second["sequences"] // 16)
+    # The same masked global batches in the same steps on 1 worker as on 2: the same weights.
+    a, b = (load_file(d / "model" / "model.safetensors") for d in (out, out.parent / "same-workers"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)  # float rounding only
+    loss = [h["loss"] for h in second["history"]]
+    assert loss == pytest.approx([h["loss"] for h in reference["history"]], rel=1e-4)
+    losses = [h["loss"] for h in second["history"] if h["type"] == "train"]  # all "train" entries
     assert [h["step"] for h in second["history"]][:2] == [2, 3]  # the first run's history carried over
     assert np.mean(losses[-3:]) < np.mean(losses[:2]) - 0.3
     assert all(h["perplexity"] == pytest.approx(np.exp(h["loss"])) for h in second["history"])
@@ -47,7 +64,7 @@ def test_a_stopped_pretrain_run_resumes_from_its_checkpoint_and_its_loss_falls(p
 
 
 def test_pretrain_reads_the_unsup_and_train_splits_only(pretrained, prepared_small):
-    _, _, m = pretrained
+    _, _, m, _ = pretrained
     assert m["splits"] == {"unsup": 30, "train": 180}  # validation (20) and test (80) stay unseen
     # The packed stream (all tokens but each sequence's [CLS]) is exactly that of unsup + train.
     rows = pq.read_table(
@@ -75,7 +92,7 @@ def test_train_fine_tunes_the_pretrained_model_and_records_where_it_came_from(
         AutoTokenizer,
     )
 
-    out, _, m = pretrained
+    out, _, m, _ = pretrained
     model_dir = out / "model"
     AutoModelForMaskedLM.from_pretrained(model_dir)  # a Hugging Face masked-LM directory ...
     assert AutoTokenizer.from_pretrained(model_dir).mask_token == "[MASK]"  # ... with its tokenizer
@@ -92,7 +109,7 @@ def test_train_fine_tunes_the_pretrained_model_and_records_where_it_came_from(
     )  # fmt: skip
     record = json.loads((run / "model" / "bertjob.json").read_text())
     assert record["trained_from"] == str(model_dir)
-    assert record["pretraining"]["pretrained_from"] == tiny_model_dir
+    assert record["pretraining"]["pretrained_from"] == m["pretrained_from"] == m["config"]["model"]
     assert record["pretraining"]["steps"] == m["steps"] and record["pretraining"]["splits"] == m["splits"]
     e = infer.run(
         InferConfig(input=str(prepared_small), split="test", model=str(run / "model"), output=str(tmp_path / "eval"),
@@ -109,3 +126,9 @@ def test_setup_problems_are_one_clear_error_before_any_worker_starts(prepared_sm
         pretrain.run(cfg(tmp_path, tmp_path / "o1", "minilm"))
     with pytest.raises(pretrain.PretrainSetupError, match="does not match"):
         pretrain.run(cfg(prepared_small, tmp_path / "o2", "minilm"))
+
+
+def test_a_rerun_of_a_run_with_other_masking_settings_is_refused(pretrained, prepared_small):
+    out, _, m, _ = pretrained
+    with pytest.raises(train.TrainSetupError, match=r"different run \(mlm_probability: 0.15 -> 0.2\)"):
+        pretrain.run(cfg(prepared_small, out, m["config"]["model"], mlm_probability=0.2))
