@@ -9,7 +9,7 @@
 # pre-training (unsup + train: ~90% of IMDb's tokens survive truncation) and at 128 (head 64) for
 # fine-tuning. Same ids, same seed, so both hold the same validation rows, which the script checks;
 # pre-training never reads validation or test. Both fine-tunings score the same test split (the train
-# job's own evaluation of its best model). Knobs: PT_STEPS, FT_EPOCHS, OUT.
+# job's own evaluation of its best model). Knobs: PT_STEPS, FT_EPOCHS, FT_STEPS (a cap), OUT.
 set -euo pipefail
 archive=${1:-../shared/data/aclImdb_v1.tar.gz}
 scale=${SCALE:-full}
@@ -21,7 +21,7 @@ if [ "$scale" = toy ]; then
   pt_extra=(--log-every-steps 2 --checkpoint-every-steps 0)
 else
   pt_steps=${PT_STEPS:-3000}  # x 32 sequences of 128 tokens: ~0.6 epoch of IMDb's unsup + train
-  ft=(--epochs "${FT_EPOCHS:-1}" --batch-size 32 --log-every-steps 50)
+  ft=(--epochs "${FT_EPOCHS:-1}" ${FT_STEPS:+--max-steps "$FT_STEPS"} --batch-size 32 --log-every-steps 50)
   pt_extra=(--log-every-steps 50 --checkpoint-every-steps 500)
 fi
 # One worker with both cores: on 2 cores it beats two 1-core DDP workers (README, train bench).
@@ -61,7 +61,7 @@ print(f"pre-training: {pre['steps']} steps, {pre['samples_seen']} sequences of <
 for name, m in rows:
     t = m["test"]
     print(f"{name:34s} test accuracy {t['accuracy']:.4f}  f1 {t['f1']:.4f}  roc_auc {t['roc_auc']:.4f}  "
-          f"n {t['count']}  val {m['best_val_accuracy']:.4f}  {m['train_time_s']} s")
+          f"n {t['count']}  val {m['validation']['accuracy']:.4f}  {m['train_time_s']} s")
 print(f"difference {cand['test']['accuracy'] - base['test']['accuracy']:+.4f}")
 print(f"recipes:\n  fine-tune: {ft_cmd}\n  pretrain:  {pt_cmd}")
 json.dump({"machine": machine(), "python": platform.python_version(), "pretrain": {k: pre[k] for k in ("steps", "samples_seen", "final_mlm_loss", "final_perplexity", "train_time_s", "splits", "config")},
