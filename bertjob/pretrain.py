@@ -36,7 +36,7 @@ from bertjob import models, runlog
 from bertjob.config import PretrainConfig, SetupError, to_dict
 from bertjob.masking import IGNORE_INDEX, MaskedLMLoss, Masker, MaskingRule, pack_sequences, sparse_targets
 from bertjob.outputs import ensure_output, versions
-from bertjob.storage import exists, for_workers, join, read_json, write_json
+from bertjob.storage import exists, filesystem, for_workers, join, read_json, remove, write_json
 from bertjob.training import (
     NonFiniteLossError,
     SplitRows,
@@ -182,8 +182,6 @@ def pack(cfg: PretrainConfig, manifest: dict[str, Any], splits: list[str], where
     import pyarrow as pa
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
-
-    from bertjob.storage import filesystem, remove
 
     done = join(where, PACKED_FILE)
     if exists(done):

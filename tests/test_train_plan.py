@@ -46,7 +46,11 @@ def test_the_micro_batch_fits_the_workers_memory_and_the_global_batch_stays():
 
 def test_activation_memory_grows_with_length_and_batch():
     fixed = train.memory_estimate(MINILM, 128, 0)
-    assert 0.8 * GIB < fixed < 1.3 * GIB  # measured: ~0.85-0.9 GiB for MiniLM (bench/train_memory_bench.py)
+    assert (
+        0.85 * GIB < fixed < 2.0 * GIB
+    )  # a plain process holds ~0.85-0.9 GiB for MiniLM, a Ray Train worker more
+    # Measured: rank 0 of the default pipeline at 512 (13 sequences per micro-batch) peaked at 6.86 GiB.
+    assert 6.86 * GIB <= train.memory_estimate(MINILM, 512, 13) < 1.15 * 6.86 * GIB
     per_seq = {n: train.memory_estimate(MINILM, n, 1) - fixed for n in (128, 256, 512)}
     assert per_seq[128] < per_seq[256] < per_seq[512]
 
