@@ -41,6 +41,7 @@ from bertjob.training import (
     NonFiniteLossError,
     SplitRows,
     Stepper,
+    all_workers_sum,
     collate,
     epoch_batches,
     lr_factor,
@@ -533,12 +534,7 @@ class PretrainRecipe:
     def log_progress(self) -> None:
         st, (sequences, predicted, t0) = self.state, self.window
         loss_sum, _ = self.stepper.take_stats()
-        total = torch.tensor([loss_sum], dtype=torch.float64, device=self.device)
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(total)
-        loss = float(total[0]) / max(1, predicted)
+        loss = all_workers_sum(loss_sum, self.device, self.world) / max(1, predicted)
         rate = sequences / max(time.time() - t0, 1e-9)
         lr = self.optimizer.param_groups[-1]["lr"]
         ppl = math.exp(min(loss, 50.0))

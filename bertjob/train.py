@@ -54,6 +54,7 @@ from bertjob.training import (
     NonFiniteLossError,
     SplitRows,
     Stepper,
+    all_workers_sum,
     collate,
     epoch_batches,
     lr_factor,
@@ -805,14 +806,10 @@ class Recipe:
     def log_progress(self) -> None:
         state, (rows, steps, t0) = self.state, self.window
         loss_sum, norm_sum = self.stepper.take_stats()
-        totals = torch.tensor([loss_sum], dtype=torch.float64, device=self.device)
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(totals)
+        loss_sum = all_workers_sum(loss_sum, self.device, self.world)
         dt = time.time() - t0
         rate = rows / dt if dt > 0 else 0.0
-        entry = {"type": "train", "step": state.step, "epoch": state.epoch, "loss": float(totals[0]) / max(1, rows),
+        entry = {"type": "train", "step": state.step, "epoch": state.epoch, "loss": loss_sum / max(1, rows),
                  "grad_norm": norm_sum / max(1, steps), "lr": self.optimizer.param_groups[-1]["lr"], "samples_per_s": rate}  # fmt: skip
         state.history.append(entry)
         if self.rank == 0:

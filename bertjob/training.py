@@ -328,6 +328,16 @@ def worker_micro_batches(batch: np.ndarray, rank: int, world: int, micro_batch_s
     return np.array_split(shares[rank], accumulate)
 
 
+def all_workers_sum(value: float, device: torch.device, world: int) -> float:
+    """`value` summed over the worker group (a collective: every worker calls it, at log steps)."""
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(total)
+    return float(total[0])
+
+
 def step_seed(seed: int, step: int, rank: int) -> int:
     """The torch seed of one worker's step (dropout masks): restored by knowing the step alone."""
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
