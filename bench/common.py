@@ -15,8 +15,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import psutil
-
 
 def machine() -> str:
     cpu = platform.processor() or "cpu"
@@ -28,7 +26,7 @@ def machine() -> str:
                     break
     except OSError:
         pass
-    mem = psutil.virtual_memory().total / 2**30
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpu = ""
     try:
         import torch
@@ -40,9 +38,11 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB{gpu}"
 
 
-def _tree_rss(root: psutil.Process, session: int) -> int:
+def _tree_rss(session: int) -> int:
     """RSS of the process, its descendants, and everything else in its session (Ray's workers
     get process groups of their own but stay in the session)."""
+    import psutil
+
     total = 0
     for p in psutil.process_iter(["pid"]):
         try:
@@ -63,9 +63,8 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str,
     done = threading.Event()
 
     def sample() -> None:
-        root = psutil.Process(proc.pid)
         while not done.is_set():
-            peak[0] = max(peak[0], _tree_rss(root, proc.pid))
+            peak[0] = max(peak[0], _tree_rss(proc.pid))
             time.sleep(0.25)
 
     t = threading.Thread(target=sample, daemon=True)

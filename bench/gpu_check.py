@@ -47,6 +47,71 @@ def synthetic(n: int, max_length: int, rng: np.random.Generator) -> tuple[list[n
     return [rng.integers(1000, 29000, size=int(k)) for k in lengths], rng.integers(0, 2, n)
 
 
+def train_rate(
+    model_dir: str, batch: int, max_length: int, seconds: float, compiled: bool = False
+) -> tuple[float, float]:
+    """(samples/s, FLOP/s) of bertjob's training step on synthetic IMDb-length batches."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rng = np.random.default_rng(0)
+    model = models.load_classifier(model_dir).to(device)
+    if compiled:
+        model = torch.compile(model, dynamic=True)
+    stepper = Stepper(
+        model, make_optimizer(model, 5e-5, 0.01, 0.95), device, resolve_precision("auto", device), 1.0
+    )
+    ids, labels = synthetic(batch * 16, max_length, rng)
+    multiple = 8 if device.type == "cuda" else 1
+    batches = [collate({"input_ids": np.array(ids[i : i + batch], dtype=object), "label": labels[i : i + batch]},
+                       0, multiple, device) for i in range(0, len(ids), batch)]  # fmt: skip
+    for b in batches[:3]:  # warm-up (and, compiled, the first shapes)
+        stepper.step([b], batch, 0)
+    sync()
+    t0, steps, tokens = time.perf_counter(), 0, 0
+    while time.perf_counter() - t0 < seconds:
+        b = batches[steps % len(batches)]
+        stepper.step([b], batch, steps)
+        steps += 1
+        tokens += int(b["attention_mask"].sum())
+    sync()
+    dt = time.perf_counter() - t0
+    return steps * batch / dt, 3 * flops_per_token(model, 256) * tokens / dt
+
+
+def predictor_rate(
+    model_dir: str, batch: int, max_length: int, seconds: float, rows: pa.Table | None = None
+) -> tuple[float, float]:
+    """(sequences/s, FLOP/s) of bertjob's predictor on pre-tokenized rows (synthetic by default)."""
+    pred = Predictor(
+        model_dir, batch_size=batch, precision="auto"
+    )  # pre-tokenized: text settings do not apply
+    if rows is None:
+        ids, _ = synthetic(20_000 if torch.cuda.is_available() else 512, max_length, np.random.default_rng(0))
+        rows = pa.table({"id": [str(i) for i in range(len(ids))], "input_ids": pa.array([x.tolist() for x in ids], pa.list_(pa.int32()))})  # fmt: skip
+    rows = rows.append_column("reason", pa.nulls(rows.num_rows, pa.string()))
+    tokens = int(pa.compute.sum(pa.compute.list_value_length(rows.column("input_ids"))).as_py())
+    pred.score(rows.slice(0, 512))  # warm-up
+    sync()
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        pred.score(rows)
+        n += 1
+    sync()
+    dt = time.perf_counter() - t0
+    return n * rows.num_rows / dt, flops_per_token(pred.model, 256) * n * tokens / dt
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def save_model(model_dir: str, out_dir: str) -> str:
+    """A classifier directory (random head where the model has none) with the model's tokenizer."""
+    models.load_classifier(model_dir).save_pretrained(out_dir)
+    models.load_tokenizer(model_dir).save_pretrained(out_dir)
+    return out_dir
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="minilm")
@@ -54,70 +119,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=512)
     args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
-    precision = resolve_precision("auto", device)
-    rng = np.random.default_rng(0)
-    rows = []
-
-    # Training step
-    model = models.load_classifier(args.model).to(device)
-    stepper = Stepper(model, make_optimizer(model, 5e-5, 0.01, 0.95), device, precision, 1.0)
-    ids, labels = synthetic(args.batch * 64, args.max_length, rng)
-    batches = [
-        collate(
-            {
-                "input_ids": np.array(ids[i : i + args.batch], dtype=object),
-                "label": labels[i : i + args.batch],
-            },
-            0,
-            8 if device.type == "cuda" else 1,
-            device,
-        )  # fmt: skip
-        for i in range(0, len(ids), args.batch)
+    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    classifier = save_model(args.model, os.path.join("/tmp", "bertjob-gpu-check-model"))
+    rows = [
+        ("train step (bf16, fused AdamW)", *train_rate(classifier, args.batch, args.max_length, args.seconds))
     ]
-    stepper.step([batches[0]], args.batch, 0)  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0, steps, tokens = time.perf_counter(), 0, 0
-    while time.perf_counter() - t0 < args.seconds:
-        b = batches[steps % len(batches)]
-        stepper.step([b], args.batch, steps)
-        steps += 1
-        tokens += int(b["attention_mask"].sum())
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    train_flops = 3 * flops_per_token(model, 256) * tokens / dt
-    rows.append(("train step (bf16, fused AdamW)", steps * args.batch / dt, train_flops))
-
-    # Predictor
-    out_dir = os.path.join("/tmp", "bertjob-gpu-check-model")
-    model.save_pretrained(out_dir)
-    models.load_tokenizer(args.model).save_pretrained(out_dir)
-    pred = Predictor(
-        out_dir, batch_size=256 if device.type == "cuda" else 32, precision="auto"
-    )  # pre-tokenized batches below: the text settings do not apply
-    ids, _ = synthetic(20_000 if device.type == "cuda" else 512, args.max_length, rng)
-    table = pa.table({"id": [str(i) for i in range(len(ids))], "input_ids": pa.array([x.tolist() for x in ids], pa.list_(pa.int32())),
-                      "reason": pa.nulls(len(ids), pa.string())})  # fmt: skip
-    pred.score(table.slice(0, 512))  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0, n, tok = time.perf_counter(), 0, 0
-    while time.perf_counter() - t0 < args.seconds:
-        pred.score(table)
-        n += table.num_rows
-        tok += sum(len(x) for x in ids)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    rows.append(
-        ("predictor (bf16, sorted dynamic padding)", n / dt, flops_per_token(pred.model, 256) * tok / dt)
-    )
-
+    pred_batch = 256 if torch.cuda.is_available() else 32
+    rows.append(("predictor (bf16, sorted dynamic padding)", *predictor_rate(classifier, pred_batch, args.max_length, args.seconds)))  # fmt: skip
     peak = peak_flops(name)
-    print(f"device: {name}; torch {torch.__version__}; precision {precision}; max_length {args.max_length}")
+    print(f"device: {name}; torch {torch.__version__}; max_length {args.max_length}")
     print(f"{'':44} {'seq/s':>10} {'TFLOP/s':>9} {'of bf16 peak':>13}")
     for label, rate, flops in rows:
         frac = f"{flops / peak:13.1%}" if peak else f"{'n/a':>13}"

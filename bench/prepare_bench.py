@@ -25,12 +25,21 @@ from bertjob import models, storage  # noqa: E402
 from bertjob.sources import IMDB_FILE  # noqa: E402
 
 
-def bound(path: str, model: str) -> tuple[int, float]:
-    texts = []
+def imdb_texts(path: str) -> tuple[list[str], list[str], list[str | None]]:
+    """Every review of an IMDb archive: (member names, texts, labels: pos / neg / None for unsup)."""
+    names, texts, labels = [], [], []
     with tarfile.open(path, "r|*") as tf:
         for m in tf:
-            if m.isfile() and IMDB_FILE.search(m.name):
+            match = IMDB_FILE.search(m.name) if m.isfile() else None
+            if match:
+                names.append(m.name)
                 texts.append(tf.extractfile(m).read().decode("utf-8", errors="replace"))
+                labels.append(None if match.group(2) == "unsup" else match.group(2))
+    return names, texts, labels
+
+
+def tokenize_bound(texts: list[str], model: str) -> float:
+    """Seconds the model's tokenizer takes to batch-encode `texts` (all cores, nothing else)."""
     tok = models.load_tokenizer(model)
     t0 = time.perf_counter()
     for i in range(0, len(texts), 1000):
@@ -40,7 +49,7 @@ def bound(path: str, model: str) -> tuple[int, float]:
             return_attention_mask=False,
             return_token_type_ids=False,
         )
-    return len(texts), time.perf_counter() - t0
+    return time.perf_counter() - t0
 
 
 def run_job(args: argparse.Namespace, env: dict[str, str]) -> tuple[dict, dict]:
@@ -60,7 +69,8 @@ def main() -> None:
     ap.add_argument("--max-length", default="512")
     args = ap.parse_args()
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
-    n, bound_s = bound(args.input, args.model)
+    texts = imdb_texts(args.input)[1]
+    n, bound_s = len(texts), tokenize_bound(texts, args.model)
     # The job reads its tokenizer from bertjob's cache, as every run after a user's first does.
     models.tokenizer_record(args.model)
     env = {**os.environ, "BERTJOB_CACHE": storage.cache_root()}

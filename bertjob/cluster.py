@@ -57,6 +57,14 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
+def node_cpus() -> int:
+    """CPUs of the smallest node that has any: what an actor that must fit on every node may take."""
+    import ray
+
+    cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
+    return int(min((c for c in cpus if c >= 1), default=1))
+
+
 def actor_pool(least: int, most: int | None, cpus: float = 1, gpus: float = 0) -> Any:
     """A Ray Data actor pool that follows the cluster: it starts with as many actors as the cluster
     holds now (at least `least`, at most `most`), and Ray Data grows it onto CPUs and GPUs that join

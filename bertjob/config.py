@@ -388,7 +388,12 @@ class InferConfig(Settings):
         ge=1,
     )
     use_gpu: bool = opt(False, "one GPU per predictor actor")
-    cpus_per_worker: float = opt(1.0, "CPUs reserved per predictor actor", gt=0)
+    cpus_per_worker: float = opt(
+        0,
+        "CPUs per predictor actor, each scoring on one (0: on CPU a node's CPUs, at most 8, fewer when "
+        "num_workers' minimum needs it; on GPU 1)",
+        ge=0,
+    )
     mixed_precision: str = opt("auto", "auto | bf16 | fp16 | off", choices=PRECISIONS)
     max_length: int = opt(0, "tokens per sequence (0: what the model was trained with)", ge=0, le=8192)
     truncation: str = opt(

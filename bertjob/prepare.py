@@ -117,6 +117,7 @@ class Tokenize:
     """The tokenize stage: one actor per CPU, each holding its encoder for the whole run."""
 
     def __init__(self, cfg: dict[str, Any], encoder: models.Encoder, labelled: bool):
+        models.tokenizer_threads(1)  # its one CPU
         self.cfg = PrepareConfig(**cfg)
         self.encoder = encoder
         self.labelled = labelled

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from bertjob import infer
 from bertjob.config import InferConfig
@@ -46,6 +47,16 @@ def test_predictor_scores_in_input_order_and_flags_bad_rows(tiny_classifier_dir)
     )
     with_text = infer.tokenize_table(prepared, p.encoder, p.text, include_text=True)
     assert with_text.column("text").null_count == 4
+    # on CPU, threads > 1 scores several sub-batches at once, each on one core: the same scores
+    before = torch.get_num_threads()
+    try:
+        threaded = infer.Predictor(tiny_classifier_dir, batch_size=2, precision="off", threads=3)
+        assert threaded.pool is not None and torch.get_num_threads() == 1
+        assert threaded(table).column("prob_positive").to_pylist() == pytest.approx(
+            probs, abs=1e-6, nan_ok=True
+        )
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_models_without_a_head_or_a_tokenizer_are_errors_before_any_work(
@@ -165,6 +176,15 @@ def test_infer_scores_every_row_exactly_once_with_bad_rows_quarantined(
         InferConfig(input=str(d / "c.csv"), model=tiny_classifier_dir, output=str(tmp_path / "o2"))
     )
     assert m2["rows_scored"] == 1 and m2["utf8_replaced_this_run"] == 1
+
+
+def test_a_cpu_predictor_takes_a_nodes_cpus_unless_the_worker_count_needs_fewer(ray_local):
+    def cpus(**settings):
+        return infer.predictor_cpus(InferConfig(input="in", model="m", output="out", **settings))
+
+    assert cpus() == 2 and cpus(num_workers="1-4") == 2  # the 2-CPU local Ray: one actor, 2 scoring threads
+    assert cpus(num_workers=2) == 1
+    assert cpus(use_gpu=True) == 1
 
 
 @pytest.mark.integration
