@@ -128,8 +128,8 @@ def check_model(model: str, trust_remote_code: bool = False) -> list[str]:
         if not models.has_classification_head(where):
             return [f"model {model}: has no sequence-classification head (architectures in config.json); "
                     f"fine-tune it first with `bertjob train`"]  # fmt: skip
-        try:
-            models.load_tokenizer(model, trust_remote_code)
+        try:  # from bertjob's cache when this directory's tokenizer was loaded before: no transformers import
+            models.tokenizer_record(model, trust_remote_code)
         except models.ModelError as err:
             return [f"model {model}: {err}"]
     return []
