@@ -98,6 +98,44 @@ def job(*args: str) -> tuple[float, dict]:
         return wall, json.load(f)
 
 
+def infer_rows(rows: list, texts: list[str], labels: list, minilm: str, bert_base: str, scale: dict, gpu: bool,
+               tmp: str) -> None:  # fmt: skip
+    tokens = tokenize_rows(texts, [None] * len(texts), None, models.load_encoder(minilm), TextSettings.of(DEFAULT_TEXT), False)  # fmt: skip
+    ids = pa.concat_arrays([tokens.input_ids] * -(-20_000 // len(texts))) if gpu else tokens.input_ids[:64]
+    pretokenized = pa.table({"id": [str(i) for i in range(len(ids))], "input_ids": ids})
+    batch = 256 if gpu else 16  # the job's default batch size
+    bare, _ = predictor_rate(minilm, batch, 512, scale["seconds"], pretokenized)
+    rows.append((f"predictor alone, MiniLM-L6, batch {batch}", f"{bare:.0f} seq/s", "1.00", "pre-tokenized, in memory"))  # fmt: skip
+    bert, _ = predictor_rate(bert_base, batch, 512, scale["seconds"], pretokenized)
+    rows.append((f"predictor alone, BERT-base, batch {batch}", f"{bert:.0f} seq/s", "", ""))
+    n = scale["infer_n"]
+    reps = -(-n // len(texts))
+    corpus = os.path.join(tmp, "infer-corpus")
+    parquet_dir(corpus, (texts * reps)[:n], (labels * reps)[:n], 16)
+    wall, manifest = job("infer", "--input", corpus, "--model", minilm, "--output", os.path.join(tmp, "scored"),
+                         "--id-column", "id", *(["--use-gpu"] if gpu else []))  # fmt: skip
+    rows.append((f"bertjob infer, {n} reviews, whole command", f"{n / wall:.0f} reviews/s", f"{n / wall / bare:.2f}",
+                 f"{wall:.0f} s; scoring stage {n / manifest['scoring_s']:.0f}/s"))  # fmt: skip
+
+
+def prepare_rows(rows: list, texts: list[str], labels: list, minilm: str, n: int, tmp: str) -> None:
+    reps = -(-n // len(texts))
+    texts, labels = (texts * reps)[:n], (labels * reps)[:n]
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    bound_s = tokenize_bound(texts, minilm)
+    rows.append((f"tokenizer bound, {n} reviews, all cores", f"{n / bound_s:.0f} reviews/s", "1.00", ""))
+    tar = os.path.join(tmp, "imdb.tar.gz")
+    imdb_tar(tar, texts, labels)
+    pq_corpus = os.path.join(tmp, "prepare-corpus")
+    parquet_dir(pq_corpus, texts, labels, 16)
+    for label, source in (("IMDb tar.gz", tar), ("16 Parquet files", pq_corpus)):
+        out = os.path.join(tmp, f"prepared-{len(rows)}")
+        wall, manifest = job("prepare", "--input", source, "--model", minilm, "--output", out)
+        assert manifest["rows_read"] == n, manifest["rows_read"]
+        rows.append((f"bertjob prepare, {label}, whole command", f"{n / wall:.0f} reviews/s",
+                     f"{bound_s / wall:.2f}", f"{wall:.0f} s"))  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scale", choices=SCALES, default="full")
@@ -133,45 +171,12 @@ def main() -> None:
                          "compile time not counted"))  # fmt: skip
         print(f"[train rows: {time.time() - t0:.0f} s]", flush=True)
 
-        # Infer: the predictor alone, then the whole job
         _, texts, labels = imdb_texts(sample_path())
-        settings = TextSettings.of(DEFAULT_TEXT)
-        tokens = tokenize_rows(texts, [None] * len(texts), None, models.load_encoder(minilm), settings, False)
-        ids = (
-            pa.concat_arrays([tokens.input_ids] * -(-20_000 // len(texts))) if gpu else tokens.input_ids[:64]
-        )
-        batch = 256 if gpu else 16  # the job's default batch size
-        bare, _ = predictor_rate(minilm, batch, 512, scale["seconds"], pa.table({"id": [str(i) for i in range(len(ids))], "input_ids": ids}))  # fmt: skip
-        rows.append((f"predictor alone, MiniLM-L6, batch {batch}", f"{bare:.0f} seq/s", "1.00", "pre-tokenized, in memory"))  # fmt: skip
-        bb, _ = predictor_rate(bert_base, batch, 512, scale["seconds"], pa.table({"id": [str(i) for i in range(len(ids))], "input_ids": ids}))  # fmt: skip
-        rows.append((f"predictor alone, BERT-base, batch {batch}", f"{bb:.0f} seq/s", "", ""))
-        n = scale["infer_n"]
-        reps = -(-n // len(texts))
-        corpus = os.path.join(tmp, "infer-corpus")
-        parquet_dir(corpus, (texts * reps)[:n], (labels * reps)[:n], 16)
-        wall, manifest = job("infer", "--input", corpus, "--model", minilm, "--output", os.path.join(tmp, "scored"),
-                             "--id-column", "id", *(["--use-gpu"] if gpu else []))  # fmt: skip
-        rows.append((f"bertjob infer, {n} reviews, whole command", f"{n / wall:.0f} reviews/s", f"{n / wall / bare:.2f}",
-                     f"{wall:.0f} s; scoring stage {n / manifest['scoring_s']:.0f}/s"))  # fmt: skip
+        if "infer" in args.parts:  # the predictor alone, then the whole job
+            infer_rows(rows, texts, labels, minilm, bert_base, scale, gpu, tmp)
         print(f"[infer rows: {time.time() - t0:.0f} s]", flush=True)
-
-        # Prepare
-        n = scale["prepare_n"]
-        reps = -(-n // len(texts))
-        texts_n, labels_n = (texts * reps)[:n], (labels * reps)[:n]
-        os.environ["TOKENIZERS_PARALLELISM"] = "true"
-        bound_s = tokenize_bound(texts_n, minilm)
-        rows.append((f"tokenizer bound, {n} reviews, all cores", f"{n / bound_s:.0f} reviews/s", "1.00", ""))
-        tar = os.path.join(tmp, "imdb.tar.gz")
-        imdb_tar(tar, texts_n, labels_n)
-        pq_corpus = os.path.join(tmp, "prepare-corpus")
-        parquet_dir(pq_corpus, texts_n, labels_n, 16)
-        for label, source in (("IMDb tar.gz", tar), ("16 Parquet files", pq_corpus)):
-            out = os.path.join(tmp, f"prepared-{len(rows)}")
-            wall, manifest = job("prepare", "--input", source, "--model", minilm, "--output", out)
-            assert manifest["rows_read"] == n, manifest["rows_read"]
-            rows.append((f"bertjob prepare, {label}, whole command", f"{n / wall:.0f} reviews/s",
-                         f"{bound_s / wall:.2f}", f"{wall:.0f} s"))  # fmt: skip
+        if "prepare" in args.parts:
+            prepare_rows(rows, texts, labels, minilm, scale["prepare_n"], tmp)
         print(f"[all rows: {time.time() - t0:.0f} s]", flush=True)
 
     print(
