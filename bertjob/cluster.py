@@ -57,12 +57,16 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
-def node_cpus() -> int:
-    """CPUs of the smallest node that has any: what an actor that must fit on every node may take."""
+def alive_nodes() -> list[dict[str, float]]:
+    """The resources (CPU, GPU, memory, custom) of each node that is alive now."""
     import ray
 
-    cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
-    return int(min((c for c in cpus if c >= 1), default=1))
+    return [n["Resources"] for n in ray.nodes() if n["Alive"]]
+
+
+def node_cpus() -> int:
+    """CPUs of the smallest node that has any: what an actor that must fit on every node may take."""
+    return int(min((c for n in alive_nodes() if (c := n.get("CPU", 0)) >= 1), default=1))
 
 
 def actor_pool(least: int, most: int | None, cpus: float = 1, gpus: float = 0) -> Any:

@@ -95,11 +95,10 @@ def check_setup(cfg: PretrainConfig, manifest: dict[str, Any], tokenizer: Any) -
 
 
 def run(cfg: PretrainConfig) -> dict[str, Any]:
-    import ray
     from ray.train import CheckpointConfig
 
     from bertjob import train
-    from bertjob.cluster import init_ray
+    from bertjob.cluster import alive_nodes, init_ray
 
     started = time.time()
     cfg = dataclasses.replace(cfg, data=for_workers(cfg.data), model=for_workers(cfg.model))
@@ -116,7 +115,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     storage = train.run_storage(cfg)
     run_dir = join(storage, cfg.name)
     init_ray()
-    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    nodes = alive_nodes()
     plan, problems = train.plan_workers(cfg, nodes, models.model_config(cfg.model, cfg.trust_remote_code),
                                         cfg.max_length)  # fmt: skip
     if cfg.check_resources:

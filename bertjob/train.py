@@ -280,10 +280,9 @@ def check_run_compatible(cfg: Any, identity: dict[str, Any], run_dir: str) -> No
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
-    import ray
     from ray.train import CheckpointConfig
 
-    from bertjob.cluster import init_ray
+    from bertjob.cluster import alive_nodes, init_ray
 
     started = time.time()
     check_access({"data": cfg.data, "output": cfg.output, "storage_path": cfg.storage_path})
@@ -297,7 +296,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         raise TrainSetupError("sample_log needs a local or mounted storage_path")
     ensure_output(cfg.output, "train")  # never wiped: it may hold the checkpoints a rerun resumes from
     init_ray()
-    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    nodes = alive_nodes()
     model_config = models.model_config(cfg.model, cfg.trust_remote_code)
     if not cfg.lr:
         cfg = dataclasses.replace(
@@ -430,7 +429,9 @@ class PlacementTimeoutError(JobError):
     def __init__(self, cfg: Any, per_worker: dict[str, float]):
         import ray
 
-        alive = [n for n in ray.nodes() if n["Alive"]]
+        from bertjob.cluster import alive_nodes
+
+        alive = alive_nodes()
         free = ray.available_resources()
         have = {k: f"{free.get(k, 0):g} free of {ray.cluster_resources().get(k, 0):g}" for k in per_worker}
         super().__init__(
