@@ -191,8 +191,10 @@ def test_a_cpu_predictor_takes_a_nodes_cpus_unless_the_worker_count_needs_fewer(
 def test_a_killed_infer_resumes_with_exactly_one_row_per_input(tiny_classifier_dir, tmp_path, ray_local):
     d = tmp_path / "corpus"
     d.mkdir()
-    for i in range(6):
-        _corpus(d / f"part{i}.parquet", 400, bad=False, seed=i, prefix=f"p{i}-")
+    units, per_unit = 6, 4000
+    for i in range(units):
+        _corpus(d / f"part{i}.parquet", per_unit, bad=False, seed=i, prefix=f"p{i}-")
+    total = units * per_unit
     out = tmp_path / "out"
     args = [sys.executable, "-m", "bertjob", "infer", "--input", str(d), "--model", tiny_classifier_dir,
             "--output", str(out), "--batch-size", "16", "--num-workers", "2", "--rows-per-shard", "200"]  # fmt: skip
@@ -200,22 +202,22 @@ def test_a_killed_infer_resumes_with_exactly_one_row_per_input(tiny_classifier_d
         args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
+        # Two predictors score a unit (4,000 rows) per wave of ~1 s on 2 cores and a write commits
+        # whole units, so the first file lands seconds before the last: the kill comes mid-run.
         deadline = time.time() + 180
-        # The first committed file comes about halfway through (writes gather several blocks); the
-        # second can be the last one, which would leave nothing to resume.
         while time.time() < deadline and not list((out / "predictions").glob("*.parquet")):
-            time.sleep(0.2)
+            time.sleep(0.05)
     finally:
         kill_session(proc.pid)
         proc.wait()
     partial = len(pq.read_table(out / "predictions")) if (out / "predictions").exists() else 0
-    assert 0 < partial < 2400 and not (out / "manifest.json").exists()
+    assert 0 < partial < total and not (out / "manifest.json").exists()
     m = infer.run(
         InferConfig(input=str(d), model=tiny_classifier_dir, output=str(out), batch_size=16, num_workers=2)
     )
-    assert m["rows_resumed"] == partial and m["rows_this_run"] == 2400 - partial
+    assert m["rows_resumed"] == partial and m["rows_this_run"] == total - partial
     ids = pq.read_table(out / "predictions").column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == 2400
+    assert len(ids) == len(set(ids)) == total
 
 
 @pytest.mark.integration
