@@ -177,10 +177,11 @@ def test_a_killed_infer_on_s3_resumes_with_exactly_one_row_per_input(
 ):
     import random
 
-    # Enough rows that predictor batches, and so commits, come one after another over seconds.
+    # Six units of 3,000 rows: two predictors score and commit one unit each per wave, and the
+    # first commit lands two waves (seconds) before the last.
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    for i in range(4):
+    for i in range(6):
         rng = random.Random(i)
         rows = [{"id": f"p{i}-{j}", "text": review(rng, j % 2 == 0)} for j in range(3000)]
         pq.write_table(pa.Table.from_pylist(rows), corpus / f"part{i}.parquet")
@@ -200,14 +201,14 @@ def test_a_killed_infer_on_s3_resumes_with_exactly_one_row_per_input(
         proc.wait()
     assert committed, "the run ended before it committed a file"
     partial = pq.read_table(f"{root}/predictions", filesystem=fs).num_rows
-    assert 0 < partial < 12000 and not storage.exists(storage.join(out, "manifest.json"))
+    assert 0 < partial < 18000 and not storage.exists(storage.join(out, "manifest.json"))
     m = infer.run(
         InferConfig(input=data, model=model, output=out, id_column="id", batch_size=16, num_workers=2)
     )
-    assert m["rows_resumed"] == partial and m["rows_this_run"] == 12000 - partial
+    assert m["rows_resumed"] == partial and m["rows_this_run"] == 18000 - partial
     ids = pq.read_table(f"{root}/predictions", filesystem=fs).column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == 12000
-    assert storage.read_json(storage.join(out, "manifest.json"))["rows_scored"] == 12000
+    assert len(ids) == len(set(ids)) == 18000
+    assert storage.read_json(storage.join(out, "manifest.json"))["rows_scored"] == 18000
 
 
 @pytest.mark.integration
