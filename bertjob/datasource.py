@@ -124,4 +124,7 @@ def read_corpus(
     receipts: str = "",
 ) -> ray.data.Dataset:
     source = CorpusDatasource(corpus, keys_only, positions, split, done, receipts)
-    return ray.data.read_datasource(source, num_cpus=num_cpus, concurrency=READ_CONCURRENCY)
+    # No more than there are read tasks (one per unit at most): Ray Data warns of a cap it cannot use.
+    pending = sum(1 for i in range(len(corpus.units)) if (done or {}).get(i) is not True)
+    concurrency = max(1, min(READ_CONCURRENCY, pending))
+    return ray.data.read_datasource(source, num_cpus=num_cpus, concurrency=concurrency)

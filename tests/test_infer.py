@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -171,11 +172,15 @@ def test_infer_scores_every_row_exactly_once_with_bad_rows_quarantined(
         InferConfig(input=str(d / "*.parquet"), model=tiny_classifier_dir, output=str(out), id_column="id")
     )
     assert again == json.loads((out / "manifest.json").read_text())
-    # Latin-1 CSV: decoded with replacement, counted
-    m2 = infer.run(
-        InferConfig(input=str(d / "c.csv"), model=tiny_classifier_dir, output=str(tmp_path / "o2"))
-    )
+    # Latin-1 CSV: decoded with replacement, counted; one file is one read task, and Ray Data is
+    # not told to run more (it would warn that it cannot)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m2 = infer.run(
+            InferConfig(input=str(d / "c.csv"), model=tiny_classifier_dir, output=str(tmp_path / "o2"))
+        )
     assert m2["rows_scored"] == 1 and m2["utf8_replaced_this_run"] == 1
+    assert not [w for w in caught if "concurrent tasks" in str(w.message)], [str(w.message) for w in caught]
 
 
 def test_a_cpu_predictor_takes_a_nodes_cpus_unless_the_worker_count_needs_fewer(ray_local):
