@@ -55,10 +55,14 @@ class CorpusDatasource(Datasource):
     def estimate_inmemory_data_size(self) -> int | None:
         return self.corpus.size_bytes or None
 
+    def pending(self) -> list[tuple[int, Any]]:
+        """(index, unit) of the units left to read: all but those `done` marks finished."""
+        return [(i, u) for i, u in enumerate(self.corpus.units) if self.done.get(i) is not True]
+
     def get_read_tasks(
         self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
     ) -> list[ReadTask]:
-        units = [(i, u) for i, u in enumerate(self.corpus.units) if self.done.get(i) is not True]
+        units = self.pending()
         n = max(1, min(len(units), parallelism))
         groups = [units[i::n] for i in range(n)]
         corpus, keys_only, positions, split, done, receipts = (
@@ -130,6 +134,5 @@ def read_corpus(
 ) -> ray.data.Dataset:
     source = CorpusDatasource(corpus, keys_only, positions, split, done, receipts)
     # No more than there are read tasks (one per unit at most): Ray Data warns of a cap it cannot use.
-    pending = sum(1 for i in range(len(corpus.units)) if (done or {}).get(i) is not True)
-    readers = max(1, min(READ_CONCURRENCY, int(cluster_cpus()) // CPUS_PER_READER, pending))
+    readers = max(1, min(READ_CONCURRENCY, int(cluster_cpus()) // CPUS_PER_READER, len(source.pending())))
     return ray.data.read_datasource(source, num_cpus=num_cpus, concurrency=readers)
