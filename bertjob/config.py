@@ -391,7 +391,7 @@ class InferConfig(Settings):
     cpus_per_worker: float = opt(
         0,
         "CPUs per predictor actor, each scoring on one (0: on CPU a node's CPUs, at most 8, fewer when "
-        "num_workers' minimum needs it; on GPU 1)",
+        "num_workers' minimum needs it; on GPU none: all CPUs tokenize)",
         ge=0,
     )
     mixed_precision: str = opt("auto", "auto | bf16 | fp16 | off", choices=PRECISIONS)

@@ -100,10 +100,11 @@ class RayCluster:
                                          "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                                          f"--ray-client-server-port={free_port()}"])  # fmt: skip
 
-    def add_node(self, name: str, cpus: int = 1, wait: bool = True) -> Node:
-        """A worker node with `cpus` CPUs and the resource `node_<name>`: 1."""
+    def add_node(self, name: str, cpus: int = 1, wait: bool = True, gpus: int = 0) -> Node:
+        """A worker node with `cpus` CPUs, `gpus` GPUs (Ray's resource only: nothing runs on a GPU
+        here) and the resource `node_<name>`: 1."""
         assert name not in self.nodes or not self.nodes[name].pids(), f"node {name} is running"
-        node = self._start(name, [f"--address={self.address}", f"--num-cpus={cpus}",
+        node = self._start(name, [f"--address={self.address}", f"--num-cpus={cpus}", f"--num-gpus={gpus}",
                                   f"--resources={json.dumps({f'node_{name}': 1})}",
                                   f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"])  # fmt: skip
         self.nodes[name] = node

@@ -189,7 +189,7 @@ def test_a_cpu_predictor_takes_a_nodes_cpus_unless_the_worker_count_needs_fewer(
 
     assert cpus() == 2 and cpus(num_workers="1-4") == 2  # the 2-CPU local Ray: one actor, 2 scoring threads
     assert cpus(num_workers=2) == 1
-    assert cpus(use_gpu=True) == 1
+    assert cpus(use_gpu=True) == 0  # a GPU predictor: every CPU tokenizes beside it
 
 
 @pytest.mark.integration

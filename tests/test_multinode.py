@@ -201,6 +201,28 @@ def test_infer_across_nodes_with_a_killed_node_scores_every_input_exactly_once(c
     assert manifest["rows_read"] == 6000 and manifest["rows_scored"] == 6000
 
 
+def test_infer_on_a_gpu_node_of_one_cpu_tokenizes_beside_the_predictor(tmp_path, tiny_classifier_dir):
+    """infer's GPU path (tokenize tasks ahead of a GPU predictor actor) on a cluster whose one node
+    has 1 CPU and 1 GPU, as a small GPU pod has: the predictor reserves no CPU, so the tokenize tasks
+    get it (a predictor holding the only CPU left them none, and the job waited forever). The GPU
+    is Ray's resource only: the predictor scores on the CPU here."""
+    c = RayCluster(tmp_path / "gpu-cluster")
+    try:
+        c.start_head()
+        c.add_node("gpu", cpus=1, gpus=1)
+        corpus = jsonl_corpus(c.shared / "in.jsonl", 2000)
+        out, log = c.shared / "scored", c.root / "infer.log"
+        proc = bertjob(c, "infer", "--input", str(corpus), "--model", tiny_classifier_dir, "--output", str(out),
+                       "--id-column", "id", "--use-gpu", log=log)  # fmt: skip
+        assert finish(proc, log, timeout=180) == 0, log.read_text()[-4000:]
+    finally:
+        c.shutdown()
+    ids = pq.read_table(out / "predictions", columns=["id"]).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 2000
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows_scored"] == 2000 and manifest["ray_cluster"] == {"CPU": 1.0, "GPU": 1.0}
+
+
 def test_prepare_across_nodes_with_a_killed_node_is_exact_or_a_rerun_is(cluster, tiny_model_dir):
     """Tokenize actors on 2 nodes; one node SIGKILLed once shards are being written: the job
     completes with exact output or stops with an error, and then a rerun's output is exact."""
