@@ -85,24 +85,26 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def ray_head(num_cpus: int | None = None) -> Iterator[dict[str, str]]:
+def ray_head(num_cpus: int | None = None, num_gpus: int = 0) -> Iterator[dict[str, str]]:
     """A running single-node Ray (`ray start --head`, token auth as in the README), in a HOME of its
-    own; yields the environment a client needs to use it (RAY_ADDRESS, RAY_AUTH_MODE, HOME)."""
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    own; yields the environment a client needs to use it (RAY_ADDRESS, RAY_AUTH_MODE, HOME). CPUs and
+    GPUs are what it tells Ray's scheduler it has (logical), by default this machine's."""
+    ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]  # `ray`, also where Ray lacks its scripts
     with tempfile.TemporaryDirectory() as home:
         drop = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
         env = {**{k: v for k, v in os.environ.items() if k not in drop}, "HOME": home}
-        subprocess.run([ray_bin, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+        subprocess.run([*ray_cli, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
         port = _free_port()
         proc = subprocess.Popen(
-            [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-             f"--num-cpus={num_cpus or os.cpu_count()}", "--include-dashboard=false", "--disable-usage-stats"],
+            [*ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+             f"--num-cpus={num_cpus or os.cpu_count()}", *([f"--num-gpus={num_gpus}"] if num_gpus else []),
+             "--include-dashboard=false", "--disable-usage-stats"],
             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
             client = {**env, "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token"}
             deadline = time.time() + 60
-            while subprocess.run([ray_bin, "status"], env=client, capture_output=True).returncode != 0:
+            while subprocess.run([*ray_cli, "status"], env=client, capture_output=True).returncode != 0:
                 if time.time() > deadline or proc.poll() is not None:
                     raise RuntimeError("ray start --head did not come up")
                 time.sleep(0.5)

@@ -7,14 +7,16 @@
     python bench/gpu_run.py --scale toy         # the rehearsal on CPU: the same steps, small
 
 Models have random weights (speed only): MiniLM-L6 and a BERT-base-sized config, each with the
-bert-base-uncased vocabulary. Rows:
-- train: samples/s and the fraction of the bf16 dense peak, at batch 32 and 128, and MiniLM under
-  torch.compile (bench/gpu_check.py's step: bf16 autocast, fused AdamW);
+bert-base-uncased vocabulary. Rows, each printed as it is measured (a run cut short keeps what it got):
 - infer: the predictor alone on pre-tokenized reviews in memory, then `bertjob infer --use-gpu` end
   to end on N reviews (the embedded IMDb sample repeated, Parquet), with the job's own batch size
-  and tokenize workers; ratio = the job's reviews/s over the predictor's sequences/s;
+  and tokenize workers; ratio = the job's reviews/s over the predictor's sequences/s; with the GPU's
+  busy share while scoring and the CPUs' over the command;
 - prepare: the tokenizer's batch encoding of 100k reviews (all cores) against `bertjob prepare` of
-  the same reviews as an IMDb-layout tar.gz and as Parquet files; ratio = job over bound.
+  the same reviews as an IMDb-layout tar.gz and as Parquet files, whole command (a local Ray) and on
+  a running Ray; ratio = job over bound;
+- train: samples/s and the fraction of the bf16 dense peak, at batch 32 and 128, and MiniLM under
+  torch.compile (bench/gpu_check.py's step: bf16 autocast, fused AdamW).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import ray_head  # noqa: E402
 from bench.gpu_check import peak_flops, predictor_rate, train_rate  # noqa: E402
 from bench.prepare_bench import imdb_texts, tokenize_bound  # noqa: E402
 from bertjob import models  # noqa: E402
@@ -49,8 +52,16 @@ SCALES = {  # seconds per timed loop, reviews scored end to end, reviews prepare
         "prepare_n": 100_000,
         "batches": (32, 128),
         "train_length": 512,
+        "job_timeout": 240,
     },
-    "toy": {"seconds": 2, "infer_n": 300, "prepare_n": 4_000, "batches": (4,), "train_length": 128},
+    "toy": {
+        "seconds": 2,
+        "infer_n": 300,
+        "prepare_n": 4_000,
+        "batches": (4,),
+        "train_length": 128,
+        "job_timeout": 240,
+    },
 }
 
 
@@ -85,61 +96,160 @@ def parquet_dir(path: str, texts: list[str], labels: list[str | None], files: in
         pq.write_table(table, os.path.join(path, f"part-{k // per:03d}.parquet"))
 
 
-def job(*args: str) -> tuple[float, dict]:
-    """Wall seconds of a bertjob command (a local Ray, as a user on one machine runs it) and its manifest."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def job(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> tuple[float, dict]:
+    """Wall seconds of a bertjob command and its manifest; by default on a local Ray, as a user on one
+    machine runs it. A command past `timeout` is killed with everything it started."""
+    env = env or {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "bertjob", *args], env=env, capture_output=True, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "bertjob", *args], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log = ""
+    finally:
+        subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], check=False)  # the job's local Ray
+        proc.wait()
     wall = time.time() - t0
     if proc.returncode:
-        raise RuntimeError(f"bertjob {' '.join(args)} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"bertjob {args[0]} failed or ran past {timeout:.0f} s ({proc.returncode}):\n{log[-3000:]}"
+        )
     out = args[args.index("--output") + 1]
     with open(os.path.join(out, "manifest.json")) as f:
         return wall, json.load(f)
 
 
-def infer_rows(rows: list, texts: list[str], labels: list, minilm: str, bert_base: str, scale: dict, gpu: bool,
+class Usage:
+    """Mean GPU and CPU use while a command runs: the GPU's busy share (NVML) over the seconds it was
+    busy at all (the scoring span), and the CPUs' busy share over the whole command (/proc/stat)."""
+
+    def __enter__(self) -> Usage:
+        import threading
+
+        self.gpu: list[int] = []
+        self.cpu0 = self._cpu()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        busy, total = (b - a for a, b in zip(self.cpu0, self._cpu()))
+        self.cpu = busy / total if total else 0.0
+
+    def _sample(self) -> None:
+        import torch
+
+        while not self.stop.wait(0.5):
+            self.gpu.append(torch.cuda.utilization(0) if torch.cuda.is_available() else 0)
+
+    @staticmethod
+    def _cpu() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # all but idle and iowait
+
+    def __str__(self) -> str:
+        busy = [u for u in self.gpu if u > 0]
+        span = f"GPU busy {sum(busy) / len(busy):.0f}% over {len(busy) / 2:.0f} s; " if busy else ""
+        return f"{span}CPUs {self.cpu:.0%} busy"
+
+
+def infer_rows(add, texts: list[str], labels: list, named: dict[str, str], scale: dict, gpu: bool,
                tmp: str) -> None:  # fmt: skip
-    tokens = tokenize_rows(texts, [None] * len(texts), None, models.load_encoder(minilm), TextSettings.of(DEFAULT_TEXT), False)  # fmt: skip
+    """For each model: the predictor alone, then the whole job on the same machine."""
+    tokens = tokenize_rows(texts, [None] * len(texts), None, models.load_encoder(next(iter(named.values()))),
+                           TextSettings.of(DEFAULT_TEXT), False)  # fmt: skip
     ids = pa.concat_arrays([tokens.input_ids] * -(-20_000 // len(texts))) if gpu else tokens.input_ids[:64]
     pretokenized = pa.table({"id": [str(i) for i in range(len(ids))], "input_ids": ids})
     batch = 256 if gpu else 16  # the job's default batch size
-    bare, _ = predictor_rate(minilm, batch, 512, scale["seconds"], pretokenized)
-    rows.append((f"predictor alone, MiniLM-L6, batch {batch}", f"{bare:.0f} seq/s", "1.00", "pre-tokenized, in memory"))  # fmt: skip
-    bert, _ = predictor_rate(bert_base, batch, 512, scale["seconds"], pretokenized)
-    rows.append((f"predictor alone, BERT-base, batch {batch}", f"{bert:.0f} seq/s", "", ""))
     n = scale["infer_n"]
     reps = -(-n // len(texts))
     corpus = os.path.join(tmp, "infer-corpus")
     parquet_dir(corpus, (texts * reps)[:n], (labels * reps)[:n], 16)
-    wall, manifest = job("infer", "--input", corpus, "--model", minilm, "--output", os.path.join(tmp, "scored"),
-                         "--id-column", "id", *(["--use-gpu"] if gpu else []))  # fmt: skip
-    rows.append((f"bertjob infer, {n} reviews, whole command", f"{n / wall:.0f} reviews/s", f"{n / wall / bare:.2f}",
-                 f"{wall:.0f} s; scoring stage {n / manifest['scoring_s']:.0f}/s"))  # fmt: skip
+    for name, model in named.items():
+        bare, _ = predictor_rate(model, batch, 512, scale["seconds"], pretokenized)
+        add(
+            f"predictor alone, {name}, batch {batch}", f"{bare:.0f} seq/s", "1.00", "pre-tokenized, in memory"
+        )
+        with Usage() as usage:
+            wall, manifest = job("infer", "--input", corpus, "--model", model, "--output", os.path.join(tmp, f"scored-{name}"),
+                                 "--id-column", "id", *(["--use-gpu"] if gpu else []), timeout=scale["job_timeout"])  # fmt: skip
+        assert manifest["rows_read"] == n, manifest["rows_read"]
+        stage = n / manifest["scoring_s"]
+        add(f"bertjob infer, {name}, {n} reviews, whole command", f"{n / wall:.0f} reviews/s", f"{n / wall / bare:.2f}",
+            f"{wall:.0f} s; scoring stage {stage:.0f}/s ({stage / bare:.2f}); {usage}")  # fmt: skip
 
 
-def prepare_rows(rows: list, texts: list[str], labels: list, minilm: str, n: int, tmp: str) -> None:
+def _tokenize_chunk(item: tuple[list[str], models.Encoder]) -> int:
+    texts, encoder = item
+    return len(
+        tokenize_rows(texts, [None] * len(texts), None, encoder, TextSettings.of(DEFAULT_TEXT), False).reasons
+    )
+
+
+def tokenize_rows_capacity(add, texts: list[str], minilm: str, n: int) -> None:
+    """What the CPUs can tokenize the job's way (clean, then the Rust tokenizer on one thread, in
+    1,024-row batches): one process, then one per core (spawned: each its own tokenizer)."""
+    import multiprocessing
+
+    encoder = models.load_encoder(minilm)
+    reps = -(-n // len(texts))
+    texts = (texts * reps)[:n]
+    chunks = [(texts[i : i + 1024], encoder) for i in range(0, n, 1024)]
+    os.environ["RAYON_NUM_THREADS"] = "1"  # read once per process: the spawned ones, not this one
+    for procs in (1, os.cpu_count() or 1):
+        with multiprocessing.get_context("spawn").Pool(procs) as pool:
+            pool.map(_tokenize_chunk, chunks[:procs], chunksize=1)  # started, tokenizer built
+            work = chunks[: max(8, len(chunks) * procs // (os.cpu_count() or 1))]
+            t0 = time.perf_counter()
+            done = sum(pool.map(_tokenize_chunk, work, chunksize=1))
+            rate = done / (time.perf_counter() - t0)
+        add(
+            f"the job's tokenizing, {procs} process(es) of 1 thread",
+            f"{rate:.0f} reviews/s",
+            "",
+            f"{done} reviews",
+        )
+
+
+def prepare_rows(add, texts: list[str], labels: list, minilm: str, scale: dict, tmp: str) -> None:
+    n = scale["prepare_n"]
     reps = -(-n // len(texts))
     texts, labels = (texts * reps)[:n], (labels * reps)[:n]
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     bound_s = tokenize_bound(texts, minilm)
-    rows.append((f"tokenizer bound, {n} reviews, all cores", f"{n / bound_s:.0f} reviews/s", "1.00", ""))
+    add(f"tokenizer bound, {n} reviews, all cores", f"{n / bound_s:.0f} reviews/s", "1.00", "")
     tar = os.path.join(tmp, "imdb.tar.gz")
     imdb_tar(tar, texts, labels)
     pq_corpus = os.path.join(tmp, "prepare-corpus")
     parquet_dir(pq_corpus, texts, labels, 16)
-    for label, source in (("IMDb tar.gz", tar), ("16 Parquet files", pq_corpus)):
-        out = os.path.join(tmp, f"prepared-{len(rows)}")
-        wall, manifest = job("prepare", "--input", source, "--model", minilm, "--output", out)
+    runs = iter(range(100))
+
+    def prepare(label: str, source: str, where: str, env: dict[str, str] | None = None) -> None:
+        out = os.path.join(tmp, f"prepared-{next(runs)}")
+        with Usage() as usage:
+            wall, manifest = job("prepare", "--input", source, "--model", minilm, "--output", out, env=env,
+                                 timeout=scale["job_timeout"])  # fmt: skip
         assert manifest["rows_read"] == n, manifest["rows_read"]
-        rows.append((f"bertjob prepare, {label}, whole command", f"{n / wall:.0f} reviews/s",
-                     f"{bound_s / wall:.2f}", f"{wall:.0f} s"))  # fmt: skip
+        add(f"bertjob prepare, {label}, {where}", f"{n / wall:.0f} reviews/s", f"{bound_s / wall:.2f}",
+            f"{wall:.0f} s; after Ray's start {bound_s / (manifest['wall_s'] - manifest['ray_init_s']):.2f}; {usage}")  # fmt: skip
+
+    for label, source in (("IMDb tar.gz", tar), ("16 Parquet files", pq_corpus)):
+        prepare(label, source, "whole command")
+    with ray_head() as client:
+        for label, source in (("IMDb tar.gz", tar), ("IMDb tar.gz", tar), ("16 Parquet files", pq_corpus)):
+            prepare(label, source, "running Ray", client)  # the first also starts Ray Data's helpers
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scale", choices=SCALES, default="full")
-    ap.add_argument("--parts", default="train,infer,prepare", help="which rows to measure")
+    ap.add_argument("--parts", default="train,infer,prepare", help="which rows to measure, of tokenize, "
+                    "infer, infer-bert, prepare, train")  # fmt: skip
     args = ap.parse_args()
     scale = SCALES[args.scale]
     import torch
@@ -147,7 +257,14 @@ def main() -> None:
     gpu = torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if gpu else "cpu"
     base = KIT if os.path.isdir(KIT) else models.resolve_model(models.EMBEDDED)
+    print(f"device: {device}; {os.cpu_count()} CPU cores; torch {torch.__version__}; scale {args.scale}; "
+          f"max_length {scale['train_length']} (train), 512 (infer, prepare)", flush=True)  # fmt: skip
     rows: list[tuple[str, str, str, str]] = []  # (what, rate, ratio or share of peak, note)
+
+    def add(*row: str) -> None:  # printed as measured too: a run cut short still tells what it got
+        rows.append(row)
+        print("| " + " | ".join(row) + " |", flush=True)
+
     peak = peak_flops(device)
 
     def share(flops: float) -> str:
@@ -158,31 +275,28 @@ def main() -> None:
         bert_base = random_classifier(os.path.join(tmp, "bert-base"), base, hidden_size=768, num_hidden_layers=12,
                                       num_attention_heads=12, intermediate_size=3072)  # fmt: skip
         t0 = time.time()
-
-        # Train
-        if "train" in args.parts:
+        _, texts, labels = imdb_texts(sample_path())
+        if "tokenize" in args.parts.split(","):
+            tokenize_rows_capacity(add, texts, minilm, scale["prepare_n"])
+        named = {"MiniLM-L6": minilm} if "infer" in args.parts.split(",") else {}
+        named.update({"BERT-base": bert_base} if "infer-bert" in args.parts.split(",") else {})
+        if named:
+            infer_rows(add, texts, labels, named, scale, gpu, tmp)
+        print(f"[infer rows: {time.time() - t0:.0f} s]", flush=True)
+        if "prepare" in args.parts.split(","):
+            prepare_rows(add, texts, labels, minilm, scale, tmp)
+        print(f"[prepare rows: {time.time() - t0:.0f} s]", flush=True)
+        if "train" in args.parts.split(","):
             for name, model in (("MiniLM-L6", minilm), ("BERT-base", bert_base)):
                 for batch in scale["batches"]:
                     rate, flops = train_rate(model, batch, scale["train_length"], scale["seconds"])
-                    rows.append((f"train {name}, batch {batch}", f"{rate:.1f} samples/s", share(flops), ""))
-            batch = scale["batches"][-1]
+                    add(f"train {name}, batch {batch}", f"{rate:.1f} samples/s", share(flops), "")
+            batch = scale["batches"][-1]  # last: compiling takes the longest
             rate, flops = train_rate(minilm, batch, scale["train_length"], scale["seconds"], compiled=True)
-            rows.append((f"train MiniLM-L6, batch {batch}, torch.compile", f"{rate:.1f} samples/s", share(flops),
-                         "compile time not counted"))  # fmt: skip
-        print(f"[train rows: {time.time() - t0:.0f} s]", flush=True)
-
-        _, texts, labels = imdb_texts(sample_path())
-        if "infer" in args.parts:  # the predictor alone, then the whole job
-            infer_rows(rows, texts, labels, minilm, bert_base, scale, gpu, tmp)
-        print(f"[infer rows: {time.time() - t0:.0f} s]", flush=True)
-        if "prepare" in args.parts:
-            prepare_rows(rows, texts, labels, minilm, scale["prepare_n"], tmp)
+            add(f"train MiniLM-L6, batch {batch}, torch.compile", f"{rate:.1f} samples/s", share(flops),
+                "compile time not counted")  # fmt: skip
         print(f"[all rows: {time.time() - t0:.0f} s]", flush=True)
 
-    print(
-        f"device: {device}; {os.cpu_count()} CPU cores; torch {torch.__version__}; scale {args.scale}; "
-        f"max_length {scale['train_length']} (train), 512 (infer, prepare)"
-    )
     print(f"{'':58} {'rate':>18} {'ratio':>16}  note")
     for what, rate, ratio, note in rows:
         print(f"{what:58} {rate:>18} {ratio:>16}  {note}")
