@@ -184,6 +184,10 @@ def infer_rows(add, texts: list[str], labels: list, named: dict[str, str], scale
             f"{wall:.0f} s; scoring stage {stage:.0f}/s ({stage / bare:.2f}); {usage}")  # fmt: skip
 
 
+def _one_rayon_thread() -> None:
+    os.environ["RAYON_NUM_THREADS"] = "1"  # read by rayon at the process's first batch, after this
+
+
 def _tokenize_chunk(item: tuple[list[str], models.Encoder]) -> int:
     texts, encoder = item
     return len(
@@ -200,9 +204,8 @@ def tokenize_rows_capacity(add, texts: list[str], minilm: str, n: int) -> None:
     reps = -(-n // len(texts))
     texts = (texts * reps)[:n]
     chunks = [(texts[i : i + 1024], encoder) for i in range(0, n, 1024)]
-    os.environ["RAYON_NUM_THREADS"] = "1"  # read once per process: the spawned ones, not this one
     for procs in (1, os.cpu_count() or 1):
-        with multiprocessing.get_context("spawn").Pool(procs) as pool:
+        with multiprocessing.get_context("spawn").Pool(procs, _one_rayon_thread) as pool:
             pool.map(_tokenize_chunk, chunks[:procs], chunksize=1)  # started, tokenizer built
             work = chunks[: max(8, len(chunks) * procs // (os.cpu_count() or 1))]
             t0 = time.perf_counter()
