@@ -53,8 +53,11 @@ def _tree_rss(session: int) -> int:
     return total
 
 
-def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run `cmd` in a new session; wall time and the peak summed RSS of the session's processes."""
+def run_measured(
+    cmd: list[str], env: dict[str, str] | None = None, timeout: float | None = None
+) -> dict[str, Any]:
+    """Run `cmd` in a new session; wall time and the peak summed RSS of the session's processes.
+    A command past `timeout` seconds is killed with its session and fails."""
     t0 = time.time()
     proc = subprocess.Popen(
         cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -69,7 +72,12 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str,
 
     t = threading.Thread(target=sample, daemon=True)
     t.start()
-    out, _ = proc.communicate()
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], check=False)
+        out, _ = proc.communicate()
+        out += f"\n(killed after {timeout:.0f} s)"
     done.set()
     t.join()
     subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], check=False)  # leftover Ray processes

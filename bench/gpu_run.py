@@ -25,7 +25,6 @@ import argparse
 import io
 import json
 import os
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -36,7 +35,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import ray_head  # noqa: E402
+from bench.common import ray_head, run_measured  # noqa: E402
 from bench.gpu_check import peak_flops, predictor_rate, train_rate  # noqa: E402
 from bench.prepare_bench import imdb_texts, tokenize_bound  # noqa: E402
 from bertjob import models  # noqa: E402
@@ -98,26 +97,11 @@ def parquet_dir(path: str, texts: list[str], labels: list[str | None], files: in
 
 def job(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> tuple[float, dict]:
     """Wall seconds of a bertjob command and its manifest; by default on a local Ray, as a user on one
-    machine runs it. A command past `timeout` is killed with everything it started."""
+    machine runs it."""
     env = env or {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    t0 = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "bertjob", *args], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    try:
-        log, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        log = ""
-    finally:
-        subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], check=False)  # the job's local Ray
-        proc.wait()
-    wall = time.time() - t0
-    if proc.returncode:
-        raise RuntimeError(
-            f"bertjob {args[0]} failed or ran past {timeout:.0f} s ({proc.returncode}):\n{log[-3000:]}"
-        )
-    out = args[args.index("--output") + 1]
-    with open(os.path.join(out, "manifest.json")) as f:
-        return wall, json.load(f)
+    run = run_measured([sys.executable, "-m", "bertjob", *args], env=env, timeout=timeout)
+    with open(os.path.join(args[args.index("--output") + 1], "manifest.json")) as f:
+        return run["wall_s"], json.load(f)
 
 
 class Usage:
