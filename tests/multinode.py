@@ -71,6 +71,9 @@ class RayCluster:
         # without --temp-dir writes on each node (/tmp/ray/ray_current_cluster): name it.
         self.env = {**{k: v for k, v in os.environ.items() if k not in DROP}, "HOME": str(self.home),
                     "RAY_AUTH_MODE": "token", "RAY_API_SERVER_ADDRESS": self.dashboard,
+                    # A job's `python` is the nodes' Python, as on a cluster's image: this venv's,
+                    # also when the tests run as .venv/bin/python without activating it.
+                    "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
                     # A dead node is declared after 5 missed 1 s health checks (Ray: 5 x 3 s).
                     "RAY_health_check_period_ms": "1000"}  # fmt: skip
         subprocess.run([RAY, "get-auth-token", "--generate"], env=self.env, check=True, capture_output=True)
