@@ -227,7 +227,8 @@ def prepare_rows(add, texts: list[str], labels: list, minilm: str, scale: dict, 
         counts = (manifest["rows_read"], manifest["rows_written"])
         assert counts == (n, n), counts  # every row tokenized: the same work in either format
         add(f"bertjob prepare, {label}, {where}", f"{n / wall:.0f} reviews/s", f"{bound_s / wall:.2f}",
-            f"{wall:.0f} s; after Ray's start {bound_s / (manifest['wall_s'] - manifest['ray_init_s']):.2f}; {usage}")  # fmt: skip
+            f"{wall:.0f} s; after Ray's start {bound_s / (manifest['wall_s'] - manifest['ray_init_s']):.2f}; "
+            f"validation split {manifest['validation_split_s']:.1f} s; {usage}")  # fmt: skip
 
     for label, source in (("IMDb tar.gz", tar), ("16 Parquet files", pq_corpus)):
         prepare(label, source, "whole command")
