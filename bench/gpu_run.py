@@ -174,8 +174,9 @@ def _one_rayon_thread() -> None:
 
 def _tokenize_chunk(item: tuple[list[str], models.Encoder]) -> int:
     texts, encoder = item
+    settings = TextSettings.of(DEFAULT_TEXT)
     return len(
-        tokenize_rows(texts, [None] * len(texts), None, encoder, TextSettings.of(DEFAULT_TEXT), False).reasons
+        tokenize_rows(texts, [None] * len(texts), None, encoder, settings, False, exact_lengths=False).reasons
     )
 
 

@@ -82,7 +82,9 @@ def plain_loop(
     encoder = models.Encoder.of(tokenizer)
     cfg = InferConfig(input="-", model=model, output="-", max_length=max_length)
     settings = text_settings(cfg, model_settings(model))
-    ids = tokenize_rows(texts, [None] * len(texts), None, encoder, settings, False).input_ids
+    ids = tokenize_rows(
+        texts, [None] * len(texts), None, encoder, settings, False, exact_lengths=False
+    ).input_ids
     lengths = np.diff(ids.offsets.to_numpy())
     order = np.argsort(lengths, kind="stable")
     in_order = ids.take(order)

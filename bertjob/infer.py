@@ -274,7 +274,8 @@ def tokenize_table(
                     reason=pa.nulls(n, pa.string()), raw_text=pa.nulls(n, pa.string()))  # fmt: skip
     else:
         splits = table.column("split").to_pylist() if "split" in table.column_names else None
-        t = tokenize_rows(table.column("text").to_pylist(), raw_labels, splits, encoder, settings, evaluate)
+        t = tokenize_rows(table.column("text").to_pylist(), raw_labels, splits, encoder, settings, evaluate,
+                          exact_lengths=False)  # fmt: skip
         cols.update(input_ids=t.input_ids, true_label=pa.array(t.labels, pa.int8()),
                     reason=pa.array(t.reasons, pa.string()), raw_text=pa.array(t.quarantined_text, pa.string()))  # fmt: skip
         if include_text:

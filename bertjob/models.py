@@ -102,7 +102,7 @@ def _tokenizer_options(tok: Any) -> dict[str, Any]:
 
 class Encoder:
     """What tokenizing needs of a fast tokenizer, without transformers: its Rust tokenizer (with
-    truncation and padding off) and the ids of [CLS] and [SEP].
+    truncation and padding off), the ids of [CLS] and [SEP], and whether it tokenizes word by word.
 
     It pickles as the tokenizer's JSON, so Ray workers get it in ~10 ms instead of importing
     transformers (1.5 s of CPU per worker) to load the same tokenizer again.
@@ -116,12 +116,44 @@ class Encoder:
         self.backend.no_truncation()
         self.backend.no_padding()
 
+    @functools.cached_property
+    def word_local(self) -> bool:
+        return is_word_local(json.loads(self.spec))
+
     @classmethod
     def of(cls, tokenizer: Any) -> Encoder:
         return cls(tokenizer.backend_tokenizer.to_str(), tokenizer.cls_token_id, tokenizer.sep_token_id)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (Encoder, (self.spec, self.cls_id, self.sep_id))
+
+
+# Normalizers that map each character on its own, and pre-tokenizers that split at every space.
+_CHAR_NORMALIZERS = {"BertNormalizer", "Lowercase", "NFC", "NFD", "NFKC", "NFKD", "StripAccents", "Strip"}
+_SPLITTERS = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit"}
+_LOCAL_SPLITTERS = _SPLITTERS | {"Punctuation", "Digits"}
+
+
+def is_word_local(spec: dict[str, Any]) -> bool:
+    """Whether the tokens of the words before a space never depend on the text after it, nor those
+    after it on the text before: the tokenizer's normalizer maps characters one by one, its
+    pre-tokenizer splits at every space, and no added token holds a space. BERT's WordPiece
+    tokenizers are; byte-level BPE and SentencePiece ones (a word's token marks the space before it)
+    are not."""
+
+    def parts(node: dict[str, Any] | None, key: str) -> list[str]:
+        if node is None:
+            return []
+        return [t for n in node[key] for t in parts(n, key)] if node["type"] == "Sequence" else [node["type"]]
+
+    normalizers = parts(spec.get("normalizer"), "normalizers")
+    splitters = parts(spec.get("pre_tokenizer"), "pretokenizers")
+    return (
+        set(normalizers) <= _CHAR_NORMALIZERS
+        and bool(set(splitters) & _SPLITTERS)
+        and set(splitters) <= _LOCAL_SPLITTERS
+        and not any(" " in t["content"] for t in spec.get("added_tokens") or [])
+    )
 
 
 def tokenizer_threads(n: float) -> None:

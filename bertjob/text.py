@@ -130,20 +130,27 @@ def keep_spans(
 
 
 def encode_texts(
-    texts: list[str | None], encoder: Encoder, max_length: int, truncation: str, head_tokens: int
+    texts: list[str | None],
+    encoder: Encoder,
+    max_length: int,
+    truncation: str,
+    head_tokens: int,
+    exact_lengths: bool = True,
 ) -> tuple[pa.ListArray, np.ndarray]:
     """Tokenize cleaned texts into ids with [CLS]/[SEP] that fit max_length, cut by `truncation`.
 
     Returns the ids as a list<int32> array (an empty list where the text is None) and each text's
-    full token count with the special tokens (0 where None).
+    full token count with the special tokens (0 where None). Without `exact_lengths`, a long text
+    may be tokenized only at the ends that truncation keeps (`token_rows`): the same ids, but its
+    count is then only known to be over max_length.
     """
     n = len(texts)
     good = [i for i, t in enumerate(texts) if t is not None]
-    # The Rust tokenizer directly: without the offsets, attention masks and dicts of Python lists
-    # that the transformers wrapper builds, ~25% faster on IMDb reviews.
-    backend = encoder.backend
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # tokenizers < 0.21: no _fast
-    rows = [e.ids for e in encode([texts[i] for i in good], add_special_tokens=False)] if good else []
+    keep = None
+    if not exact_lengths:  # what an over-long text keeps of each end
+        head_n, tail_n = keep_spans(np.array([max_length]), max_length, truncation, head_tokens)
+        keep = (int(head_n[0]), int(tail_n[0]))
+    rows = token_rows(encoder, [texts[i] for i in good], keep)
     lengths = np.zeros(n, dtype=np.int64)
     lengths[good] = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
     flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(lengths.sum()))
@@ -167,6 +174,59 @@ def encode_texts(
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32())), full
 
 
+# Characters of a long text looked at per token kept from its end (IMDb: ~4.3 per token). Too few
+# only costs time: an end that yields fewer tokens than it must keep is tokenized again in full.
+WINDOW_CHARS_PER_TOKEN = 6
+
+
+def token_rows(encoder: Encoder, texts: list[str], keep: tuple[int, int] | None = None) -> list[list[int]]:
+    """The token ids of each text, without special tokens.
+
+    With `keep` (the tokens an over-long text keeps from its head and from its tail) and a
+    tokenizer that works word by word (`Encoder.word_local`), a text long enough is tokenized only
+    at its two ends, each cut at a space: its row is then the head's ids followed by the tail's,
+    which truncation cuts to exactly what it would keep of the whole text's ids. On IMDb reviews at
+    max_length 128 that is ~2x faster; at 512 ~1.2x. An end too short to be sure (fewer tokens than
+    kept, or the two together not over the budget) falls back to the whole text.
+    """
+    # The Rust tokenizer directly: without the offsets, attention masks and dicts of Python lists
+    # that the transformers wrapper builds, ~25% faster on IMDb reviews.
+    backend = encoder.backend
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # tokenizers < 0.21: no _fast
+
+    def ids(batch: list[str]) -> list[list[int]]:
+        return [e.ids for e in encode(batch, add_special_tokens=False)] if batch else []
+
+    if keep is None or not encoder.word_local:
+        return ids(texts)
+    head_n, tail_n = keep
+    head_chars, tail_chars = head_n * WINDOW_CHARS_PER_TOKEN, tail_n * WINDOW_CHARS_PER_TOKEN
+    whole, cut, ends = [], [], []  # texts tokenized whole; texts cut, and their head and tail
+    for i, t in enumerate(texts):
+        if len(t) > head_chars + tail_chars + 2:
+            h = t.rfind(" ", 0, head_chars + 1) if head_n else 0  # the head: up to a space
+            k = t.find(" ", len(t) - tail_chars) if tail_n else len(t)  # the tail: from a space
+            if h >= 0 and k > h:
+                cut.append(i)
+                ends += [t[:h], t[k:]]
+                continue
+        whole.append(i)
+    done = ids([texts[i] for i in whole] + ends)
+    rows: list[list[int]] = [[]] * len(texts)
+    for i, r in zip(whole, done):
+        rows[i] = r
+    again = []
+    for j, i in enumerate(cut):
+        head, tail = done[len(whole) + 2 * j], done[len(whole) + 2 * j + 1]
+        if len(head) >= head_n and len(tail) >= tail_n and len(head) + len(tail) > head_n + tail_n:
+            rows[i] = head + tail
+        else:
+            again.append(i)
+    for i, r in zip(again, ids([texts[i] for i in again])):
+        rows[i] = r
+    return rows
+
+
 @dataclass
 class Tokenized:
     """What `tokenize_rows` makes of a batch of source rows, column by column."""
@@ -174,7 +234,8 @@ class Tokenized:
     labels: list[int | None]  # parsed; None where absent or unrecognised
     reasons: list[str | None]  # the quarantine reason, None for a row to keep
     input_ids: pa.ListArray  # with [CLS] and [SEP]; empty for quarantined rows
-    full_lengths: np.ndarray  # tokens before truncation, with the specials (0 when quarantined)
+    full_lengths: np.ndarray  # tokens before truncation, with the specials (0 when quarantined;
+    # without exact_lengths, a lower bound for a text tokenized at its ends: still over max_length)
     truncated: np.ndarray  # cut to max_length, or its text capped
     capped: np.ndarray  # the text was longer than twice the cap
     cleaned: list[str | None]  # the text as tokenized (None when quarantined)
@@ -188,12 +249,16 @@ def tokenize_rows(
     encoder: Encoder,
     s: TextSettings,
     check_labels: bool,
+    exact_lengths: bool = True,
 ) -> Tokenized:
     """Clean, quarantine and tokenize rows: the one path of prepare, infer and evaluate.
 
     A row is quarantined for a null text, a text that cleans to nothing, and, with `check_labels`
     (a labelled corpus), an unrecognised or missing label outside the unlabelled split (whose
-    labels, such as the Hugging Face IMDb's -1, are ignored). Text reasons come first. Huge texts keep `max_chars_per_end` characters of each end before tokenizing.
+    labels, such as the Hugging Face IMDb's -1, are ignored). Text reasons come first. Huge texts
+    keep `max_chars_per_end` characters of each end before tokenizing. Scoring needs no exact
+    `full_lengths` (prepare's statistics do): without `exact_lengths`, long texts are tokenized at
+    their ends only (`encode_texts`).
     """
     n = len(texts)
     labels = [parse_label(v) for v in raw_labels]
@@ -211,7 +276,7 @@ def tokenize_rows(
             reasons[i] = MISSING_LABEL if raw_labels[i] is None else BAD_LABEL
         if reasons[i] is None:
             cleaned[i], capped[i] = cap_chars(text, s.max_chars_per_end)
-    input_ids, full = encode_texts(cleaned, encoder, s.max_length, s.truncation, s.head_tokens)
+    input_ids, full = encode_texts(cleaned, encoder, s.max_length, s.truncation, s.head_tokens, exact_lengths)
     quarantined = [t[:QUARANTINE_TEXT_CHARS] if r and t is not None else None for t, r in zip(texts, reasons)]
     return Tokenized(
         labels, reasons, input_ids, full, (full > s.max_length) | capped, capped, cleaned, quarantined

@@ -2,6 +2,7 @@
 
 import pickle
 
+import numpy as np
 import pyarrow as pa
 
 from bertjob import models
@@ -99,3 +100,53 @@ def test_prepare_and_infer_tokenize_tricky_rows_alike(tiny_model_dir):
 def test_text_settings_of_older_records_fill_the_cap_and_cleaning():
     old = TextSettings.of({"max_length": 128, "truncation": "head+tail", "head_tokens": 32})
     assert (old.max_chars_per_end, old.strip_html) == (16 * 128, True)
+
+
+def test_scoring_tokenizes_long_texts_at_their_ends_into_the_same_ids():
+    """Infer tokenizes a long text only at the ends truncation keeps (exact_lengths=False): the ids
+    must be those of the whole text, for every strategy, on IMDb reviews and on texts made to break
+    it (no spaces, CJK, emoji, accents, words over WordPiece's 100 characters, [MASK], ends too
+    short to hold what they must keep)."""
+    import random
+
+    from bertjob.sources import open_corpus
+    from bertjob.text import clean_text
+
+    enc = models.load_encoder(models.EMBEDDED)
+    assert enc.word_local
+    corpus = open_corpus("imdb-sample")
+    tables = [b for u in corpus.units for b in corpus.read(u, False)]
+    reviews = [clean_text(t) for b in tables for t in b.column("text").to_pylist()][:1500]
+    rng = random.Random(0)
+    odd = ["東京大学の研究", "😀😀😀", "naïve café", "!!!!!!", "1234567890", "[MASK]", "x" * 150, "U.S.A.", "e\u0301", "a"]  # fmt: skip
+    made = [" ".join(rng.choices(odd + reviews[i].split()[:20], k=rng.randint(1, 300))) for i in range(300)]
+    texts = [*reviews, *made, "東京" * 400, "x" * 3000, "a " * 1000, "a" * 10 + " " + "b" * 2000, None]
+    present = [t for t in texts if t is not None]
+    rows = [e.ids for e in enc.backend.encode_batch(present, add_special_tokens=False)]
+    full = np.array([len(r) + 2 for r in rows] + [0])
+    cut_early = 0
+    for max_length, truncation, head in [(16, "head+tail", 13), (64, "head", 1), (64, "tail", 1),
+                                         (128, "head+tail", 32), (512, "head+tail", 128)]:  # fmt: skip
+        budget = max_length - 2
+        keep = {"head": (budget, 0), "tail": (0, budget)}.get(truncation, (head, budget - head))
+        whole = [r if len(r) <= budget else r[: keep[0]] + r[len(r) - keep[1] :] for r in rows]
+        ends, lower = encode_texts(texts, enc, max_length, truncation, head, exact_lengths=False)
+        expected = [[enc.cls_id, *r, enc.sep_id] for r in whole] + [[]]
+        assert ends.to_pylist() == expected, (max_length, truncation)
+        assert ((lower > max_length) == (full > max_length)).all() and (lower <= full).all()
+        cut_early += int((lower < full).sum())
+    assert cut_early > 2500  # most long texts really were tokenized at their ends only
+
+
+def test_only_word_by_word_tokenizers_are_cut_before_tokenizing():
+    import json
+
+    spec = json.loads(models.load_encoder(models.EMBEDDED).spec)
+    assert models.is_word_local(spec)  # BERT: BertNormalizer, BertPreTokenizer
+    for key, value in [
+        ("pre_tokenizer", {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}),
+        ("pre_tokenizer", {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}),
+        ("normalizer", {"type": "Sequence", "normalizers": [{"type": "NFD"}, {"type": "Replace", "pattern": {"String": "a b"}, "content": "c"}]}),
+        ("added_tokens", [{"content": "new york", "special": False}]),
+    ]:  # fmt: skip
+        assert not models.is_word_local({**spec, key: value}), key
