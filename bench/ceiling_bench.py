@@ -22,7 +22,9 @@ import json
 import os
 import sys
 import tempfile
+import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -47,6 +49,23 @@ def near_free_model(path: str) -> str:
     return path
 
 
+def ends_bound(texts: list[str], model: str, max_length: int) -> float:
+    """Seconds the same batch encoding takes on what the job tokenizes of each text: a long text's
+    ends only (`text.token_rows`; the texts cleaned beforehand, not timed). The issue's bound
+    encodes every text whole; this one is the same work as the job's."""
+    from bertjob.infer import DEFAULT_TEXT
+    from bertjob.text import TextSettings, clean_text, keep_spans, token_rows
+
+    encoder = models.load_encoder(model)
+    cleaned = [clean_text(t) for t in texts]
+    s = TextSettings.of({**DEFAULT_TEXT, "max_length": max_length})  # what the job uses for this model
+    head, tail = keep_spans(np.array([max_length]), max_length, s.truncation, s.head_tokens)
+    t0 = time.perf_counter()
+    for i in range(0, len(cleaned), 1000):
+        token_rows(encoder, cleaned[i : i + 1000], (int(head[0]), int(tail[0])))
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--input", default="../shared/data/aclImdb_v1.tar.gz")
@@ -64,6 +83,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = near_free_model(os.path.join(tmp, "model"))
         bound_s = tokenize_bound(texts, model)
+        ends_s = ends_bound(texts, model, args.max_length)
         corpora = {}
         for copies in (1, 2):  # n reviews, then the same reviews twice (other ids)
             corpus = corpora[copies] = os.path.join(tmp, f"reviews-{copies}")
@@ -98,12 +118,14 @@ def main() -> None:
         print(f"{name:50} {seconds:8.1f} {rows / seconds:10.0f} {rows / seconds / (n / bound_s):6.2f}")
 
     row("bound: tokenizer batch encode, all cores", n, bound_s)
+    row("  the same on what the job tokenizes (ends)", n, ends_s)
     for stage in ("infer", "evaluate"):
         one, two = results[stage, 1], results[stage, 2]
         row(f"bertjob {stage}, whole command, {n} reviews", n, one)
         row(f"bertjob {stage}, whole command, {2 * n} reviews", 2 * n, two)
         row(f"bertjob {stage}, once started: {n} / (T(2n) - T(n))", n, two - one)
-    print("target: >= 0.7x the bound")
+    print("target: >= 0.7x the bound; against the bound on the same work (ends), divide by "
+          f"{bound_s / ends_s:.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

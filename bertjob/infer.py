@@ -85,8 +85,9 @@ QUARANTINE_SCHEMA = pa.schema(
 # Model settings and checks
 
 
-# What a model without bertjob.json (a hub model) gets: prepare's defaults.
-DEFAULT_TEXT = {"max_length": 512, "truncation": "head+tail", "head_tokens": 128, "strip_html": True}
+# What a model without bertjob.json (a hub model) gets: prepare's defaults (head_tokens: a quarter of
+# max_length, the character cap: 16 per token).
+DEFAULT_TEXT = {"max_length": 512, "truncation": "head+tail", "strip_html": True}
 
 
 def model_settings(model: str) -> dict[str, Any] | None:
@@ -101,9 +102,10 @@ def model_settings(model: str) -> dict[str, Any] | None:
 
 def text_settings(cfg: InferConfig, base: dict[str, Any] | None) -> TextSettings:
     """The model's text settings (`base`: its bertjob.json, else a prepared input's manifest, else
-    prepare's defaults), each overridden by the command line where given there."""
-    b = TextSettings.of(base or DEFAULT_TEXT)
-    max_length = cfg.max_length or b.max_length
+    prepare's defaults at the max_length in effect), each overridden by the command line where
+    given there."""
+    max_length = cfg.max_length or int((base or DEFAULT_TEXT)["max_length"])
+    b = TextSettings.of(base or {**DEFAULT_TEXT, "max_length": max_length})
     cap = b.max_chars_per_end
     if cfg.max_length:  # a longer max_length than the model's needs a longer cap
         cap = max(cap, CAP_CHARS_PER_TOKEN * max_length)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -83,8 +84,6 @@ def test_evaluate_on_an_unlabelled_corpus_fails_before_any_work(tiny_classifier_
 
 
 def _model_trained_with(tiny_classifier_dir, tmp_path, **text):
-    import shutil
-
     d = tmp_path / "model"
     shutil.copytree(tiny_classifier_dir, d)
     (d / "bertjob.json").write_text(
@@ -106,6 +105,12 @@ def test_infer_follows_every_text_setting_the_model_was_trained_with(tiny_classi
         infer.describe(flags)[1]["settings"]["strip_html"],
         infer.describe(flags)[1]["settings"]["max_chars_per_end"],
     ) == (True, 50)
+    # a model without bertjob.json (a hub model) gets prepare's defaults at the max_length in effect
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_classifier_dir, bare, ignore=shutil.ignore_patterns("bertjob.json"))
+    hub_like = InferConfig(**{**infer.to_dict(cfg), "model": str(bare), "max_length": 128})
+    assert infer.describe(hub_like)[1]["settings"] == {"max_length": 128, "truncation": "head+tail", "head_tokens": 32,
+                                                       "strip_html": True, "max_chars_per_end": 2048}  # fmt: skip
     tokens = infer.Predictor(model, precision="off").tokenize(pa.table({"id": ["a"], "text": ["a <br /> b"]}))
     assert (
         len(tokens.column("input_ids")[0]) > 4
