@@ -165,11 +165,21 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     except ConfigError as err:
         parser.exit(2, f"bertjob: {err}\n")
-    except SetupError as err:  # input, model, output or cluster problems found before any work
-        parser.exit(2, f"bertjob: error: {err}\n")
+    except SetupError as err:  # input, model, output or cluster problems; a reader's bad line
+        parser.exit(2, f"bertjob: error: {_own_words(err)}\n")
     except JobError as err:
-        parser.exit(1, f"bertjob: error: {err}\n")
+        parser.exit(1, f"bertjob: error: {_own_words(err)}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "bertjob: interrupted; the same command again resumes where this one stopped\n")
     return 0
+
+
+def _own_words(err: Exception) -> str:
+    """The error's own message. One raised in a Ray task (a reader meeting a bad line) reaches the
+    driver as Ray's RayTaskError, an instance of its cause's class too, whose text is the remote
+    traceback; Ray Data also appends its retry advice to the cause's message."""
+    cause = getattr(err, "cause", None)
+    return str(cause).split("\nFailed to ")[0] if isinstance(cause, Exception) else str(err)
 
 
 def run_command(command: str, cfg: Any) -> int:

@@ -128,6 +128,9 @@ def check_model(model: str, trust_remote_code: bool = False) -> list[str]:
         if not models.has_classification_head(where):
             return [f"model {model}: has no sequence-classification head (architectures in config.json); "
                     f"fine-tune it first with `bertjob train`"]  # fmt: skip
+        labels = len(models.model_config(where).get("id2label") or {}) or 2  # transformers' default: 2
+        if labels != 2:
+            return [f"model {model}: its head has {labels} labels; bertjob scores two (negative, positive)"]
         try:  # from bertjob's cache when this directory's tokenizer was loaded before: no transformers import
             models.tokenizer_record(model, trust_remote_code)
         except models.ModelError as err:
@@ -473,8 +476,17 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
     problems = check_model(cfg.model, cfg.trust_remote_code)
     if problems:
         raise models.ModelError("; ".join(problems))
-    corpus = open_corpus(cfg.input, cfg.text_column, cfg.label_column if evaluate or cfg.label_column else "", cfg.id_column,
-                         cfg.split or "train")  # fmt: skip
+    label_column = cfg.label_column if evaluate or cfg.label_column else ""
+    # `split`: the split a corpus without splits goes to; of a prepared directory, the one to read
+    corpus = open_corpus(cfg.input, cfg.text_column, label_column, cfg.id_column, cfg.split or "train")
+    if corpus.kind == "prepared" and not cfg.split:
+        splits = sorted(corpus.manifest["splits"])  # type: ignore[attr-defined]
+        if evaluate and len(splits) > 1:  # its train rows would make the metrics meaningless
+            raise InputError(f"input {cfg.input} is a prepared directory with splits {splits}; choose the one to "
+                             f"evaluate with --split (such as --split test)")  # fmt: skip
+        corpus = open_corpus(cfg.input, split="")  # every split, as --split's help says
+    if not corpus.has_rows():
+        raise InputError(f"input {cfg.input}: no rows found ({corpus.describe()})")
     if evaluate and not corpus.labelled:
         raise InputError(
             f"input {cfg.input}: no labels to evaluate against ({corpus.describe()}, label column "
@@ -498,6 +510,10 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
                              f"with these settings")  # fmt: skip
     else:
         effective = text_settings(cfg, recorded)
+    positions = models.model_config(cfg.model, cfg.trust_remote_code).get("max_position_embeddings")
+    if positions and effective.max_length > positions:
+        raise InputError(f"max_length {effective.max_length} is more than model {cfg.model} has positions for "
+                         f"({positions}); give --max-length {positions} or less")  # fmt: skip
     # The run's identity: the input's content (not its path), what scoring depends on, the model.
     settings = {"text": effective.as_dict(), "split": cfg.split, "include_text": cfg.include_text, "evaluate": evaluate,
                 "columns": [cfg.text_column, cfg.label_column, cfg.id_column]}  # fmt: skip
@@ -673,6 +689,9 @@ def finish(
 def evaluation(cfg: InferConfig) -> dict[str, Any]:
     """metrics.json and report.png from the committed predictions (labelled rows only)."""
     fs, root = filesystem(cfg.output)
+    if fs.get_file_info(join(root, PREDICTIONS)).type == pafs.FileType.NotFound:
+        raise InputError(f"input {cfg.input}: no row could be scored, nothing to evaluate; the reasons are in "
+                         f"{join(cfg.output, QUARANTINE)}")  # fmt: skip
     t = pq.read_table(join(root, PREDICTIONS), columns=["prob_positive", "true_label"], filesystem=fs)
     t = t.filter(t.column("true_label").is_valid())
     if t.num_rows == 0:

@@ -61,9 +61,12 @@ def stage_of(path: str) -> str:
 
 
 def _mark(fs: pafs.FileSystem, where: str, stage: str) -> None:
-    fs.create_dir(where, recursive=True)
-    with fs.open_output_stream(join(where, MARKER)) as f:
-        f.write(json.dumps({"stage": stage, "started": time.time()}).encode())
+    try:
+        fs.create_dir(where, recursive=True)
+        with fs.open_output_stream(join(where, MARKER)) as f:
+            f.write(json.dumps({"stage": stage, "started": time.time()}).encode())
+    except OSError as err:  # read-only, no permission, no space: before any work
+        raise OutputError(f"output {where}: cannot write there ({err})") from err
 
 
 def claim_output(path: str, stage: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -79,10 +80,21 @@ def read_json(path: str) -> Any:
         return json.loads(f.read().decode())
 
 
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: str, obj: Any) -> None:
     """Write JSON that readers see whole or not at all: locally a temporary file and a rename; on
-    an object store one PUT, which becomes visible only once complete."""
-    data = (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+    an object store one PUT, which becomes visible only once complete. NaN and infinities (an
+    ROC AUC of one class) become null: JSON has no such numbers, and strict readers refuse them."""
+    data = (json.dumps(_finite(obj), indent=2, sort_keys=True, default=str, allow_nan=False) + "\n").encode()
     fs, where = filesystem(path)
     if isinstance(fs, pafs.LocalFileSystem):
         os.makedirs(os.path.dirname(where), exist_ok=True)

@@ -303,6 +303,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             cfg, lr=default_lr(model_config)
         )  # the resolved value is what metrics.json records
     plan, problems = plan_workers(cfg, nodes, model_config, manifest["max_length"])
+    positions = model_config.get("max_position_embeddings")
+    if positions and manifest["max_length"] > positions:
+        problems.append(f"data {cfg.data} was prepared with max_length {manifest['max_length']}, more than model "
+                        f"{cfg.model} has positions for ({positions}): prepare it with --max-length {positions} or less")  # fmt: skip
     if cfg.check_resources:
         from bertjob.cluster import cluster_cpus, cluster_gpus
 

@@ -266,3 +266,84 @@ def test_evaluate_metrics_match_a_direct_computation(tiny_classifier_dir, tmp_pa
     assert saved["roc_auc"] == pytest.approx(skm.roc_auc_score(y, p))
     assert np.array_equal(np.array(saved["confusion_matrix"]), skm.confusion_matrix(y, yhat))
     assert (out / "report.png").stat().st_size > 1000
+
+
+def test_what_cannot_be_scored_is_an_error_before_any_work(tiny_classifier_dir, prepared_small, tmp_path):
+    """A head of 3 labels, a max_length past the model's positions, an empty input, an output that
+    cannot be written, and evaluate on a prepared directory without a split: each one clear error,
+    before Ray runs anything; infer on a prepared directory without a split reads every split."""
+    from transformers import AutoModelForSequenceClassification
+
+    from bertjob.outputs import OutputError
+
+    _corpus(tmp_path / "c.parquet", 8, bad=False)
+    base = InferConfig(
+        input=str(tmp_path / "c.parquet"), model=tiny_classifier_dir, output=str(tmp_path / "o")
+    )
+    three = tmp_path / "three"
+    AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir, num_labels=3, ignore_mismatched_sizes=True,
+                                                       id2label={0: "a", 1: "b", 2: "c"}).save_pretrained(three)  # fmt: skip
+    with pytest.raises(ModelError, match="3 labels"):
+        infer.describe(InferConfig(**{**infer.to_dict(base), "model": str(three)}))
+    with pytest.raises(InputError, match="positions for"):
+        infer.describe(InferConfig(**{**infer.to_dict(base), "max_length": 1024}))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(InputError, match="no rows found"):
+        infer.describe(InferConfig(**{**infer.to_dict(base), "input": str(tmp_path / "empty.jsonl")}))
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(OutputError, match="cannot write there"):
+        infer.run(InferConfig(**{**infer.to_dict(base), "output": str(tmp_path / "a-file" / "out")}))
+    on_prepared = InferConfig(**{**infer.to_dict(base), "input": str(prepared_small)})
+    with pytest.raises(InputError, match="--split"):
+        infer.describe(on_prepared, evaluate=True)
+    splits = json.loads((prepared_small / "manifest.json").read_text())["splits"]
+    corpus, _ = infer.describe(on_prepared)
+    assert len(splits) > 1 and {os.path.basename(os.path.dirname(u)) for u in corpus.units} == set(splits)
+
+
+@pytest.mark.integration
+def test_evaluate_says_what_it_cannot_compute(tiny_classifier_dir, tmp_path, ray_local):
+    """One class only: the ROC AUC is undefined, written as null (strict JSON). No row scorable
+    (every label unrecognised): a clear error naming where the reasons are, not a crash."""
+
+    def strict(path):
+        return json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path} holds {c}"))
+
+    rows = _corpus(tmp_path / "one.parquet", 12, bad=False)
+    pq.write_table(pa.Table.from_pylist([{**r, "label": "pos"} for r in rows]), tmp_path / "one.parquet")
+    out = tmp_path / "one"
+    infer.run(
+        InferConfig(input=str(tmp_path / "one.parquet"), model=tiny_classifier_dir, output=str(out)),
+        evaluate=True,
+    )
+    assert (
+        strict(out / "metrics.json")["roc_auc"] is None
+        and strict(out / "manifest.json")["metrics"]["count"] == 12
+    )
+    pq.write_table(
+        pa.Table.from_pylist([{**r, "label": "3 stars"} for r in rows]), tmp_path / "stars.parquet"
+    )
+    cfg = InferConfig(
+        input=str(tmp_path / "stars.parquet"), model=tiny_classifier_dir, output=str(tmp_path / "stars")
+    )
+    with pytest.raises(InputError, match="no row could be scored"):
+        infer.run(cfg, evaluate=True)
+    assert pq.read_table(tmp_path / "stars" / "quarantine").num_rows == 12  # every row, with its reason
+
+
+def test_a_bad_line_found_by_a_reader_is_one_line_of_error(tmp_path, tiny_classifier_dir, ray_local):
+    """A reader meets the bad line inside a Ray task: the user still gets one line, exit status 2."""
+    lines = [json.dumps({"id": i, "text": "a fine film", "label": i % 2}) for i in range(3000)]
+    lines[2500] = '{"id": "broken", "text": "oops", '
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "bertjob", "infer", "--input", str(tmp_path / "bad.jsonl"),
+         "--model", tiny_classifier_dir, "--output", str(tmp_path / "out")],
+        env={**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert last == f"bertjob: error: input {tmp_path / 'bad.jsonl'}, line 2501: not valid JSON " + (
+        "(Expecting property name enclosed in double quotes)"
+    ), last
