@@ -13,6 +13,7 @@ import os
 import re
 import tarfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ GENERIC_FORMATS = {
 SAMPLE_NAME = "aclImdb_sample.tar.gz"
 TAR_SLICES = 1
 PREPARED_FORMAT = "bertjob-prepared/1"
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class InputError(SetupError):
@@ -137,7 +139,7 @@ def open_corpus(
         files = _glob(fs, where)
         if not files:
             raise InputError(f"input {path}: the pattern matches no file")
-        return _generic(fs, os.path.dirname(where.split("*")[0].split("?")[0]), files, opts)
+        return _generic(fs, _glob_base(where), files, opts)
     info = fs.get_file_info(where)
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"input {path}: no such file or directory")
@@ -182,14 +184,30 @@ def _format_of(path: str) -> str | None:
     return GENERIC_FORMATS.get(os.path.splitext(name)[1])
 
 
-def _glob(fs: pafs.FileSystem, pattern: str) -> list[tuple[str, int]]:
+def _glob_base(pattern: str) -> str:
+    """The deepest directory of a glob pattern without a wildcard: where its matches are listed."""
     base = pattern
     while any(ch in base for ch in "*?["):
         base = os.path.dirname(base)
-    listing = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    return base
+
+
+def _glob(fs: pafs.FileSystem, pattern: str) -> list[tuple[str, int]]:
+    """(path, size) of the files a pattern matches, with a shell's meaning: segment by segment, so
+    `*`, `?` and `[...]` never match `/` (gl/*.parquet leaves out gl/backup/a.parquet)."""
+    base = _glob_base(pattern)
+    depth = len(pattern[len(base) :].strip("/").split("/"))  # the segments below the base
+    # Only a pattern that reaches below the base's own entries needs the slower recursive listing.
+    listing = fs.get_file_info(pafs.FileSelector(base, recursive=depth > 1))
     return sorted(
-        (f.path, f.size) for f in listing if f.type == pafs.FileType.File and fnmatch.fnmatch(f.path, pattern)
+        (f.path, f.size) for f in listing if f.type == pafs.FileType.File and _glob_match(f.path, pattern)
     )
+
+
+def _glob_match(path: str, pattern: str) -> bool:
+    # fnmatch alone lets `*` match `/`; matching each segment on its own keeps it within one.
+    names, parts = path.split("/"), pattern.split("/")
+    return len(names) == len(parts) and all(fnmatch.fnmatch(n, p) for n, p in zip(names, parts))
 
 
 def _generic(fs: pafs.FileSystem, root: str, files: list[tuple[str, int]], opts: dict[str, str]) -> Corpus:
@@ -209,7 +227,7 @@ def _generic(fs: pafs.FileSystem, root: str, files: list[tuple[str, int]], opts:
 
 def columns_of(corpus: Corpus, path: str) -> list[str]:
     """The column names of one file, reading as little of it as the format allows."""
-    try:
+    with _file_errors(corpus, path, (OSError, ValueError)):  # ValueError: a first JSONL line not JSON
         if corpus.kind == "parquet":
             with corpus.fs.open_input_file(path) as f:
                 return pq.ParquetFile(f).schema_arrow.names
@@ -217,16 +235,28 @@ def columns_of(corpus: Corpus, path: str) -> list[str]:
             if corpus.kind == "csv":
                 head = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 20))
                 return head.schema.names
-            for line in iter_lines(f):
+            for line in _jsonl_lines(f):
                 if line.strip():
                     row = json.loads(line)
                     if not isinstance(row, dict):
                         raise InputError(f"input {path}: a JSONL line is not an object")
                     return list(row)
             return []
-    except InputError:
+
+
+@contextmanager
+def _file_errors(
+    corpus: Corpus, path: str, errors: tuple[type[Exception], ...] = (OSError, pa.ArrowInvalid)
+) -> Iterator[None]:
+    """Errors reading one file (a malformed CSV row, a corrupt Parquet page, a truncated .gz) as an
+    InputError naming it, with the library's own message. Opening a corpus reads only each file's
+    first block; what is wrong further on is found by a reader, in a Ray read task, where any other
+    error ends the job with a traceback instead of one line."""
+    try:
+        yield
+    except InputError:  # already one line (and a ValueError, which columns_of catches)
         raise
-    except (OSError, pa.ArrowInvalid, ValueError) as err:
+    except errors as err:
         raise InputError(f"input {path}: cannot be read as {corpus.kind} ({err})") from err
 
 
@@ -256,6 +286,13 @@ def iter_lines(f: Any, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         yield from lines
     if rest:
         yield rest
+
+
+def _jsonl_lines(f: Any) -> Iterator[bytes]:
+    """A JSONL stream's lines, less a UTF-8 byte-order mark at the very start (Windows tools write
+    one); one anywhere else stays, to fail as JSON on its own line."""
+    for i, line in enumerate(iter_lines(f)):
+        yield line.removeprefix(UTF8_BOM) if i == 0 else line
 
 
 def _open_text_stream(fs: pafs.FileSystem, path: str) -> Any:
@@ -514,7 +551,7 @@ def _wanted(corpus: Corpus, keys_only: bool) -> list[str]:
 
 
 def _read_parquet(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table]:
-    with corpus.fs.open_input_file(path) as f:
+    with _file_errors(corpus, path), corpus.fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f)
         cols = [c for c in _wanted(corpus, keys_only) if c in pf.schema_arrow.names]
         row = 0
@@ -586,7 +623,7 @@ def _read_csv(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table]:
         quoted_strings_can_be_null=False,
     )
     parse = pacsv.ParseOptions(newlines_in_values=True)
-    with _open_text_stream(corpus.fs, path) as f:
+    with _file_errors(corpus, path), _open_text_stream(corpus.fs, path) as f:
         reader = pacsv.open_csv(
             f,
             read_options=pacsv.ReadOptions(block_size=8 << 20),
@@ -619,8 +656,8 @@ def _read_jsonl(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table
         out = _generic_table(corpus, path, table, row, corpus.split)
         return out.set_column(4, "utf8_replaced", pa.array(bad_utf8, pa.bool_()))
 
-    with _open_text_stream(corpus.fs, path) as f:
-        for lineno, raw_line in enumerate(iter_lines(f), start=1):
+    with _file_errors(corpus, path), _open_text_stream(corpus.fs, path) as f:
+        for lineno, raw_line in enumerate(_jsonl_lines(f), start=1):
             if not raw_line.strip():
                 continue
             line, replaced = decode_text(raw_line)

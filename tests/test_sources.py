@@ -137,3 +137,66 @@ def test_a_corpus_is_labelled_when_its_files_have_the_label_column(tmp_path, imd
     assert not open_corpus(str(tmp_path / "u.jsonl")).labelled
     assert not open_corpus(str(tmp_path / "l.parquet"), label_column="").labelled
     assert open_corpus(str(imdb_small)).labelled
+
+
+def test_a_glob_matches_each_path_segment_like_a_shell(tmp_path):
+    """`*`, `?` and `[...]` never match `/`: gl/*.parquet is the files in gl/, not also gl/backup/'s."""
+    rows = pa.table({"id": ["1", "2", "3"], "text": ["a", "b", "c"], "label": [1, 0, 1]})
+    top, backup = tmp_path / "gl" / "a.parquet", tmp_path / "gl" / "backup" / "a.parquet"
+    backup.parent.mkdir(parents=True)
+    pq.write_table(rows, top)
+    pq.write_table(rows, backup)
+    corpus = open_corpus(str(tmp_path / "gl" / "*.parquet"))
+    assert corpus.units == [str(top)] and read_all(corpus).num_rows == 3
+    assert open_corpus(str(tmp_path / "gl" / "?.parquet")).units == [str(top)]
+    assert open_corpus(str(tmp_path / "gl" / "*" / "a.parquet")).units == [str(backup)]
+    nested = open_corpus(str(tmp_path / "gl" / "b[a]ckup" / "*.parquet"))
+    assert nested.units == [str(backup)]
+    assert read_all(nested).column("id").to_pylist()[0] == "backup/a.parquet:0"  # from gl/, not ../
+    with pytest.raises(InputError, match="matches no file"):
+        open_corpus(str(tmp_path / "g*.parquet"))
+
+
+def test_a_byte_order_mark_opening_a_jsonl_file_is_skipped(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "bom.jsonl").write_bytes(
+        bom + b'{"id":"a","text":"good","label":1}\n{"id":"b","text":"ok"}\n'
+    )
+    t = read_all(open_corpus(str(tmp_path / "bom.jsonl"), id_column="id")).to_pylist()
+    assert [(r["id"], r["text"], r["label"]) for r in t] == [("a", "good", "1"), ("b", "ok", None)]
+    # Also after decompression; a BOM anywhere else is still not JSON, on the line it is on.
+    (tmp_path / "bom.jsonl.gz").write_bytes(
+        gzip.compress(bom + b'{"text":"good"}\n' + bom + b'{"text":"x"}\n')
+    )
+    corpus = open_corpus(str(tmp_path / "bom.jsonl.gz"))
+    with pytest.raises(InputError, match=r"bom.jsonl.gz, line 2: not valid JSON"):
+        read_all(corpus)
+
+
+def test_a_bad_row_or_page_past_the_first_block_is_a_clear_error(tmp_path):
+    """Opening a corpus checks only a file's first block (1 MiB); what is wrong further on is found
+    while reading, in a Ray task, and must be the same one-line InputError naming the file."""
+    lines = [f"{i},good text {'y' * 100},1" for i in range(20_000)]
+    lines[19_000] = "19000,a,b,c,d"  # 5 fields, ~2 MiB into the file
+    (tmp_path / "deep.csv").write_text("id,text,label\n" + "\n".join(lines) + "\n")
+    corpus = open_corpus(str(tmp_path / "deep.csv"))
+    with pytest.raises(InputError, match=r"deep.csv: cannot be read as csv \(.*got 5: 19000,a,b,c,d"):
+        read_all(corpus)
+
+    table = pa.table({"text": [f"text {i}" for i in range(2000)]})
+    pq.write_table(
+        table, tmp_path / "bad.parquet", row_group_size=1000, use_dictionary=False, compression="snappy"
+    )
+    page = pq.ParquetFile(tmp_path / "bad.parquet").metadata.row_group(1).column(0).data_page_offset
+    data = bytearray((tmp_path / "bad.parquet").read_bytes())
+    data[page + 50 : page + 150] = bytes(100)  # in the second row group's values; the footer is intact
+    (tmp_path / "bad.parquet").write_bytes(data)
+    corpus = open_corpus(str(tmp_path / "bad.parquet"))
+    with pytest.raises(InputError, match=r"bad.parquet: cannot be read as parquet \(Corrupt snappy"):
+        read_all(corpus)
+
+    jsonl = gzip.compress(b"".join(b'{"text": "t %d"}\n' % i for i in range(200_000)))
+    (tmp_path / "cut.jsonl.gz").write_bytes(jsonl[: len(jsonl) * 3 // 4])  # a truncated download
+    corpus = open_corpus(str(tmp_path / "cut.jsonl.gz"))
+    with pytest.raises(InputError, match=r"cut.jsonl.gz: cannot be read as jsonl \(Truncated compressed"):
+        read_all(corpus)
