@@ -485,8 +485,6 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
             raise InputError(f"input {cfg.input} is a prepared directory with splits {splits}; choose the one to "
                              f"evaluate with --split (such as --split test)")  # fmt: skip
         corpus = open_corpus(cfg.input, split="")  # every split, as --split's help says
-    if not corpus.has_rows():
-        raise InputError(f"input {cfg.input}: no rows found ({corpus.describe()})")
     if evaluate and not corpus.labelled:
         raise InputError(
             f"input {cfg.input}: no labels to evaluate against ({corpus.describe()}, label column "
@@ -534,6 +532,8 @@ def run(cfg: InferConfig, evaluate: bool = False, replace_changed: bool = False)
     stage = "evaluate" if evaluate else "infer"
     check_access({"input": cfg.input, "model": cfg.model, "output": cfg.output})
     corpus, run_info = describe(cfg, evaluate)
+    if not corpus.has_rows():
+        raise InputError(f"input {cfg.input}: no rows found ({corpus.describe()})")
     effective = run_info["settings"]
     done, already = _resume_state(cfg, run_info, stage, replace_changed)
     if done is None:

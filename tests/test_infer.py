@@ -289,7 +289,7 @@ def test_what_cannot_be_scored_is_an_error_before_any_work(tiny_classifier_dir, 
         infer.describe(InferConfig(**{**infer.to_dict(base), "max_length": 1024}))
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(InputError, match="no rows found"):
-        infer.describe(InferConfig(**{**infer.to_dict(base), "input": str(tmp_path / "empty.jsonl")}))
+        infer.run(InferConfig(**{**infer.to_dict(base), "input": str(tmp_path / "empty.jsonl")}))
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(OutputError, match="cannot write there"):
         infer.run(InferConfig(**{**infer.to_dict(base), "output": str(tmp_path / "a-file" / "out")}))
