@@ -477,14 +477,11 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
     if problems:
         raise models.ModelError("; ".join(problems))
     label_column = cfg.label_column if evaluate or cfg.label_column else ""
-    # `split`: the split a corpus without splits goes to; of a prepared directory, the one to read
-    corpus = open_corpus(cfg.input, cfg.text_column, label_column, cfg.id_column, cfg.split or "train")
-    if corpus.kind == "prepared" and not cfg.split:
-        splits = sorted(corpus.manifest["splits"])  # type: ignore[attr-defined]
-        if evaluate and len(splits) > 1:  # its train rows would make the metrics meaningless
-            raise InputError(f"input {cfg.input} is a prepared directory with splits {splits}; choose the one to "
-                             f"evaluate with --split (such as --split test)")  # fmt: skip
-        corpus = open_corpus(cfg.input, split="")  # every split, as --split's help says
+    corpus = open_corpus(cfg.input, cfg.text_column, label_column, cfg.id_column, cfg.split)
+    splits = sorted(corpus.manifest["splits"]) if corpus.kind == "prepared" else []  # type: ignore[attr-defined]
+    if evaluate and not cfg.split and len(splits) > 1:  # its train rows would make the metrics meaningless
+        raise InputError(f"input {cfg.input} is a prepared directory with splits {splits}; choose the one to "
+                         f"evaluate with --split (such as --split test)")  # fmt: skip
     if evaluate and not corpus.labelled:
         raise InputError(
             f"input {cfg.input}: no labels to evaluate against ({corpus.describe()}, label column "
@@ -508,7 +505,9 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
                              f"with these settings")  # fmt: skip
     else:
         effective = text_settings(cfg, recorded)
-    positions = models.model_config(cfg.model, cfg.trust_remote_code).get("max_position_embeddings")
+    where = models.resolve_model(cfg.model)
+    # A local model's config.json; a hub model's config would import transformers in the driver.
+    positions = models.model_config(where).get("max_position_embeddings") if os.path.isdir(where) else None
     if positions and effective.max_length > positions:
         raise InputError(f"max_length {effective.max_length} is more than model {cfg.model} has positions for "
                          f"({positions}); give --max-length {positions} or less")  # fmt: skip

@@ -129,9 +129,13 @@ def open_corpus(
     id_column: str = "",
     split: str = "train",
 ) -> Corpus:
+    """The corpus at `path`. `split`: of a prepared directory, the split to read (empty: every one);
+    of any other corpus, the split its rows without one of their own go to (empty: train)."""
     if path == "imdb-sample":
         path = sample_path()
-    opts = dict(text_column=text_column, label_column=label_column, id_column=id_column, split=split)
+    opts = dict(
+        text_column=text_column, label_column=label_column, id_column=id_column, split=split or "train"
+    )
     if path.startswith("hf://"):
         return _open_hf(path[len("hf://") :], **opts)
     fs, where = filesystem(path)
