@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from typing import Any
@@ -62,6 +63,23 @@ def alive_nodes() -> list[dict[str, float]]:
     import ray
 
     return [n["Resources"] for n in ray.nodes() if n["Alive"]]
+
+
+def placement_problem(workers: int, cpus: float, gpus: float = 0) -> str | None:
+    """Why `workers` actors of `cpus` CPUs and `gpus` GPUs each do not fit the nodes alive now, or
+    None when they do. Ray would wait for such capacity forever: only an autoscaler can add it."""
+    nodes = alive_nodes()
+
+    def fits(node: dict[str, float]) -> float:  # how many of the actors this node can host
+        return min(
+            node.get("CPU", 0) // cpus if cpus else math.inf, node.get("GPU", 0) // gpus if gpus else math.inf
+        )
+
+    if sum(fits(n) for n in nodes) >= workers:
+        return None
+    each = " and ".join(f"{n:g} {kind}" for n, kind in ((cpus, "CPUs"), (gpus, "GPU")) if n)
+    have = ", ".join(f"{n.get('CPU', 0):g} CPUs/{n.get('GPU', 0):g} GPUs" for n in nodes)
+    return f"{workers} worker(s) of {each} each do not fit the cluster's alive nodes ({have})"
 
 
 def node_cpus() -> int:

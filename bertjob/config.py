@@ -394,6 +394,9 @@ class InferConfig(Settings):
         "num_workers' minimum needs it; on GPU none: all CPUs tokenize)",
         ge=0,
     )
+    check_resources: bool = opt(
+        True, "fail fast when the cluster cannot place the predictors (off on autoscaling clusters)"
+    )
     mixed_precision: str = opt("auto", "auto | bf16 | fp16 | off", choices=PRECISIONS)
     max_length: int = opt(0, "tokens per sequence (0: what the model was trained with)", ge=0, le=8192)
     truncation: str = opt(

@@ -119,9 +119,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     plan, problems = train.plan_workers(cfg, nodes, models.model_config(cfg.model, cfg.trust_remote_code),
                                         cfg.max_length)  # fmt: skip
     if cfg.check_resources:
-        from bertjob.cluster import cluster_cpus, cluster_gpus
-
-        problems += train.check_resources(cfg, plan, cluster_cpus(), cluster_gpus())  # type: ignore[arg-type]
+        problems += train.check_resources(cfg, plan)  # type: ignore[arg-type]
     if problems:
         raise PretrainSetupError("cannot pretrain:\n  - " + "\n  - ".join(problems))
     splits = [s for s in cfg.split_names if manifest["splits"].get(s, {}).get("rows_written", 0) > 0]

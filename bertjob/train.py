@@ -222,22 +222,15 @@ def default_lr(model_config: dict[str, Any]) -> float:
     return 2e-4 if width <= 384 else 5e-5 if width <= 768 else 2e-5
 
 
-def check_resources(cfg: TrainConfig, plan: WorkerPlan, cpus: float, gpus: float) -> list[str]:
-    problems = []
-    least = cfg.num_workers.min  # an elastic run starts with what its minimum needs
-    if cfg.use_gpu and gpus == 0:
-        problems.append(
-            "use_gpu is set but the Ray cluster has no GPU (set --use-gpu false, or add GPU nodes)"
-        )
-    elif cfg.use_gpu and gpus < least:
-        problems.append(f"{least} workers need {least} GPUs; the cluster has {gpus:g}")
-    need = least * plan.cpus
-    if need > cpus:
-        problems.append(
-            f"{least} workers x {plan.cpus:g} CPUs need {need:g} CPUs; the cluster has {cpus:g} "
-            f"(lower --num-workers or --cpus-per-worker; on an autoscaling cluster set --check-resources false)"
-        )
-    return problems
+def check_resources(cfg: TrainConfig, plan: WorkerPlan) -> list[str]:
+    """The minimum worker group must fit the nodes alive now (an elastic run starts with it)."""
+    from bertjob.cluster import cluster_gpus, placement_problem
+
+    if cfg.use_gpu and cluster_gpus() == 0:
+        return ["use_gpu is set but the Ray cluster has no GPU (set --use-gpu false, or add GPU nodes)"]
+    problem = placement_problem(cfg.num_workers.min, plan.cpus, 1 if cfg.use_gpu else 0)
+    return [f"{problem} (lower --num-workers or --cpus-per-worker; on an autoscaling cluster set "
+            f"--check-resources false)"] if problem else []  # fmt: skip
 
 
 def run_identity(cfg: Any, manifest: dict[str, Any], **settings: Any) -> dict[str, Any]:
@@ -308,9 +301,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         problems.append(f"data {cfg.data} was prepared with max_length {manifest['max_length']}, more than model "
                         f"{cfg.model} has positions for ({positions}): prepare it with --max-length {positions} or less")  # fmt: skip
     if cfg.check_resources:
-        from bertjob.cluster import cluster_cpus, cluster_gpus
-
-        problems += check_resources(cfg, plan, cluster_cpus(), cluster_gpus())
+        problems += check_resources(cfg, plan)
     if problems:
         raise TrainSetupError("cannot train:\n  - " + "\n  - ".join(problems))
     check_run_compatible(

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bertjob import infer
-from bertjob.config import InferConfig
+from bertjob.config import InferConfig, SetupError, Workers
 from bertjob.models import ModelError
 from bertjob.sources import InputError
 from tests.conftest import kill_session, review
@@ -299,6 +299,24 @@ def test_what_cannot_be_scored_is_an_error_before_any_work(tiny_classifier_dir, 
     splits = json.loads((prepared_small / "manifest.json").read_text())["splits"]
     corpus, _ = infer.describe(on_prepared)
     assert len(splits) > 1 and {os.path.basename(os.path.dirname(u)) for u in corpus.units} == set(splits)
+
+
+@pytest.mark.integration
+def test_predictors_no_node_can_host_are_an_error_not_a_wait(tiny_classifier_dir, tmp_path, ray_local):
+    """Ray waits forever for an actor that no node can host (and Ray Data with it): more CPUs per
+    predictor than a node has, or a GPU on a cluster without one, is an error at once instead."""
+    _corpus(tmp_path / "c.parquet", 8, bad=False)
+    base = {"input": str(tmp_path / "c.parquet"), "model": tiny_classifier_dir, "output": str(tmp_path / "o")}
+    with pytest.raises(
+        SetupError,
+        match=r"1 worker\(s\) of 4 CPUs each do not fit the cluster's alive nodes \(2 CPUs/0 GPUs\)",
+    ):
+        infer.run(InferConfig(**base, cpus_per_worker=4))
+    with pytest.raises(SetupError, match=r"3 worker\(s\) of 1 CPUs each do not fit"):
+        infer.run(InferConfig(**base, num_workers=Workers(3, 3), cpus_per_worker=1))
+    with pytest.raises(SetupError, match=r"of 1 GPU each do not fit"):
+        infer.run(InferConfig(**base, use_gpu=True, overwrite=True))
+    assert not (tmp_path / "o" / "predictions").exists()
 
 
 @pytest.mark.integration
