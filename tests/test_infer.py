@@ -148,6 +148,7 @@ def _corpus(path, n, bad=True, seed=0, prefix="doc"):
         rows[5]["text"] = "   "
         rows[7]["text"] = "<br /><br />"
         rows[9]["text"] = "great " * 300_000
+        rows[11]["text"] = "\u200b\u200b"  # only characters the tokenizer drops
     pq.write_table(pa.Table.from_pylist(rows), path)
     return rows
 
@@ -164,7 +165,7 @@ def test_infer_scores_every_row_exactly_once_with_bad_rows_quarantined(
     m = infer.run(InferConfig(input=str(d / "*.parquet"), model=tiny_classifier_dir, output=str(out), id_column="id",
                               batch_size=16, num_workers=2, rows_per_shard=100))  # fmt: skip
     assert m["rows_read"] == 500 == m["rows_scored"] + m["rows_quarantined"]
-    assert m["quarantined_by_reason"] == {"empty_text": 2, "null_text": 1}
+    assert m["quarantined_by_reason"] == {"empty_text": 3, "null_text": 1}
     pred = pq.read_table(out / "predictions")
     q = pq.read_table(out / "quarantine")
     ids = pred.column("id").to_pylist() + q.column("id").to_pylist()
