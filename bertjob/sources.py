@@ -239,11 +239,11 @@ def columns_of(corpus: Corpus, path: str) -> list[str]:
             if corpus.kind == "csv":
                 head = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 20))
                 return head.schema.names
-            for line in _jsonl_lines(f):
+            for lineno, line in enumerate(_jsonl_lines(f), start=1):
                 if line.strip():
                     row = json.loads(line)
                     if not isinstance(row, dict):
-                        raise InputError(f"input {path}: a JSONL line is not an object")
+                        raise InputError(f"input {path}, line {lineno}: not a JSON object")
                     return list(row)
             return []
 
@@ -271,8 +271,9 @@ def _check_columns(corpus: Corpus, path: str) -> list[str]:
         return names  # an empty JSONL file adds no rows; the corpus-level emptiness check catches all-empty inputs
     missing = [c for c in (corpus.text_column, corpus.id_column) if c and c not in names]
     if missing:
+        columns = "its first record's keys" if corpus.kind == "jsonl" else "the columns"
         raise InputError(
-            f"input {path}: no column {', '.join(map(repr, missing))}; the columns are {names}. "
+            f"input {path}: no column {', '.join(map(repr, missing))}; {columns} are {names}. "
             f"Set --text-column / --id-column."
         )
     return names
@@ -650,10 +651,15 @@ def _read_csv(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table]:
 
 
 def _read_jsonl(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table]:
+    """A JSONL file's columns are its first record's keys, as a CSV file's are its header: they
+    decide before any work whether the corpus is labelled and has its text and id columns. A later
+    record may lack one (a missing value); one with a value for a column the first record lacks
+    would be read under rules decided without it, so it is an error naming its line."""
     cols = _wanted(corpus, keys_only)
     buf: dict[str, list[Any]] = {c: [] for c in cols}
     row = 0
     bad_utf8: list[bool] = []
+    first: set[str] | None = None  # the columns read that the first record has
 
     def flush() -> pa.Table:
         table = pa.Table.from_pydict({c: pa.array(buf[c], pa.string()) for c in cols})
@@ -669,8 +675,19 @@ def _read_jsonl(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table
                 obj = json.loads(line)  # type: ignore[arg-type]
             except json.JSONDecodeError as err:
                 raise InputError(f"input {path}, line {lineno}: not valid JSON ({err.msg})") from err
+            if not isinstance(obj, dict):
+                raise InputError(f"input {path}, line {lineno}: not a JSON object")
+            if first is None:
+                first = {c for c in cols if c in obj}
+            late = [c for c in cols if c not in first and obj.get(c) is not None]
+            if late:
+                raise InputError(
+                    f"input {path}, line {lineno}: has {' and '.join(map(repr, late))}, which the file's first "
+                    f"record lacks; a JSONL file's columns are its first record's keys: give that record "
+                    f"the key too (null where it has no value)"
+                )
             for c in cols:
-                v = obj.get(c) if isinstance(obj, dict) else None
+                v = obj.get(c)
                 buf[c].append(
                     None
                     if v is None
