@@ -109,6 +109,14 @@ class Corpus:
                 tables.close()
         return False
 
+    def splits(self) -> set[str] | None:
+        """The splits its rows go to, when known without reading them (an IMDb tar's are not)."""
+        if self.kind == "imdb-dir":
+            return {_imdb_split(m) for unit in self.units for m in map(IMDB_FILE.search, unit) if m}
+        if self.kind in ("imdb-tar", "prepared"):
+            return None
+        return {self.split_of_unit.get(unit, self.split) for unit in self.units}
+
     def describe(self) -> str:
         return f"{self.kind} corpus at {self.root} ({len(self.units)} unit(s))"
 
@@ -480,6 +488,11 @@ def _open_hf(name: str, **opts: str) -> Corpus:
 # Readers: one per format, each yielding ROW_SCHEMA tables.
 
 
+def _imdb_split(m: re.Match[str]) -> str:
+    """The split of an IMDb file: its directory's, but train/unsup/ is the unlabelled split."""
+    return "unsup" if m.group(2) == "unsup" else m.group(1)
+
+
 def _imdb_row(rows: dict[str, list[Any]], name: str, raw: bytes | None) -> None:
     m = IMDB_FILE.search(name)
     assert m is not None
@@ -488,7 +501,7 @@ def _imdb_row(rows: dict[str, list[Any]], name: str, raw: bytes | None) -> None:
     rows["id"].append(f"{split}/{polarity}/{rid}")
     rows["text"].append(text)
     rows["label"].append(None if polarity == "unsup" else polarity)
-    rows["split"].append(split if polarity != "unsup" else "unsup")
+    rows["split"].append(_imdb_split(m))
     rows["utf8_replaced"].append(replaced)
 
 
