@@ -8,11 +8,14 @@ same file drives `bertjob pipeline` and each stage's RayJob.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import typing
+from collections.abc import Iterator
 from typing import Any
 
 from bertjob.config import (
@@ -145,32 +148,55 @@ def _split_dotted(argv: list[str]) -> tuple[list[str], dict[str, dict[str, Any]]
     return rest, dotted
 
 
+INTERRUPTED = "bertjob: interrupted; the same command again resumes where this one stopped\n"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kubectl delete pod`, `ray job stop`, `timeout`): raised in the main thread as
+    Ctrl-C raises KeyboardInterrupt, so that the run ends the same way, resumable."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises Terminated while the command runs (`cluster.init_ray` keeps it so)."""
+    before = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
-    try:
-        rest, dotted = _split_dotted(argv)
-        ns = parser.parse_args(rest)
-        logging.basicConfig(
-            level=getattr(logging, str(ns.log_level).upper(), logging.INFO),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
-        args = {k: v for k, v in vars(ns).items() if k not in ("command", "log_level")}
-        cfg = resolve(ns.command, args, dotted)
-        rc = run_command(ns.command, cfg)
-        if "ray" in sys.modules:  # leave Ray now: its exit hook does the same after a 0.5 s sleep
-            import ray
+    with _sigterm_interrupts():
+        try:
+            rest, dotted = _split_dotted(argv)
+            ns = parser.parse_args(rest)
+            logging.basicConfig(
+                level=getattr(logging, str(ns.log_level).upper(), logging.INFO),
+                format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            )
+            args = {k: v for k, v in vars(ns).items() if k not in ("command", "log_level")}
+            cfg = resolve(ns.command, args, dotted)
+            rc = run_command(ns.command, cfg)
+            if "ray" in sys.modules:  # leave Ray now: its exit hook does the same after a 0.5 s sleep
+                import ray
 
-            ray.shutdown()
-        return rc
-    except ConfigError as err:
-        parser.exit(2, f"bertjob: {err}\n")
-    except SetupError as err:  # input, model, output or cluster problems; a reader's bad line
-        parser.exit(2, f"bertjob: error: {_own_words(err)}\n")
-    except JobError as err:
-        parser.exit(1, f"bertjob: error: {_own_words(err)}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, "bertjob: interrupted; the same command again resumes where this one stopped\n")
+                ray.shutdown()
+            return rc
+        except ConfigError as err:
+            parser.exit(2, f"bertjob: {err}\n")
+        except SetupError as err:  # input, model, output or cluster problems; a reader's bad line
+            parser.exit(2, f"bertjob: error: {_own_words(err)}\n")
+        except JobError as err:
+            parser.exit(1, f"bertjob: error: {_own_words(err)}\n")
+        except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: 128 + the signal, as a shell reports it
+            parser.exit(128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT), INTERRUPTED)
     return 0
 
 

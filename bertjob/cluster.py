@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -21,6 +23,7 @@ def init_ray(dashboard: bool = True) -> None:
 
     if ray.is_initialized():
         return
+    own_sigterm = signal.getsignal(signal.SIGTERM)
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -36,6 +39,11 @@ def init_ray(dashboard: bool = True) -> None:
         ray.init(address="local", log_to_driver=True, include_dashboard=None if dashboard else False,
                  _system_config={"num_workers_soft_limit": cpus + 4})  # fmt: skip
         log.info("started a local Ray with %s CPUs", int(ray.cluster_resources().get("CPU", 0)))
+    # ray.init handles SIGTERM itself: in Python by exiting, then in C, installed after that, by
+    # abseil's failure handler, which prints a stack dump and kills the process. The process's own
+    # handling comes back (the CLI's ends the run as Ctrl-C does).
+    if own_sigterm is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, own_sigterm)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

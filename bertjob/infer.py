@@ -40,6 +40,7 @@ from bertjob.metrics import classification_metrics
 from bertjob.outputs import (
     MANIFEST,
     OutputError,
+    a_or_an,
     claim_output,
     ensure_output,
     versions,
@@ -613,7 +614,7 @@ def _resume_state(
         fs, root = filesystem(cfg.output)
         if earlier is not None or len(fs.get_file_info(pafs.FileSelector(root))) > 1:  # more than the marker
             if not replace_changed:
-                raise OutputError(f"output {cfg.output} holds a {stage} run with other (or unknown) inputs or "
+                raise OutputError(f"output {cfg.output} holds {a_or_an(stage)} run with other (or unknown) inputs or "
                                   f"settings; pass --overwrite to replace it")  # fmt: skip
             log.info("%s: inputs or settings changed since %s was written; redoing it", stage, cfg.output)
     claim_output(cfg.output, stage)

@@ -46,10 +46,15 @@ def _existing(path: str, stage: str, own: tuple[str, ...] = ()) -> tuple[pafs.Fi
     owner = stage_of(path) if names else stage
     if owner != stage:
         raise OutputError(
-            f"output {path} holds a {owner} output, which `bertjob {stage}` never replaces; "
+            f"output {path} holds {a_or_an(owner)} output, which `bertjob {stage}` never replaces; "
             f"choose another directory"
         )
     return fs, where, names
+
+
+def a_or_an(word: str) -> str:
+    """The word after its indefinite article: "a train", "an infer", "an evaluate"."""
+    return ("an " if word[:1].lower() in ("a", "e", "i", "o", "u") else "a ") + word
 
 
 def stage_of(path: str) -> str:

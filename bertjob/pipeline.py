@@ -9,26 +9,26 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Collection
 from typing import Any
 
 from bertjob import infer, models, prepare, pretrain, train
 from bertjob.cluster import init_ray
-from bertjob.config import PipelineConfig, PrepareConfig, to_dict
+from bertjob.config import InferConfig, PipelineConfig, PrepareConfig, to_dict
 from bertjob.identity import identity, model_fingerprint
 from bertjob.outputs import MANIFEST, ensure_output
-from bertjob.sources import open_corpus
+from bertjob.sources import Corpus, InputError, open_corpus
 from bertjob.storage import check_access, exists, join, read_json, write_json
 
 log = logging.getLogger(__name__)
 
 
-def _prepared_is_current(cfg: PrepareConfig) -> dict[str, Any] | None:
+def _prepared_is_current(cfg: PrepareConfig, corpus: Corpus) -> dict[str, Any] | None:
     """The prepared output's manifest when it was made from this very input content and settings."""
     path = join(cfg.output, MANIFEST)
     if not exists(path):
         return None
     manifest = read_json(path)
-    corpus = open_corpus(cfg.input, cfg.text_column, cfg.label_column, cfg.id_column, cfg.split)
     fingerprint = models.tokenizer_info(cfg.model, cfg.trust_remote_code)["fingerprint"]
     return manifest if manifest.get("identity") == prepare.identity_of(cfg, corpus, fingerprint) else None
 
@@ -56,16 +56,46 @@ def _finished(cfg: Any) -> dict[str, Any] | None:
     return None
 
 
+def scoring_stages(cfg: PipelineConfig, splits: Collection[str]) -> dict[str, InferConfig]:
+    """The evaluate and infer runs, given the splits of the prepared data: evaluate reads its test
+    split (skipped without one), infer the corpus to score, else the unsup split, else test. A
+    pipeline left with nothing to score at its end is an InputError, raised before any work when
+    the corpus' splits are known (all but an IMDb tar's), else before training."""
+    prepared = cfg.path("prepared")
+    stages = {stage: cfg.stage(stage) for stage in ("evaluate", "infer")}
+    if stages["evaluate"].input == prepared and stages["evaluate"].split not in splits:
+        del stages["evaluate"]
+    scored = stages["infer"]
+    if scored.input == prepared and scored.split == "unsup" and "unsup" not in splits:
+        scored = stages["infer"] = dataclasses.replace(scored, split="test")
+    if scored.input == prepared and scored.split not in splits:
+        if scored.split == "test" and "evaluate" not in stages:
+            lacks = "no test split to evaluate on, nor an unsup split to score at the end"
+        else:
+            lacks = f"no {scored.split} split for the infer stage to score"
+        raise InputError(
+            f"input {cfg.input}: {lacks} (the prepared splits: {', '.join(sorted(splits))}). Use a corpus "
+            f"with a test split (an IMDb layout with test/pos and test/neg; every row of a Parquet, CSV or "
+            f"JSONL corpus goes to one split, --prepare.split), or name a corpus to score with --infer-input "
+            f"CORPUS: the pipeline then runs without evaluate (or evaluates on --evaluate.input LABELLED_CORPUS)"
+        )
+    return stages
+
+
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     started = time.time()
     check_access({"input": cfg.input, "output_dir": cfg.output_dir, "storage_path": cfg.storage_path,
                   "infer_input": cfg.infer_input})  # fmt: skip
+    p_cfg = cfg.stage("prepare")
+    corpus = open_corpus(p_cfg.input, p_cfg.text_column, p_cfg.label_column, p_cfg.id_column, p_cfg.split)
+    splits = prepare.splits_written(p_cfg, corpus)
+    if splits is not None:
+        scoring_stages(cfg, splits)  # nothing to score at the end: an error now, not after training
     summary: dict[str, Any] = {"output_dir": cfg.output_dir, "stages": {}}
     ensure_output(cfg.output_dir, "pipeline", own=OWN_ENTRIES)  # never another job's directory
 
     # 1. prepare
-    p_cfg = cfg.stage("prepare")
-    manifest = _prepared_is_current(p_cfg)
+    manifest = _prepared_is_current(p_cfg, corpus)
     reused = manifest is not None
     if reused:
         log.info("pipeline: prepare: reusing %s (same input and settings)", p_cfg.output)
@@ -77,6 +107,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         "rows": {k: v["rows_written"] for k, v in manifest["splits"].items()},
         "rows_per_s": round(manifest["rows_read"] / manifest["wall_s"], 1) if manifest.get("wall_s") else None,
     }  # fmt: skip
+    scoring = scoring_stages(cfg, manifest["splits"])  # an IMDb tar's splits are known from here on
 
     # 1b. pretrain (optional, off by default): masked-LM on the prepared unsup+train text; train then
     #     starts from its model. Its run name carries its identity, as train's below.
@@ -111,13 +142,9 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     }  # fmt: skip
 
     # 3. evaluate on the test split, 4. infer on the corpus to score (completed runs are reused).
-    for stage in ("evaluate", "infer"):
-        s_cfg = cfg.stage(stage)
-        if stage == "evaluate" and "test" not in manifest["splits"]:
-            log.info("pipeline: evaluate: the prepared data has no test split; skipped")
-            continue
-        if stage == "infer" and not cfg.infer_input and "unsup" not in manifest["splits"]:
-            s_cfg = dataclasses.replace(s_cfg, split="test")
+    if "evaluate" not in scoring:
+        log.info("pipeline: evaluate: the prepared data has no test split; skipped")
+    for stage, s_cfg in scoring.items():
         # An output from other inputs or settings (a retrained model, include_text...) is redone.
         out = infer.run(s_cfg, evaluate=stage == "evaluate", replace_changed=True)
         summary["stages"][stage] = {

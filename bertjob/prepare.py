@@ -378,6 +378,15 @@ def remove_unfinished(output: str, finished: Iterable[str]) -> list[str]:
     return gone
 
 
+def splits_written(cfg: PrepareConfig, corpus: Corpus) -> set[str] | None:
+    """The splits prepare writes of the corpus, when they are known before reading it: the
+    corpus' own, and validation's share of train."""
+    splits = corpus.splits()
+    if splits is not None and TRAIN in splits and cfg.validation_fraction > 0:
+        return splits | {VALIDATION}
+    return splits
+
+
 def run(cfg: PrepareConfig) -> dict[str, Any]:
     """Run the prepare job; returns the manifest."""
     import ray

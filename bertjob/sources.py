@@ -109,6 +109,14 @@ class Corpus:
                 tables.close()
         return False
 
+    def splits(self) -> set[str] | None:
+        """The splits its rows go to, when known without reading them (an IMDb tar's are not)."""
+        if self.kind == "imdb-dir":
+            return {_imdb_split(m) for unit in self.units for m in map(IMDB_FILE.search, unit) if m}
+        if self.kind in ("imdb-tar", "prepared"):
+            return None
+        return {self.split_of_unit.get(unit, self.split) for unit in self.units}
+
     def describe(self) -> str:
         return f"{self.kind} corpus at {self.root} ({len(self.units)} unit(s))"
 
@@ -239,11 +247,11 @@ def columns_of(corpus: Corpus, path: str) -> list[str]:
             if corpus.kind == "csv":
                 head = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 20))
                 return head.schema.names
-            for line in _jsonl_lines(f):
+            for lineno, line in enumerate(_jsonl_lines(f), start=1):
                 if line.strip():
                     row = json.loads(line)
                     if not isinstance(row, dict):
-                        raise InputError(f"input {path}: a JSONL line is not an object")
+                        raise InputError(f"input {path}, line {lineno}: not a JSON object")
                     return list(row)
             return []
 
@@ -271,8 +279,9 @@ def _check_columns(corpus: Corpus, path: str) -> list[str]:
         return names  # an empty JSONL file adds no rows; the corpus-level emptiness check catches all-empty inputs
     missing = [c for c in (corpus.text_column, corpus.id_column) if c and c not in names]
     if missing:
+        columns = "its first record's keys" if corpus.kind == "jsonl" else "the columns"
         raise InputError(
-            f"input {path}: no column {', '.join(map(repr, missing))}; the columns are {names}. "
+            f"input {path}: no column {', '.join(map(repr, missing))}; {columns} are {names}. "
             f"Set --text-column / --id-column."
         )
     return names
@@ -479,6 +488,11 @@ def _open_hf(name: str, **opts: str) -> Corpus:
 # Readers: one per format, each yielding ROW_SCHEMA tables.
 
 
+def _imdb_split(m: re.Match[str]) -> str:
+    """The split of an IMDb file: its directory's, but train/unsup/ is the unlabelled split."""
+    return "unsup" if m.group(2) == "unsup" else m.group(1)
+
+
 def _imdb_row(rows: dict[str, list[Any]], name: str, raw: bytes | None) -> None:
     m = IMDB_FILE.search(name)
     assert m is not None
@@ -487,7 +501,7 @@ def _imdb_row(rows: dict[str, list[Any]], name: str, raw: bytes | None) -> None:
     rows["id"].append(f"{split}/{polarity}/{rid}")
     rows["text"].append(text)
     rows["label"].append(None if polarity == "unsup" else polarity)
-    rows["split"].append(split if polarity != "unsup" else "unsup")
+    rows["split"].append(_imdb_split(m))
     rows["utf8_replaced"].append(replaced)
 
 
@@ -650,10 +664,15 @@ def _read_csv(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table]:
 
 
 def _read_jsonl(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table]:
+    """A JSONL file's columns are its first record's keys, as a CSV file's are its header: they
+    decide before any work whether the corpus is labelled and has its text and id columns. A later
+    record may lack one (a missing value); one with a value for a column the first record lacks
+    would be read under rules decided without it, so it is an error naming its line."""
     cols = _wanted(corpus, keys_only)
     buf: dict[str, list[Any]] = {c: [] for c in cols}
     row = 0
     bad_utf8: list[bool] = []
+    first: set[str] | None = None  # the columns read that the first record has
 
     def flush() -> pa.Table:
         table = pa.Table.from_pydict({c: pa.array(buf[c], pa.string()) for c in cols})
@@ -669,8 +688,19 @@ def _read_jsonl(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table
                 obj = json.loads(line)  # type: ignore[arg-type]
             except json.JSONDecodeError as err:
                 raise InputError(f"input {path}, line {lineno}: not valid JSON ({err.msg})") from err
+            if not isinstance(obj, dict):
+                raise InputError(f"input {path}, line {lineno}: not a JSON object")
+            if first is None:
+                first = {c for c in cols if c in obj}
+            late = [c for c in cols if c not in first and obj.get(c) is not None]
+            if late:
+                raise InputError(
+                    f"input {path}, line {lineno}: has {' and '.join(map(repr, late))}, which the file's first "
+                    f"record lacks; a JSONL file's columns are its first record's keys: give that record "
+                    f"the key too (null where it has no value)"
+                )
             for c in cols:
-                v = obj.get(c) if isinstance(obj, dict) else None
+                v = obj.get(c)
                 buf[c].append(
                     None
                     if v is None

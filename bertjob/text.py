@@ -253,12 +253,14 @@ def tokenize_rows(
 ) -> Tokenized:
     """Clean, quarantine and tokenize rows: the one path of prepare, infer and evaluate.
 
-    A row is quarantined for a null text, a text that cleans to nothing, and, with `check_labels`
-    (a labelled corpus), an unrecognised or missing label outside the unlabelled split (whose
-    labels, such as the Hugging Face IMDb's -1, are ignored). Text reasons come first. Huge texts
-    keep `max_chars_per_end` characters of each end before tokenizing. Scoring needs no exact
-    `full_lengths` (prepare's statistics do): without `exact_lengths`, long texts are tokenized at
-    their ends only (`encode_texts`).
+    A row is quarantined for a null text, a text that cleans or tokenizes to nothing, and, with
+    `check_labels` (a labelled corpus), an unrecognised or missing label outside the unlabelled
+    split (whose labels, such as the Hugging Face IMDb's -1, are ignored). Text reasons come first,
+    but a text found empty only by tokenizing it (zero-width spaces, control characters: characters
+    the tokenizer drops) with a bad label keeps the label's reason: such texts are looked for among
+    the rows tokenized. Huge texts keep `max_chars_per_end` characters of each end before
+    tokenizing. Scoring needs no exact `full_lengths` (prepare's statistics do): without
+    `exact_lengths`, long texts are tokenized at their ends only (`encode_texts`).
     """
     n = len(texts)
     labels = [parse_label(v) for v in raw_labels]
@@ -277,6 +279,15 @@ def tokenize_rows(
         if reasons[i] is None:
             cleaned[i], capped[i] = cap_chars(text, s.max_chars_per_end)
     input_ids, full = encode_texts(cleaned, encoder, s.max_length, s.truncation, s.head_tokens, exact_lengths)
+    # Characters the tokenizer drops (zero-width spaces, control characters) clean to a text without
+    # a token: quarantined as empty too. Rare, so those rows are simply tokenized again without it.
+    tokenless = np.flatnonzero(full == 2)  # [CLS] and [SEP] only
+    if len(tokenless):
+        for i in tokenless:
+            reasons[i], cleaned[i], capped[i] = EMPTY_TEXT, None, False
+        input_ids, full = encode_texts(
+            cleaned, encoder, s.max_length, s.truncation, s.head_tokens, exact_lengths
+        )
     quarantined = [t[:QUARANTINE_TEXT_CHARS] if r and t is not None else None for t, r in zip(texts, reasons)]
     return Tokenized(
         labels, reasons, input_ids, full, (full > s.max_length) | capped, capped, cleaned, quarantined

@@ -69,14 +69,16 @@ def test_tokenize_batch_quarantines_bad_rows_and_hashes_labelled_train_rows(tiny
 
 
 # null, empty, whitespace-only, HTML-only, huge, unrecognised label, null text with a bad label,
-# missing label, an unlabelled-split row without a label
+# missing label, an unlabelled-split row without a label, only zero-width spaces, only control
+# characters (both clean to text the tokenizer drops whole)
 TRICKY = [
     ("r0", "a b <br /> c &amp; d", "pos", "test"), ("r1", None, "neg", "test"), ("r2", "", "neg", "test"),
     ("r3", "  \t\n ", "1", "test"), ("r4", "<br /><br />", "0", "test"), ("r5", "a b c d e f g h i j " * 500, "pos", "test"),
     ("r6", "a b", "maybe", "test"), ("r7", None, "maybe", "test"), ("r8", "a b c", None, "test"), ("r9", "b c", None, "unsup"),
+    ("r10", "\u200b\u200b", "pos", "test"), ("r11", "\x00\x07 \x7f", "neg", "unsup"),
 ]  # fmt: skip
 TRICKY_REASONS = [None, "null_text", "empty_text", "empty_text", "empty_text", None, "unrecognised_label",
-                  "null_text", "missing_label", None]  # fmt: skip
+                  "null_text", "missing_label", None, "empty_text", "empty_text"]  # fmt: skip
 
 
 def test_prepare_and_infer_tokenize_tricky_rows_alike(tiny_model_dir):
@@ -92,6 +94,9 @@ def test_prepare_and_infer_tokenize_tricky_rows_alike(tiny_model_dir):
     assert prepared.column("reason").to_pylist() == TRICKY_REASONS == scored.column("reason").to_pylist()
     assert prepared.column("input_ids").to_pylist() == scored.column("input_ids").to_pylist()
     assert prepared.column("capped").to_pylist()[5] and len(prepared.column("input_ids")[5]) == 16
+    quarantined = [i for i, r in enumerate(TRICKY_REASONS) if r]
+    assert all(len(prepared.column("input_ids")[i]) == 0 for i in quarantined)  # never [CLS] [SEP]
+    assert prepared.column("raw_text").to_pylist()[10] == "\u200b\u200b"  # kept for inspection
     # infer (no labels checked) scores the rows with bad or missing labels
     plain = tokenize_table(t, enc, cfg.text_settings(), evaluate=False).column("reason").to_pylist()
     assert plain == [r if r in ("null_text", "empty_text") else None for r in TRICKY_REASONS]

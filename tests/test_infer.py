@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -148,6 +149,7 @@ def _corpus(path, n, bad=True, seed=0, prefix="doc"):
         rows[5]["text"] = "   "
         rows[7]["text"] = "<br /><br />"
         rows[9]["text"] = "great " * 300_000
+        rows[11]["text"] = "\u200b\u200b"  # only characters the tokenizer drops
     pq.write_table(pa.Table.from_pylist(rows), path)
     return rows
 
@@ -164,7 +166,7 @@ def test_infer_scores_every_row_exactly_once_with_bad_rows_quarantined(
     m = infer.run(InferConfig(input=str(d / "*.parquet"), model=tiny_classifier_dir, output=str(out), id_column="id",
                               batch_size=16, num_workers=2, rows_per_shard=100))  # fmt: skip
     assert m["rows_read"] == 500 == m["rows_scored"] + m["rows_quarantined"]
-    assert m["quarantined_by_reason"] == {"empty_text": 2, "null_text": 1}
+    assert m["quarantined_by_reason"] == {"empty_text": 3, "null_text": 1}
     pred = pq.read_table(out / "predictions")
     q = pq.read_table(out / "quarantine")
     ids = pred.column("id").to_pylist() + q.column("id").to_pylist()
@@ -198,7 +200,13 @@ def test_a_cpu_predictor_takes_a_nodes_cpus_unless_the_worker_count_needs_fewer(
 
 
 @pytest.mark.integration
-def test_a_killed_infer_resumes_with_exactly_one_row_per_input(tiny_classifier_dir, tmp_path, ray_local):
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
+def test_a_stopped_infer_resumes_with_exactly_one_row_per_input(
+    stop, tiny_classifier_dir, tmp_path, ray_local
+):
+    """SIGKILL of the driver and its local Ray (a lost node), or SIGTERM of the driver alone (what
+    `kubectl delete pod`, `ray job stop` and `timeout` send), which ends the run as Ctrl-C does: one
+    line, exit status 143, no stack dump. Either way the same command again completes the output."""
     d = tmp_path / "corpus"
     d.mkdir()
     units, per_unit = 6, 4000
@@ -208,18 +216,27 @@ def test_a_killed_infer_resumes_with_exactly_one_row_per_input(tiny_classifier_d
     out = tmp_path / "out"
     args = [sys.executable, "-m", "bertjob", "infer", "--input", str(d), "--model", tiny_classifier_dir,
             "--output", str(out), "--batch-size", "16", "--num-workers", "2", "--rows-per-shard", "200"]  # fmt: skip
-    proc = subprocess.Popen(
-        args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    with open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         # Two predictors score a unit (4,000 rows) per wave of ~1 s on 2 cores and a write commits
-        # whole units, so the first file lands seconds before the last: the kill comes mid-run.
+        # whole units, so the first file lands seconds before the last: the stop comes mid-run.
         deadline = time.time() + 180
         while time.time() < deadline and not list((out / "predictions").glob("*.parquet")):
             time.sleep(0.05)
+        if stop == "SIGTERM":
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     finally:
-        kill_session(proc.pid)
+        kill_session(proc.pid)  # SIGKILL's stop; after SIGTERM, anything left behind
         proc.wait()
+    if stop == "SIGTERM":
+        err = (tmp_path / "stderr").read_text()
+        assert (
+            err.strip().splitlines()[-1]
+            == "bertjob: interrupted; the same command again resumes where this one stopped"
+        )
+        assert "SIGTERM received" not in err and "Traceback" not in err, err[-3000:]
     partial = len(pq.read_table(out / "predictions")) if (out / "predictions").exists() else 0
     assert 0 < partial < total and not (out / "manifest.json").exists()
     m = infer.run(

@@ -20,6 +20,9 @@ def test_a_stage_never_deletes_another_stages_output(tmp_path):
     with pytest.raises(OutputError, match=r"prepare output"):
         ensure_output(str(tmp_path / "prepared"), "train")
     ensure_output(str(run), "train")  # its own: kept as it is
+    claim_output(str(tmp_path / "scored"), "infer")
+    with pytest.raises(OutputError, match=r"holds an infer output"):
+        ensure_output(str(tmp_path / "scored"), "evaluate")
     claim_output(str(tmp_path / "prepared"), "prepare")  # its own: prepare's rerun replaces it
 
 
@@ -52,7 +55,7 @@ def test_infer_replaces_its_own_output_only_with_overwrite(tmp_path, tiny_classi
     (out / "predictions" / "part-0.parquet").write_bytes(b"an earlier run of unknown inputs")
     cfg = InferConfig(input="unused", model=tiny_classifier_dir, output=str(out))
     run_info = {"identity": "x", "units": 1}
-    with pytest.raises(OutputError, match="--overwrite"):
+    with pytest.raises(OutputError, match="holds an infer run with other .* pass --overwrite"):
         infer._resume_state(cfg, run_info, "infer")
     assert (out / "predictions" / "part-0.parquet").exists()
     infer._resume_state(InferConfig(**{**infer.to_dict(cfg), "overwrite": True}), run_info, "infer")

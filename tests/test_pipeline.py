@@ -2,11 +2,13 @@
 
 import json
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bertjob import pipeline
+from bertjob import pipeline, prepare
 from bertjob.config import PipelineConfig, build
+from bertjob.sources import InputError, open_corpus
 from tests.conftest import make_imdb_dir
 
 pytestmark = pytest.mark.integration
@@ -43,3 +45,31 @@ def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, tiny_model_dir, ra
     assert third["stages"]["train"]["reused"] and third["stages"]["infer"]["rows_scored"] == 10
     scored = pq.read_table(tmp_path / "out" / "infer" / "predictions")
     assert "text" in scored.column_names and scored.num_rows == 10
+
+
+def test_a_corpus_with_nothing_to_evaluate_or_score_fails_before_any_work(tmp_path, tiny_model_dir):
+    """Without a test split, an unsup split or a corpus to score, the pipeline trained, skipped
+    evaluate, then failed to find the test split to score: now one clear error before any work.
+    A corpus to score (--infer-input) or an unsup split is the way to run it without evaluate."""
+    rows = [{"text": "great fun" if i % 2 else "awful bore", "label": i % 2} for i in range(20)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    settings = {"output_dir": str(tmp_path / "out"), "model": tiny_model_dir, "max_length": 32}
+    for corpus in (tmp_path / "train.parquet", make_imdb_dir(tmp_path / "imdb", {"train": 3})):
+        cfg = build(PipelineConfig, {**settings, "input": str(corpus)})
+        with pytest.raises(InputError, match=r"no test split to evaluate on, nor an unsup split .*train, "
+                           r"validation\). .*--infer-input CORPUS: the pipeline then runs without evaluate"):  # fmt: skip
+            pipeline.run(cfg)
+        assert not (tmp_path / "out").exists()  # nothing prepared, nothing trained
+    train_only = {**settings, "input": str(tmp_path / "train.parquet")}
+    to_score = build(PipelineConfig, {**train_only, "infer_input": str(tmp_path / "train.parquet")})
+    written = prepare.splits_written(to_score.stage("prepare"), open_corpus(to_score.input))
+    assert written == {"train", "validation"}
+    assert list(pipeline.scoring_stages(to_score, {"train", "validation"})) == ["infer"]
+    evaluated = build(PipelineConfig, {**train_only, "infer_input": str(tmp_path / "train.parquet"),
+                                       "evaluate": {"input": str(tmp_path / "train.parquet")}})  # fmt: skip
+    assert list(pipeline.scoring_stages(evaluated, {"train", "validation"})) == ["evaluate", "infer"]
+    with_unsup = make_imdb_dir(tmp_path / "u", {"train": 3, "unsup": 2})
+    unsup = build(PipelineConfig, {**settings, "input": str(with_unsup)})
+    splits = prepare.splits_written(unsup.stage("prepare"), open_corpus(unsup.input))
+    assert splits == {"train", "validation", "unsup"}
+    assert {k: v.split for k, v in pipeline.scoring_stages(unsup, splits).items()} == {"infer": "unsup"}

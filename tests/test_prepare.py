@@ -45,7 +45,7 @@ def test_imdb_layout_gives_exact_stratified_splits_and_a_balanced_manifest(prepa
 def test_bad_rows_are_quarantined_with_reasons_and_counts_balance(tmp_path, tiny_model_dir, ray_local):
     rows = [
         ("good one great", "pos"), ("bad one awful", "negative"), (None, "pos"), ("", "neg"), ("   \n\t ", "1"),
-        ("fine movie", "maybe"), ("<br /><br />", "0"), ("great " * 2_000_000, "POS"),
+        ("fine movie", "maybe"), ("<br /><br />", "0"), ("great " * 2_000_000, "POS"), ("\u200b\u200b", "pos"),
     ]  # fmt: skip
     lines = []
     for i, (text, label) in enumerate(rows):
@@ -58,13 +58,13 @@ def test_bad_rows_are_quarantined_with_reasons_and_counts_balance(tmp_path, tiny
     m = prepare.run(PrepareConfig(input=str(tmp_path / "in.jsonl"), output=str(out), model=tiny_model_dir,
                                   max_length=32, head_tokens=8, id_column="rid", validation_fraction=0.0))  # fmt: skip
     train = m["splits"]["train"]
-    assert train["rows_read"] == 11 == train["rows_written"] + train["rows_quarantined"]
+    assert train["rows_read"] == 12 == train["rows_written"] + train["rows_quarantined"]
     assert sum(train["label_counts"].values()) == train["rows_written"]
-    assert train["quarantined_by_reason"] == {"empty_text": 3, "missing_label": 2, "null_text": 1,
+    assert train["quarantined_by_reason"] == {"empty_text": 4, "missing_label": 2, "null_text": 1,
                                               "unrecognised_label": 1}  # fmt: skip
     assert train["utf8_replaced"] == 1 and train["capped_chars"] == 1
     q = pq.read_table(out / "quarantine")
-    assert sorted(q.column("id").to_pylist()) == ["nokey", "nolabel", "r2", "r3", "r4", "r5", "r6"]
+    assert sorted(q.column("id").to_pylist()) == ["nokey", "nolabel", "r2", "r3", "r4", "r5", "r6", "r8"]
     written = pq.read_table(out / "train")
     assert sorted(written.column("id").to_pylist()) == ["latin", "r0", "r1", "r7"]
     huge = written.filter(pa.compute.equal(written.column("id"), "r7")).column("length").to_pylist()

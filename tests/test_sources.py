@@ -200,3 +200,31 @@ def test_a_bad_row_or_page_past_the_first_block_is_a_clear_error(tmp_path):
     corpus = open_corpus(str(tmp_path / "cut.jsonl.gz"))
     with pytest.raises(InputError, match=r"cut.jsonl.gz: cannot be read as jsonl \(Truncated compressed"):
         read_all(corpus)
+
+
+def test_a_jsonl_files_columns_are_its_first_records_keys_and_no_later_value_is_dropped(tmp_path):
+    """A later record without a column is a missing value; keys the reader does not use are ignored;
+    a value under a column the first record lacks (which decided, before any work, that the corpus
+    is unlabelled) is one error naming the file and line, not a row read as if it had none."""
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text('{"id": "a", "text": "good", "label": 1}\n{"id": "b", "text": "fine", "stars": 5}\n'
+                  '{"text": "meh", "label": null}\n')  # fmt: skip
+    t = read_all(open_corpus(str(ok), id_column="id")).to_pylist()
+    assert [(r["id"], r["text"], r["label"]) for r in t] == [("a", "good", "1"), ("b", "fine", None), ("ok.jsonl:2", "meh", None)]  # fmt: skip
+    late = tmp_path / "late.jsonl"
+    late.write_text(
+        '{"text": "no label yet"}\n{"text": "x", "label": null}\n\n{"text": "great", "label": "pos"}\n'
+    )
+    corpus = open_corpus(str(late))
+    assert not corpus.labelled
+    first_line_lacks = r"late.jsonl, line 4: has 'label', which the file's first record lacks; .*\(null where"
+    with pytest.raises(InputError, match=first_line_lacks):
+        corpus.has_rows()  # what prepare and infer check before any work
+    with pytest.raises(InputError, match=first_line_lacks):
+        read_all(corpus)
+    (tmp_path / "notext.jsonl").write_text('{"label": 1}\n{"text": "a", "label": 0}\n')
+    with pytest.raises(InputError, match=r"no column 'text'; its first record's keys are \['label'\]"):
+        open_corpus(str(tmp_path / "notext.jsonl"))
+    (tmp_path / "list.jsonl").write_text('{"text": "a"}\n["b"]\n')
+    with pytest.raises(InputError, match=r"list.jsonl, line 2: not a JSON object"):
+        read_all(open_corpus(str(tmp_path / "list.jsonl")))
