@@ -54,6 +54,6 @@ def test_pipeline_redoes_prepare_when_the_corpus_is_replaced_at_the_same_path(tm
     manifest = {"identity": prepare.identity_of(p_cfg, open_corpus(str(path)), fp), "config": to_dict(p_cfg)}
     os.makedirs(p_cfg.output)
     (tmp_path / "out" / "prepared" / "manifest.json").write_text(json.dumps(manifest))
-    assert pipeline._prepared_is_current(p_cfg) == manifest
+    assert pipeline._prepared_is_current(p_cfg, open_corpus(str(path))) == manifest
     _write(path, ["great film!", "awful film!"])  # same path, other reviews
-    assert pipeline._prepared_is_current(p_cfg) is None
+    assert pipeline._prepared_is_current(p_cfg, open_corpus(str(path))) is None
