@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from bertjob import infer
+from bertjob import infer, models
 from bertjob.config import InferConfig, SetupError, Workers
 from bertjob.models import ModelError
 from bertjob.sources import InputError
@@ -250,8 +250,10 @@ def test_a_stopped_infer_resumes_with_exactly_one_row_per_input(
 @pytest.mark.integration
 def test_the_driver_of_infer_never_imports_torch(tiny_classifier_dir, tmp_path, ray_local):
     """Only the predictor actors score: the driver, and the read and write tasks that unpickle this
-    module's sink, skip torch's import (~1.3 s of CPU per process on a small machine)."""
+    module's sink, skip torch's import (~1.3 s of CPU per process on a small machine), once the
+    model's tokenizer has been read on this machine (its record cached, as after any first run)."""
     _corpus(tmp_path / "reviews.parquet", 40, bad=False)
+    models.tokenizer_record(tiny_classifier_dir)
     script = "import sys; from bertjob import cli; rc = cli.main(sys.argv[1:]); sys.exit(rc or ('torch' in sys.modules and 'the driver imported torch'))"
     done = subprocess.run(
         [sys.executable, "-c", script, "infer", "--input", str(tmp_path / "reviews.parquet"),
