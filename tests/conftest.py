@@ -20,6 +20,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("BERTJOB_CACHE", tempfile.mkdtemp(prefix="bertjob-test-cache-"))  # not ~/.cache
+# Ray Train's controller polls its workers every 2 s, and a worker's report (each checkpoint) waits
+# until the previous one was collected: our tiny runs checkpoint every few steps, so they were paced
+# by that poll, not by training. Every driver here (this process, the CLI subprocesses, the
+# multi-node clusters' jobs) passes this on to its controller, as Ray Train propagates it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 POS_WORDS = "great wonderful superb loved brilliant excellent moving fun beautiful best".split()
 NEG_WORDS = "awful terrible boring hated worst dull poor waste bad stupid".split()
