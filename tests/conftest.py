@@ -24,7 +24,7 @@ os.environ.setdefault("BERTJOB_CACHE", tempfile.mkdtemp(prefix="bertjob-test-cac
 # until the previous one was collected: our tiny runs checkpoint every few steps, so they were paced
 # by that poll, not by training. Every driver here (this process, the CLI subprocesses, the
 # multi-node clusters' jobs) passes this on to its controller, as Ray Train propagates it.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 POS_WORDS = "great wonderful superb loved brilliant excellent moving fun beautiful best".split()
 NEG_WORDS = "awful terrible boring hated worst dull poor waste bad stupid".split()

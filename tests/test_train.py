@@ -137,9 +137,12 @@ def test_a_killed_worker_then_a_killed_job_resume_at_the_exact_sample_with_fewer
             p for p in psutil.process_iter() if _in_session(p, proc.pid) and "RayTrainWorker" in _cmd(p)
         ]
         assert workers, "no Ray Train worker found in the job's session"
-        seen = snapshot.stat().st_mtime_ns
         workers[-1].kill()  # SIGKILL one worker: Ray restarts the group from the checkpoint
-        _wait_for(lambda: snapshot.stat().st_mtime_ns != seen)  # the new group checkpointed again
+        # The new group has resumed (its rank 0 records its start) and then checkpointed again; a
+        # snapshot written before its start may still be the old group's (a report collected late).
+        _wait_for(lambda: len(list((run_dir / "events").glob("*-start-*.json"))) >= 2)
+        seen = snapshot.stat().st_mtime_ns
+        _wait_for(lambda: snapshot.stat().st_mtime_ns != seen)
     finally:
         kill_session(proc.pid)  # and now the whole job, Ray included
         proc.wait()
