@@ -20,6 +20,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("BERTJOB_CACHE", tempfile.mkdtemp(prefix="bertjob-test-cache-"))  # not ~/.cache
+# Ray Train's controller polls its workers every 2 s, and a worker's report (each checkpoint) waits
+# until the previous one was collected: our tiny runs checkpoint every few steps, so they were paced
+# by that poll, not by training. Every driver here (this process, the CLI subprocesses, the
+# multi-node clusters' jobs) passes this on to its controller, as Ray Train propagates it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 POS_WORDS = "great wonderful superb loved brilliant excellent moving fun beautiful best".split()
 NEG_WORDS = "awful terrible boring hated worst dull poor waste bad stupid".split()
@@ -200,7 +205,11 @@ def ray_local(s3: S3Endpoint):
     # 10 s timeout, and every train and pretrain run ends ~12 s late. Name this Ray's API server
     # to its workers (only: the CLI's subprocesses start Rays of their own).
     port = free_port()
+    # Idle workers are kept as bertjob keeps them on the local Ray it starts (cluster.init_ray: one per
+    # CPU and 4 more), so that the zero-CPU read and write tasks beside the actors do not start a
+    # fresh Python each time.
     ray.init(address="local", num_cpus=2, log_to_driver=False, dashboard_port=port,
+             _system_config={"num_workers_soft_limit": 2 + 4},
              runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})  # fmt: skip
     from ray.data import DataContext
 
