@@ -3,9 +3,11 @@ endpoint, one local Ray."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
+import shutil
 import tarfile
 import tempfile
 import time
@@ -19,7 +21,9 @@ from tests.multinode import free_port  # noqa: F401  (the tests' one free-port h
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("BERTJOB_CACHE", tempfile.mkdtemp(prefix="bertjob-test-cache-"))  # not ~/.cache
+if "BERTJOB_CACHE" not in os.environ:  # not ~/.cache; removed when the tests end
+    os.environ["BERTJOB_CACHE"] = tempfile.mkdtemp(prefix="bertjob-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["BERTJOB_CACHE"], ignore_errors=True)
 # Ray Train's controller polls its workers every 2 s, and a worker's report (each checkpoint) waits
 # until the previous one was collected: our tiny runs checkpoint every few steps, so they were paced
 # by that poll, not by training. Every driver here (this process, the CLI subprocesses, the
