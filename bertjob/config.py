@@ -132,7 +132,13 @@ class PrepareConfig(Settings):
     validation_fraction: float = opt(
         0.1, "share of train held out as validation (stratified, seeded)", ge=0, lt=1
     )
-    seed: int = opt(42, "seed of the validation split", unbounded=True)
+    test_fraction: float = opt(
+        0.0,
+        "share of train held out as the test split, for a corpus without one (stratified, seeded)",
+        ge=0,
+        lt=1,
+    )
+    seed: int = opt(42, "seed of the validation and test splits", unbounded=True)
     rows_per_shard: int = opt(25_000, "target rows per Parquet shard", ge=1)
     batch_size: int = opt(512, "rows per tokenization batch", ge=1)
     trust_remote_code: bool = opt(False, "let transformers run code shipped with a hub model")
@@ -145,6 +151,8 @@ class PrepareConfig(Settings):
             p.append(f"head_tokens: {self.head_tokens} must be between 0 (auto) and max_length - 3")
         if not self.split or "/" in self.split:
             p.append(f"split: {self.split!r} must be a plain name such as train")
+        if self.validation_fraction + self.test_fraction >= 1:
+            p.append("validation_fraction + test_fraction: must leave some of train to train on (under 1)")
         return p
 
     @property

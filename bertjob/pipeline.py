@@ -74,10 +74,11 @@ def scoring_stages(cfg: PipelineConfig, splits: Collection[str]) -> dict[str, In
         else:
             lacks = f"no {scored.split} split for the infer stage to score"
         raise InputError(
-            f"input {cfg.input}: {lacks} (the prepared splits: {', '.join(sorted(splits))}). Use a corpus "
-            f"with a test split (an IMDb layout with test/pos and test/neg; every row of a Parquet, CSV or "
-            f"JSONL corpus goes to one split, --prepare.split), or name a corpus to score with --infer-input "
-            f"CORPUS: the pipeline then runs without evaluate (or evaluates on --evaluate.input LABELLED_CORPUS)"
+            f"input {cfg.input}: {lacks} (the prepared splits: {', '.join(sorted(splits))}). Hold out part "
+            f"of train as the test split (--prepare.test-fraction 0.2), use a corpus with a test split (an IMDb "
+            f"layout with test/pos and test/neg; every row of a Parquet, CSV or JSONL corpus goes to one split, "
+            f"--prepare.split), or name a corpus to score with --infer-input CORPUS: the pipeline then runs "
+            f"without evaluate (or evaluates on --evaluate.input LABELLED_CORPUS)"
         )
     return stages
 
@@ -88,6 +89,9 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
                   "infer_input": cfg.infer_input})  # fmt: skip
     p_cfg = cfg.stage("prepare")
     corpus = open_corpus(p_cfg.input, p_cfg.text_column, p_cfg.label_column, p_cfg.id_column, p_cfg.split)
+    if not corpus.labelled:
+        raise InputError(f"input {cfg.input}: no labels to train on (no column {p_cfg.label_column!r}); name its "
+                         f"label column with --prepare.label-column")  # fmt: skip
     splits = prepare.splits_written(p_cfg, corpus)
     if splits is not None:
         scoring_stages(cfg, splits)  # nothing to score at the end: an error now, not after training

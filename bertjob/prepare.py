@@ -2,11 +2,12 @@
 
     read (Corpus units, in parallel) -> Tokenize actors (clean, quarantine, tokenize, truncate,
     hash train rows) -> WriteShards actor (one Parquet file per split per rows_per_shard rows, plus
-    statistics) -> split_validation (train rows -> train / validation by hash, exact per label)
+    statistics) -> split_train (train rows -> train / validation / test by hash, exact per label)
 
-Validation is carved out of the corpus' `train` split in one pass: train rows are staged with a
-64-bit hash of their id, the driver reads back only (label, hash) to find per-label thresholds that
-put exactly round(fraction * n_label) rows in validation, and the staged files are rewritten.
+Validation (and, for a corpus without a test split, test) is carved out of the corpus' `train` split
+in one pass: train rows are staged with a 64-bit hash of their id, the driver reads back only
+(label, hash) to find per-label thresholds that put exactly round(fraction * n_label) rows in each,
+and the staged files are rewritten.
 Every write reports the files it finished; files that no write reported (a failed attempt's) are
 removed before the manifest is written.
 """
@@ -44,7 +45,7 @@ QUARANTINE = "quarantine"
 LOCAL_SPLIT_ROWS = 250_000  # up to this many staged train rows, the driver splits them itself
 STAGING = "_staging"  # train rows waiting for the validation split; gone once the job finishes
 WRITER_CPUS = 32  # one write actor per this many CPUs of tokenizing
-TRAIN, VALIDATION = "train", "validation"
+TRAIN, VALIDATION, TEST = "train", "validation", "test"
 
 PREPARED_SCHEMA = pa.schema(
     [
@@ -194,7 +195,7 @@ class PreparedSink:
 
     def __init__(self, output: str, stage_train: bool = False):
         self.output = output
-        self.stage_train = stage_train  # train rows go to STAGING, uncounted, for split_validation
+        self.stage_train = stage_train  # train rows go to STAGING, uncounted, for split_train
         self.run_id = uuid.uuid4().hex[:8]
 
     def write_blocks(self, blocks: Iterable[pa.Table], index: int) -> tuple[dict[str, Any], dict[str, int]]:
@@ -302,11 +303,12 @@ class WriteShards:
 # The job.
 
 
-def split_validation(
-    output: str, staged: dict[str, int], fraction: float
+def split_train(
+    output: str, staged: dict[str, int], validation: float, test: float = 0.0
 ) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
-    """Move staged train rows ({path: rows}) to train/ or validation/: exactly round(fraction * n)
-    rows of each label. Returns the statistics and the files written.
+    """Move staged train rows ({path: rows}) to test/, validation/ or train/: exactly
+    round(test * n) and round(validation * n) rows of each label, the lowest hashes to test, the next
+    to validation. Returns the statistics and the files written.
 
     The driver reads only each staged row's label and hash (8 bytes a row). Up to LOCAL_SPLIT_ROWS
     rows the driver also rewrites the files, in threads (Parquet and numpy release the GIL): that
@@ -321,11 +323,12 @@ def split_validation(
         lab, h = t.column("label").to_numpy(), t.column("h").to_numpy()
         for value in np.unique(lab):
             per_label[int(value)].append(h[lab == value])
-    thresholds = {}
+    thresholds = {}  # label: (hashes below the first go to test, below the second to validation)
     for label, parts in per_label.items():
         h = np.sort(np.concatenate(parts))
-        k = int(round(fraction * len(h)))
-        thresholds[label] = int(h[k]) if k < len(h) else 2**64
+        to_test = int(round(test * len(h)))
+        to_val = to_test + int(round(validation * len(h)))
+        thresholds[label] = tuple(int(h[k]) if k < len(h) else 2**64 for k in (to_test, to_val))
     args = [(output, p, i, thresholds) for i, p in enumerate(paths)]
     if sum(staged.values()) <= LOCAL_SPLIT_ROWS:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -346,20 +349,23 @@ def split_validation(
 
 
 def _split_staged(
-    output: str, path: str, index: int, thresholds: dict[int, int]
+    output: str, path: str, index: int, thresholds: dict[int, tuple[int, int]]
 ) -> tuple[dict[str, Any], dict[str, int]]:
     fs, _ = filesystem(output)
+
+    def below(h: np.ndarray, limit: int) -> np.ndarray:
+        return np.ones(len(h), dtype=bool) if limit >= 2**64 else h < np.uint64(limit)
 
     def blocks() -> Iterable[pa.Table]:
         for batch in pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=8192):
             t = pa.Table.from_batches([batch])
             lab = t.column("label").fill_null(-1).to_numpy()
             h = t.column("h").to_numpy()
-            to_val = np.zeros(t.num_rows, dtype=bool)
-            for label, limit in thresholds.items():
+            split = np.full(t.num_rows, TRAIN, dtype=object)
+            for label, (to_test, to_val) in thresholds.items():
                 rows = lab == label
-                to_val[rows] = True if limit >= 2**64 else h[rows] < np.uint64(limit)
-            split = np.where(to_val, VALIDATION, TRAIN)
+                split[rows & below(h, to_val)] = VALIDATION
+                split[rows & below(h, to_test)] = TEST
             yield t.set_column(t.schema.get_field_index("split"), "split", pa.array(split, pa.string()))
 
     return PreparedSink(output).write_blocks(blocks(), index)
@@ -380,11 +386,13 @@ def remove_unfinished(output: str, finished: Iterable[str]) -> list[str]:
 
 def splits_written(cfg: PrepareConfig, corpus: Corpus) -> set[str] | None:
     """The splits prepare writes of the corpus, when they are known before reading it: the
-    corpus' own, and validation's share of train."""
+    corpus' own, and validation's and test's shares of train."""
     splits = corpus.splits()
-    if splits is not None and TRAIN in splits and cfg.validation_fraction > 0:
-        return splits | {VALIDATION}
-    return splits
+    if splits is None or TRAIN not in splits:
+        return splits
+    return splits | {
+        name for name, share in ((VALIDATION, cfg.validation_fraction), (TEST, cfg.test_fraction)) if share
+    }
 
 
 def run(cfg: PrepareConfig) -> dict[str, Any]:
@@ -419,7 +427,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
              cfg.model, cfg.max_length, cfg.truncation)  # fmt: skip
     claim_output(cfg.output, "prepare")
 
-    stage_train = cfg.validation_fraction > 0
+    stage_train = cfg.validation_fraction > 0 or cfg.test_fraction > 0
     from ray.data import ActorPoolStrategy
 
     cpus = max(1, int(cluster_cpus()))
@@ -454,7 +462,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     staged = {p: n for p, n in finished.items() if p.startswith(staging)}
     t_split = time.time()
     if stage_train:
-        split_stats, split_files = split_validation(cfg.output, staged, cfg.validation_fraction)
+        split_stats, split_files = split_train(cfg.output, staged, cfg.validation_fraction, cfg.test_fraction)
         merge_stats(stats, split_stats)
         finished.update(split_files)
     split_s = time.time() - t_split
@@ -474,6 +482,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
         "tokenizer": tok_info,
         **cfg.text_settings().as_dict(),  # max_length, truncation, head_tokens, strip_html, the cap
         "validation": {"fraction": cfg.validation_fraction, "seed": cfg.seed, "stratified": True},
+        "test_from_train": {"fraction": cfg.test_fraction, "seed": cfg.seed, "stratified": True},
         "config": to_dict(cfg),
         "versions": versions(),
         "wall_s": round(time.time() - started, 2),

@@ -118,7 +118,9 @@ class Corpus:
         return {self.split_of_unit.get(unit, self.split) for unit in self.units}
 
     def describe(self) -> str:
-        return f"{self.kind} corpus at {self.root} ({len(self.units)} unit(s))"
+        unlabelled = not self.labelled and self.kind in ("parquet", "csv", "jsonl", "arrow")
+        labels = f", unlabelled: no column {self.label_column!r}" if unlabelled and self.label_column else ""
+        return f"{self.kind} corpus at {self.root} ({len(self.units)} unit(s){labels})"
 
     def relpath(self, path: str) -> str:
         root = self.root if self.kind != "arrow" else os.path.dirname(self.root)
@@ -282,7 +284,7 @@ def _check_columns(corpus: Corpus, path: str) -> list[str]:
         columns = "its first record's keys" if corpus.kind == "jsonl" else "the columns"
         raise InputError(
             f"input {path}: no column {', '.join(map(repr, missing))}; {columns} are {names}. "
-            f"Set --text-column / --id-column."
+            f"Set --text-column / --id-column (in a pipeline, per stage: --prepare.text-column, ...)."
         )
     return names
 

@@ -50,16 +50,29 @@ def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, tiny_model_dir, ra
 def test_a_corpus_with_nothing_to_evaluate_or_score_fails_before_any_work(tmp_path, tiny_model_dir):
     """Without a test split, an unsup split or a corpus to score, the pipeline trained, skipped
     evaluate, then failed to find the test split to score: now one clear error before any work.
-    A corpus to score (--infer-input) or an unsup split is the way to run it without evaluate."""
+    A corpus to score (--infer-input) or an unsup split is the way to run it without evaluate, a
+    test split held out of train (--prepare.test-fraction) the way to run it with."""
     rows = [{"text": "great fun" if i % 2 else "awful bore", "label": i % 2} for i in range(20)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
     settings = {"output_dir": str(tmp_path / "out"), "model": tiny_model_dir, "max_length": 32}
     for corpus in (tmp_path / "train.parquet", make_imdb_dir(tmp_path / "imdb", {"train": 3})):
         cfg = build(PipelineConfig, {**settings, "input": str(corpus)})
         with pytest.raises(InputError, match=r"no test split to evaluate on, nor an unsup split .*train, "
-                           r"validation\). .*--infer-input CORPUS: the pipeline then runs without evaluate"):  # fmt: skip
+                           r"validation\)\. Hold out part of train as the test split \(--prepare\.test-fraction 0\.2\).*"
+                           r"--infer-input CORPUS: the pipeline then runs without evaluate"):  # fmt: skip
             pipeline.run(cfg)
         assert not (tmp_path / "out").exists()  # nothing prepared, nothing trained
+    pq.write_table(
+        pa.table({"review": ["great fun", "awful bore"], "sentiment": ["pos", "neg"]}), tmp_path / "k.parquet"
+    )
+    unlabelled = build(
+        PipelineConfig,
+        {**settings, "input": str(tmp_path / "k.parquet"), "prepare": {"text_column": "review"}},
+    )
+    with pytest.raises(InputError, match=r"no labels to train on \(no column 'label'\); "
+                       r"name its label column with --prepare.label-column"):  # fmt: skip
+        pipeline.run(unlabelled)
+    assert not (tmp_path / "out").exists()
     train_only = {**settings, "input": str(tmp_path / "train.parquet")}
     to_score = build(PipelineConfig, {**train_only, "infer_input": str(tmp_path / "train.parquet")})
     written = prepare.splits_written(to_score.stage("prepare"), open_corpus(to_score.input))
@@ -68,6 +81,11 @@ def test_a_corpus_with_nothing_to_evaluate_or_score_fails_before_any_work(tmp_pa
     evaluated = build(PipelineConfig, {**train_only, "infer_input": str(tmp_path / "train.parquet"),
                                        "evaluate": {"input": str(tmp_path / "train.parquet")}})  # fmt: skip
     assert list(pipeline.scoring_stages(evaluated, {"train", "validation"})) == ["evaluate", "infer"]
+    held_out = build(PipelineConfig, {**train_only, "prepare": {"test_fraction": 0.2}})
+    splits = prepare.splits_written(held_out.stage("prepare"), open_corpus(held_out.input))
+    assert splits == {"train", "validation", "test"}
+    assert {k: v.split for k, v in pipeline.scoring_stages(held_out, splits).items()} == {
+        "evaluate": "test", "infer": "test"}  # fmt: skip
     with_unsup = make_imdb_dir(tmp_path / "u", {"train": 3, "unsup": 2})
     unsup = build(PipelineConfig, {**settings, "input": str(with_unsup)})
     splits = prepare.splits_written(unsup.stage("prepare"), open_corpus(unsup.input))

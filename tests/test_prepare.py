@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from bertjob import prepare
-from bertjob.config import PrepareConfig
+from bertjob.config import ConfigError, PrepareConfig, build
 from bertjob.outputs import OutputError
-from bertjob.sources import InputError
+from bertjob.sources import InputError, open_corpus
 from tests.conftest import kill_session
 
 pytestmark = pytest.mark.integration
@@ -140,6 +140,35 @@ def test_a_corpus_without_train_rows_needs_no_validation_split(tmp_path, tiny_mo
     )
     assert {k: v["rows_written"] for k, v in m["splits"].items()} == {"test": 2}
     assert not (out / "_staging").exists()
+
+
+def test_a_corpus_without_a_test_split_holds_one_out_of_train(tmp_path, tiny_model_dir, ray_local):
+    """One labelled file (the common Kaggle layout): test_fraction carves an exact, stratified test
+    split out of train beside validation's, disjoint, every row in exactly one split."""
+    rows = [
+        {"rid": f"r{i}", "text": "great fun" if i % 3 else "awful bore", "label": int(i % 3 > 0)}
+        for i in range(300)
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "reviews.parquet")
+    out = tmp_path / "out"
+    m = prepare.run(PrepareConfig(input=str(tmp_path / "reviews.parquet"), output=str(out), model=tiny_model_dir,
+                                  max_length=16, head_tokens=4, id_column="rid", test_fraction=0.2))  # fmt: skip
+    counts = {k: v["label_counts"] for k, v in m["splits"].items()}
+    assert counts == {
+        "test": {"0": 20, "1": 40},
+        "validation": {"0": 10, "1": 20},
+        "train": {"0": 70, "1": 140},
+    }
+    ids = {s: pq.read_table(out / s).column("id").to_pylist() for s in counts}
+    assert sorted(i for split in ids.values() for i in split) == sorted(r["rid"] for r in rows)
+    assert m["test_from_train"] == {"fraction": 0.2, "seed": 42, "stratified": True}
+    assert not (out / "_staging").exists()
+    known = prepare.splits_written(
+        PrepareConfig(output="x", test_fraction=0.2), open_corpus(str(tmp_path / "reviews.parquet"))
+    )
+    assert known == {"train", "validation", "test"}  # before reading: the pipeline's check
+    with pytest.raises(ConfigError, match="validation_fraction \\+ test_fraction"):
+        build(PrepareConfig, {"input": "x", "output": "y", "validation_fraction": 0.5, "test_fraction": 0.5})
 
 
 def test_driver_and_ray_tasks_give_the_same_validation_split(

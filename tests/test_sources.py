@@ -133,7 +133,11 @@ def test_a_corpus_is_labelled_when_its_files_have_the_label_column(tmp_path, imd
     assert (
         open_corpus(str(tmp_path / "l.parquet")).labelled and open_corpus(str(tmp_path / "l.jsonl")).labelled
     )
-    assert not open_corpus(str(tmp_path / "u.parquet")).labelled
+    unlabelled = open_corpus(str(tmp_path / "u.parquet"))
+    assert (
+        not unlabelled.labelled and "unlabelled: no column 'label'" in unlabelled.describe()
+    )  # prepare logs it
+    assert "unlabelled" not in open_corpus(str(tmp_path / "l.parquet")).describe()
     assert not open_corpus(str(tmp_path / "u.jsonl")).labelled
     assert not open_corpus(str(tmp_path / "l.parquet"), label_column="").labelled
     assert open_corpus(str(imdb_small)).labelled

@@ -240,6 +240,14 @@ def test_setup_problems_are_clear_errors_before_training(prepared_small, tiny_mo
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(train.TrainSetupError, match="sum to 170, not to its 180 rows"):
         train.run(cfg(bad, tmp_path / "o5", tiny_model_dir))
+    # data prepared from a corpus read as unlabelled (its label column named otherwise): that, not
+    # "needs both labels; it has {}" and an empty validation split
+    manifest["splits"]["train"]["label_counts"] = {}
+    manifest["splits"]["validation"] = {"rows_written": 0}
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(train.TrainSetupError, match=r"cannot train:\n  - split 'train' of .* has no labels: its "
+                       r"corpus was read as unlabelled \(prepare takes .* from --label-column, by default 'label'\)$"):  # fmt: skip
+        train.run(cfg(bad, tmp_path / "o6", tiny_model_dir))
 
 
 def _sample_subset(root, train_per_class: int, test_per_class: int):
