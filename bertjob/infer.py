@@ -485,8 +485,8 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
                          f"evaluate with --split (such as --split test)")  # fmt: skip
     if evaluate and not corpus.labelled:
         raise InputError(
-            f"input {cfg.input}: no labels to evaluate against ({corpus.describe()}, label column "
-            f"{cfg.label_column!r}); set --label-column, or score it with `bertjob infer`"
+            f"input {cfg.input}: no labels to evaluate against: {corpus.describe()}. Set --label-column, "
+            f"or score it with `bertjob infer`"
         )
     recorded = model_settings(cfg.model)
     fingerprint = models.tokenizer_info(cfg.model, cfg.trust_remote_code)["fingerprint"]

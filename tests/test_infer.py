@@ -78,7 +78,8 @@ def test_models_without_a_head_or_a_tokenizer_are_errors_before_any_work(
 def test_evaluate_on_an_unlabelled_corpus_fails_before_any_work(tiny_classifier_dir, tmp_path):
     pq.write_table(pa.table({"text": ["great movie", "awful movie"]}), tmp_path / "unlabelled.parquet")
     out = tmp_path / "eval"
-    with pytest.raises(InputError, match="no labels to evaluate"):
+    with pytest.raises(InputError, match=r"no labels to evaluate against: parquet corpus .*unlabelled: no column "
+                       r"'label'\)\. Set --label-column, or score it with `bertjob infer`$"):  # fmt: skip
         infer.run(InferConfig(input=str(tmp_path / "unlabelled.parquet"), model=tiny_classifier_dir, output=str(out)),
                   evaluate=True)  # fmt: skip
     assert not out.exists()  # nothing scored, nothing written
