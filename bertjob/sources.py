@@ -118,9 +118,11 @@ class Corpus:
         return {self.split_of_unit.get(unit, self.split) for unit in self.units}
 
     def describe(self) -> str:
-        unlabelled = not self.labelled and self.kind in ("parquet", "csv", "jsonl", "arrow")
+        files = self.kind in ("parquet", "csv", "jsonl")
+        where = self.units[0] if files and len(self.units) == 1 else self.root  # one file: that file
+        unlabelled = not self.labelled and (files or self.kind == "arrow")
         labels = f", unlabelled: no column {self.label_column!r}" if unlabelled and self.label_column else ""
-        return f"{self.kind} corpus at {self.root} ({len(self.units)} unit(s){labels})"
+        return f"{self.kind} corpus at {where} ({len(self.units)} unit(s){labels})"
 
     def relpath(self, path: str) -> str:
         root = self.root if self.kind != "arrow" else os.path.dirname(self.root)

@@ -134,9 +134,10 @@ def test_a_corpus_is_labelled_when_its_files_have_the_label_column(tmp_path, imd
         open_corpus(str(tmp_path / "l.parquet")).labelled and open_corpus(str(tmp_path / "l.jsonl")).labelled
     )
     unlabelled = open_corpus(str(tmp_path / "u.parquet"))
-    assert (
-        not unlabelled.labelled and "unlabelled: no column 'label'" in unlabelled.describe()
-    )  # prepare logs it
+    assert not unlabelled.labelled  # and prepare's log says so, naming the one file it reads:
+    assert unlabelled.describe() == (
+        f"parquet corpus at {tmp_path / 'u.parquet'} (1 unit(s), unlabelled: no column 'label')"
+    )
     assert "unlabelled" not in open_corpus(str(tmp_path / "l.parquet")).describe()
     assert not open_corpus(str(tmp_path / "u.jsonl")).labelled
     assert not open_corpus(str(tmp_path / "l.parquet"), label_column="").labelled
