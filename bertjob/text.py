@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 if TYPE_CHECKING:
     from bertjob.models import Encoder
@@ -280,14 +281,13 @@ def tokenize_rows(
             cleaned[i], capped[i] = cap_chars(text, s.max_chars_per_end)
     input_ids, full = encode_texts(cleaned, encoder, s.max_length, s.truncation, s.head_tokens, exact_lengths)
     # Characters the tokenizer drops (zero-width spaces, control characters) clean to a text without
-    # a token: quarantined as empty too. Rare, so those rows are simply tokenized again without it.
-    tokenless = np.flatnonzero(full == 2)  # [CLS] and [SEP] only
-    if len(tokenless):
-        for i in tokenless:
+    # a token: quarantined as empty too, its row then as a quarantined row's (no ids, length 0).
+    tokenless = full == 2  # [CLS] and [SEP] only
+    if tokenless.any():
+        for i in np.flatnonzero(tokenless):
             reasons[i], cleaned[i], capped[i] = EMPTY_TEXT, None, False
-        input_ids, full = encode_texts(
-            cleaned, encoder, s.max_length, s.truncation, s.head_tokens, exact_lengths
-        )
+        input_ids = pc.if_else(pa.array(tokenless), pa.scalar([], input_ids.type), input_ids)
+        full = np.where(tokenless, 0, full)
     quarantined = [t[:QUARANTINE_TEXT_CHARS] if r and t is not None else None for t, r in zip(texts, reasons)]
     return Tokenized(
         labels, reasons, input_ids, full, (full > s.max_length) | capped, capped, cleaned, quarantined
