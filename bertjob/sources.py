@@ -181,15 +181,20 @@ def open_corpus(
     files = [
         (f.path, f.size)
         for f in listing
-        if f.type == pafs.FileType.File
-        and _format_of(f.path)
-        and not os.path.basename(f.path).startswith(("_", "."))
+        if f.type == pafs.FileType.File and _format_of(f.path) and not _hidden(f.path, where)
     ]
     if not files:
         raise InputError(
             f"input {path}: no IMDb layout (train/pos/*.txt ...) and no .parquet, .csv or .jsonl file found"
         )
     return _generic(fs, where, sorted(files), opts)
+
+
+def _hidden(path: str, root: str) -> bool:
+    """A file, or one inside a directory, named with `.` or `_` below `root`: not data (Spark's
+    `_SUCCESS` and `_temporary/`, `.crc` files, `.ipynb_checkpoints/`, a bertjob output's `_tmp/`),
+    whose rows would otherwise be read twice or half-written, as Spark, Hive and pyarrow skip them."""
+    return any(part.startswith(("_", ".")) for part in path[len(root) :].strip("/").split("/"))
 
 
 def _format_of(path: str) -> str | None:

@@ -233,3 +233,15 @@ def test_a_jsonl_files_columns_are_its_first_records_keys_and_no_later_value_is_
     (tmp_path / "list.jsonl").write_text('{"text": "a"}\n["b"]\n')
     with pytest.raises(InputError, match=r"list.jsonl, line 2: not a JSON object"):
         read_all(open_corpus(str(tmp_path / "list.jsonl")))
+
+
+def test_files_in_hidden_or_underscore_directories_are_not_read(tmp_path):
+    """Spark's `_temporary/` attempts and Jupyter's `.ipynb_checkpoints/` copies are not data: reading
+    them would score every row twice, as `_SUCCESS` and `.crc` files beside the data are skipped."""
+    d = tmp_path / "corpus"
+    for rel in ("a.csv", ".ipynb_checkpoints/a-checkpoint.csv", "_temporary/0/part-0.csv", ".a.csv.crc"):
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_text("text,label\ngood,1\nbad,0\n")
+    (d / "_SUCCESS").write_text("")
+    corpus = open_corpus(str(d))
+    assert corpus.units == [str(d / "a.csv")] and read_all(corpus).num_rows == 2
