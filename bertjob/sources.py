@@ -282,10 +282,20 @@ def _file_errors(
 
 
 def _check_columns(corpus: Corpus, path: str) -> list[str]:
-    """The file's columns (a JSONL file's: those of its first object), checked for text and id."""
+    """The file's columns (a JSONL file's: those of its first object), checked for text and id, and
+    for a name we read given to two columns."""
     names = columns_of(corpus, path)
     if corpus.kind == "jsonl" and not names:
         return names  # an empty JSONL file adds no rows; the corpus-level emptiness check catches all-empty inputs
+    # A CSV reader would silently take one of two same-named columns, a Parquet reader fail mid-job.
+    twice = [
+        c for c in (corpus.text_column, corpus.label_column, corpus.id_column) if c and names.count(c) > 1
+    ]
+    if twice:
+        raise InputError(
+            f"input {path}: more than one column is named {twice[0]!r}, so which to read is ambiguous; "
+            f"the columns are {names}. Rename one."
+        )
     missing = [c for c in (corpus.text_column, corpus.id_column) if c and c not in names]
     if missing:
         columns = "its first record's keys" if corpus.kind == "jsonl" else "the columns"

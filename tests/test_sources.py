@@ -245,3 +245,16 @@ def test_files_in_hidden_or_underscore_directories_are_not_read(tmp_path):
     (d / "_SUCCESS").write_text("")
     corpus = open_corpus(str(d))
     assert corpus.units == [str(d / "a.csv")] and read_all(corpus).num_rows == 2
+
+
+def test_two_columns_with_a_name_we_read_are_an_error_naming_it(tmp_path):
+    """A CSV reader takes one of the two silently, a Parquet reader fails in the middle of the job."""
+    (tmp_path / "a.csv").write_text("text,text,label,note,note\na,b,1,x,y\n")
+    two = pa.Table.from_arrays(
+        [pa.array(["a"]), pa.array(["b"]), pa.array([1])], names=["text", "label", "label"]
+    )
+    pq.write_table(two, tmp_path / "b.parquet")
+    for name, column in (("a.csv", "'text'"), ("b.parquet", "'label'")):
+        with pytest.raises(InputError, match=f"{name}: more than one column is named {column}"):
+            open_corpus(str(tmp_path / name))
+    assert read_all(open_corpus(str(tmp_path / "a.csv"), text_column="label", label_column="")).num_rows == 1
