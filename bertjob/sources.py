@@ -252,10 +252,9 @@ def columns_of(corpus: Corpus, path: str) -> list[str]:
         if corpus.kind == "parquet":
             with corpus.fs.open_input_file(path) as f:
                 return pq.ParquetFile(f).schema_arrow.names
+        if corpus.kind == "csv":
+            return _csv_names(corpus.fs, path)
         with _open_text_stream(corpus.fs, path) as f:
-            if corpus.kind == "csv":
-                head = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 20))
-                return head.schema.names
             for lineno, line in enumerate(_jsonl_lines(f), start=1):
                 if line.strip():
                     row = json.loads(line)
@@ -647,6 +646,51 @@ def _read_arrow(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table
             row += table.num_rows
 
 
+# pyarrow's CSV reader needs each row within one of its blocks ("straddling object straddles two
+# block boundaries"): a read that meets a longer row (a multi-megabyte review) starts again with
+# the next size. The header is read from a small first block; rows from 8 MiB ones.
+CSV_BLOCKS = (1 << 20, 8 << 20, 64 << 20, 512 << 20)
+CSV_PARSE = pacsv.ParseOptions(newlines_in_values=True)
+
+
+def _straddles(err: pa.ArrowInvalid, block: int) -> bool:
+    return "straddl" in str(err) and block < CSV_BLOCKS[-1]
+
+
+def _csv_names(fs: pafs.FileSystem, path: str) -> list[str]:
+    for block in CSV_BLOCKS:
+        with _open_text_stream(fs, path) as f:
+            try:
+                read = pacsv.ReadOptions(block_size=block)
+                return pacsv.open_csv(f, read_options=read, parse_options=CSV_PARSE).schema.names
+            except pa.ArrowInvalid as err:
+                if not _straddles(err, block):
+                    raise
+    raise AssertionError("unreachable: the last block size re-raises")
+
+
+def _csv_batches(fs: pafs.FileSystem, path: str, convert: pacsv.ConvertOptions) -> Iterator[pa.RecordBatch]:
+    """A CSV file's record batches; a read started again skips the rows it already gave."""
+    given = 0
+    for block in CSV_BLOCKS[1:]:
+        seen = 0
+        with _open_text_stream(fs, path) as f:
+            try:
+                read = pacsv.ReadOptions(block_size=block)
+                for batch in pacsv.open_csv(
+                    f, read_options=read, parse_options=CSV_PARSE, convert_options=convert
+                ):
+                    if seen + batch.num_rows > given:
+                        part = batch.slice(max(0, given - seen))
+                        given = seen + batch.num_rows
+                        yield part
+                    seen += batch.num_rows
+                return
+            except pa.ArrowInvalid as err:
+                if not _straddles(err, block):
+                    raise
+
+
 def _read_csv(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table]:
     # Text columns are read as binary so that invalid UTF-8 (Latin-1 files) is decoded with
     # replacement and counted, rather than failing the whole file.
@@ -659,16 +703,9 @@ def _read_csv(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table]:
         strings_can_be_null=False,
         quoted_strings_can_be_null=False,
     )
-    parse = pacsv.ParseOptions(newlines_in_values=True)
-    with _file_errors(corpus, path), _open_text_stream(corpus.fs, path) as f:
-        reader = pacsv.open_csv(
-            f,
-            read_options=pacsv.ReadOptions(block_size=8 << 20),
-            parse_options=parse,
-            convert_options=convert,
-        )
+    with _file_errors(corpus, path):
         row = 0
-        for batch in reader:
+        for batch in _csv_batches(corpus.fs, path, convert):
             table = pa.Table.from_batches([batch])
             decoded = {}
             for c in table.column_names:

@@ -258,3 +258,23 @@ def test_two_columns_with_a_name_we_read_are_an_error_naming_it(tmp_path):
         with pytest.raises(InputError, match=f"{name}: more than one column is named {column}"):
             open_corpus(str(tmp_path / name))
     assert read_all(open_corpus(str(tmp_path / "a.csv"), text_column="label", label_column="")).num_rows == 1
+
+
+def test_a_csv_row_longer_than_a_read_block_is_read_once(tmp_path, monkeypatch):
+    """pyarrow reads a CSV file in blocks that must each hold whole rows: a multi-megabyte review
+    first in its file was an error at open, one further on an error mid-job. A read that meets one
+    starts again with larger blocks, without giving a row twice."""
+    import csv
+
+    from bertjob import sources
+
+    def write(name, texts):
+        with open(tmp_path / name, "w", newline="") as f:
+            csv.writer(f).writerows([["text"], *[[t] for t in texts]])
+        return [r["text"] for r in read_all(open_corpus(str(tmp_path / name))).to_pylist()]
+
+    long = "great film " * 200_000  # 2.2 MB: more than the 1 MiB block the header is read from
+    assert write("first.csv", [long, "bad"]) == [long, "bad"]
+    monkeypatch.setattr(sources, "CSV_BLOCKS", (1 << 12, 1 << 14, 1 << 22))
+    later = [f"ok {i}" for i in range(3000)] + [long, "bad"]  # rows of several 16 KiB blocks first
+    assert write("later.csv", later) == later
