@@ -711,9 +711,9 @@ def _read_csv(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table]:
             for c in table.column_names:
                 if c == corpus.text_column:
                     decoded[c] = table.column(c)
-                else:  # ids and labels: plain text
+                else:  # ids and labels: plain text; a blank cell is how CSV writes a missing one
                     decoded[c] = pa.array(
-                        [decode_text(v)[0] for v in table.column(c).to_pylist()], pa.string()
+                        [decode_text(v)[0] or None for v in table.column(c).to_pylist()], pa.string()
                     )
             yield _generic_table(corpus, path, pa.table(decoded), row, corpus.split)
             row += table.num_rows

@@ -278,3 +278,17 @@ def test_a_csv_row_longer_than_a_read_block_is_read_once(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "CSV_BLOCKS", (1 << 12, 1 << 14, 1 << 22))
     later = [f"ok {i}" for i in range(3000)] + [long, "bad"]  # rows of several 16 KiB blocks first
     assert write("later.csv", later) == later
+
+
+def test_a_blank_csv_id_or_label_is_a_missing_one(tmp_path):
+    """CSV writes a missing value as a blank cell (pandas writes None so): a blank label is then
+    quarantined as missing_label, not unrecognised_label, and a blank id falls back to file:row
+    like a null one, instead of every such row sharing the id ''."""
+    (tmp_path / "a.csv").write_text('id,text,label\n7,good,1\n,bad,0\n8,fine,\n"",meh,""\n')
+    rows = read_all(open_corpus(str(tmp_path / "a.csv"), id_column="id")).to_pylist()
+    assert [(r["id"], r["label"]) for r in rows] == [
+        ("7", "1"),
+        ("a.csv:1", "0"),
+        ("8", None),
+        ("a.csv:3", None),
+    ]
