@@ -46,6 +46,7 @@ GENERIC_FORMATS = {
     ".jsonl": "jsonl",
     ".json": "jsonl",
 }
+COMPRESSIONS = (".gz", ".bz2", ".zst")  # of CSV and JSONL files, by suffix in any case
 SAMPLE_NAME = "aclImdb_sample.tar.gz"
 TAR_SLICES = 1
 PREPARED_FORMAT = "bertjob-prepared/1"
@@ -165,7 +166,7 @@ def open_corpus(
     ):
         return _open_prepared(fs, where, split)
     if info.type == pafs.FileType.File:
-        if where.endswith((".tar.gz", ".tgz", ".tar")):
+        if where.lower().endswith((".tar.gz", ".tgz", ".tar")):
             return _open_imdb_tar(fs, where, info.size, opts)
         return _generic(fs, os.path.dirname(where), [(where, info.size)], opts)
     # A directory: the IMDb layout (possibly one level down, as in aclImdb_v1/aclImdb), else files.
@@ -199,7 +200,7 @@ def _hidden(path: str, root: str) -> bool:
 
 def _format_of(path: str) -> str | None:
     name = path.lower()
-    for suffix in (".gz", ".bz2", ".zst"):
+    for suffix in COMPRESSIONS:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
     return GENERIC_FORMATS.get(os.path.splitext(name)[1])
@@ -327,7 +328,9 @@ def _jsonl_lines(f: Any) -> Iterator[bytes]:
 
 
 def _open_text_stream(fs: pafs.FileSystem, path: str) -> Any:
-    compression = pa.Codec.detect(path).name if path.endswith((".gz", ".bz2", ".zst")) else None
+    # The suffix in any case, as _format_of reads it: DATA.CSV.GZ read undecompressed was gibberish.
+    name = path.lower()
+    compression = pa.Codec.detect(name).name if name.endswith(COMPRESSIONS) else None
     return fs.open_input_stream(path, compression=compression)
 
 

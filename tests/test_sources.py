@@ -292,3 +292,14 @@ def test_a_blank_csv_id_or_label_is_a_missing_one(tmp_path):
         ("8", None),
         ("a.csv:3", None),
     ]
+
+
+def test_a_compression_suffix_is_recognised_in_any_case(tmp_path, imdb_small):
+    """DATA.CSV.GZ was taken for CSV (its format suffix is read in any case) but not decompressed."""
+    with gzip.open(tmp_path / "DATA.CSV.GZ", "wt") as f:
+        f.write("text,label\ngood,1\n")
+    with gzip.open(tmp_path / "DATA.JSONL.GZ", "wt") as f:
+        f.write('{"text": "good", "label": 1}\n')
+    for name in ("DATA.CSV.GZ", "DATA.JSONL.GZ"):
+        assert read_all(open_corpus(str(tmp_path / name))).column("text").to_pylist() == ["good"]
+    assert open_corpus(str(tar_dir(imdb_small, tmp_path / "ACLIMDB.TAR.GZ"))).kind == "imdb-tar"
