@@ -479,9 +479,12 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
         raise models.ModelError("; ".join(problems))
     label_column = cfg.label_column if evaluate or cfg.label_column else ""
     corpus = open_corpus(cfg.input, cfg.text_column, label_column, cfg.id_column, cfg.split)
-    splits = sorted(corpus.manifest["splits"]) if corpus.kind == "prepared" else []  # type: ignore[attr-defined]
-    if evaluate and not cfg.split and len(splits) > 1:  # its train rows would make the metrics meaningless
-        raise InputError(f"input {cfg.input} is a prepared directory with splits {splits}; choose the one to "
+    # A corpus of several splits (prepared, IMDb, hf://; an IMDb archive's are known only by reading
+    # it): evaluated whole, its train rows would make the metrics meaningless.
+    splits = sorted(corpus.manifest["splits"]) if corpus.kind == "prepared" else corpus.splits()  # type: ignore[attr-defined]
+    if evaluate and not cfg.split and (splits is None or len(splits) > 1):
+        which = f"splits {sorted(splits)}" if splits else "the IMDb layout's splits (train, test, unsup)"
+        raise InputError(f"input {cfg.input} is {a_or_an(corpus.kind)} corpus with {which}; choose the one to "
                          f"evaluate with --split (such as --split test)")  # fmt: skip
     if evaluate and not corpus.labelled:
         raise InputError(

@@ -85,6 +85,20 @@ def test_evaluate_on_an_unlabelled_corpus_fails_before_any_work(tiny_classifier_
     assert not out.exists()  # nothing scored, nothing written
 
 
+def test_evaluate_on_a_raw_corpus_of_several_splits_needs_one(tiny_classifier_dir, imdb_small, tmp_path):
+    """An IMDb layout evaluated whole scored its train rows into the metrics without a word, where a
+    prepared directory of the same splits is an error; an archive's splits are known only by reading it."""
+    from tests.conftest import tar_dir
+
+    tar = tar_dir(imdb_small, tmp_path / "aclImdb.tar.gz")
+    for corpus in (imdb_small, tar):
+        cfg = InferConfig(input=str(corpus), model=tiny_classifier_dir, output=str(tmp_path / "o"))
+        with pytest.raises(InputError, match=r"imdb-(dir|tar) corpus with .*train.*; choose .* --split"):
+            infer.describe(cfg, evaluate=True)
+        assert infer.describe(InferConfig(**{**infer.to_dict(cfg), "split": "test"}), evaluate=True)
+        assert infer.describe(cfg)  # infer scores every split
+
+
 def _model_trained_with(tiny_classifier_dir, tmp_path, **text):
     d = tmp_path / "model"
     shutil.copytree(tiny_classifier_dir, d)
