@@ -227,9 +227,12 @@ def _glob(fs: pafs.FileSystem, pattern: str) -> list[tuple[str, int]]:
 
 
 def _glob_match(path: str, pattern: str) -> bool:
-    # fnmatch alone lets `*` match `/`; matching each segment on its own keeps it within one.
+    # fnmatch alone lets `*` match `/`; matching each segment on its own keeps it within one. Nor
+    # does a shell's wildcard match a leading `.`: data/*.csv is not also data/.backup.csv.
     names, parts = path.split("/"), pattern.split("/")
-    return len(names) == len(parts) and all(fnmatch.fnmatch(n, p) for n, p in zip(names, parts))
+    return len(names) == len(parts) and all(
+        fnmatch.fnmatch(n, p) and (p.startswith(".") or not n.startswith(".")) for n, p in zip(names, parts)
+    )
 
 
 def _generic(fs: pafs.FileSystem, root: str, files: list[tuple[str, int]], opts: dict[str, str]) -> Corpus:
