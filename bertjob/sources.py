@@ -24,6 +24,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bertjob.config import SetupError
+from bertjob.outputs import MARKER
 from bertjob.storage import filesystem
 from bertjob.text import decode_text
 
@@ -179,10 +180,20 @@ def open_corpus(
         return Corpus(
             "imdb-dir", where, units, fs, size_bytes=sum(f.size for f in imdb), labelled=True, **opts
         )
+    # A bertjob output inside the input (infer --output corpus/scored) is not input: its manifest and
+    # predictions would be read as more rows by the next run on the corpus.
+    outputs = tuple(
+        os.path.dirname(f.path) + "/"
+        for f in listing
+        if os.path.basename(f.path) == MARKER and f.path[len(where) :].strip("/") != MARKER
+    )
     files = [
         (f.path, f.size)
         for f in listing
-        if f.type == pafs.FileType.File and _format_of(f.path) and not _hidden(f.path, where)
+        if f.type == pafs.FileType.File
+        and _format_of(f.path)
+        and not _hidden(f.path, where)
+        and not f.path.startswith(outputs)
     ]
     if not files:
         raise InputError(

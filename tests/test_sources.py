@@ -307,3 +307,23 @@ def test_a_compression_suffix_is_recognised_in_any_case(tmp_path, imdb_small):
     for name in ("DATA.CSV.GZ", "DATA.JSONL.GZ"):
         assert read_all(open_corpus(str(tmp_path / name))).column("text").to_pylist() == ["good"]
     assert open_corpus(str(tar_dir(imdb_small, tmp_path / "ACLIMDB.TAR.GZ"))).kind == "imdb-tar"
+
+
+def test_a_bertjob_output_inside_the_input_directory_is_not_read(tmp_path):
+    """infer --input corpus --output corpus/scored: the next run on the corpus read the output's
+    manifest and predictions as more input ('mixes formats', or its Parquet files as more rows)."""
+    from bertjob.outputs import MARKER
+
+    d = tmp_path / "corpus"
+    d.mkdir()
+    pq.write_table(pa.table({"text": ["good", "bad"]}), d / "a.parquet")
+    scored = d / "scored"
+    (scored / "predictions").mkdir(parents=True)
+    (scored / MARKER).write_text('{"stage": "infer"}')
+    (scored / "manifest.json").write_text("{}")
+    pq.write_table(
+        pa.table({"id": ["a.parquet:0"], "text": ["good"]}), scored / "predictions" / "part-0.parquet"
+    )
+    corpus = open_corpus(str(d))
+    assert corpus.units == [str(d / "a.parquet")] and read_all(corpus).num_rows == 2
+    assert open_corpus(str(scored / "predictions")).units == [str(scored / "predictions" / "part-0.parquet")]
