@@ -251,8 +251,12 @@ def _generic(fs: pafs.FileSystem, root: str, files: list[tuple[str, int]], opts:
     if None in kinds:
         bad = next(p for p, _ in files if _format_of(p) is None)
         raise InputError(f"input {bad}: unknown format (expected .parquet, .csv, .jsonl, or an IMDb tar.gz)")
-    if len(kinds) > 1:
-        raise InputError(f"input {root}: mixes formats {sorted(kinds)}; point at one format at a time")
+    if len(kinds) > 1:  # name a file of each: a stray metadata.json is otherwise hard to find
+        first = {
+            k: next(os.path.relpath(p, root) for p, _ in files if _format_of(p) == k) for k in sorted(kinds)
+        }
+        mixed = ", ".join(f"{k} ({p})" for k, p in first.items())
+        raise InputError(f"input {root}: mixes formats: {mixed}; point at one format at a time (a glob)")
     kind = kinds.pop()
     corpus = Corpus(kind, root, [p for p, _ in files], fs, size_bytes=sum(s for _, s in files), **opts)
     for path, _ in files:

@@ -327,3 +327,13 @@ def test_a_bertjob_output_inside_the_input_directory_is_not_read(tmp_path):
     corpus = open_corpus(str(d))
     assert corpus.units == [str(d / "a.parquet")] and read_all(corpus).num_rows == 2
     assert open_corpus(str(scored / "predictions")).units == [str(scored / "predictions" / "part-0.parquet")]
+
+
+def test_a_directory_mixing_formats_is_an_error_naming_a_file_of_each(tmp_path):
+    (tmp_path / "a.csv").write_text("text\ngood\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "metadata.json").write_text("{}")
+    with pytest.raises(
+        InputError, match=r"mixes formats: csv \(a.csv\), jsonl \(sub/metadata.json\); point at one"
+    ):
+        open_corpus(str(tmp_path))
