@@ -570,6 +570,12 @@ def _read_imdb_files(corpus: Corpus, unit: list[str], keys_only: bool) -> Iterat
     yield _table(rows)
 
 
+def _as_text(value: Any) -> str | None:
+    """An id or label as text. Bytes are decoded: a Parquet string column written without its UTF-8
+    annotation (older Spark, Hive) is read as binary, and str() made b'pos' of its 'pos'."""
+    return decode_text(value)[0] if isinstance(value, bytes) else None if value is None else str(value)
+
+
 def _generic_table(corpus: Corpus, path: str, table: pa.Table, first_row: int, split: str) -> pa.Table:
     """Map a file's own columns onto ROW_SCHEMA."""
     n = table.num_rows
@@ -579,7 +585,7 @@ def _generic_table(corpus: Corpus, path: str, table: pa.Table, first_row: int, s
     if corpus.id_column:  # a missing id falls back to file:row, which is unique too
         for i, v in enumerate(table.column(corpus.id_column).to_pylist()):
             if v is not None:
-                ids[i] = str(v)
+                ids[i] = _as_text(v)
     texts: list[str | None] = [None] * n
     replaced = [False] * n
     if corpus.text_column in names:
@@ -591,7 +597,7 @@ def _generic_table(corpus: Corpus, path: str, table: pa.Table, first_row: int, s
             texts = [None if v is None else str(v) for v in col.to_pylist()]
     labels: list[str | None] = [None] * n
     if corpus.label_column and corpus.label_column in names:
-        labels = [None if v is None else str(v) for v in table.column(corpus.label_column).to_pylist()]
+        labels = [_as_text(v) for v in table.column(corpus.label_column).to_pylist()]
     return pa.Table.from_pydict(
         {"id": ids, "text": texts, "label": labels, "split": [split] * n, "utf8_replaced": replaced},
         schema=ROW_SCHEMA,

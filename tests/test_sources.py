@@ -337,3 +337,12 @@ def test_a_directory_mixing_formats_is_an_error_naming_a_file_of_each(tmp_path):
         InputError, match=r"mixes formats: csv \(a.csv\), jsonl \(sub/metadata.json\); point at one"
     ):
         open_corpus(str(tmp_path))
+
+
+def test_binary_id_and_label_columns_are_read_as_text(tmp_path):
+    """Parquet strings written without their UTF-8 annotation come back as binary: the ids were
+    "b'k1'" and every label "b'pos'", each row then quarantined as unrecognised_label."""
+    binary = {"id": [b"k1", b"k2"], "text": [b"good", b"bad"], "label": [b"pos", None]}
+    pq.write_table(pa.table(binary), tmp_path / "b.parquet")
+    rows = read_all(open_corpus(str(tmp_path / "b.parquet"), id_column="id")).to_pylist()
+    assert [(r["id"], r["text"], r["label"]) for r in rows] == [("k1", "good", "pos"), ("k2", "bad", None)]
