@@ -40,6 +40,7 @@ ROW_SCHEMA = pa.schema(
 
 ROWS_PER_TABLE = 1024
 IMDB_FILE = re.compile(r"(?:^|/)(train|test)/(pos|neg|unsup)/(\d+)_(\d+)\.txt$")
+IMDB_REVIEW_TXT = re.compile(r"(?:^|/)(train|test)/(pos|neg|unsup)/[^/._][^/]*\.txt$")  # visible .txt there
 GENERIC_FORMATS = {
     ".parquet": "parquet",
     ".pq": "parquet",
@@ -174,6 +175,13 @@ def open_corpus(
     listing = fs.get_file_info(pafs.FileSelector(where, recursive=True))
     imdb = [f for f in listing if f.type == pafs.FileType.File and IMDB_FILE.search(f.path)]
     if imdb:
+        # A review not named <id>_<rating>.txt would be left out without a word.
+        stray = [f.path for f in listing if IMDB_REVIEW_TXT.search(f.path) and not IMDB_FILE.search(f.path)]
+        if stray:
+            raise InputError(
+                f"input {path}: {len(stray)} file(s) in the IMDb layout's review directories are not named "
+                f"<id>_<rating>.txt and would not be read (first: {stray[0]}); rename or remove them"
+            )
         imdb.sort(key=lambda f: f.path)
         chunk = 1000
         units = [[f.path for f in imdb[i : i + chunk]] for i in range(0, len(imdb), chunk)]

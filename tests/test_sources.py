@@ -346,3 +346,16 @@ def test_binary_id_and_label_columns_are_read_as_text(tmp_path):
     pq.write_table(pa.table(binary), tmp_path / "b.parquet")
     rows = read_all(open_corpus(str(tmp_path / "b.parquet"), id_column="id")).to_pylist()
     assert [(r["id"], r["text"], r["label"]) for r in rows] == [("k1", "good", "pos"), ("k2", "bad", None)]
+
+
+def test_a_review_file_the_imdb_layout_cannot_name_is_an_error(tmp_path, imdb_small):
+    """train/pos/great.txt has no <id>_<rating> to read: it was left out of the corpus without a word."""
+    import shutil
+
+    d = tmp_path / "aclImdb"
+    shutil.copytree(imdb_small, d)
+    (d / "train" / "pos" / "._0_9.txt").write_text("macOS metadata")  # hidden: not a review
+    assert read_all(open_corpus(str(d))).num_rows == 310
+    (d / "train" / "pos" / "great.txt").write_text("A great film.")
+    with pytest.raises(InputError, match=r"1 file\(s\) .* not named <id>_<rating>.txt .*train/pos/great.txt"):
+        open_corpus(str(d))
