@@ -162,6 +162,8 @@ def open_corpus(
     info = fs.get_file_info(where)
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"input {path}: no such file or directory")
+    if info.type == pafs.FileType.Unknown:  # a FIFO, a device, a socket
+        raise InputError(f"input {path}: neither a regular file nor a directory")
     if (
         info.type == pafs.FileType.Directory
         and fs.get_file_info(where + "/manifest.json").type == pafs.FileType.File
@@ -172,7 +174,7 @@ def open_corpus(
             return _open_imdb_tar(fs, where, info.size, opts)
         return _generic(fs, os.path.dirname(where), [(where, info.size)], opts)
     # A directory: the IMDb layout (possibly one level down, as in aclImdb_v1/aclImdb), else files.
-    listing = fs.get_file_info(pafs.FileSelector(where, recursive=True))
+    listing = _list(fs, where, recursive=True)
     imdb = [f for f in listing if f.type == pafs.FileType.File and IMDB_FILE.search(f.path)]
     if imdb:
         # A review not named <id>_<rating>.txt would be left out without a word.
@@ -210,6 +212,15 @@ def open_corpus(
     return _generic(fs, where, sorted(files), opts)
 
 
+def _list(fs: pafs.FileSystem, where: str, recursive: bool) -> list[pafs.FileInfo]:
+    """A directory's entries; one that cannot be listed (a subdirectory without permission) is an
+    error naming it, not a traceback."""
+    try:
+        return fs.get_file_info(pafs.FileSelector(where, recursive=recursive))
+    except OSError as err:
+        raise InputError(f"input {where}: cannot be listed ({err})") from err
+
+
 def _hidden(path: str, root: str) -> bool:
     """A file, or one inside a directory, named with `.` or `_` below `root`: not data (Spark's
     `_SUCCESS` and `_temporary/`, `.crc` files, `.ipynb_checkpoints/`, a bertjob output's `_tmp/`),
@@ -239,7 +250,7 @@ def _glob(fs: pafs.FileSystem, pattern: str) -> list[tuple[str, int]]:
     base = _glob_base(pattern)
     depth = len(pattern[len(base) :].strip("/").split("/"))  # the segments below the base
     # Only a pattern that reaches below the base's own entries needs the slower recursive listing.
-    listing = fs.get_file_info(pafs.FileSelector(base, recursive=depth > 1))
+    listing = _list(fs, base, recursive=depth > 1)
     return sorted(
         (f.path, f.size) for f in listing if f.type == pafs.FileType.File and _glob_match(f.path, pattern)
     )

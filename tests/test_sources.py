@@ -1,5 +1,6 @@
 import gzip
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -75,6 +76,11 @@ def test_unreadable_and_empty_inputs_are_clear_errors(tmp_path):
         open_corpus(str(tmp_path / "empty"))
     with pytest.raises(InputError, match="no such file"):
         open_corpus(str(tmp_path / "nope.csv"))
+    os.mkfifo(tmp_path / "fifo.csv")  # was a traceback: NotADirectoryError listing it
+    with pytest.raises(InputError, match="fifo.csv: neither a regular file nor a directory"):
+        open_corpus(str(tmp_path / "fifo.csv"))
+    with pytest.raises(InputError, match="broken.parquet: cannot be listed"):  # a directory that is not one
+        open_corpus(str(tmp_path / "broken.parquet" / "*.csv"))
 
 
 @pytest.mark.parametrize("fmt", ["gnu", "pax", "ustar-plain", "bz2"])
