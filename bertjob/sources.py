@@ -322,8 +322,8 @@ def _check_columns(corpus: Corpus, path: str) -> list[str]:
     """The file's columns (a JSONL file's: those of its first object), checked for text and id, and
     for a name we read given to two columns."""
     names = columns_of(corpus, path)
-    if corpus.kind == "jsonl" and not names:
-        return names  # an empty JSONL file adds no rows; the corpus-level emptiness check catches all-empty inputs
+    if corpus.kind in ("csv", "jsonl") and not names:
+        return names  # an empty file adds no rows; the corpus-level emptiness check catches all-empty inputs
     # A CSV reader would silently take one of two same-named columns, a Parquet reader fail mid-job.
     twice = [
         c for c in (corpus.text_column, corpus.label_column, corpus.id_column) if c and names.count(c) > 1
@@ -710,6 +710,8 @@ def _csv_names(fs: pafs.FileSystem, path: str) -> list[str]:
                 read = pacsv.ReadOptions(block_size=block)
                 return pacsv.open_csv(f, read_options=read, parse_options=CSV_PARSE).schema.names
             except pa.ArrowInvalid as err:
+                if str(err).startswith("Empty CSV file"):  # 0 bytes: no columns, no rows (as empty JSONL)
+                    return []
                 if not _straddles(err, block):
                     raise
     raise AssertionError("unreachable: the last block size re-raises")
@@ -742,6 +744,8 @@ def _read_csv(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table]:
     # replacement and counted, rather than failing the whole file.
     wanted = _wanted(corpus, keys_only)
     names = columns_of(corpus, path)
+    if not names:  # an empty file
+        return
     present = [c for c in wanted if c in names]
     convert = pacsv.ConvertOptions(
         include_columns=present,

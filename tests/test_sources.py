@@ -365,3 +365,16 @@ def test_a_review_file_the_imdb_layout_cannot_name_is_an_error(tmp_path, imdb_sm
     (d / "train" / "pos" / "great.txt").write_text("A great film.")
     with pytest.raises(InputError, match=r"1 file\(s\) .* not named <id>_<rating>.txt .*train/pos/great.txt"):
         open_corpus(str(d))
+
+
+def test_an_empty_csv_file_adds_no_rows_as_an_empty_jsonl_file(tmp_path):
+    """A 0-byte part file (an empty partition's) made the whole directory an error for CSV alone."""
+    for fmt, content in (("csv", "text,label\ngood,1\n"), ("jsonl", '{"text": "good", "label": 1}\n')):
+        d = tmp_path / fmt
+        d.mkdir()
+        (d / f"part-0.{fmt}").write_text(content)
+        (d / f"part-1.{fmt}").write_text("")
+        corpus = open_corpus(str(d))
+        assert corpus.labelled and read_all(corpus).column("text").to_pylist() == ["good"]
+        (d / f"part-0.{fmt}").write_text("")
+        assert not open_corpus(str(d)).has_rows()  # which prepare and infer refuse: "no rows found"
