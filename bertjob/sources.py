@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import os
 import re
 import tarfile
@@ -27,6 +28,8 @@ from bertjob.config import SetupError
 from bertjob.outputs import MARKER
 from bertjob.storage import filesystem
 from bertjob.text import decode_text
+
+log = logging.getLogger(__name__)
 
 ROW_SCHEMA = pa.schema(
     [
@@ -197,14 +200,15 @@ def open_corpus(
         for f in listing
         if os.path.basename(f.path) == MARKER and f.path[len(where) :].strip("/") != MARKER
     )
-    files = [
-        (f.path, f.size)
-        for f in listing
-        if f.type == pafs.FileType.File
-        and _format_of(f.path)
-        and not _hidden(f.path, where)
-        and not f.path.startswith(outputs)
-    ]
+    visible = [
+        f for f in listing
+        if f.type == pafs.FileType.File and not _hidden(f.path, where) and not f.path.startswith(outputs)
+    ]  # fmt: skip
+    files = [(f.path, f.size) for f in visible if _format_of(f.path)]
+    other = [os.path.relpath(f.path, where) for f in visible if not _format_of(f.path)]
+    if files and other:  # a .tsv or .xlsx beside the .csv files: its rows would be missing without a word
+        log.warning("input %s: %d file(s) of no format bertjob reads are left out (%s%s)", path, len(other),
+                    ", ".join(sorted(other)[:3]), ", ..." if len(other) > 3 else "")  # fmt: skip
     if not files:
         raise InputError(
             f"input {path}: no IMDb layout (train/pos/*.txt ...) and no .parquet, .csv or .jsonl file found"

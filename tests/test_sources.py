@@ -257,6 +257,17 @@ def test_files_in_hidden_or_underscore_directories_are_not_read(tmp_path):
     assert corpus.units == [str(d / "a.csv")] and read_all(corpus).num_rows == 2
 
 
+def test_files_of_no_format_we_read_beside_the_data_are_named_in_a_warning(tmp_path, caplog):
+    """A .tsv or .xlsx export beside the .csv files is left out: the log says which, so its rows are
+    not missing without a word."""
+    for name in ("a.csv", "b.tsv", "c.xlsx"):
+        (tmp_path / name).write_text("text,label\ngood,1\n")
+    with caplog.at_level("WARNING", logger="bertjob.sources"):
+        corpus = open_corpus(str(tmp_path))
+    assert corpus.units == [str(tmp_path / "a.csv")]
+    assert "2 file(s) of no format bertjob reads are left out (b.tsv, c.xlsx)" in caplog.text
+
+
 def test_two_columns_with_a_name_we_read_are_an_error_naming_it(tmp_path):
     """A CSV reader takes one of the two silently, a Parquet reader fails in the middle of the job."""
     (tmp_path / "a.csv").write_text("text,text,label,note,note\na,b,1,x,y\n")
