@@ -387,7 +387,7 @@ def fit(cfg: Any, loop: Any, loop_config: dict[str, Any], plan: WorkerPlan, stor
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(attempt_s)
     storage_fs, storage_where = filesystem(storage) if is_remote(storage) else (None, storage)
     run_dir = join(storage, cfg.name)
-    trainer = TorchTrainer(
+    trainer = _Interruptible(TorchTrainer)(
         loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
@@ -421,6 +421,20 @@ def fit(cfg: Any, loop: Any, loop_config: dict[str, Any], plan: WorkerPlan, stor
                  time.strftime("%H:%M:%S", time.localtime(e["at"])), e["why"], e["workers_before"],
                  e["workers_after"], e["from_step"])  # fmt: skip
     return result
+
+
+def _Interruptible(trainer_cls: Any) -> Any:
+    """The trainer class without Ray Train's SIGINT handler, so that Ctrl-C raises KeyboardInterrupt
+    as SIGTERM raises cli.Terminated: the job ends with status 130 and says that a rerun resumes.
+    Ray's handler instead let the workers train on past the last registered checkpoint, exited with
+    status 1 without a word, and stayed installed after fit(), where it swallowed the Ctrl-C of a
+    later stage (a pipeline's evaluate)."""
+
+    class Trainer(trainer_cls):  # type: ignore[misc, valid-type]
+        def _register_sigint_handler(self, controller: Any) -> None:
+            pass
+
+    return Trainer
 
 
 class PlacementTimeoutError(JobError):

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -168,6 +169,34 @@ def test_a_killed_worker_then_a_killed_job_resume_at_the_exact_sample_with_fewer
         assert sorted(r for s in epoch for r in b[s]) == list(range(180))  # each row once per epoch
     wa, wb = _final_weights(tmp_path / "a" / "ckpt" / "t"), _final_weights(run_dir)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5, rtol=1e-4) for k in wa)  # float rounding only
+
+
+def test_ctrl_c_ends_training_with_the_resume_line_and_a_rerun_resumes(
+    prepared_small, tiny_model_dir, tmp_path
+):
+    """Ctrl-C is KeyboardInterrupt, as the CLI promises: status 130 and the resume line (Ray Train's
+    own handler exited 1 without a word), and no handler of Ray's is left behind in-process (it
+    swallowed the next Ctrl-C: a pipeline's evaluate could not be stopped)."""
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "bertjob", "train", "--data", str(prepared_small), "--output", str(out),
+            "--model", tiny_model_dir, "--num-workers", "1", "--epochs", "2", "--batch-size", "16", "--lr", "5e-3",
+            "--name", "t", "--storage-path", str(out / "ckpt"), "--mixed-precision", "off",
+            "--checkpoint-every-steps", "2", "--keep-checkpoints", "1"]  # fmt: skip
+    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        _wait_for((out / "ckpt" / "t" / "checkpoint_manager_snapshot.json").exists)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        kill_session(proc.pid)
+    assert proc.returncode == 128 + signal.SIGINT and "interrupted; the same command again resumes" in err, (
+        err[-3000:]
+    )
+    handler = signal.getsignal(signal.SIGINT)
+    resumed = train.run(cfg(prepared_small, out, tiny_model_dir, num_workers=1))
+    assert resumed["resumed_at_steps"] and resumed["resumed_at_steps"][0] > 0 and resumed["steps"] == 24
+    assert signal.getsignal(signal.SIGINT) is handler
 
 
 def _in_session(p: psutil.Process, sid: int) -> bool:
