@@ -50,7 +50,13 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+def _add_fields(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    skip: set[str] = frozenset(),  # type: ignore[assignment]
+    hidden: set[str] = frozenset(),  # type: ignore[assignment]
+) -> None:
+    """A flag per field of `cls` but those in `skip`; those in `hidden` are parsed, not shown."""
     types = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or types[f.name] is dict:
@@ -67,7 +73,9 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: set[str] = fro
             nargs="?" if typ is bool else None,
             const="true" if typ is bool else None,
             default=argparse.SUPPRESS,
-            help=f"{f.metadata.get('help', '')} (default: {default})",
+            help=argparse.SUPPRESS
+            if f.name in hidden
+            else f"{f.metadata.get('help', '')} (default: {default})",
         )
 
 
@@ -90,7 +98,10 @@ def make_parser() -> argparse.ArgumentParser:
                 "with a pipeline config (--config with output_dir or stage sections)"
             )
             stage_fields = {f.name for f in dataclasses.fields(cls)}
-            _add_fields(extra, PipelineConfig, skip=stage_fields)
+            # The pipeline settings this stage does not read are parsed only to be refused by
+            # name (resolve); --help does not offer them.
+            unread = {f.name for f in dataclasses.fields(PipelineConfig)} - set(STAGE_SHARED[name])
+            _add_fields(extra, PipelineConfig, skip=stage_fields, hidden=unread)
     return parser
 
 

@@ -115,6 +115,18 @@ def test_help_documents_every_setting(capsys, command, cls):
         assert "--" + f.name.replace("_", "-") in out
 
 
+def test_help_offers_only_the_pipeline_flags_the_stage_reads(capsys):
+    """`train --help` listed --input, --max-length, --truncation and --infer-input, each always an error there."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--output-dir" in out and "--pretrain-stage" in out
+    assert not {"--input", "--max-length", "--truncation", "--infer-input"} & set(out.split())
+    with pytest.raises(SystemExit) as exit_:  # still parsed, to say where it belongs
+        main(["train", "--data", "d", "--output", "o", "--max-length", "256"])
+    assert exit_.value.code == 2 and "belongs to `bertjob prepare`" in capsys.readouterr().err
+
+
 CONFIGS = (PrepareConfig, TrainConfig, InferConfig, PipelineConfig)
 REQUIRED = {"data": "d", "output": "o", "input": "i", "model": "m"}  # the settings with no usable default
 
