@@ -280,7 +280,9 @@ class TrainConfig(Settings):
     storage_path: str = opt("", "checkpoints root (local, NFS, s3://, gs://); empty: OUTPUT/ray_results")
     name: str = opt("bertjob-train", "run name; rerunning with the same name and storage_path resumes")
     resume_changed: bool = opt(
-        False, "resume a run's checkpoint although model, data, batch_size or seed changed (else an error)"
+        False,
+        "resume a run's checkpoint although model, data, batch_size, seed, length_grouping or an optimiser "
+        "setting (lr, warmup...) changed (else an error)",
     )
     sample_log: bool = opt(
         False, "append each step's row indices per worker to STORAGE/NAME/samples/rank-N.jsonl (an audit)"

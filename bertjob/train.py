@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -240,16 +239,15 @@ def check_resources(cfg: TrainConfig, plan: WorkerPlan) -> list[str]:
 
 def run_identity(cfg: Any, manifest: dict[str, Any], **settings: Any) -> dict[str, Any]:
     """What a checkpoint of this run (train, or pretrain with its `settings`) depends on: resuming
-    it with any of these changed would continue another run's weights or data order."""
-    splits = manifest["splits"]
-    data = {k: {f: splits[k].get(f) for f in ("rows_written", "label_counts")} for k in splits}
-    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    it with any of these changed would continue another run's weights or data order. The data is
+    the prepared output's own identity (its corpus' content, every prepare setting): data prepared
+    again otherwise (another truncation, another corpus) with the same row counts is another run."""
     return {
         "model": cfg.model,
         "data": {
             "tokenizer": manifest["tokenizer"]["fingerprint"],
             "max_length": manifest["max_length"],
-            "splits": digest,
+            "prepared": manifest["identity"],
         },
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
@@ -263,11 +261,28 @@ def shuffle_window(token_bytes: float, setting: int = 0) -> int:
     return setting or (0 if token_bytes <= IN_MEMORY_BYTES else WINDOW_ROWS)
 
 
-def check_run_compatible(cfg: Any, identity: dict[str, Any], run_dir: str) -> None:
-    """A rerun with the same name resumes; one whose model, data or order changed is an error."""
-    if exists(join(run_dir, "checkpoint_manager_snapshot.json")) and exists(join(run_dir, RUN_FILE)):
+# Settings that shape the weights besides the data order: resuming with another value would mix two
+# runs' training under the new one's name, or export a finished run's model as trained with it.
+# Only the steps a rerun adds to a finished run may take new values (README: Extending).
+OPTIMISATION = ("lr", "layer_lr_decay", "weight_decay", "warmup_ratio", "max_grad_norm", "mixed_precision")
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's registered checkpoints
+
+
+def latest_checkpoint(run_dir: str) -> dict[str, Any]:
+    """The metrics reported with a run's latest registered checkpoint (step, final), {} if none."""
+    path = join(run_dir, SNAPSHOT)
+    latest = read_json(path).get("latest_checkpoint_result") if exists(path) else None
+    return (latest or {}).get("metrics") or {}
+
+
+def check_run_compatible(
+    cfg: Any, identity: dict[str, Any], run_dir: str, may_change: tuple[str, ...] = ()
+) -> None:
+    """A rerun with the same name resumes; one whose model, data or order changed is an error
+    (`may_change`: identity keys a rerun may change, those that only shape the steps it adds)."""
+    if exists(join(run_dir, SNAPSHOT)) and exists(join(run_dir, RUN_FILE)):
         before = read_json(join(run_dir, RUN_FILE))
-        changed = [k for k in identity if before.get(k) != identity[k]]
+        changed = [k for k in identity if before.get(k) != identity[k] and k not in may_change]
         if changed and not cfg.resume_changed:
             details = "; ".join(f"{k}: {before.get(k)} -> {identity[k]}" for k in changed)
             raise TrainSetupError(
@@ -309,15 +324,24 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         problems += check_resources(cfg, plan)
     if problems:
         raise TrainSetupError("cannot train:\n  - " + "\n  - ".join(problems))
-    check_run_compatible(
-        cfg, run_identity(cfg, manifest, length_grouping=cfg.length_grouping), join(storage, cfg.name)
-    )
-    nonfinite = join(storage, cfg.name, NONFINITE_FILE)
-    remove(nonfinite)  # from an earlier attempt of this run
-
     n_train = manifest["splits"]["train"]["rows_written"]
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or math.inf)
+    run_dir = join(storage, cfg.name)
+    done = latest_checkpoint(run_dir)
+    if done.get("step", 0) > total_steps:  # it would export that longer run's model as this one's
+        raise TrainSetupError(
+            f"run {cfg.name!r} in {storage} has trained {done['step']} steps, more than the {total_steps} this run "
+            f"asks for (--epochs {cfg.epochs}, --max-steps {cfg.max_steps}); start a new run with another --name"
+        )
+    extends = bool(done.get("final")) and total_steps > done["step"]
+    identity = run_identity(
+        cfg, manifest, length_grouping=cfg.length_grouping, **{k: getattr(cfg, k) for k in OPTIMISATION}
+    )
+    check_run_compatible(cfg, identity, run_dir, may_change=OPTIMISATION if extends else ())
+    nonfinite = join(run_dir, NONFINITE_FILE)
+    remove(nonfinite)  # from an earlier attempt of this run
+
     share = math.ceil(cfg.batch_size / cfg.num_workers.min)
     log.info(
         "train: %d rows, global batch %d = %s workers x up to %d rows (micro-batches of %d, up to %d accumulated); "

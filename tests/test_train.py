@@ -247,6 +247,30 @@ def test_extending_a_finished_run_schedules_the_added_steps_and_a_changed_run_is
     # to 0 at step 48; step 39 trains at 1e-2 x (12 - 3) / 11 (it used to be the old lr, 5e-3, x 0.41)
     lr = {h["step"]: h["lr"] for h in second["history"] if h["type"] == "train"}
     assert lr[40] == pytest.approx(1e-2 * 9 / 11)
+    # A rerun that adds no steps trains nothing: with another lr it exported the finished model as
+    # trained at that lr, and with fewer epochs as trained for fewer steps.
+    with pytest.raises(train.TrainSetupError, match=r"lr: 0.01 -> 0.005.*another --name"):
+        train.run(cfg(prepared_small, tmp_path / "run", tiny_model_dir, epochs=4, lr=5e-3, **kw))
+    with pytest.raises(
+        train.TrainSetupError, match=r"has trained 48 steps, more than the 36 this run asks for"
+    ):
+        train.run(cfg(prepared_small, tmp_path / "run", tiny_model_dir, epochs=3, lr=1e-2, **kw))
+
+
+def test_a_run_is_not_resumed_on_data_prepared_otherwise_with_the_same_row_counts(
+    trained, imdb_small, tiny_model_dir, tmp_path
+):
+    """The same corpus prepared with another truncation has the same splits and label counts: the
+    finished run's model (trained on head+tail) was exported again, labelled with tail truncation."""
+    from bertjob import prepare
+    from bertjob.config import PrepareConfig
+
+    done, _ = trained
+    other = tmp_path / "prepared-tail"
+    prepare.run(PrepareConfig(input=str(imdb_small), output=str(other), model=tiny_model_dir, max_length=64,
+                              truncation="tail"))  # fmt: skip
+    with pytest.raises(train.TrainSetupError, match=r"different run \(data: .*another --name"):
+        train.run(cfg(other, tmp_path / "run", tiny_model_dir, epochs=4, storage_path=str(done / "ckpt")))
 
 
 def test_setup_problems_are_clear_errors_before_training(prepared_small, tiny_model_dir, tmp_path, ray_local):
