@@ -480,6 +480,13 @@ class PipelineConfig(Settings):
             section = getattr(self, stage)
             if section is not None and not isinstance(section, dict):
                 p.append(f"{stage}: must be a mapping of {stage} settings")
+                continue
+            # Every stage's settings now, not when the pipeline reaches the stage: a typo in the
+            # train section was reported only after prepare had run, and one at a time.
+            try:
+                self.stage(stage)
+            except ConfigError as err:
+                p += err.problems
         return p
 
     def path(self, *parts: str) -> str:
@@ -607,10 +614,12 @@ def build(cls: type[T], values: dict[str, Any], where: str = "") -> T:
             kwargs[key_norm] = _coerce(value, types[key_norm], where + key_norm)
         except ValueError as err:
             problems.append(str(err))
-    if problems:
-        raise ConfigError(problems)
+    # The values that passed, checked against their ranges too: all problems at once. Defaults are
+    # valid, so those in place of bad values add nothing; checks across settings only once none is bad.
     cfg = cls(**kwargs)
-    problems = [where + p for p in out_of_range(cfg) + cfg.problems()]  # type: ignore[attr-defined]
+    problems += [where + p for p in out_of_range(cfg)]
+    if not problems:
+        problems = [where + p for p in cfg.problems()]  # type: ignore[attr-defined]
     if problems:
         raise ConfigError(problems)
     return cfg

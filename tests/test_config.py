@@ -31,6 +31,25 @@ def test_all_problems_are_collected_in_one_error():
     assert len(err.value.problems) == 3
 
 
+def test_bad_types_values_and_every_stage_section_are_reported_at_once():
+    """A range problem used to wait until the type problems were fixed, and a stage section's
+    problems until the pipeline reached that stage (a train typo after prepare had run)."""
+    with pytest.raises(ConfigError) as err:
+        build(TrainConfig, {"data": "d", "output": "o", "epochz": 1, "lr": "x", "num_workers": 0})
+    assert [p.split(":")[0] for p in err.value.problems] == [
+        "unknown setting 'epochz'; valid settings",
+        "lr",
+        "num_workers",
+    ]
+    sections = {"train": {"epochz": 1, "lr": -1}, "pretrain": {"epochs": 0}, "infer": {"batch_size": "x"}}
+    with pytest.raises(ConfigError) as err:
+        build(PipelineConfig, sections)
+    assert [p.split(":")[:2] for p in err.value.problems] == [
+        ["pretrain", " epochs"], ["train", " unknown setting 'epochz'; valid settings"], ["train", " lr"],
+        ["infer", " batch_size"],
+    ]  # fmt: skip
+
+
 def test_bad_types_are_named():
     with pytest.raises(ConfigError, match="max_length: expected an integer"):
         build(PrepareConfig, {"output": "x", "max_length": "long"})
