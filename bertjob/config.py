@@ -200,6 +200,16 @@ def micro_batch_size_opt() -> Any:
     )
 
 
+def run_name_problems(name: str) -> list[str]:
+    """A train or pretrain run's name is one directory under storage_path, which a rerun resumes:
+    Ray Train gives an empty name a fresh timestamped one, so such a run never resumed."""
+    if name.strip() and name not in (".", "..") and "/" not in name:
+        return []
+    return [
+        f"name: {name!r} must be a plain directory name such as bertjob-train (checkpoints go to STORAGE/NAME)"
+    ]
+
+
 def placement_timeout_opt() -> Any:
     return opt(
         600,
@@ -298,7 +308,7 @@ class TrainConfig(Settings):
             p.append("data: required (--data PREPARED_DIR)")
         if not self.output:
             p.append("output: required (--output DIR)")
-        return p
+        return p + run_name_problems(self.name)
 
 
 PRETRAIN_SPLITS = ("unsup", "train")  # never validation or test: they judge the fine-tuned model
@@ -371,7 +381,7 @@ class PretrainConfig(Settings):
                 f"splits: {self.splits!r}; pre-training reads only {' and '.join(PRETRAIN_SPLITS)} "
                 "(validation and test judge the fine-tuned model and must stay unseen)"
             )
-        return p
+        return p + run_name_problems(self.name)
 
     @property
     def split_names(self) -> list[str]:

@@ -50,6 +50,14 @@ def test_bad_types_values_and_every_stage_section_are_reported_at_once():
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize("cls", [TrainConfig, PretrainConfig])
+@pytest.mark.parametrize("name", ["", " ", "..", "a/b"])
+def test_a_run_name_that_is_not_one_directory_is_an_error(cls, name):
+    """`--name ''` trained under a fresh timestamped name each time: a rerun never resumed."""
+    with pytest.raises(ConfigError, match="name: .* must be a plain directory name"):
+        build(cls, {"data": "d", "output": "o", "name": name})
+
+
 def test_bad_types_are_named():
     with pytest.raises(ConfigError, match="max_length: expected an integer"):
         build(PrepareConfig, {"output": "x", "max_length": "long"})
