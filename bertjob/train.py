@@ -292,10 +292,28 @@ def check_run_compatible(
     write_json(join(run_dir, RUN_FILE), identity)
 
 
+def plan_run(cfg: TrainConfig, model_config: dict[str, Any], max_length: int) -> WorkerPlan:
+    """The workers' plan on the Ray this process is connected to, or a TrainSetupError naming all
+    that cannot work: too long sequences for the model, workers that do not fit the cluster. The
+    pipeline asks before prepare (with the max_length it will prepare at), train again before training."""
+    from bertjob.cluster import alive_nodes
+
+    plan, problems = plan_workers(cfg, alive_nodes(), model_config, max_length)
+    positions = model_config.get("max_position_embeddings")
+    if positions and max_length > positions:
+        problems.append(f"data {cfg.data} is prepared with max_length {max_length}, more than model "
+                        f"{cfg.model} has positions for ({positions}): prepare it with --max-length {positions} or less")  # fmt: skip
+    if cfg.check_resources:
+        problems += check_resources(cfg, plan)
+    if problems:
+        raise TrainSetupError("cannot train:\n  - " + "\n  - ".join(problems))
+    return plan
+
+
 def run(cfg: TrainConfig) -> dict[str, Any]:
     from ray.train import CheckpointConfig
 
-    from bertjob.cluster import alive_nodes, init_ray
+    from bertjob.cluster import init_ray
 
     started = time.time()
     check_access({"data": cfg.data, "output": cfg.output, "storage_path": cfg.storage_path})
@@ -309,21 +327,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         raise TrainSetupError("sample_log needs a local or mounted storage_path")
     ensure_output(cfg.output, "train")  # never wiped: it may hold the checkpoints a rerun resumes from
     init_ray()
-    nodes = alive_nodes()
     model_config = models.model_config(cfg.model, cfg.trust_remote_code)
     if not cfg.lr:
         cfg = dataclasses.replace(
             cfg, lr=default_lr(model_config)
         )  # the resolved value is what metrics.json records
-    plan, problems = plan_workers(cfg, nodes, model_config, manifest["max_length"])
-    positions = model_config.get("max_position_embeddings")
-    if positions and manifest["max_length"] > positions:
-        problems.append(f"data {cfg.data} was prepared with max_length {manifest['max_length']}, more than model "
-                        f"{cfg.model} has positions for ({positions}): prepare it with --max-length {positions} or less")  # fmt: skip
-    if cfg.check_resources:
-        problems += check_resources(cfg, plan)
-    if problems:
-        raise TrainSetupError("cannot train:\n  - " + "\n  - ".join(problems))
+    plan = plan_run(cfg, model_config, manifest["max_length"])
     n_train = manifest["splits"]["train"]["rows_written"]
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or math.inf)
