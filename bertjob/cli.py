@@ -167,16 +167,20 @@ class Terminated(KeyboardInterrupt):
     Ctrl-C raises KeyboardInterrupt, so that the run ends the same way, resumable."""
 
 
-def _terminated(signum: int, frame: Any) -> None:
-    raise Terminated
-
-
 @contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM raises Terminated while the command runs (`cluster.init_ray` keeps it so)."""
-    before = signal.signal(signal.SIGTERM, _terminated)
+def _sigterm_interrupts() -> Iterator[list[int]]:
+    """SIGTERM raises Terminated while the command runs (`cluster.init_ray` keeps it so). The list
+    yielded records it: inside `ray.get` (a train run waiting on Ray Train) Ray replaces whatever
+    a signal handler raised with a plain KeyboardInterrupt, and the job exited 130, not 143."""
+    received: list[int] = []
+
+    def terminated(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise Terminated
+
+    before = signal.signal(signal.SIGTERM, terminated)
     try:
-        yield
+        yield received
     finally:
         signal.signal(signal.SIGTERM, before)
 
@@ -184,7 +188,7 @@ def _sigterm_interrupts() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
-    with _sigterm_interrupts():
+    with _sigterm_interrupts() as terminated:
         try:
             rest, dotted = _split_dotted(argv)
             ns = parser.parse_args(rest)
@@ -206,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.exit(2, f"bertjob: error: {_own_words(err)}\n")
         except JobError as err:
             parser.exit(1, f"bertjob: error: {_own_words(err)}\n")
-        except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: 128 + the signal, as a shell reports it
-            parser.exit(128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT), INTERRUPTED)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: 128 + the signal, as a shell reports it
+            parser.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT), INTERRUPTED)
     return 0
 
 
