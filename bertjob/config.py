@@ -662,13 +662,29 @@ def out_of_range(cfg: Any) -> list[str]:
     return problems
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of a key given twice and drops the others without a word; a setting
+    given twice (`epochs: 3` ... `epochs: 1`) is an error instead."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"setting {key!r} given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str) -> dict[str, Any]:
     try:
         text = Path(path).read_text()
     except OSError as err:
         raise ConfigError([f"config file {path}: {err.strerror}"]) from err
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         raise ConfigError([f"config file {path}: not valid YAML ({err})"]) from err
     if not isinstance(data, dict):

@@ -58,6 +58,17 @@ def test_a_run_name_that_is_not_one_directory_is_an_error(cls, name):
         build(cls, {"data": "d", "output": "o", "name": name})
 
 
+def test_a_setting_given_twice_in_a_config_file_is_an_error(tmp_path):
+    """PyYAML kept the last `epochs:` and dropped the first without a word."""
+    f = tmp_path / "c.yaml"
+    f.write_text("data: d\noutput: o\nepochs: 3\ntrain:\n  lr: 1.0e-4\nepochs: 1\n")
+    with pytest.raises(ConfigError, match=r"(?s)setting 'epochs' given twice.*line 6"):
+        read_yaml(str(f))
+    f.write_text("train:\n  lr: 1.0e-4\n  lr: 2.0e-4\n")  # in a stage section too
+    with pytest.raises(ConfigError, match="setting 'lr' given twice"):
+        read_yaml(str(f))
+
+
 def test_bad_types_are_named():
     with pytest.raises(ConfigError, match="max_length: expected an integer"):
         build(PrepareConfig, {"output": "x", "max_length": "long"})
