@@ -457,6 +457,18 @@ STAGE_SHARED = {
 }
 
 
+# The settings by which one stage's output is the next stage's input: derived from output_dir, never
+# set in a stage's section (`train: {output: X}` trained into X while evaluate scored
+# OUTPUT_DIR/train/model, a stale model from an earlier run where there was one).
+STAGE_LINKS = {
+    "prepare": ("output",),
+    "pretrain": ("data", "output"),
+    "train": ("data", "output"),
+    "evaluate": ("model",),
+    "infer": ("model",),
+}
+
+
 @dataclass
 class PipelineConfig(Settings):
     """prepare -> train -> evaluate (test split) -> infer, each stage's output feeding the next."""
@@ -491,6 +503,12 @@ class PipelineConfig(Settings):
             if section is not None and not isinstance(section, dict):
                 p.append(f"{stage}: must be a mapping of {stage} settings")
                 continue
+            links = STAGE_LINKS[stage] + (("model",) if stage == "train" and self.pretrain_stage else ())
+            p += [
+                f"{stage}: {key}: the pipeline derives it from output_dir (it links the stages); set output_dir"
+                for key in links
+                if key in (section or {})
+            ]
             # Every stage's settings now, not when the pipeline reaches the stage: a typo in the
             # train section was reported only after prepare had run, and one at a time.
             try:

@@ -69,6 +69,20 @@ def test_a_setting_given_twice_in_a_config_file_is_an_error(tmp_path):
         read_yaml(str(f))
 
 
+def test_a_stage_section_cannot_unlink_the_stages():
+    """`train: {output: X}` trained into X while evaluate scored OUTPUT_DIR/train/model."""
+    sections = {"prepare": {"output": "p"}, "train": {"output": "x", "epochs": 1}, "evaluate": {"model": "m"}}
+    with pytest.raises(ConfigError) as err:
+        build(PipelineConfig, sections)
+    assert [p.split(":")[:2] for p in err.value.problems] == [["prepare", " output"], ["train", " output"],
+                                                             ["evaluate", " model"]]  # fmt: skip
+    with pytest.raises(ConfigError, match="train: model: the pipeline derives it"):
+        build(PipelineConfig, {"pretrain_stage": True, "train": {"model": "m"}})
+    assert (
+        build(PipelineConfig, {"train": {"model": "m"}}).stage("train").model == "m"
+    )  # no pretrain stage: a choice
+
+
 def test_bad_types_are_named():
     with pytest.raises(ConfigError, match="max_length: expected an integer"):
         build(PrepareConfig, {"output": "x", "max_length": "long"})
