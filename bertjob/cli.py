@@ -50,7 +50,13 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+def _add_fields(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    skip: set[str] = frozenset(),  # type: ignore[assignment]
+    hidden: set[str] = frozenset(),  # type: ignore[assignment]
+) -> None:
+    """A flag per field of `cls` but those in `skip`; those in `hidden` are parsed, not shown."""
     types = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or types[f.name] is dict:
@@ -67,7 +73,9 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, skip: set[str] = fro
             nargs="?" if typ is bool else None,
             const="true" if typ is bool else None,
             default=argparse.SUPPRESS,
-            help=f"{f.metadata.get('help', '')} (default: {default})",
+            help=argparse.SUPPRESS
+            if f.name in hidden
+            else f"{f.metadata.get('help', '')} (default: {default})",
         )
 
 
@@ -90,7 +98,10 @@ def make_parser() -> argparse.ArgumentParser:
                 "with a pipeline config (--config with output_dir or stage sections)"
             )
             stage_fields = {f.name for f in dataclasses.fields(cls)}
-            _add_fields(extra, PipelineConfig, skip=stage_fields)
+            # The pipeline settings this stage does not read are parsed only to be refused by
+            # name (resolve); --help does not offer them.
+            unread = {f.name for f in dataclasses.fields(PipelineConfig)} - set(STAGE_SHARED[name])
+            _add_fields(extra, PipelineConfig, skip=stage_fields, hidden=unread)
     return parser
 
 
@@ -156,16 +167,20 @@ class Terminated(KeyboardInterrupt):
     Ctrl-C raises KeyboardInterrupt, so that the run ends the same way, resumable."""
 
 
-def _terminated(signum: int, frame: Any) -> None:
-    raise Terminated
-
-
 @contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM raises Terminated while the command runs (`cluster.init_ray` keeps it so)."""
-    before = signal.signal(signal.SIGTERM, _terminated)
+def _sigterm_interrupts() -> Iterator[list[int]]:
+    """SIGTERM raises Terminated while the command runs (`cluster.init_ray` keeps it so). The list
+    yielded records it: inside `ray.get` (a train run waiting on Ray Train) Ray replaces whatever
+    a signal handler raised with a plain KeyboardInterrupt, and the job exited 130, not 143."""
+    received: list[int] = []
+
+    def terminated(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise Terminated
+
+    before = signal.signal(signal.SIGTERM, terminated)
     try:
-        yield
+        yield received
     finally:
         signal.signal(signal.SIGTERM, before)
 
@@ -173,7 +188,7 @@ def _sigterm_interrupts() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
-    with _sigterm_interrupts():
+    with _sigterm_interrupts() as terminated:
         try:
             rest, dotted = _split_dotted(argv)
             ns = parser.parse_args(rest)
@@ -195,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.exit(2, f"bertjob: error: {_own_words(err)}\n")
         except JobError as err:
             parser.exit(1, f"bertjob: error: {_own_words(err)}\n")
-        except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: 128 + the signal, as a shell reports it
-            parser.exit(128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT), INTERRUPTED)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: 128 + the signal, as a shell reports it
+            parser.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT), INTERRUPTED)
     return 0
 
 

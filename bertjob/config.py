@@ -200,6 +200,16 @@ def micro_batch_size_opt() -> Any:
     )
 
 
+def run_name_problems(name: str) -> list[str]:
+    """A train or pretrain run's name is one directory under storage_path, which a rerun resumes:
+    Ray Train gives an empty name a fresh timestamped one, so such a run never resumed."""
+    if name.strip() and name not in (".", "..") and "/" not in name:
+        return []
+    return [
+        f"name: {name!r} must be a plain directory name such as bertjob-train (checkpoints go to STORAGE/NAME)"
+    ]
+
+
 def placement_timeout_opt() -> Any:
     return opt(
         600,
@@ -280,7 +290,9 @@ class TrainConfig(Settings):
     storage_path: str = opt("", "checkpoints root (local, NFS, s3://, gs://); empty: OUTPUT/ray_results")
     name: str = opt("bertjob-train", "run name; rerunning with the same name and storage_path resumes")
     resume_changed: bool = opt(
-        False, "resume a run's checkpoint although model, data, batch_size or seed changed (else an error)"
+        False,
+        "resume a run's checkpoint although model, data, batch_size, seed, length_grouping or an optimiser "
+        "setting (lr, warmup...) changed (else an error)",
     )
     sample_log: bool = opt(
         False, "append each step's row indices per worker to STORAGE/NAME/samples/rank-N.jsonl (an audit)"
@@ -296,7 +308,7 @@ class TrainConfig(Settings):
             p.append("data: required (--data PREPARED_DIR)")
         if not self.output:
             p.append("output: required (--output DIR)")
-        return p
+        return p + run_name_problems(self.name)
 
 
 PRETRAIN_SPLITS = ("unsup", "train")  # never validation or test: they judge the fine-tuned model
@@ -369,7 +381,7 @@ class PretrainConfig(Settings):
                 f"splits: {self.splits!r}; pre-training reads only {' and '.join(PRETRAIN_SPLITS)} "
                 "(validation and test judge the fine-tuned model and must stay unseen)"
             )
-        return p
+        return p + run_name_problems(self.name)
 
     @property
     def split_names(self) -> list[str]:
@@ -445,6 +457,18 @@ STAGE_SHARED = {
 }
 
 
+# The settings by which one stage's output is the next stage's input: derived from output_dir, never
+# set in a stage's section (`train: {output: X}` trained into X while evaluate scored
+# OUTPUT_DIR/train/model, a stale model from an earlier run where there was one).
+STAGE_LINKS = {
+    "prepare": ("output",),
+    "pretrain": ("data", "output"),
+    "train": ("data", "output"),
+    "evaluate": ("model",),
+    "infer": ("model",),
+}
+
+
 @dataclass
 class PipelineConfig(Settings):
     """prepare -> train -> evaluate (test split) -> infer, each stage's output feeding the next."""
@@ -478,6 +502,19 @@ class PipelineConfig(Settings):
             section = getattr(self, stage)
             if section is not None and not isinstance(section, dict):
                 p.append(f"{stage}: must be a mapping of {stage} settings")
+                continue
+            links = STAGE_LINKS[stage] + (("model",) if stage == "train" and self.pretrain_stage else ())
+            p += [
+                f"{stage}: {key}: the pipeline derives it from output_dir (it links the stages); set output_dir"
+                for key in links
+                if key in (section or {})
+            ]
+            # Every stage's settings now, not when the pipeline reaches the stage: a typo in the
+            # train section was reported only after prepare had run, and one at a time.
+            try:
+                self.stage(stage)
+            except ConfigError as err:
+                p += err.problems
         return p
 
     def path(self, *parts: str) -> str:
@@ -605,10 +642,12 @@ def build(cls: type[T], values: dict[str, Any], where: str = "") -> T:
             kwargs[key_norm] = _coerce(value, types[key_norm], where + key_norm)
         except ValueError as err:
             problems.append(str(err))
-    if problems:
-        raise ConfigError(problems)
+    # The values that passed, checked against their ranges too: all problems at once. Defaults are
+    # valid, so those in place of bad values add nothing; checks across settings only once none is bad.
     cfg = cls(**kwargs)
-    problems = [where + p for p in out_of_range(cfg) + cfg.problems()]  # type: ignore[attr-defined]
+    problems += [where + p for p in out_of_range(cfg)]
+    if not problems:
+        problems = [where + p for p in cfg.problems()]  # type: ignore[attr-defined]
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -641,13 +680,29 @@ def out_of_range(cfg: Any) -> list[str]:
     return problems
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of a key given twice and drops the others without a word; a setting
+    given twice (`epochs: 3` ... `epochs: 1`) is an error instead."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"setting {key!r} given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str) -> dict[str, Any]:
     try:
         text = Path(path).read_text()
     except OSError as err:
         raise ConfigError([f"config file {path}: {err.strerror}"]) from err
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         raise ConfigError([f"config file {path}: not valid YAML ({err})"]) from err
     if not isinstance(data, dict):

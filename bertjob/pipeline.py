@@ -105,6 +105,10 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         log.info("pipeline: prepare: reusing %s (same input and settings)", p_cfg.output)
     else:
         init_ray(dashboard=True)  # the Ray that train will share keeps its dashboard
+        # Workers the cluster cannot hold, sequences too long for the model: an error now, not
+        # after prepare (a pretrain stage's model has its base model's shape).
+        t_cfg = cfg.stage("train")
+        train.plan_run(t_cfg, models.model_config(cfg.model, t_cfg.trust_remote_code), cfg.max_length)
         manifest = prepare.run(p_cfg)
     summary["stages"]["prepare"] = {
         "output": p_cfg.output, "reused": reused,

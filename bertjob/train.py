@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -240,16 +239,15 @@ def check_resources(cfg: TrainConfig, plan: WorkerPlan) -> list[str]:
 
 def run_identity(cfg: Any, manifest: dict[str, Any], **settings: Any) -> dict[str, Any]:
     """What a checkpoint of this run (train, or pretrain with its `settings`) depends on: resuming
-    it with any of these changed would continue another run's weights or data order."""
-    splits = manifest["splits"]
-    data = {k: {f: splits[k].get(f) for f in ("rows_written", "label_counts")} for k in splits}
-    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    it with any of these changed would continue another run's weights or data order. The data is
+    the prepared output's own identity (its corpus' content, every prepare setting): data prepared
+    again otherwise (another truncation, another corpus) with the same row counts is another run."""
     return {
         "model": cfg.model,
         "data": {
             "tokenizer": manifest["tokenizer"]["fingerprint"],
             "max_length": manifest["max_length"],
-            "splits": digest,
+            "prepared": manifest["identity"],
         },
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
@@ -263,11 +261,28 @@ def shuffle_window(token_bytes: float, setting: int = 0) -> int:
     return setting or (0 if token_bytes <= IN_MEMORY_BYTES else WINDOW_ROWS)
 
 
-def check_run_compatible(cfg: Any, identity: dict[str, Any], run_dir: str) -> None:
-    """A rerun with the same name resumes; one whose model, data or order changed is an error."""
-    if exists(join(run_dir, "checkpoint_manager_snapshot.json")) and exists(join(run_dir, RUN_FILE)):
+# Settings that shape the weights besides the data order: resuming with another value would mix two
+# runs' training under the new one's name, or export a finished run's model as trained with it.
+# Only the steps a rerun adds to a finished run may take new values (README: Extending).
+OPTIMISATION = ("lr", "layer_lr_decay", "weight_decay", "warmup_ratio", "max_grad_norm", "mixed_precision")
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's registered checkpoints
+
+
+def latest_checkpoint(run_dir: str) -> dict[str, Any]:
+    """The metrics reported with a run's latest registered checkpoint (step, final), {} if none."""
+    path = join(run_dir, SNAPSHOT)
+    latest = read_json(path).get("latest_checkpoint_result") if exists(path) else None
+    return (latest or {}).get("metrics") or {}
+
+
+def check_run_compatible(
+    cfg: Any, identity: dict[str, Any], run_dir: str, may_change: tuple[str, ...] = ()
+) -> None:
+    """A rerun with the same name resumes; one whose model, data or order changed is an error
+    (`may_change`: identity keys a rerun may change, those that only shape the steps it adds)."""
+    if exists(join(run_dir, SNAPSHOT)) and exists(join(run_dir, RUN_FILE)):
         before = read_json(join(run_dir, RUN_FILE))
-        changed = [k for k in identity if before.get(k) != identity[k]]
+        changed = [k for k in identity if before.get(k) != identity[k] and k not in may_change]
         if changed and not cfg.resume_changed:
             details = "; ".join(f"{k}: {before.get(k)} -> {identity[k]}" for k in changed)
             raise TrainSetupError(
@@ -277,10 +292,28 @@ def check_run_compatible(cfg: Any, identity: dict[str, Any], run_dir: str) -> No
     write_json(join(run_dir, RUN_FILE), identity)
 
 
+def plan_run(cfg: TrainConfig, model_config: dict[str, Any], max_length: int) -> WorkerPlan:
+    """The workers' plan on the Ray this process is connected to, or a TrainSetupError naming all
+    that cannot work: too long sequences for the model, workers that do not fit the cluster. The
+    pipeline asks before prepare (with the max_length it will prepare at), train again before training."""
+    from bertjob.cluster import alive_nodes
+
+    plan, problems = plan_workers(cfg, alive_nodes(), model_config, max_length)
+    positions = model_config.get("max_position_embeddings")
+    if positions and max_length > positions:
+        problems.append(f"data {cfg.data} is prepared with max_length {max_length}, more than model "
+                        f"{cfg.model} has positions for ({positions}): prepare it with --max-length {positions} or less")  # fmt: skip
+    if cfg.check_resources:
+        problems += check_resources(cfg, plan)
+    if problems:
+        raise TrainSetupError("cannot train:\n  - " + "\n  - ".join(problems))
+    return plan
+
+
 def run(cfg: TrainConfig) -> dict[str, Any]:
     from ray.train import CheckpointConfig
 
-    from bertjob.cluster import alive_nodes, init_ray
+    from bertjob.cluster import init_ray
 
     started = time.time()
     check_access({"data": cfg.data, "output": cfg.output, "storage_path": cfg.storage_path})
@@ -294,30 +327,30 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         raise TrainSetupError("sample_log needs a local or mounted storage_path")
     ensure_output(cfg.output, "train")  # never wiped: it may hold the checkpoints a rerun resumes from
     init_ray()
-    nodes = alive_nodes()
     model_config = models.model_config(cfg.model, cfg.trust_remote_code)
     if not cfg.lr:
         cfg = dataclasses.replace(
             cfg, lr=default_lr(model_config)
         )  # the resolved value is what metrics.json records
-    plan, problems = plan_workers(cfg, nodes, model_config, manifest["max_length"])
-    positions = model_config.get("max_position_embeddings")
-    if positions and manifest["max_length"] > positions:
-        problems.append(f"data {cfg.data} was prepared with max_length {manifest['max_length']}, more than model "
-                        f"{cfg.model} has positions for ({positions}): prepare it with --max-length {positions} or less")  # fmt: skip
-    if cfg.check_resources:
-        problems += check_resources(cfg, plan)
-    if problems:
-        raise TrainSetupError("cannot train:\n  - " + "\n  - ".join(problems))
-    check_run_compatible(
-        cfg, run_identity(cfg, manifest, length_grouping=cfg.length_grouping), join(storage, cfg.name)
-    )
-    nonfinite = join(storage, cfg.name, NONFINITE_FILE)
-    remove(nonfinite)  # from an earlier attempt of this run
-
+    plan = plan_run(cfg, model_config, manifest["max_length"])
     n_train = manifest["splits"]["train"]["rows_written"]
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or math.inf)
+    run_dir = join(storage, cfg.name)
+    done = latest_checkpoint(run_dir)
+    if done.get("step", 0) > total_steps:  # it would export that longer run's model as this one's
+        raise TrainSetupError(
+            f"run {cfg.name!r} in {storage} has trained {done['step']} steps, more than the {total_steps} this run "
+            f"asks for (--epochs {cfg.epochs}, --max-steps {cfg.max_steps}); start a new run with another --name"
+        )
+    extends = bool(done.get("final")) and total_steps > done["step"]
+    identity = run_identity(
+        cfg, manifest, length_grouping=cfg.length_grouping, **{k: getattr(cfg, k) for k in OPTIMISATION}
+    )
+    check_run_compatible(cfg, identity, run_dir, may_change=OPTIMISATION if extends else ())
+    nonfinite = join(run_dir, NONFINITE_FILE)
+    remove(nonfinite)  # from an earlier attempt of this run
+
     share = math.ceil(cfg.batch_size / cfg.num_workers.min)
     log.info(
         "train: %d rows, global batch %d = %s workers x up to %d rows (micro-batches of %d, up to %d accumulated); "
@@ -387,7 +420,7 @@ def fit(cfg: Any, loop: Any, loop_config: dict[str, Any], plan: WorkerPlan, stor
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(attempt_s)
     storage_fs, storage_where = filesystem(storage) if is_remote(storage) else (None, storage)
     run_dir = join(storage, cfg.name)
-    trainer = TorchTrainer(
+    trainer = _Interruptible(TorchTrainer)(
         loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
@@ -421,6 +454,20 @@ def fit(cfg: Any, loop: Any, loop_config: dict[str, Any], plan: WorkerPlan, stor
                  time.strftime("%H:%M:%S", time.localtime(e["at"])), e["why"], e["workers_before"],
                  e["workers_after"], e["from_step"])  # fmt: skip
     return result
+
+
+def _Interruptible(trainer_cls: Any) -> Any:
+    """The trainer class without Ray Train's SIGINT handler, so that Ctrl-C raises KeyboardInterrupt
+    as SIGTERM raises cli.Terminated: the job ends with status 130 and says that a rerun resumes.
+    Ray's handler instead let the workers train on past the last registered checkpoint, exited with
+    status 1 without a word, and stayed installed after fit(), where it swallowed the Ctrl-C of a
+    later stage (a pipeline's evaluate)."""
+
+    class Trainer(trainer_cls):  # type: ignore[misc, valid-type]
+        def _register_sigint_handler(self, controller: Any) -> None:
+            pass
+
+    return Trainer
 
 
 class PlacementTimeoutError(JobError):

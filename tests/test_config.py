@@ -31,6 +31,58 @@ def test_all_problems_are_collected_in_one_error():
     assert len(err.value.problems) == 3
 
 
+def test_bad_types_values_and_every_stage_section_are_reported_at_once():
+    """A range problem used to wait until the type problems were fixed, and a stage section's
+    problems until the pipeline reached that stage (a train typo after prepare had run)."""
+    with pytest.raises(ConfigError) as err:
+        build(TrainConfig, {"data": "d", "output": "o", "epochz": 1, "lr": "x", "num_workers": 0})
+    assert [p.split(":")[0] for p in err.value.problems] == [
+        "unknown setting 'epochz'; valid settings",
+        "lr",
+        "num_workers",
+    ]
+    sections = {"train": {"epochz": 1, "lr": -1}, "pretrain": {"epochs": 0}, "infer": {"batch_size": "x"}}
+    with pytest.raises(ConfigError) as err:
+        build(PipelineConfig, sections)
+    assert [p.split(":")[:2] for p in err.value.problems] == [
+        ["pretrain", " epochs"], ["train", " unknown setting 'epochz'; valid settings"], ["train", " lr"],
+        ["infer", " batch_size"],
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("cls", [TrainConfig, PretrainConfig])
+@pytest.mark.parametrize("name", ["", " ", "..", "a/b"])
+def test_a_run_name_that_is_not_one_directory_is_an_error(cls, name):
+    """`--name ''` trained under a fresh timestamped name each time: a rerun never resumed."""
+    with pytest.raises(ConfigError, match="name: .* must be a plain directory name"):
+        build(cls, {"data": "d", "output": "o", "name": name})
+
+
+def test_a_setting_given_twice_in_a_config_file_is_an_error(tmp_path):
+    """PyYAML kept the last `epochs:` and dropped the first without a word."""
+    f = tmp_path / "c.yaml"
+    f.write_text("data: d\noutput: o\nepochs: 3\ntrain:\n  lr: 1.0e-4\nepochs: 1\n")
+    with pytest.raises(ConfigError, match=r"(?s)setting 'epochs' given twice.*line 6"):
+        read_yaml(str(f))
+    f.write_text("train:\n  lr: 1.0e-4\n  lr: 2.0e-4\n")  # in a stage section too
+    with pytest.raises(ConfigError, match="setting 'lr' given twice"):
+        read_yaml(str(f))
+
+
+def test_a_stage_section_cannot_unlink_the_stages():
+    """`train: {output: X}` trained into X while evaluate scored OUTPUT_DIR/train/model."""
+    sections = {"prepare": {"output": "p"}, "train": {"output": "x", "epochs": 1}, "evaluate": {"model": "m"}}
+    with pytest.raises(ConfigError) as err:
+        build(PipelineConfig, sections)
+    assert [p.split(":")[:2] for p in err.value.problems] == [["prepare", " output"], ["train", " output"],
+                                                             ["evaluate", " model"]]  # fmt: skip
+    with pytest.raises(ConfigError, match="train: model: the pipeline derives it"):
+        build(PipelineConfig, {"pretrain_stage": True, "train": {"model": "m"}})
+    assert (
+        build(PipelineConfig, {"train": {"model": "m"}}).stage("train").model == "m"
+    )  # no pretrain stage: a choice
+
+
 def test_bad_types_are_named():
     with pytest.raises(ConfigError, match="max_length: expected an integer"):
         build(PrepareConfig, {"output": "x", "max_length": "long"})
@@ -113,6 +165,18 @@ def test_help_documents_every_setting(capsys, command, cls):
 
     for f in dataclasses.fields(cls):
         assert "--" + f.name.replace("_", "-") in out
+
+
+def test_help_offers_only_the_pipeline_flags_the_stage_reads(capsys):
+    """`train --help` listed --input, --max-length, --truncation and --infer-input, each always an error there."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--output-dir" in out and "--pretrain-stage" in out
+    assert not {"--input", "--max-length", "--truncation", "--infer-input"} & set(out.split())
+    with pytest.raises(SystemExit) as exit_:  # still parsed, to say where it belongs
+        main(["train", "--data", "d", "--output", "o", "--max-length", "256"])
+    assert exit_.value.code == 2 and "belongs to `bertjob prepare`" in capsys.readouterr().err
 
 
 CONFIGS = (PrepareConfig, TrainConfig, InferConfig, PipelineConfig)

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bertjob import pipeline, prepare
+from bertjob import pipeline, prepare, train
 from bertjob.config import PipelineConfig, build
 from bertjob.sources import InputError, open_corpus
 from tests.conftest import make_imdb_dir
@@ -45,6 +45,16 @@ def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, tiny_model_dir, ra
     assert third["stages"]["train"]["reused"] and third["stages"]["infer"]["rows_scored"] == 10
     scored = pq.read_table(tmp_path / "out" / "infer" / "predictions")
     assert "text" in scored.column_names and scored.num_rows == 10
+
+
+def test_workers_the_cluster_cannot_hold_are_an_error_before_prepare(tmp_path, tiny_model_dir, ray_local):
+    """The train stage's placement check came after prepare had run (hours on a big corpus)."""
+    corpus = make_imdb_dir(tmp_path / "data", {"train": 10, "test": 5}, seed=3)
+    cfg = build(PipelineConfig, {"input": str(corpus), "output_dir": str(tmp_path / "out"), "model": tiny_model_dir,
+                                 "max_length": 32, "num_workers": 3})  # fmt: skip
+    with pytest.raises(train.TrainSetupError, match=r"3 worker\(s\) of 1 CPUs each do not fit"):
+        pipeline.run(cfg)
+    assert not (tmp_path / "out" / "prepared").exists()
 
 
 def test_a_corpus_with_nothing_to_evaluate_or_score_fails_before_any_work(tmp_path, tiny_model_dir):

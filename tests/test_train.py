@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -170,6 +171,34 @@ def test_a_killed_worker_then_a_killed_job_resume_at_the_exact_sample_with_fewer
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5, rtol=1e-4) for k in wa)  # float rounding only
 
 
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_end_training_with_the_resume_line_and_a_rerun_resumes(
+    prepared_small, tiny_model_dir, tmp_path, stop
+):
+    """Ctrl-C is KeyboardInterrupt, as the CLI promises: status 130 and the resume line (Ray Train's
+    own handler exited 1 without a word), and no handler of Ray's is left behind in-process (it
+    swallowed the next Ctrl-C: a pipeline's evaluate could not be stopped). SIGTERM: status 143
+    (it was 130: inside ray.get, Ray turns what the handler raised into a plain KeyboardInterrupt)."""
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "bertjob", "train", "--data", str(prepared_small), "--output", str(out),
+            "--model", tiny_model_dir, "--num-workers", "1", "--epochs", "2", "--batch-size", "16", "--lr", "5e-3",
+            "--name", "t", "--storage-path", str(out / "ckpt"), "--mixed-precision", "off",
+            "--checkpoint-every-steps", "2", "--keep-checkpoints", "1"]  # fmt: skip
+    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        _wait_for((out / "ckpt" / "t" / "checkpoint_manager_snapshot.json").exists)
+        proc.send_signal(stop)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        kill_session(proc.pid)
+    assert proc.returncode == 128 + stop and "interrupted; the same command again resumes" in err, err[-3000:]
+    handler = signal.getsignal(signal.SIGINT)
+    resumed = train.run(cfg(prepared_small, out, tiny_model_dir, num_workers=1))
+    assert resumed["resumed_at_steps"] and resumed["resumed_at_steps"][0] > 0 and resumed["steps"] == 24
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
 def _in_session(p: psutil.Process, sid: int) -> bool:
     try:
         return os.getsid(p.pid) == sid
@@ -218,6 +247,30 @@ def test_extending_a_finished_run_schedules_the_added_steps_and_a_changed_run_is
     # to 0 at step 48; step 39 trains at 1e-2 x (12 - 3) / 11 (it used to be the old lr, 5e-3, x 0.41)
     lr = {h["step"]: h["lr"] for h in second["history"] if h["type"] == "train"}
     assert lr[40] == pytest.approx(1e-2 * 9 / 11)
+    # A rerun that adds no steps trains nothing: with another lr it exported the finished model as
+    # trained at that lr, and with fewer epochs as trained for fewer steps.
+    with pytest.raises(train.TrainSetupError, match=r"lr: 0.01 -> 0.005.*another --name"):
+        train.run(cfg(prepared_small, tmp_path / "run", tiny_model_dir, epochs=4, lr=5e-3, **kw))
+    with pytest.raises(
+        train.TrainSetupError, match=r"has trained 48 steps, more than the 36 this run asks for"
+    ):
+        train.run(cfg(prepared_small, tmp_path / "run", tiny_model_dir, epochs=3, lr=1e-2, **kw))
+
+
+def test_a_run_is_not_resumed_on_data_prepared_otherwise_with_the_same_row_counts(
+    trained, imdb_small, tiny_model_dir, tmp_path
+):
+    """The same corpus prepared with another truncation has the same splits and label counts: the
+    finished run's model (trained on head+tail) was exported again, labelled with tail truncation."""
+    from bertjob import prepare
+    from bertjob.config import PrepareConfig
+
+    done, _ = trained
+    other = tmp_path / "prepared-tail"
+    prepare.run(PrepareConfig(input=str(imdb_small), output=str(other), model=tiny_model_dir, max_length=64,
+                              truncation="tail"))  # fmt: skip
+    with pytest.raises(train.TrainSetupError, match=r"different run \(data: .*another --name"):
+        train.run(cfg(other, tmp_path / "run", tiny_model_dir, epochs=4, storage_path=str(done / "ckpt")))
 
 
 def test_setup_problems_are_clear_errors_before_training(prepared_small, tiny_model_dir, tmp_path, ray_local):
