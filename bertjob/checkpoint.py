@@ -38,6 +38,7 @@ class TrainState:
     evals_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     finished: bool = False
+    planned_steps: int = 0  # the steps the run was asked for when it finished (fewer trained: stopped early)
     samples_seen: int = 0
     tokens_seen: int = 0  # real tokens trained on, all workers
     padded_tokens_seen: int = 0  # the same plus their batches' padding

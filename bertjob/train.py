@@ -338,12 +338,19 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     total_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or math.inf)
     run_dir = join(storage, cfg.name)
     done = latest_checkpoint(run_dir)
-    if done.get("step", 0) > total_steps:  # it would export that longer run's model as this one's
-        raise TrainSetupError(
-            f"run {cfg.name!r} in {storage} has trained {done['step']} steps, more than the {total_steps} this run "
-            f"asks for (--epochs {cfg.epochs}, --max-steps {cfg.max_steps}); start a new run with another --name"
+    trained = done.get("step", 0)
+    planned = done.get("planned_steps", trained)  # a finished run's plan: an early-stopped one trained fewer
+    if max(trained, planned) > total_steps:  # it would export a longer run's model as this one's
+        what = (
+            f"has trained {trained} steps"
+            if planned <= trained
+            else f"stopped early at step {trained} of {planned}"
         )
-    extends = bool(done.get("final")) and total_steps > done["step"]
+        raise TrainSetupError(
+            f"run {cfg.name!r} in {storage} {what}, a longer run than the {total_steps} steps this one asks for "
+            f"(--epochs {cfg.epochs}, --max-steps {cfg.max_steps}); start a new run with another --name"
+        )
+    extends = bool(done.get("final")) and total_steps > planned
     identity = run_identity(
         cfg, manifest, length_grouping=cfg.length_grouping, **{k: getattr(cfg, k) for k in OPTIMISATION}
     )
@@ -745,7 +752,7 @@ class Recipe:
             path, _unwrap(self.model), self.optimizer, self.stepper.scaler
         )
         self.best_is_current = False
-        if self.state.finished and self.state.step < self.total_steps:
+        if self.state.finished and self.total_steps > (self.state.planned_steps or self.state.step):
             # Extending a finished run with more epochs: the added steps get a schedule of their own
             # (warm-up to the configured lr, decay to 0 at the new end), not the old one stretched.
             self.state.schedule_start, self.state.finished = self.state.step, False
@@ -930,7 +937,7 @@ class Recipe:
     def finish(self) -> None:
         """The best weights, scored on validation and test; the last checkpoint keeps the latest
         weights (to extend the run) and these results."""
-        self.state.finished = True
+        self.state.finished, self.state.planned_steps = True, self.total_steps
         current = _cpu_state(self.model)
         if self.best is not None:
             _unwrap(self.model).load_state_dict(self.best)
@@ -947,7 +954,7 @@ class Recipe:
         # The best weights always in their own directory of the last checkpoint: export copies it.
         self.best, self.best_is_current = (self.best if self.best is not None else current), False
         self.save_checkpoint({"val_accuracy": self.state.best_val_accuracy, "step": self.state.step,
-                              "epoch": self.state.epoch, "final": 1}, final=final)  # fmt: skip
+                              "epoch": self.state.epoch, "final": 1, "planned_steps": self.total_steps}, final=final)  # fmt: skip
         self.close()
 
     def close(self) -> None:

@@ -1,5 +1,6 @@
 """The train job on a local Ray with 2 CPU workers and a tiny BERT: model, checkpoints, resume."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -252,9 +253,26 @@ def test_extending_a_finished_run_schedules_the_added_steps_and_a_changed_run_is
     with pytest.raises(train.TrainSetupError, match=r"lr: 0.01 -> 0.005.*another --name"):
         train.run(cfg(prepared_small, tmp_path / "run", tiny_model_dir, epochs=4, lr=5e-3, **kw))
     with pytest.raises(
-        train.TrainSetupError, match=r"has trained 48 steps, more than the 36 this run asks for"
+        train.TrainSetupError, match=r"has trained 48 steps, a longer run than the 36 steps this one asks for"
     ):
         train.run(cfg(prepared_small, tmp_path / "run", tiny_model_dir, epochs=3, lr=1e-2, **kw))
+
+
+def test_a_rerun_of_an_early_stopped_run_trains_no_further(prepared_small, tiny_model_dir, tmp_path):
+    """Stopped early, a run is finished: run again as it was, it exports its model again. It used to
+    count as an extension (fewer steps trained than the epochs make) and trained on, with a new
+    schedule, to the end of the last epoch."""
+    c = cfg(prepared_small, tmp_path / "run", tiny_model_dir, num_workers=1, epochs=3, eval_every_steps=2, lr=0.1,
+            early_stopping_patience=1)  # fmt: skip
+    first = train.run(c)
+    assert first["steps"] < 36, "the run should have stopped early: an eval without improvement"
+    again = train.run(c)
+    assert again["steps"] == first["steps"] and again["resumed_at_steps"] == [first["steps"]]
+    # Nor is it exported as a shorter run's: its lr schedule was the 3 epochs'.
+    with pytest.raises(
+        train.TrainSetupError, match=rf"stopped early at step {first['steps']} of 36, a longer run"
+    ):
+        train.run(dataclasses.replace(c, epochs=1))
 
 
 def test_a_run_is_not_resumed_on_data_prepared_otherwise_with_the_same_row_counts(
