@@ -584,6 +584,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     if typ is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):  # YAML's `use_gpu: 1`, as the CLI's `--use-gpu 1`
+            return bool(value)
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
             return value.lower() in ("true", "yes", "1", "on")
         raise ValueError(f"{key}: expected true or false, got {value!r}")

@@ -87,6 +87,11 @@ def test_bad_types_are_named():
     with pytest.raises(ConfigError, match="max_length: expected an integer"):
         build(PrepareConfig, {"output": "x", "max_length": "long"})
     assert build(TrainConfig, {"data": "d", "output": "o", "use_gpu": "false"}).use_gpu is False
+    assert (
+        build(TrainConfig, {"data": "d", "output": "o", "use_gpu": 1}).use_gpu is True
+    )  # YAML's 1, as --use-gpu 1
+    with pytest.raises(ConfigError, match="use_gpu: expected true or false, got 2"):
+        build(TrainConfig, {"data": "d", "output": "o", "use_gpu": 2})
 
 
 def test_head_tokens_default_to_a_quarter_of_max_length():
