@@ -168,8 +168,14 @@ def test_a_killed_worker_then_a_killed_job_resume_at_the_exact_sample_with_fewer
     assert sorted(a) == sorted(b) == list(range(24)) and a == b  # the same rows in the same steps
     for epoch in (range(12), range(12, 24)):
         assert sorted(r for s in epoch for r in b[s]) == list(range(180))  # each row once per epoch
+    # The same final weights, but for float rounding. Not the attention keys' biases: their true
+    # gradient is zero (a query's scores shift by one constant, which softmax ignores), so what the
+    # optimizer gets is rounding noise, which Adam normalizes into updates of up to lr (seen: 1.3e-5
+    # where every other tensor agreed to 1.2e-7, after a rerun on 1 worker of 2 CPUs).
     wa, wb = _final_weights(tmp_path / "a" / "ckpt" / "t"), _final_weights(run_dir)
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-5, rtol=1e-4) for k in wa)  # float rounding only
+    compared = [k for k in wa if not k.endswith("attention.self.key.bias")]
+    assert len(compared) == len(wa) - 2  # the tiny model's two layers
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5, rtol=1e-4) for k in compared)  # float rounding only
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
