@@ -570,7 +570,12 @@ def _imdb_row(rows: dict[str, list[Any]], name: str, raw: bytes | None) -> None:
 def _read_imdb_tar(corpus: Corpus, unit: tuple[int, int], keys_only: bool) -> Iterator[pa.Table]:
     index, slices = unit
     rows, seen = _empty_rows(), 0
-    for name, read in tar_members(corpus.fs, corpus.root, IMDB_FILE):
+    for name, read in tar_members(corpus.fs, corpus.root, IMDB_REVIEW_TXT):
+        if not IMDB_FILE.search(name):  # a directory's listing finds these at open; an archive's readers
+            raise InputError(
+                f"input {corpus.root}: {name} is not named <id>_<rating>.txt and would not be read; "
+                f"rename or remove it"
+            )
         seen += 1
         if seen % slices != index:
             continue

@@ -366,16 +366,25 @@ def test_binary_id_and_label_columns_are_read_as_text(tmp_path):
 
 
 def test_a_review_file_the_imdb_layout_cannot_name_is_an_error(tmp_path, imdb_small):
-    """train/pos/great.txt has no <id>_<rating> to read: it was left out of the corpus without a word."""
+    """train/pos/great.txt has no <id>_<rating> to read: it was left out of the corpus without a word,
+    from a directory and from an archive. A directory's listing finds it before any work; an archive
+    is only read through by its readers (a scan at open would cost prepare a second pass)."""
     import shutil
 
     d = tmp_path / "aclImdb"
     shutil.copytree(imdb_small, d)
     (d / "train" / "pos" / "._0_9.txt").write_text("macOS metadata")  # hidden: not a review
     assert read_all(open_corpus(str(d))).num_rows == 310
+    assert read_all(open_corpus(str(tar_dir(d, tmp_path / "hidden.tar.gz")))).num_rows == 310
     (d / "train" / "pos" / "great.txt").write_text("A great film.")
     with pytest.raises(InputError, match=r"1 file\(s\) .* not named <id>_<rating>.txt .*train/pos/great.txt"):
         open_corpus(str(d))
+    archive = open_corpus(str(tar_dir(d, tmp_path / "stray.tar.gz")))
+    for unit in archive.units:  # every reader of the archive sees it, whichever slice it reads
+        with pytest.raises(
+            InputError, match=r"stray.tar.gz: .*train/pos/great.txt is not named <id>_<rating>.txt"
+        ):
+            list(archive.read(unit))
 
 
 def test_an_empty_csv_file_adds_no_rows_as_an_empty_jsonl_file(tmp_path):
