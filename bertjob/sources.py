@@ -56,6 +56,12 @@ SAMPLE_NAME = "aclImdb_sample.tar.gz"
 TAR_SLICES = 1
 PREPARED_FORMAT = "bertjob-prepared/1"
 UTF8_BOM = b"\xef\xbb\xbf"
+# How UTF-32 and UTF-16 text begins (UTF-32 first: its marks begin with UTF-16's): a byte-order mark,
+# or, without one, the zero bytes of ASCII's first two (UTF-32) or four (UTF-16) characters.
+WIDE_TEXT = {
+    "UTF-32": ((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"), ((1, 2, 3, 5, 6, 7), (0, 1, 2, 4, 5, 6))),
+    "UTF-16": ((b"\xff\xfe", b"\xfe\xff"), ((1, 3, 5, 7), (0, 2, 4, 6))),
+}
 
 
 class InputError(SetupError):
@@ -283,9 +289,29 @@ def _generic(fs: pafs.FileSystem, root: str, files: list[tuple[str, int]], opts:
     kind = kinds.pop()
     corpus = Corpus(kind, root, [p for p, _ in files], fs, size_bytes=sum(s for _, s in files), **opts)
     for path, _ in files:
-        names = _check_columns(corpus, path)
+        try:
+            names = _check_columns(corpus, path)
+        except InputError:
+            _refuse_wide_text(corpus, path)  # the likelier cause of a first line that makes no sense
+            raise
         corpus.labelled |= bool(corpus.label_column) and corpus.label_column in names
     return corpus
+
+
+def _refuse_wide_text(corpus: Corpus, path: str) -> None:
+    """A CSV or JSONL file in UTF-16 or UTF-32 (Excel's "Unicode text", PowerShell's redirections) is
+    an error saying so: read as UTF-8 it failed as a parse error or a missing column."""
+    if corpus.kind not in ("csv", "jsonl"):
+        return
+    with _open_text_stream(corpus.fs, path) as f:
+        head = f.read(64)
+    zeros = tuple(i for i, b in enumerate(head[:8]) if b == 0)
+    for encoding, (marks, ascii_zeros) in WIDE_TEXT.items():
+        if head.startswith(marks) or zeros in ascii_zeros:
+            raise InputError(
+                f"input {path}: the file is {encoding} text; bertjob reads UTF-8. Convert it first, e.g. "
+                f"iconv -f {encoding} -t UTF-8 {os.path.basename(path)} > utf8-{os.path.basename(path)}"
+            )
 
 
 def columns_of(corpus: Corpus, path: str) -> list[str]:
@@ -299,7 +325,8 @@ def columns_of(corpus: Corpus, path: str) -> list[str]:
         with _open_text_stream(corpus.fs, path) as f:
             for lineno, line in enumerate(_jsonl_lines(f), start=1):
                 if line.strip():
-                    row = json.loads(line)
+                    # decoded as the reader does: json.loads of bytes would take UTF-16 too
+                    row = json.loads(decode_text(line)[0])
                     if not isinstance(row, dict):
                         raise InputError(f"input {path}, line {lineno}: not a JSON object")
                     return list(row)

@@ -398,3 +398,19 @@ def test_an_empty_csv_file_adds_no_rows_as_an_empty_jsonl_file(tmp_path):
         assert corpus.labelled and read_all(corpus).column("text").to_pylist() == ["good"]
         (d / f"part-0.{fmt}").write_text("")
         assert not open_corpus(str(d)).has_rows()  # which prepare and infer refuse: "no rows found"
+
+
+def test_a_utf16_or_utf32_file_is_an_error_naming_its_encoding(tmp_path):
+    """Excel's "Unicode text" and PowerShell's `>` write UTF-16: read as UTF-8 it was a parse error
+    ("Expected 2 columns, got 1") or "not valid JSON", which did not say what to do."""
+    content = {"csv": "text,label\ngood film,pos\n", "jsonl": '{"text": "good film", "label": "pos"}\n'}
+    for fmt, encoding, name in (("csv", "utf-16", "UTF-16"), ("jsonl", "utf-16-le", "UTF-16"),
+                                ("csv", "utf-32", "UTF-32"), ("jsonl", "utf-32-be", "UTF-32")):  # fmt: skip
+        path = tmp_path / f"{encoding}.{fmt}"
+        path.write_text(content[fmt], encoding=encoding)  # utf-16 and utf-32 with a BOM, -le and -be without
+        with pytest.raises(
+            InputError, match=rf"{path}: the file is {name} text; .* iconv -f {name} -t UTF-8"
+        ):
+            open_corpus(str(path))
+        path.write_text(content[fmt], encoding="utf-8")
+        assert read_all(open_corpus(str(path))).column("text").to_pylist() == ["good film"]
