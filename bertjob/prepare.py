@@ -395,6 +395,19 @@ def splits_written(cfg: PrepareConfig, corpus: Corpus) -> set[str] | None:
     }
 
 
+def open_input(cfg: PrepareConfig) -> Corpus:
+    """The corpus to prepare. A prepared directory is refused here, before any work: read as input it
+    failed inside Ray, and as its own output (`--input prep --output prep`) it was wiped first."""
+    corpus = open_corpus(cfg.input, cfg.text_column, cfg.label_column, cfg.id_column, cfg.split)
+    if corpus.kind == "prepared":
+        source = corpus.manifest.get("input", "?")  # type: ignore[attr-defined]
+        raise InputError(
+            f"input {cfg.input} is already prepared (a `bertjob prepare` output of {source}); give it to "
+            f"train (--data), infer or evaluate, or prepare the corpus it came from"
+        )
+    return corpus
+
+
 def run(cfg: PrepareConfig) -> dict[str, Any]:
     """Run the prepare job; returns the manifest."""
     import ray
@@ -404,7 +417,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
 
     started = time.time()
     check_access({"input": cfg.input, "output": cfg.output})
-    corpus = open_corpus(cfg.input, cfg.text_column, cfg.label_column, cfg.id_column, cfg.split)
+    corpus = open_input(cfg)
     if not corpus.has_rows():
         raise InputError(f"input {cfg.input}: no rows found ({corpus.describe()})")
     # Without a cached tokenizer record (a first run, a hub id) loading the tokenizer imports
