@@ -74,10 +74,9 @@ def _mark(fs: pafs.FileSystem, where: str, stage: str) -> None:
         raise OutputError(f"output {where}: cannot write there ({err})") from err
 
 
-def claim_output(path: str, stage: str) -> None:
-    """Make `path` an empty output directory of `stage`, replacing an earlier output of the same
-    stage (see `_existing`). The manifest goes first, so a crash part-way leaves a directory that
-    does not look complete."""
+def check_replaceable(path: str, stage: str) -> tuple[pafs.FileSystem, str, set[str]]:
+    """What `claim_output` checks, changing nothing: a stage that replaces its output calls it before
+    any work, so that a wrong `--output` fails at once, not after Ray has started."""
     fs, where, names = _existing(path, stage)
     if names:
         listing = fs.get_file_info(pafs.FileSelector(where, recursive=True))
@@ -88,6 +87,14 @@ def claim_output(path: str, stage: str) -> None:
                 f"output {path} holds another bertjob output ({os.path.dirname(nested[0])}), which `bertjob {stage}` "
                 f"never replaces; choose another directory"
             )
+    return fs, where, names
+
+
+def claim_output(path: str, stage: str) -> None:
+    """Make `path` an empty output directory of `stage`, replacing an earlier output of the same
+    stage (see `_existing`). The manifest goes first, so a crash part-way leaves a directory that
+    does not look complete."""
+    fs, where, names = check_replaceable(path, stage)
     if MANIFEST in names:
         fs.delete_file(join(where, MANIFEST))
     if names:

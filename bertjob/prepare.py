@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from bertjob import models
 from bertjob.config import PrepareConfig, to_dict
 from bertjob.identity import corpus_fingerprint, identity
-from bertjob.outputs import MANIFEST, claim_output, versions
+from bertjob.outputs import MANIFEST, check_replaceable, claim_output, versions
 from bertjob.sources import Corpus, InputError, open_corpus
 from bertjob.storage import check_access, filesystem, join, write_json
 from bertjob.text import tokenize_rows
@@ -420,6 +420,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     corpus = open_input(cfg)
     if not corpus.has_rows():
         raise InputError(f"input {cfg.input}: no rows found ({corpus.describe()})")
+    check_replaceable(cfg.output, "prepare")
     # Without a cached tokenizer record (a first run, a hub id) loading the tokenizer imports
     # transformers, ~1.5 s of one core: it overlaps Ray's start-up.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:

@@ -144,6 +144,26 @@ def test_a_prepared_directory_is_refused_as_input_and_left_as_it_is(tmp_path, pr
     assert not (tmp_path / "again").exists() and not (tmp_path / "p").exists()
 
 
+def test_an_output_prepare_may_not_replace_is_refused_before_ray_starts(tmp_path, tiny_model_dir):
+    """`bertjob prepare --output scored/` (an infer output) started a local Ray and loaded the
+    tokenizer, ~15 s, before saying that it never replaces it: now the command ends at once."""
+    import os
+
+    from bertjob.outputs import claim_output
+
+    claim_output(str(tmp_path / "scored"), "infer")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "great fun", "label": 1}) + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "bertjob", "prepare", "--input", str(tmp_path / "c.jsonl"),
+                           "--output", str(tmp_path / "scored"), "--model", tiny_model_dir],
+                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"bertjob: error: output {tmp_path / 'scored'} holds an infer output, which `bertjob prepare` never "
+        f"replaces; choose another directory"
+    ]
+
+
 def test_empty_input_is_an_error_before_any_output(tmp_path, tiny_model_dir, ray_local):
     (tmp_path / "empty.csv").write_text("text,label\n")
     with pytest.raises(InputError, match="no rows"):
