@@ -10,7 +10,7 @@ import time
 import pyarrow.fs as pafs
 
 from bertjob.config import SetupError
-from bertjob.storage import filesystem, join, read_json
+from bertjob.storage import filesystem, job_copy_holding, join, read_json
 
 MARKER = "_bertjob_output"  # written first, naming the stage: only that stage may replace the directory
 MANIFEST = "manifest.json"  # written last: its presence means the output is complete
@@ -28,6 +28,12 @@ def _existing(path: str, stage: str, own: tuple[str, ...] = ()) -> tuple[pafs.Fi
     `own`: the names this stage writes; an unmarked directory holding only those is adopted (outputs
     written before markers named their stage).
     """
+    if copy := job_copy_holding(path):
+        raise OutputError(
+            f"output {path} is in the job's working directory ({copy}), a temporary copy that `ray job submit "
+            f"--working-dir` unpacks on each node: what the job wrote there would be split between nodes and "
+            f"deleted with it; give a path every node shares (--output / --output-dir: absolute on NFS, or s3://, gs://)"
+        )
     fs, where = filesystem(path)
     info = fs.get_file_info(where)
     if info.type == pafs.FileType.File:

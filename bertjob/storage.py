@@ -40,6 +40,23 @@ def for_workers(path: str) -> str:
     return path if is_remote(path) or not os.path.exists(path) else os.path.abspath(path)
 
 
+def job_copy_holding(path: str) -> str | None:
+    """The job's working directory when `path` lies in it and this driver runs under `ray job submit
+    --working-dir` (None otherwise). Ray unpacks a temporary copy of that directory on each node and
+    starts the job in it: what workers write to a path in it lands in their own node's copy."""
+    if is_remote(path):
+        return None
+    try:  # the job supervisor hands every job its config in this variable
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return None
+    if not isinstance(job, dict) or not (job.get("runtime_env") or {}).get("working_dir"):
+        return None
+    here = os.getcwd()
+    full = os.path.abspath(os.path.expanduser(path))
+    return here if full == here or full.startswith(here + os.sep) else None
+
+
 def join(root: str, *parts: str) -> str:
     """Join paths that may be URIs (s3://bucket/x) as well as local paths."""
     if is_remote(root):
