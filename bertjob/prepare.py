@@ -15,6 +15,7 @@ removed before the manifest is written.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import logging
 import pickle
@@ -35,7 +36,7 @@ from bertjob.config import PrepareConfig, to_dict
 from bertjob.identity import corpus_fingerprint, identity
 from bertjob.outputs import MANIFEST, check_replaceable, claim_output, versions
 from bertjob.sources import Corpus, InputError, open_corpus
-from bertjob.storage import check_access, filesystem, join, write_json
+from bertjob.storage import check_access, filesystem, for_workers, join, write_json
 from bertjob.text import tokenize_rows
 
 log = logging.getLogger(__name__)
@@ -421,6 +422,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     if not corpus.has_rows():
         raise InputError(f"input {cfg.input}: no rows found ({corpus.describe()})")
     check_replaceable(cfg.output, "prepare")
+    cfg = dataclasses.replace(cfg, output=for_workers(cfg.output, output=True))  # the writers' path
     # Without a cached tokenizer record (a first run, a hub id) loading the tokenizer imports
     # transformers, ~1.5 s of one core: it overlaps Ray's start-up.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:

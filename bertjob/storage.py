@@ -34,10 +34,14 @@ def is_remote(path: str) -> bool:
     return "://" in path
 
 
-def for_workers(path: str) -> str:
+def for_workers(path: str, output: bool = False) -> str:
     """A local path as every Ray worker can open it: absolute (Ray Train runs its workers in a
-    directory of its own, where a relative path means nothing). URIs and hub ids pass unchanged."""
-    return path if is_remote(path) or not os.path.exists(path) else os.path.abspath(path)
+    directory of its own, and on a running cluster every worker starts where its node was started:
+    a relative path means nothing there). URIs pass unchanged, and so do names of no local file,
+    such as hub ids, unless `output` says that it is a path (one that need not exist yet)."""
+    if is_remote(path) or not (output or os.path.exists(path)):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def job_copy_holding(path: str) -> str | None:
