@@ -134,7 +134,10 @@ def check_model(model: str, trust_remote_code: bool = False) -> list[str]:
     """A model directory without a classification head or a tokenizer is an error before any work."""
     where = models.resolve_model(model)
     if os.path.isdir(where):
-        # A train checkpoint directory holds the best model under best_model/.
+        # checkpoint.STATE_FILE, named here: that module imports torch, which the driver does not need.
+        if os.path.exists(os.path.join(where, "training_state.pt")):
+            return [f"model {model} is a training checkpoint, which holds no tokenizer; give the model directory "
+                    f"its run exported (`bertjob train --output DIR` writes DIR/model)"]  # fmt: skip
         if not os.path.exists(os.path.join(where, "config.json")):
             return [f"model {model}: no config.json; give the train job's OUTPUT/model directory"]
         if not models.has_classification_head(where):

@@ -75,6 +75,30 @@ def test_models_without_a_head_or_a_tokenizer_are_errors_before_any_work(
         infer.run(InferConfig(input="imdb-sample", model=tiny_model_dir, output=str(tmp_path / "o")))
 
 
+def test_a_training_checkpoint_as_the_model_names_the_exported_model_instead(
+    tiny_classifier_dir, tmp_path, capsys
+):
+    """`bertjob infer --help` offered "a checkpoint" as --model; one (STORAGE/NAME/checkpoint_*) has
+    no tokenizer and was refused for that alone. Now --help does not offer it, and the error names
+    the model directory the run exported."""
+    from transformers import AutoModelForSequenceClassification
+
+    from bertjob import checkpoint
+    from bertjob.cli import make_parser
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir)
+    opt = torch.optim.AdamW(model.parameters())
+    ckpt = tmp_path / "checkpoint_000001"
+    checkpoint.save(str(ckpt), model, opt, None, checkpoint.TrainState(step=1), None)
+    assert infer.check_model(str(ckpt)) == [
+        f"model {ckpt} is a training checkpoint, which holds no tokenizer; give the model directory its run "
+        f"exported (`bertjob train --output DIR` writes DIR/model)"
+    ]
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["infer", "--help"])
+    assert "checkpoint" not in capsys.readouterr().out
+
+
 def test_evaluate_on_an_unlabelled_corpus_fails_before_any_work(tiny_classifier_dir, tmp_path):
     pq.write_table(pa.table({"text": ["great movie", "awful movie"]}), tmp_path / "unlabelled.parquet")
     out = tmp_path / "eval"
