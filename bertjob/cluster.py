@@ -6,11 +6,16 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 from typing import Any
 
+from bertjob.config import SetupError
+
 log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 10  # to open a TCP connection to RAY_ADDRESS's GCS port
 
 
 def init_ray(dashboard: bool = True) -> None:
@@ -26,6 +31,7 @@ def init_ray(dashboard: bool = True) -> None:
     own_sigterm = signal.getsignal(signal.SIGTERM)
     address = os.environ.get("RAY_ADDRESS")
     if address:
+        check_reachable(address)
         ray.init(address=address, log_to_driver=True)
         log.info("connected to Ray cluster at %s", address)
     else:
@@ -52,6 +58,21 @@ def init_ray(dashboard: bool = True) -> None:
     # Smaller blocks than Ray's 128 MiB: a single streamed archive (the IMDb tar) then hands its
     # first rows to the tokenize/score actors after ~6k reviews instead of half the corpus.
     ctx.target_max_block_size = 8 * 2**20
+
+
+def check_reachable(address: str) -> None:
+    """Refuse a RAY_ADDRESS host:port where nothing answers (a typo, a stopped cluster, a stale
+    export): ray.init would retry it for minutes, printing only its own connection warnings."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return  # "auto", ray://, ...: Ray's to judge
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise SetupError(
+            f"RAY_ADDRESS={address}: no Ray cluster answers there ({err}); check the address (`ray status` on "
+            f"the head prints it) and that the cluster is up, or unset RAY_ADDRESS to run on a local Ray"
+        ) from err
 
 
 def cluster_cpus() -> float:

@@ -393,7 +393,11 @@ class InferConfig(Settings):
     """Score a corpus with a fine-tuned model on a Ray Data actor pool (evaluate adds metrics)."""
 
     input: str = opt("", "corpus: IMDb tar.gz/dir, Parquet/CSV/JSONL, hf://NAME, or a prepared directory")
-    model: str = opt("", "model directory from `bertjob train` (DIR/model), a checkpoint, or a hub id")
+    model: str = opt(
+        "",
+        "model directory from `bertjob train` (DIR/model), any Hugging Face sequence-classification "
+        "model directory, or a hub id",
+    )
     output: str = opt("", "output directory for the prediction shards and manifest.json")
     split: str = opt("", "with a prepared directory or IMDb input: the split to score (empty: all)")
     batch_size: int = opt(

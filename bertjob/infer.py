@@ -16,6 +16,7 @@ starts clean.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -46,7 +47,17 @@ from bertjob.outputs import (
     versions,
 )
 from bertjob.sources import InputError, open_corpus
-from bertjob.storage import check_access, copy, exists, filesystem, is_remote, join, read_json, write_json
+from bertjob.storage import (
+    check_access,
+    copy,
+    exists,
+    filesystem,
+    for_workers,
+    is_remote,
+    join,
+    read_json,
+    write_json,
+)
 from bertjob.text import CAP_CHARS_PER_TOKEN, LABEL_NAMES, TextSettings, parse_label, tokenize_rows
 
 log = logging.getLogger(__name__)
@@ -123,7 +134,10 @@ def check_model(model: str, trust_remote_code: bool = False) -> list[str]:
     """A model directory without a classification head or a tokenizer is an error before any work."""
     where = models.resolve_model(model)
     if os.path.isdir(where):
-        # A train checkpoint directory holds the best model under best_model/.
+        # checkpoint.STATE_FILE, named here: that module imports torch, which the driver does not need.
+        if os.path.exists(os.path.join(where, "training_state.pt")):
+            return [f"model {model} is a training checkpoint, which holds no tokenizer; give the model directory "
+                    f"its run exported (`bertjob train --output DIR` writes DIR/model)"]  # fmt: skip
         if not os.path.exists(os.path.join(where, "config.json")):
             return [f"model {model}: no config.json; give the train job's OUTPUT/model directory"]
         if not models.has_classification_head(where):
@@ -546,6 +560,8 @@ def run(cfg: InferConfig, evaluate: bool = False, replace_changed: bool = False)
             cfg.output,
         )
         return read_json(join(cfg.output, MANIFEST))
+    # The paths the actors are handed: on a running cluster they start where their node was started.
+    cfg = dataclasses.replace(cfg, model=for_workers(cfg.model), output=for_workers(cfg.output, output=True))
     init_ray(dashboard=False)
     cpus = cfg.cpus_per_worker or predictor_cpus(cfg)
     problem = cfg.check_resources and placement_problem(cfg.num_workers.min, cpus, 1 if cfg.use_gpu else 0)

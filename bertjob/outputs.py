@@ -10,7 +10,7 @@ import time
 import pyarrow.fs as pafs
 
 from bertjob.config import SetupError
-from bertjob.storage import filesystem, join, read_json
+from bertjob.storage import filesystem, job_copy_holding, join, read_json
 
 MARKER = "_bertjob_output"  # written first, naming the stage: only that stage may replace the directory
 MANIFEST = "manifest.json"  # written last: its presence means the output is complete
@@ -28,6 +28,12 @@ def _existing(path: str, stage: str, own: tuple[str, ...] = ()) -> tuple[pafs.Fi
     `own`: the names this stage writes; an unmarked directory holding only those is adopted (outputs
     written before markers named their stage).
     """
+    if copy := job_copy_holding(path):
+        raise OutputError(
+            f"output {path} is in the job's working directory ({copy}), a temporary copy that `ray job submit "
+            f"--working-dir` unpacks on each node: what the job wrote there would be split between nodes and "
+            f"deleted with it; give a path every node shares (--output / --output-dir: absolute on NFS, or s3://, gs://)"
+        )
     fs, where = filesystem(path)
     info = fs.get_file_info(where)
     if info.type == pafs.FileType.File:
@@ -74,10 +80,9 @@ def _mark(fs: pafs.FileSystem, where: str, stage: str) -> None:
         raise OutputError(f"output {where}: cannot write there ({err})") from err
 
 
-def claim_output(path: str, stage: str) -> None:
-    """Make `path` an empty output directory of `stage`, replacing an earlier output of the same
-    stage (see `_existing`). The manifest goes first, so a crash part-way leaves a directory that
-    does not look complete."""
+def check_replaceable(path: str, stage: str) -> tuple[pafs.FileSystem, str, set[str]]:
+    """What `claim_output` checks, changing nothing: a stage that replaces its output calls it before
+    any work, so that a wrong `--output` fails at once, not after Ray has started."""
     fs, where, names = _existing(path, stage)
     if names:
         listing = fs.get_file_info(pafs.FileSelector(where, recursive=True))
@@ -88,6 +93,14 @@ def claim_output(path: str, stage: str) -> None:
                 f"output {path} holds another bertjob output ({os.path.dirname(nested[0])}), which `bertjob {stage}` "
                 f"never replaces; choose another directory"
             )
+    return fs, where, names
+
+
+def claim_output(path: str, stage: str) -> None:
+    """Make `path` an empty output directory of `stage`, replacing an earlier output of the same
+    stage (see `_existing`). The manifest goes first, so a crash part-way leaves a directory that
+    does not look complete."""
+    fs, where, names = check_replaceable(path, stage)
     if MANIFEST in names:
         fs.delete_file(join(where, MANIFEST))
     if names:

@@ -17,7 +17,7 @@ from bertjob.cluster import init_ray
 from bertjob.config import InferConfig, PipelineConfig, PrepareConfig, to_dict
 from bertjob.identity import identity, model_fingerprint
 from bertjob.outputs import MANIFEST, ensure_output
-from bertjob.sources import Corpus, InputError, open_corpus
+from bertjob.sources import Corpus, InputError
 from bertjob.storage import check_access, exists, join, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     check_access({"input": cfg.input, "output_dir": cfg.output_dir, "storage_path": cfg.storage_path,
                   "infer_input": cfg.infer_input})  # fmt: skip
     p_cfg = cfg.stage("prepare")
-    corpus = open_corpus(p_cfg.input, p_cfg.text_column, p_cfg.label_column, p_cfg.id_column, p_cfg.split)
+    corpus = prepare.open_input(p_cfg)
     if not corpus.labelled:
         raise InputError(f"input {cfg.input}: no labels to train on (no column {p_cfg.label_column!r}); name its "
                          f"label column with --prepare.label-column")  # fmt: skip

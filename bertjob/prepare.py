@@ -15,6 +15,7 @@ removed before the manifest is written.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import logging
 import pickle
@@ -33,9 +34,9 @@ import pyarrow.parquet as pq
 from bertjob import models
 from bertjob.config import PrepareConfig, to_dict
 from bertjob.identity import corpus_fingerprint, identity
-from bertjob.outputs import MANIFEST, claim_output, versions
+from bertjob.outputs import MANIFEST, check_replaceable, claim_output, versions
 from bertjob.sources import Corpus, InputError, open_corpus
-from bertjob.storage import check_access, filesystem, join, write_json
+from bertjob.storage import check_access, filesystem, for_workers, join, write_json
 from bertjob.text import tokenize_rows
 
 log = logging.getLogger(__name__)
@@ -395,6 +396,19 @@ def splits_written(cfg: PrepareConfig, corpus: Corpus) -> set[str] | None:
     }
 
 
+def open_input(cfg: PrepareConfig) -> Corpus:
+    """The corpus to prepare. A prepared directory is refused here, before any work: read as input it
+    failed inside Ray, and as its own output (`--input prep --output prep`) it was wiped first."""
+    corpus = open_corpus(cfg.input, cfg.text_column, cfg.label_column, cfg.id_column, cfg.split)
+    if corpus.kind == "prepared":
+        source = corpus.manifest.get("input", "?")  # type: ignore[attr-defined]
+        raise InputError(
+            f"input {cfg.input} is already prepared (a `bertjob prepare` output of {source}); give it to "
+            f"train (--data), infer or evaluate, or prepare the corpus it came from"
+        )
+    return corpus
+
+
 def run(cfg: PrepareConfig) -> dict[str, Any]:
     """Run the prepare job; returns the manifest."""
     import ray
@@ -404,9 +418,11 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
 
     started = time.time()
     check_access({"input": cfg.input, "output": cfg.output})
-    corpus = open_corpus(cfg.input, cfg.text_column, cfg.label_column, cfg.id_column, cfg.split)
+    corpus = open_input(cfg)
     if not corpus.has_rows():
         raise InputError(f"input {cfg.input}: no rows found ({corpus.describe()})")
+    check_replaceable(cfg.output, "prepare")
+    cfg = dataclasses.replace(cfg, output=for_workers(cfg.output, output=True))  # the writers' path
     # Without a cached tokenizer record (a first run, a hub id) loading the tokenizer imports
     # transformers, ~1.5 s of one core: it overlaps Ray's start-up.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:

@@ -34,10 +34,31 @@ def is_remote(path: str) -> bool:
     return "://" in path
 
 
-def for_workers(path: str) -> str:
+def for_workers(path: str, output: bool = False) -> str:
     """A local path as every Ray worker can open it: absolute (Ray Train runs its workers in a
-    directory of its own, where a relative path means nothing). URIs and hub ids pass unchanged."""
-    return path if is_remote(path) or not os.path.exists(path) else os.path.abspath(path)
+    directory of its own, and on a running cluster every worker starts where its node was started:
+    a relative path means nothing there). URIs pass unchanged, and so do names of no local file,
+    such as hub ids, unless `output` says that it is a path (one that need not exist yet)."""
+    if is_remote(path) or not (output or os.path.exists(path)):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def job_copy_holding(path: str) -> str | None:
+    """The job's working directory when `path` lies in it and this driver runs under `ray job submit
+    --working-dir` (None otherwise). Ray unpacks a temporary copy of that directory on each node and
+    starts the job in it: what workers write to a path in it lands in their own node's copy."""
+    if is_remote(path):
+        return None
+    try:  # the job supervisor hands every job its config in this variable
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return None
+    if not isinstance(job, dict) or not (job.get("runtime_env") or {}).get("working_dir"):
+        return None
+    here = os.getcwd()
+    full = os.path.abspath(os.path.expanduser(path))
+    return here if full == here or full.startswith(here + os.sep) else None
 
 
 def join(root: str, *parts: str) -> str:

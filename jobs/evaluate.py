@@ -1,4 +1,4 @@
-"""`ray job submit --working-dir . -- python jobs/evaluate.py --config configs/quickstart.yaml` entrypoint."""
+"""`ray job submit --working-dir . -- python jobs/evaluate.py --config configs/quickstart.yaml --output-dir s3://BUCKET/run` entrypoint (outputs on storage every node shares)."""
 
 import os
 import sys

@@ -1,4 +1,4 @@
-"""`ray job submit --working-dir . -- python jobs/pretrain.py --config configs/imdb-itpt-1gpu.yaml` entrypoint."""
+"""`ray job submit --working-dir . -- python jobs/pretrain.py --config configs/imdb-itpt-1gpu.yaml --output-dir s3://BUCKET/run` entrypoint (outputs on storage every node shares)."""
 
 import os
 import sys

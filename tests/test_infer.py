@@ -75,6 +75,30 @@ def test_models_without_a_head_or_a_tokenizer_are_errors_before_any_work(
         infer.run(InferConfig(input="imdb-sample", model=tiny_model_dir, output=str(tmp_path / "o")))
 
 
+def test_a_training_checkpoint_as_the_model_names_the_exported_model_instead(
+    tiny_classifier_dir, tmp_path, capsys
+):
+    """`bertjob infer --help` offered "a checkpoint" as --model; one (STORAGE/NAME/checkpoint_*) has
+    no tokenizer and was refused for that alone. Now --help does not offer it, and the error names
+    the model directory the run exported."""
+    from transformers import AutoModelForSequenceClassification
+
+    from bertjob import checkpoint
+    from bertjob.cli import make_parser
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier_dir)
+    opt = torch.optim.AdamW(model.parameters())
+    ckpt = tmp_path / "checkpoint_000001"
+    checkpoint.save(str(ckpt), model, opt, None, checkpoint.TrainState(step=1), None)
+    assert infer.check_model(str(ckpt)) == [
+        f"model {ckpt} is a training checkpoint, which holds no tokenizer; give the model directory its run "
+        f"exported (`bertjob train --output DIR` writes DIR/model)"
+    ]
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["infer", "--help"])
+    assert "checkpoint" not in capsys.readouterr().out
+
+
 def test_evaluate_on_an_unlabelled_corpus_fails_before_any_work(tiny_classifier_dir, tmp_path):
     pq.write_table(pa.table({"text": ["great movie", "awful movie"]}), tmp_path / "unlabelled.parquet")
     out = tmp_path / "eval"
@@ -399,3 +423,24 @@ def test_a_bad_line_found_by_a_reader_is_one_line_of_error(tmp_path, tiny_classi
     assert last == f"bertjob: error: input {tmp_path / 'bad.jsonl'}, line 2501: not valid JSON " + (
         "(Expecting property name enclosed in double quotes)"
     ), last
+
+
+def test_relative_paths_name_the_drivers_directory_when_ray_workers_start_elsewhere(
+    tmp_path, monkeypatch, tiny_model_dir, tiny_classifier_dir, ray_local
+):
+    """On a running cluster (RAY_ADDRESS) every worker starts in the directory its node was started
+    in, not the driver's: `infer --model clf --output scored` had its actors look up 'clf' on the
+    hub and its predictions written under the node's directory ("input units were never read to the
+    end"), and `prepare --output prep` wrote its shards there and a manifest of 0 rows beside the
+    driver. The in-process Ray's workers stay where it started; the driver moves away from them."""
+    from bertjob import prepare
+    from bertjob.config import PrepareConfig
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_classifier_dir, tmp_path / "clf")
+    _corpus(tmp_path / "c.parquet", 8, bad=False)
+    m = infer.run(InferConfig(input="c.parquet", model="clf", output="scored", num_workers=Workers(1, 1)))
+    assert m["rows_scored"] == 8 and pq.read_table(tmp_path / "scored" / "predictions").num_rows == 8
+    m = prepare.run(PrepareConfig(input="c.parquet", output="prep", model=tiny_model_dir, max_length=32,
+                                  validation_fraction=0.0))  # fmt: skip
+    assert m["rows_written"] == 8 and pq.read_table(tmp_path / "prep" / "train").num_rows == 8

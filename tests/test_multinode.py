@@ -325,3 +325,23 @@ def test_ray_job_submit_runs_the_pipeline_on_the_cluster_with_every_path_in_s3(c
     groups = runlog.timeline(storage.join(metrics["checkpoints"], metrics["config"]["name"]))["workers"]
     assert groups and groups[0]["workers"] in (1, 2) and groups[0]["from_step"] == 0
     assert metrics["workers_over_time"] == groups
+
+
+def test_a_job_output_in_its_working_directory_is_refused_before_any_work(cluster, tiny_classifier_dir):
+    """`ray job submit --working-dir . -- python jobs/infer.py ... --output scored`: the driver wrote
+    the output's marker into the head's temporary copy of the working directory, the workers their
+    predictions into their own nodes' copies, and the job ended with "1 of 2 input units were never
+    read to the end; rerun to complete", as would every rerun. Now one error before any work."""
+    live_nodes(cluster, 1)
+    corpus = cluster.shared / "wd-corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"great fun {i}"}) + "\n" for i in range(8)))
+    env = {k: v for k, v in cluster.env.items() if k != "RAY_ADDRESS"}
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster.dashboard,
+           "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1"}}),
+           "--", "python", "jobs/infer.py", "--input", str(corpus), "--model", tiny_classifier_dir,
+           "--output", "scored"]  # fmt: skip
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    logs = result.stdout + result.stderr
+    assert result.returncode != 0, logs[-3000:]
+    assert "bertjob: error: output scored is in the job's working directory (" in logs, logs[-3000:]
+    assert "give a path every node shares" in logs and "connected to Ray cluster" not in logs

@@ -121,6 +121,49 @@ def test_a_killed_run_never_leaves_a_directory_that_looks_complete(
     assert not (out / "manifest.json").exists()
 
 
+def test_a_prepared_directory_is_refused_as_input_and_left_as_it_is(tmp_path, prepared_small, tiny_model_dir):
+    """`bertjob prepare --input prep --output prep` wiped the prepared data, then failed with a
+    traceback from inside Ray; with another output it failed inside Ray too. Now one error first."""
+    import shutil
+
+    from bertjob import pipeline
+    from bertjob.config import PipelineConfig
+
+    prep = tmp_path / "prep"
+    shutil.copytree(prepared_small, prep)
+    for output in (prep, tmp_path / "again"):
+        with pytest.raises(InputError, match=r"input .*prep is already prepared \(a `bertjob prepare` output of "
+                           r".*\); give it to train \(--data\), infer or evaluate"):  # fmt: skip
+            prepare.run(
+                PrepareConfig(input=str(prep), output=str(output), model=tiny_model_dir, max_length=64)
+            )
+        assert (prep / "manifest.json").exists() and pq.read_table(prep / "train").num_rows == 180
+    with pytest.raises(InputError, match="is already prepared"):
+        pipeline.run(build(PipelineConfig, {"input": str(prep), "output_dir": str(tmp_path / "p"),
+                                            "model": tiny_model_dir, "max_length": 64}))  # fmt: skip
+    assert not (tmp_path / "again").exists() and not (tmp_path / "p").exists()
+
+
+def test_an_output_prepare_may_not_replace_is_refused_before_ray_starts(tmp_path, tiny_model_dir):
+    """`bertjob prepare --output scored/` (an infer output) started a local Ray and loaded the
+    tokenizer, ~15 s, before saying that it never replaces it: now the command ends at once."""
+    import os
+
+    from bertjob.outputs import claim_output
+
+    claim_output(str(tmp_path / "scored"), "infer")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "great fun", "label": 1}) + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "bertjob", "prepare", "--input", str(tmp_path / "c.jsonl"),
+                           "--output", str(tmp_path / "scored"), "--model", tiny_model_dir],
+                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"bertjob: error: output {tmp_path / 'scored'} holds an infer output, which `bertjob prepare` never "
+        f"replaces; choose another directory"
+    ]
+
+
 def test_empty_input_is_an_error_before_any_output(tmp_path, tiny_model_dir, ray_local):
     (tmp_path / "empty.csv").write_text("text,label\n")
     with pytest.raises(InputError, match="no rows"):
