@@ -111,6 +111,17 @@ def placement_problem(workers: int, cpus: float, gpus: float = 0) -> str | None:
     return f"{workers} worker(s) of {each} each do not fit the cluster's alive nodes ({have})"
 
 
+def resource_problem(workers: int, cpus: float, gpus: float = 0) -> str | None:
+    """`placement_problem`, or a GPU asked of a cluster without one, with what to change."""
+    if gpus and cluster_gpus() == 0:
+        return "use_gpu is set but the Ray cluster has no GPU (set --use-gpu false, or add GPU nodes)"
+    problem = placement_problem(workers, cpus, gpus)
+    return problem and (
+        f"{problem} (lower --num-workers or --cpus-per-worker; on an autoscaling cluster set "
+        f"--check-resources false)"
+    )
+
+
 def node_cpus() -> int:
     """CPUs of the smallest node that has any: what an actor that must fit on every node may take."""
     return int(min((c for n in alive_nodes() if (c := n.get("CPU", 0)) >= 1), default=1))

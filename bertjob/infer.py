@@ -542,7 +542,7 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
 def run(cfg: InferConfig, evaluate: bool = False, replace_changed: bool = False) -> dict[str, Any]:
     import ray
 
-    from bertjob.cluster import actor_pool, init_ray, placement_problem
+    from bertjob.cluster import actor_pool, init_ray, resource_problem
     from bertjob.datasource import read_corpus
 
     started = time.time()
@@ -564,10 +564,9 @@ def run(cfg: InferConfig, evaluate: bool = False, replace_changed: bool = False)
     cfg = dataclasses.replace(cfg, model=for_workers(cfg.model), output=for_workers(cfg.output, output=True))
     init_ray(dashboard=False)
     cpus = cfg.cpus_per_worker or predictor_cpus(cfg)
-    problem = cfg.check_resources and placement_problem(cfg.num_workers.min, cpus, 1 if cfg.use_gpu else 0)
+    problem = cfg.check_resources and resource_problem(cfg.num_workers.min, cpus, 1 if cfg.use_gpu else 0)
     if problem:
-        raise SetupError(f"cannot score: {problem} (lower --num-workers or --cpus-per-worker; on an autoscaling "
-                         f"cluster set --check-resources false)")  # fmt: skip
+        raise SetupError(f"cannot score: {problem}")
     use_tasks_for_tokens = cfg.use_gpu and corpus.kind != "prepared"
     ds = read_corpus(corpus, positions=True, split=cfg.split if corpus.kind != "prepared" else "", done=done,
                      num_cpus=0, receipts=join(cfg.output, RECEIPTS))  # fmt: skip

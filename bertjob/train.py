@@ -228,13 +228,10 @@ def default_lr(model_config: dict[str, Any]) -> float:
 
 def check_resources(cfg: TrainConfig, plan: WorkerPlan) -> list[str]:
     """The minimum worker group must fit the nodes alive now (an elastic run starts with it)."""
-    from bertjob.cluster import cluster_gpus, placement_problem
+    from bertjob.cluster import resource_problem
 
-    if cfg.use_gpu and cluster_gpus() == 0:
-        return ["use_gpu is set but the Ray cluster has no GPU (set --use-gpu false, or add GPU nodes)"]
-    problem = placement_problem(cfg.num_workers.min, plan.cpus, 1 if cfg.use_gpu else 0)
-    return [f"{problem} (lower --num-workers or --cpus-per-worker; on an autoscaling cluster set "
-            f"--check-resources false)"] if problem else []  # fmt: skip
+    problem = resource_problem(cfg.num_workers.min, plan.cpus, 1 if cfg.use_gpu else 0)
+    return [problem] if problem else []
 
 
 def run_identity(cfg: Any, manifest: dict[str, Any], **settings: Any) -> dict[str, Any]:
