@@ -15,9 +15,10 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # imported where used: infer's driver reads STATE_FILE without torch
+    import torch
 
 STATE_FILE = "training_state.pt"
 BEST_DIR = "best_model"
@@ -60,6 +61,8 @@ def save(
 
     `best`: the best weights so far (None: no evaluation yet); not written again when they are
     the current weights (`best_is_current`)."""
+    import torch
+
     model.save_pretrained(path, safe_serialization=True)
     if best is not None and not best_is_current:
         save_weights(model.config, best, os.path.join(path, BEST_DIR))
@@ -81,6 +84,7 @@ def load(
     path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any
 ) -> tuple[TrainState, dict[str, torch.Tensor] | None]:
     """Restore what `save` wrote into `model`, `optimizer` and `scaler`; returns (state, best)."""
+    import torch
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from bertjob import models
+from bertjob import checkpoint, models
 from bertjob.config import InferConfig, SetupError, to_dict
 from bertjob.identity import corpus_fingerprint, digest, identity, model_fingerprint
 from bertjob.metrics import classification_metrics
@@ -134,8 +134,7 @@ def check_model(model: str, trust_remote_code: bool = False) -> list[str]:
     """A model directory without a classification head or a tokenizer is an error before any work."""
     where = models.resolve_model(model)
     if os.path.isdir(where):
-        # checkpoint.STATE_FILE, named here: that module imports torch, which the driver does not need.
-        if os.path.exists(os.path.join(where, "training_state.pt")):
+        if os.path.exists(os.path.join(where, checkpoint.STATE_FILE)):
             return [f"model {model} is a training checkpoint, which holds no tokenizer; give the model directory "
                     f"its run exported (`bertjob train --output DIR` writes DIR/model)"]  # fmt: skip
         if not os.path.exists(os.path.join(where, "config.json")):
