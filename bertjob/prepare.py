@@ -307,7 +307,7 @@ class WriteShards:
 def split_train(
     output: str, staged: dict[str, int], validation: float, test: float = 0.0
 ) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
-    """Move staged train rows ({path: rows}) to test/, validation/ or train/: exactly
+    """Move staged train rows ({path: rows}, in the corpus' order) to test/, validation/ or train/: exactly
     round(test * n) and round(validation * n) rows of each label, the lowest hashes to test, the next
     to validation. Returns the statistics and the files written.
 
@@ -316,7 +316,7 @@ def split_train(
     takes less than starting worker processes. Beyond it, Ray tasks rewrite them, one file each.
     """
     fs, root = filesystem(output)
-    paths = sorted(staged)
+    paths = list(staged)  # in the order their rows were read: numbered so, they keep it
     per_label: dict[int, list[np.ndarray]] = defaultdict(list)
     for path in paths:
         t = pq.read_table(path, columns=["label", "h", "reason"], filesystem=fs)
@@ -449,7 +449,11 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     cpus = max(1, int(cluster_cpus()))
     # Actors, not tasks: each starts once, while the first rows are read, and never again; one per
     # CPU at start, more on nodes that join.
-    ds = read_corpus(corpus).map_batches(
+    ds = read_corpus(corpus)
+    # Rows reach the writer in the corpus' order, whichever actor tokenized them first: the same
+    # input prepares to the same shards, and so trains in the same order for the same seed.
+    ds.context.execution_options.preserve_order = True
+    ds = ds.map_batches(
         Tokenize,
         fn_constructor_kwargs={"cfg": to_dict(cfg), "encoder": encoder, "labelled": corpus.labelled},
         compute=actor_pool(1, None),

@@ -90,6 +90,25 @@ def test_rerun_replaces_the_output_and_refuses_foreign_directories(
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
+def test_shards_keep_the_corpus_order_whichever_tokenize_actor_finishes_first(
+    tmp_path, tiny_model_dir, ray_local
+):
+    """The same input prepares to the same shards, so a run trains in the same order for the same
+    seed. Here the first batch (long reviews) takes the first actor far longer than the second
+    batch (short ones) takes the other: the short rows used to reach the writer first."""
+    rows = [{"id": f"r{i:05d}", "text": f"review {i} " + ("word " * 600 if i < 1024 else "short"), "label": i % 2}
+            for i in range(2048)]  # fmt: skip
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = PrepareConfig(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out"), model=tiny_model_dir,
+                        id_column="id", batch_size=1024, max_length=512)  # fmt: skip
+    m = prepare.run(cfg)
+    assert m["splits"]["train"]["rows_written"] + m["splits"]["validation"]["rows_written"] == 2048
+    for split in ("train", "validation"):
+        ids = pq.read_table(tmp_path / "out" / split, columns=["id"]).column("id").to_pylist()
+        assert ids == sorted(ids), split  # each split is the corpus' rows in their order
+        assert ids[0] < "r01024" < ids[-1]
+
+
 def test_a_killed_run_never_leaves_a_directory_that_looks_complete(
     tmp_path, imdb_small, tiny_model_dir, ray_local
 ):
