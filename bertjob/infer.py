@@ -551,7 +551,7 @@ def run(cfg: InferConfig, evaluate: bool = False, replace_changed: bool = False)
     if not corpus.has_rows():
         raise InputError(f"input {cfg.input}: no rows found ({corpus.describe()})")
     effective = run_info["settings"]
-    done, already = _resume_state(cfg, run_info, stage, replace_changed)
+    done, already, fresh = _resume_state(cfg, run_info, stage, replace_changed)
     if done is None:
         log.info(
             "%s: %s is complete for these inputs and settings; nothing to do (use --overwrite to redo)",
@@ -566,6 +566,9 @@ def run(cfg: InferConfig, evaluate: bool = False, replace_changed: bool = False)
     problem = cfg.check_resources and resource_problem(cfg.num_workers.min, cpus, 1 if cfg.use_gpu else 0)
     if problem:
         raise SetupError(f"cannot score: {problem}")
+    if fresh:  # only now that it can run: a run that cannot start leaves an earlier output as it was
+        claim_output(cfg.output, stage)
+        write_json(join(cfg.output, RUN_FILE), run_info)
     use_tasks_for_tokens = cfg.use_gpu and corpus.kind != "prepared"
     ds = read_corpus(corpus, positions=True, split=cfg.split if corpus.kind != "prepared" else "", done=done,
                      num_cpus=0, receipts=join(cfg.output, RECEIPTS))  # fmt: skip
@@ -612,11 +615,12 @@ def predictor_cpus(cfg: InferConfig) -> int:
 
 def _resume_state(
     cfg: InferConfig, run_info: dict[str, Any], stage: str, replace_changed: bool = False
-) -> tuple[dict[int, Any] | None, int]:
-    """({unit: done mask}, rows already committed), or (None, n) when the output is already complete.
+) -> tuple[dict[int, Any] | None, int, bool]:
+    """({unit: done mask}, rows already committed, whether the output is to be started afresh), or
+    (None, 0, False) when the output is already complete.
 
     An earlier output of this stage with other inputs or settings (or unknown ones) is an error, or
-    with `--overwrite`, or `replace_changed` (the pipeline), replaced. Other directories never are.
+    with `--overwrite`, or `replace_changed` (the pipeline), to be replaced. Other directories never are.
     """
     run_path = join(cfg.output, RUN_FILE)
     if not cfg.overwrite:
@@ -624,19 +628,17 @@ def _resume_state(
         earlier = read_json(run_path) if exists(run_path) else None
         if earlier is not None and earlier.get("identity") == run_info["identity"]:
             if exists(join(cfg.output, MANIFEST)):
-                return None, 0
+                return None, 0, False
             done, already = committed_positions(cfg.output, run_info["units"])
             log.info("%s: resuming: %d rows already committed in %s", stage, already, cfg.output)
-            return done, already
+            return done, already, False
         fs, root = filesystem(cfg.output)
         if earlier is not None or len(fs.get_file_info(pafs.FileSelector(root))) > 1:  # more than the marker
             if not replace_changed:
                 raise OutputError(f"output {cfg.output} holds {a_or_an(stage)} run with other (or unknown) inputs or "
                                   f"settings; pass --overwrite to replace it")  # fmt: skip
             log.info("%s: inputs or settings changed since %s was written; redoing it", stage, cfg.output)
-    claim_output(cfg.output, stage)
-    write_json(run_path, run_info)
-    return {}, 0
+    return {}, 0, True
 
 
 def finish(

@@ -363,7 +363,9 @@ def test_what_cannot_be_scored_is_an_error_before_any_work(tiny_classifier_dir, 
 def test_predictors_no_node_can_host_are_an_error_not_a_wait(tiny_classifier_dir, tmp_path, ray_local):
     """Ray waits forever for an actor that no node can host (and Ray Data with it): more CPUs per
     predictor than a node has, or a GPU on a cluster without one, is an error at once instead, saying
-    what to change (for a GPU it said to lower the CPUs)."""
+    what to change (for a GPU it said to lower the CPUs). A run that cannot start leaves the output
+    as it was: it wiped an earlier output with --overwrite, and without it left its run record, so
+    that the next run with other settings was refused as if the output held a run."""
     _corpus(tmp_path / "c.parquet", 8, bad=False)
     base = {"input": str(tmp_path / "c.parquet"), "model": tiny_classifier_dir, "output": str(tmp_path / "o")}
     with pytest.raises(
@@ -373,9 +375,14 @@ def test_predictors_no_node_can_host_are_an_error_not_a_wait(tiny_classifier_dir
         infer.run(InferConfig(**base, cpus_per_worker=4))
     with pytest.raises(SetupError, match=r"3 worker\(s\) of 1 CPUs each do not fit"):
         infer.run(InferConfig(**base, num_workers=Workers(3, 3), cpus_per_worker=1))
+    assert not (tmp_path / "o" / "predictions").exists()
+    scored = infer.run(
+        InferConfig(**base, include_text=True)
+    )  # other settings, no --overwrite: nothing was run there
     with pytest.raises(SetupError, match=r"no GPU \(set --use-gpu false, or add GPU nodes\)$"):
         infer.run(InferConfig(**base, use_gpu=True, overwrite=True))
-    assert not (tmp_path / "o" / "predictions").exists()
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text()) == scored
+    assert pq.read_table(tmp_path / "o" / "predictions").num_rows == 8
 
 
 @pytest.mark.integration
