@@ -351,9 +351,9 @@ def test_the_defaults_learn_from_a_few_hundred_reviews_in_two_epochs(tmp_path, r
     """Finding 13.3: 720 reviews, two epochs, 2 workers, every other training setting at its
     default (global batch 32, lr by model width): the embedded MiniLM must beat chance clearly on
     held-out reviews (it used to stay at ~50%: 12 steps at lr 5e-5). One epoch (21 steps) is too
-    few to count on: prepare's row order varies between runs, and on an AMD EPYC one of its orders
-    trained a model that ranks the test reviews well (ROC AUC 0.84) and calls every one negative
-    (accuracy 0.50), the other 0.805; two epochs gave 0.80 and 0.84."""
+    few to count on: of two row orders (prepare's order varied between runs then), one trained a
+    model that ranks the test reviews well (ROC AUC 0.84) and calls every one negative (accuracy
+    0.50), the other 0.805; two epochs gave 0.80 and 0.84."""
     from bertjob import prepare
     from bertjob.config import PrepareConfig
 
