@@ -7,7 +7,8 @@
 Validation (and, for a corpus without a test split, test) is carved out of the corpus' `train` split
 in one pass: train rows are staged with a 64-bit hash of their id, the driver reads back only
 (label, hash) to find per-label thresholds that put exactly round(fraction * n_label) rows in each,
-and the staged files are rewritten.
+and the staged files are rewritten, in the order their rows were read (with no validation or test
+fraction too: whichever writer wrote a batch, the train split keeps the input's order).
 Every write reports the files it finished; files that no write reported (a failed attempt's) are
 removed before the manifest is written.
 """
@@ -290,8 +291,8 @@ class WriteShards:
     for nearly every write task. The actor starts once, while the first rows are tokenized.
     """
 
-    def __init__(self, output: str, stage_train: bool):
-        self.sink = PreparedSink(output, stage_train)
+    def __init__(self, output: str):
+        self.sink = PreparedSink(output, stage_train=True)
         self.calls = 0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -443,7 +444,6 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
              cfg.model, cfg.max_length, cfg.truncation)  # fmt: skip
     claim_output(cfg.output, "prepare")
 
-    stage_train = cfg.validation_fraction > 0 or cfg.test_fraction > 0
     from ray.data import ActorPoolStrategy
 
     cpus = max(1, int(cluster_cpus()))
@@ -465,7 +465,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     # write gathers a whole shard. One writer keeps up with ~30 cores of tokenizing.
     ds = ds.map_batches(
         WriteShards,
-        fn_constructor_kwargs={"output": cfg.output, "stage_train": stage_train},
+        fn_constructor_kwargs={"output": cfg.output},
         compute=ActorPoolStrategy(size=max(1, -(-cpus // WRITER_CPUS))),
         batch_format="pyarrow",
         batch_size=cfg.rows_per_shard,
@@ -481,10 +481,9 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     staging = join(filesystem(cfg.output)[1], STAGING) + "/"
     staged = {p: n for p, n in finished.items() if p.startswith(staging)}
     t_split = time.time()
-    if stage_train:
-        split_stats, split_files = split_train(cfg.output, staged, cfg.validation_fraction, cfg.test_fraction)
-        merge_stats(stats, split_stats)
-        finished.update(split_files)
+    split_stats, split_files = split_train(cfg.output, staged, cfg.validation_fraction, cfg.test_fraction)
+    merge_stats(stats, split_stats)
+    finished.update(split_files)
     split_s = time.time() - t_split
     for path in remove_unfinished(cfg.output, set(finished) - set(staged)):
         log.warning("prepare: removed %s, written by a write attempt that failed", path)
