@@ -178,31 +178,39 @@ def test_a_killed_worker_then_a_killed_job_resume_at_the_exact_sample_with_fewer
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5, rtol=1e-4) for k in compared)  # float rounding only
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_ctrl_c_or_sigterm_end_training_with_the_resume_line_and_a_rerun_resumes(
-    prepared_small, tiny_model_dir, tmp_path, stop
+    prepared_small, tiny_model_dir, tmp_path
 ):
     """Ctrl-C is KeyboardInterrupt, as the CLI promises: status 130 and the resume line (Ray Train's
     own handler exited 1 without a word), and no handler of Ray's is left behind in-process (it
     swallowed the next Ctrl-C: a pipeline's evaluate could not be stopped). SIGTERM: status 143
-    (it was 130: inside ray.get, Ray turns what the handler raised into a plain KeyboardInterrupt)."""
+    (it was 130: inside ray.get, Ray turns what the handler raised into a plain KeyboardInterrupt).
+    The run is stopped with each in turn, each time after a checkpoint of its own, then finished."""
     out = tmp_path / "run"
     args = [sys.executable, "-m", "bertjob", "train", "--data", str(prepared_small), "--output", str(out),
             "--model", tiny_model_dir, "--num-workers", "1", "--epochs", "2", "--batch-size", "16", "--lr", "5e-3",
             "--name", "t", "--storage-path", str(out / "ckpt"), "--mixed-precision", "off",
             "--checkpoint-every-steps", "2", "--keep-checkpoints", "1"]  # fmt: skip
-    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
-    try:
-        _wait_for((out / "ckpt" / "t" / "checkpoint_manager_snapshot.json").exists)
-        proc.send_signal(stop)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        kill_session(proc.pid)
-    assert proc.returncode == 128 + stop and "interrupted; the same command again resumes" in err, err[-3000:]
+    snapshot = out / "ckpt" / "t" / "checkpoint_manager_snapshot.json"
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        before = snapshot.read_text() if snapshot.exists() else None
+        proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)  # fmt: skip
+        try:
+            _wait_for(
+                lambda b=before: snapshot.exists() and snapshot.read_text() != b
+            )  # this run's checkpoint
+            proc.send_signal(stop)
+            _, err = proc.communicate(timeout=120)
+        finally:
+            kill_session(proc.pid)
+        assert proc.returncode == 128 + stop and "interrupted; the same command again resumes" in err, err[
+            -3000:
+        ]
     handler = signal.getsignal(signal.SIGINT)
     resumed = train.run(cfg(prepared_small, out, tiny_model_dir, num_workers=1))
-    assert resumed["resumed_at_steps"] and resumed["resumed_at_steps"][0] > 0 and resumed["steps"] == 24
+    first, second = resumed["resumed_at_steps"]  # the SIGTERMed run resumed the SIGINTed one's steps
+    assert 0 < first < second and resumed["steps"] == 24
     assert signal.getsignal(signal.SIGINT) is handler
 
 
