@@ -256,22 +256,38 @@ def _glob_base(pattern: str) -> str:
 
 def _glob(fs: pafs.FileSystem, pattern: str) -> list[tuple[str, int]]:
     """(path, size) of the files a pattern matches, with a shell's meaning: segment by segment, so
-    `*`, `?` and `[...]` never match `/` (gl/*.parquet leaves out gl/backup/a.parquet)."""
+    `*`, `?` and `[...]` never match `/` (gl/*.parquet leaves out gl/backup/a.parquet), and `**` is
+    any number of directories (gl/**/*.parquet is every .parquet file under gl/, gl/'s own too)."""
     base = _glob_base(pattern)
-    depth = len(pattern[len(base) :].strip("/").split("/"))  # the segments below the base
+    segments = pattern[len(base) :].strip("/").split("/")  # the segments below the base
     # Only a pattern that reaches below the base's own entries needs the slower recursive listing.
-    listing = _list(fs, base, recursive=depth > 1)
+    listing = _list(fs, base, recursive=len(segments) > 1 or "**" in segments)
     return sorted(
         (f.path, f.size) for f in listing if f.type == pafs.FileType.File and _glob_match(f.path, pattern)
     )
 
 
 def _glob_match(path: str, pattern: str) -> bool:
+    return _match_segments(path.split("/"), pattern.split("/"))
+
+
+def _match_segments(names: list[str], parts: list[str]) -> bool:
     # fnmatch alone lets `*` match `/`; matching each segment on its own keeps it within one. Nor
-    # does a shell's wildcard match a leading `.`: data/*.csv is not also data/.backup.csv.
-    names, parts = path.split("/"), pattern.split("/")
-    return len(names) == len(parts) and all(
-        fnmatch.fnmatch(n, p) and (p.startswith(".") or not n.startswith(".")) for n, p in zip(names, parts)
+    # does a shell's wildcard match a leading `.`: data/*.csv is not also data/.backup.csv. `**` (as
+    # Python's recursive glob and bash's globstar read it) is zero or more segments: matched as `*`,
+    # data/**/*.parquet was data/x/a.parquet alone, without data/a.parquet or data/x/y/b.parquet.
+    # It passes no directory a directory's listing leaves out (`.git/`, Spark's `_temporary/`).
+    if not parts:
+        return not names
+    if parts[0] == "**":
+        return _match_segments(names, parts[1:]) or (
+            bool(names) and not names[0].startswith((".", "_")) and _match_segments(names[1:], parts)
+        )
+    return (
+        bool(names)
+        and fnmatch.fnmatch(names[0], parts[0])
+        and (parts[0].startswith(".") or not names[0].startswith("."))
+        and _match_segments(names[1:], parts[1:])
     )
 
 

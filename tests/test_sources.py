@@ -170,6 +170,20 @@ def test_a_glob_matches_each_path_segment_like_a_shell(tmp_path):
     pq.write_table(rows, hidden)
     assert open_corpus(str(tmp_path / "gl" / "*.parquet")).units == [str(top)]
     assert open_corpus(str(tmp_path / "gl" / ".*.parquet")).units == [str(hidden)]
+    # `**` is any number of directories (none too), as in Python's recursive glob and bash's
+    # globstar; it passes no directory a directory's listing leaves out
+    deep, temporary = (
+        tmp_path / "gl" / "backup" / "x" / "b.parquet",
+        tmp_path / "gl" / "_temporary" / "c.parquet",
+    )
+    deep.parent.mkdir()
+    temporary.parent.mkdir()
+    pq.write_table(rows, deep)
+    pq.write_table(rows, temporary)
+    everything = open_corpus(str(tmp_path / "gl" / "**" / "*.parquet"))
+    assert everything.units == [str(top), str(backup), str(deep)] and read_all(everything).num_rows == 9
+    assert open_corpus(str(tmp_path / "gl" / "**")).units == everything.units
+    assert open_corpus(str(tmp_path / "gl" / "**" / "x" / "*.parquet")).units == [str(deep)]
 
 
 def test_a_byte_order_mark_opening_a_jsonl_file_is_skipped(tmp_path):
