@@ -334,8 +334,7 @@ def columns_of(corpus: Corpus, path: str) -> list[str]:
     """The column names of one file, reading as little of it as the format allows."""
     with _file_errors(corpus, path, (OSError, ValueError)):  # ValueError: a first JSONL line not JSON
         if corpus.kind == "parquet":
-            with corpus.fs.open_input_file(path) as f:
-                return pq.ParquetFile(f).schema_arrow.names
+            return parquet_schema(corpus, path).names
         if corpus.kind == "csv":
             return _csv_names(corpus.fs, path)
         with _open_text_stream(corpus.fs, path) as f:
@@ -365,10 +364,25 @@ def _file_errors(
         raise InputError(f"input {path}: cannot be read as {corpus.kind} ({err})") from err
 
 
+def parquet_schema(corpus: Corpus, path: str) -> pa.Schema:
+    with _file_errors(corpus, path), corpus.fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).schema_arrow
+
+
 def _check_columns(corpus: Corpus, path: str) -> list[str]:
     """The file's columns (a JSONL file's: those of its first object), checked for text and id, and
     for a name we read given to two columns."""
-    names = columns_of(corpus, path)
+    schema = parquet_schema(corpus, path) if corpus.kind == "parquet" else None
+    names = schema.names if schema is not None else columns_of(corpus, path)
+    # A list or struct column (sentences, tokens, {"title": ..., "body": ...}) was scored as its
+    # Python repr, "['Great film', 'loved it']", without a word.
+    if schema is not None and corpus.text_column in names:
+        kind = schema.field(corpus.text_column).type
+        if pa.types.is_nested(kind) or (pa.types.is_dictionary(kind) and pa.types.is_nested(kind.value_type)):
+            raise InputError(
+                f"input {path}: column {corpus.text_column!r} holds {kind} values, not text; set --text-column "
+                f"to the column of the review's text, or join its parts into one string first"
+            )
     if corpus.kind in ("csv", "jsonl") and not names:
         return names  # an empty file adds no rows; the corpus-level emptiness check catches all-empty inputs
     # A CSV reader would silently take one of two same-named columns, a Parquet reader fail mid-job.

@@ -67,6 +67,23 @@ def test_missing_text_column_names_the_file_and_its_columns(tmp_path):
     assert "a.csv" in str(err.value) and "'text'" in str(err.value) and "['body', 'label']" in str(err.value)
 
 
+def test_a_parquet_text_column_of_lists_or_structs_is_an_error_naming_its_type(tmp_path):
+    """Such a column was scored as its Python repr ("['Great film', 'loved it']") without a word."""
+    sentences = pa.array([["Great film", "loved it"], ["dull"]])
+    for name, column in (
+        ("l.parquet", sentences),
+        ("s.parquet", pa.array([{"body": "good"}, {"body": "bad"}])),
+    ):
+        pq.write_table(pa.table({"text": column, "body": ["good", "bad"]}), tmp_path / name)
+        with pytest.raises(
+            InputError, match=f"{name}: column 'text' holds (list|struct)<.*> values, not text"
+        ):
+            open_corpus(str(tmp_path / name))
+        assert read_all(open_corpus(str(tmp_path / name), text_column="body")).num_rows == 2
+    pq.write_table(pa.table({"text": pa.array(["a", None]).dictionary_encode()}), tmp_path / "d.parquet")
+    assert read_all(open_corpus(str(tmp_path / "d.parquet"))).column("text").to_pylist() == ["a", None]
+
+
 def test_unreadable_and_empty_inputs_are_clear_errors(tmp_path):
     (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(InputError, match="broken.parquet"):
