@@ -661,6 +661,17 @@ def _as_text(value: Any) -> str | None:
     return decode_text(value)[0] if isinstance(value, bytes) else None if value is None else str(value)
 
 
+def _id_text(value: Any) -> str | None:
+    """An id as text; bytes that are not UTF-8 (a digest, a UUID's 16 bytes) as hex: decoded with
+    replacement, every byte outside ASCII became U+FFFD, so that distinct ids came out as one string
+    of U+FFFD, no prediction could be joined back to its row, and a validation split by id hash
+    took them all together."""
+    if isinstance(value, bytes):
+        text, replaced = decode_text(value)
+        return value.hex() if replaced else text
+    return _as_text(value)
+
+
 def _generic_table(corpus: Corpus, path: str, table: pa.Table, first_row: int, split: str) -> pa.Table:
     """Map a file's own columns onto ROW_SCHEMA."""
     n = table.num_rows
@@ -670,7 +681,7 @@ def _generic_table(corpus: Corpus, path: str, table: pa.Table, first_row: int, s
     if corpus.id_column:  # a missing id falls back to file:row, which is unique too
         for i, v in enumerate(table.column(corpus.id_column).to_pylist()):
             if v is not None:
-                ids[i] = _as_text(v)
+                ids[i] = _id_text(v)
     texts: list[str | None] = [None] * n
     replaced = [False] * n
     if corpus.text_column in names:

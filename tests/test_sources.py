@@ -394,6 +394,14 @@ def test_binary_id_and_label_columns_are_read_as_text(tmp_path):
     pq.write_table(pa.table(binary), tmp_path / "b.parquet")
     rows = read_all(open_corpus(str(tmp_path / "b.parquet"), id_column="id")).to_pylist()
     assert [(r["id"], r["text"], r["label"]) for r in rows] == [("k1", "good", "pos"), ("k2", "bad", None)]
+    # Ids of bytes that are not text (digests, a UUID's 16 bytes) were each 16 U+FFFD, all the same id
+    digests = [b"\xff" * 16, b"\xfe" * 16]
+    for kind in (pa.binary(), pa.binary(16)):
+        pq.write_table(
+            pa.table({"id": pa.array(digests, kind), "text": ["good", "bad"]}), tmp_path / "d.parquet"
+        )
+        rows = read_all(open_corpus(str(tmp_path / "d.parquet"), id_column="id")).to_pylist()
+        assert [r["id"] for r in rows] == ["ff" * 16, "fe" * 16]
 
 
 def test_a_review_file_the_imdb_layout_cannot_name_is_an_error(tmp_path, imdb_small):
