@@ -534,8 +534,17 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
     model = {"files": model_fingerprint(cfg.model), "tokenizer": fingerprint}
     run_info = {"identity": identity(corpus_fingerprint(corpus), settings, model), "input": cfg.input, "model": cfg.model,
                 "tokenizer_fingerprint": fingerprint, "weights": digest(model["files"]), "units": len(corpus.units),
-                "settings": effective.as_dict()}  # fmt: skip
+                "inputs": input_files(corpus), "settings": effective.as_dict()}  # fmt: skip
     return corpus, run_info
+
+
+def input_files(corpus: Any) -> list[str] | None:
+    """The file of each unit, relative to the input: a prediction's `unit` indexes it. With an id
+    column whose ids repeat across files (each file's own 0..n), nothing else said which file a
+    prediction came from. None for the IMDb layout, whose ids name their review."""
+    if corpus.kind not in ("parquet", "csv", "jsonl", "prepared"):
+        return None
+    return [corpus.relpath(u) for u in corpus.units]
 
 
 def run(cfg: InferConfig, evaluate: bool = False, replace_changed: bool = False) -> dict[str, Any]:
@@ -688,6 +697,7 @@ def finish(
         "rows_this_run": scored + sum(quarantined.values()),
         "utf8_replaced_this_run": sink.utf8_replaced,
         "rows_resumed": already,
+        "inputs": run_info["inputs"],
         "model": {
             "name": cfg.model,
             "tokenizer_fingerprint": run_info["tokenizer_fingerprint"],

@@ -213,6 +213,12 @@ def test_infer_scores_every_row_exactly_once_with_bad_rows_quarantined(
     assert set(ids) == {r["id"] for r in rows}
     assert set(pred.column_names) >= {"id", "label", "label_name", "score", "prob_positive"}
     assert set(pred.column("label_name").to_pylist()) <= {"NEGATIVE", "POSITIVE"}
+    # a prediction's unit is the index of its file in the manifest's inputs (ids may repeat across files)
+    assert m["inputs"] == ["a.parquet", "b.parquet"]
+    files = {
+        m["inputs"][u]: i[:3] for u, i in zip(pred.column("unit").to_pylist(), pred.column("id").to_pylist())
+    }
+    assert files == {"a.parquet": "doc", "b.parquet": "oth"}
     # a second run over the same inputs finds the output complete
     again = infer.run(
         InferConfig(input=str(d / "*.parquet"), model=tiny_classifier_dir, output=str(out), id_column="id")
