@@ -499,6 +499,9 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
         which = f"splits {sorted(splits)}" if splits else "the IMDb layout's splits (train, test, unsup)"
         raise InputError(f"input {cfg.input} is {a_or_an(corpus.kind)} corpus with {which}; choose the one to "
                          f"evaluate with --split (such as --split test)")  # fmt: skip
+    if cfg.include_text and corpus.kind == "prepared":  # its text column came out all null, without a word
+        raise InputError(f"input {cfg.input} is a prepared directory, which keeps token ids, not text; "
+                         f"--include-text needs the raw corpus as --input")  # fmt: skip
     if evaluate and not corpus.labelled:
         raise InputError(
             f"input {cfg.input}: no labels to evaluate against: {corpus.describe()}. Set --label-column, "

@@ -63,6 +63,13 @@ def scoring_stages(cfg: PipelineConfig, splits: Collection[str]) -> dict[str, In
     the corpus' splits are known (all but an IMDb tar's), else before training."""
     prepared = cfg.path("prepared")
     stages = {stage: cfg.stage(stage) for stage in ("evaluate", "infer")}
+    for stage, s_cfg in stages.items():  # infer.describe's check, before any work
+        if s_cfg.input == prepared and s_cfg.include_text:
+            raise InputError(
+                f"the {stage} stage scores the prepared data, which keeps token ids, not text; "
+                f"--{stage}.include-text needs a corpus to score: --infer-input CORPUS (evaluate: "
+                f"--evaluate.input LABELLED_CORPUS)"
+            )
     if stages["evaluate"].input == prepared and stages["evaluate"].split not in splits:
         del stages["evaluate"]
     scored = stages["infer"]

@@ -362,6 +362,12 @@ def test_what_cannot_be_scored_is_an_error_before_any_work(tiny_classifier_dir, 
         infer.describe(on_prepared, evaluate=True)
     splits = json.loads((prepared_small / "manifest.json").read_text())["splits"]
     corpus, _ = infer.describe(on_prepared)
+    with pytest.raises(
+        InputError, match="a prepared directory, which keeps token ids, not text; --include-text"
+    ):
+        infer.describe(
+            InferConfig(**{**infer.to_dict(on_prepared), "include_text": True})
+        )  # its text: all null
     assert len(splits) > 1 and {os.path.basename(os.path.dirname(u)) for u in corpus.units} == set(splits)
 
 

@@ -37,14 +37,13 @@ def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, tiny_model_dir, ra
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["stages"]["train"]["reused"] is True
 
     # A changed infer setting redoes that stage only (the others are still reused).
-    cfg = build(PipelineConfig, {**settings, "infer": {"include_text": True}})
+    cfg = build(PipelineConfig, {**settings, "infer": {"split": "test"}})
     caplog.clear()
     with caplog.at_level("INFO"):
         third = pipeline.run(cfg)
     assert "infer: inputs or settings changed" in caplog.text
-    assert third["stages"]["train"]["reused"] and third["stages"]["infer"]["rows_scored"] == 10
-    scored = pq.read_table(tmp_path / "out" / "infer" / "predictions")
-    assert "text" in scored.column_names and scored.num_rows == 10
+    assert third["stages"]["train"]["reused"] and third["stages"]["infer"]["rows_scored"] == 40
+    assert pq.read_table(tmp_path / "out" / "infer" / "predictions").num_rows == 40
 
 
 def test_workers_the_cluster_cannot_hold_are_an_error_before_prepare(tmp_path, tiny_model_dir, ray_local):
@@ -91,6 +90,18 @@ def test_a_corpus_with_nothing_to_evaluate_or_score_fails_before_any_work(tmp_pa
     evaluated = build(PipelineConfig, {**train_only, "infer_input": str(tmp_path / "train.parquet"),
                                        "evaluate": {"input": str(tmp_path / "train.parquet")}})  # fmt: skip
     assert list(pipeline.scoring_stages(evaluated, {"train", "validation"})) == ["evaluate", "infer"]
+    # the prepared data keeps no text: --infer.include-text gave a text column all null
+    with_text = build(
+        PipelineConfig, {**train_only, "prepare": {"test_fraction": 0.2}, "infer": {"include_text": True}}
+    )
+    with pytest.raises(
+        InputError, match="the infer stage scores the prepared data, which keeps token ids, not text"
+    ):
+        pipeline.run(with_text)
+    assert not (tmp_path / "out").exists()
+    text_to_score = build(PipelineConfig, {**train_only, "infer_input": str(tmp_path / "train.parquet"),
+                                           "infer": {"include_text": True}})  # fmt: skip
+    assert list(pipeline.scoring_stages(text_to_score, {"train", "validation"})) == ["infer"]
     held_out = build(PipelineConfig, {**train_only, "prepare": {"test_fraction": 0.2}})
     splits = prepare.splits_written(held_out.stage("prepare"), open_corpus(held_out.input))
     assert splits == {"train", "validation", "test"}
