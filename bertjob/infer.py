@@ -58,7 +58,7 @@ from bertjob.storage import (
     read_json,
     write_json,
 )
-from bertjob.text import CAP_CHARS_PER_TOKEN, LABEL_NAMES, TextSettings, parse_label, tokenize_rows
+from bertjob.text import BAD_LABEL, CAP_CHARS_PER_TOKEN, LABEL_NAMES, TextSettings, parse_label, tokenize_rows
 
 log = logging.getLogger(__name__)
 
@@ -715,19 +715,24 @@ def finish(
         "ray_cluster": {k: v for k, v in resources.items() if k in ("CPU", "GPU")},
     }
     if evaluate:
-        manifest["metrics"] = evaluation(cfg)
+        manifest["metrics"] = evaluation(cfg, totals["quarantined"])
     write_json(join(cfg.output, MANIFEST), manifest)
     log.info("%s: %d rows read, %d scored, %d quarantined, %.1f rows/s -> %s", stage, rows_read, totals["scored"],
              manifest["rows_quarantined"], manifest["rows_per_s"] or 0, cfg.output)  # fmt: skip
     return manifest
 
 
-def evaluation(cfg: InferConfig) -> dict[str, Any]:
+def evaluation(cfg: InferConfig, quarantined: Counter) -> dict[str, Any]:
     """metrics.json and report.png from the committed predictions (labelled rows only)."""
     fs, root = filesystem(cfg.output)
     if fs.get_file_info(join(root, PREDICTIONS)).type == pafs.FileType.NotFound:
-        raise InputError(f"input {cfg.input}: no row could be scored, nothing to evaluate; the reasons are in "
-                         f"{join(cfg.output, QUARANTINE)}")  # fmt: skip
+        # Labels of another vocabulary ("good"/"bad", stars) quarantine every row: say so, not only
+        # that nothing could be scored, which reads as a problem with the text.
+        reasons = ", ".join(f"{n} {reason}" for reason, n in quarantined.most_common())
+        hint = ("; labels are read as 0/1, neg/pos or negative/positive (any case): map yours to these, or "
+                "name the label column with --label-column") if BAD_LABEL in quarantined else ""  # fmt: skip
+        raise InputError(f"input {cfg.input}: no row could be scored, nothing to evaluate: every row was "
+                         f"quarantined ({reasons}){hint}; the rows are in {join(cfg.output, QUARANTINE)}")  # fmt: skip
     t = pq.read_table(join(root, PREDICTIONS), columns=["prob_positive", "true_label"], filesystem=fs)
     t = t.filter(t.column("true_label").is_valid())
     if t.num_rows == 0:
