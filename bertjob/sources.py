@@ -332,7 +332,7 @@ def _refuse_wide_text(corpus: Corpus, path: str) -> None:
 
 def columns_of(corpus: Corpus, path: str) -> list[str]:
     """The column names of one file, reading as little of it as the format allows."""
-    with _file_errors(corpus, path, (OSError, ValueError)):  # ValueError: a first JSONL line not JSON
+    with _file_errors(corpus, path, (OSError, ValueError)):  # ValueError: also ArrowInvalid (a CSV header)
         if corpus.kind == "parquet":
             return parquet_schema(corpus, path).names
         if corpus.kind == "csv":
@@ -340,10 +340,20 @@ def columns_of(corpus: Corpus, path: str) -> list[str]:
         with _open_text_stream(corpus.fs, path) as f:
             for lineno, line in enumerate(_jsonl_lines(f), start=1):
                 if line.strip():
-                    # decoded as the reader does: json.loads of bytes would take UTF-16 too
-                    row = json.loads(decode_text(line)[0])
+                    try:  # decoded as the reader does: json.loads of bytes would take UTF-16 too
+                        row = json.loads(decode_text(line)[0])
+                    except ValueError:
+                        row = None
                     if not isinstance(row, dict):
-                        raise InputError(f"input {path}, line {lineno}: not a JSON object")
+                        # A .json file is most often one JSON array or an indented document, which
+                        # failed as "Expecting value: line 1 column 2 (char 1)".
+                        name = os.path.basename(path)
+                        raise InputError(
+                            f"input {path}, line {lineno}: not a JSON object on a line of its own; bertjob "
+                            f"reads .json and .jsonl files as JSON Lines (one object per line), and a JSON "
+                            f"array or an indented document is not that: convert it first, e.g. "
+                            f"jq -c '.[]' {name} > {name.split('.')[0]}-lines.jsonl"
+                        )
                     return list(row)
             return []
 

@@ -271,6 +271,14 @@ def test_a_jsonl_files_columns_are_its_first_records_keys_and_no_later_value_is_
     (tmp_path / "notext.jsonl").write_text('{"label": 1}\n{"text": "a", "label": 0}\n')
     with pytest.raises(InputError, match=r"no column 'text'; its first record's keys are \['label'\]"):
         open_corpus(str(tmp_path / "notext.jsonl"))
+    # A .json file that is one JSON array or an indented document (pandas, json.dump) failed as
+    # "Expecting value: line 1 column 2 (char 1)"
+    rows = [{"text": "a", "label": 1}, {"text": "b", "label": 0}]
+    for name, doc in (("pretty.json", json.dumps(rows, indent=2)), ("array.json", json.dumps(rows))):
+        (tmp_path / name).write_text(doc)
+        with pytest.raises(InputError, match=rf"{name}, line 1: not a JSON object on a line of its own; bertjob reads "
+                           r"\.json and \.jsonl files as JSON Lines .* jq -c '\.\[\]'"):  # fmt: skip
+            open_corpus(str(tmp_path / name))
     (tmp_path / "list.jsonl").write_text('{"text": "a"}\n["b"]\n')
     with pytest.raises(InputError, match=r"list.jsonl, line 2: not a JSON object"):
         read_all(open_corpus(str(tmp_path / "list.jsonl")))
