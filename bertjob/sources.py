@@ -407,9 +407,18 @@ def _check_columns(corpus: Corpus, path: str) -> list[str]:
     missing = [c for c in (corpus.text_column, corpus.id_column) if c and c not in names]
     if missing:
         columns = "its first record's keys" if corpus.kind == "jsonl" else "the columns"
+        # A semicolon- or tab-separated file (Excel's CSV in many locales) has one column named
+        # "text;label": asking for another column name would not help.
+        seps = [
+            sep for sep in (";", "\t", "|") if corpus.kind == "csv" and len(names) == 1 and sep in names[0]
+        ]
+        fix = (
+            f"The file looks {seps[0]!r}-separated; bertjob reads comma-separated CSV: save it with commas"
+            if seps
+            else "Set --text-column / --id-column (in a pipeline, per stage: --prepare.text-column, ...)."
+        )
         raise InputError(
-            f"input {path}: no column {', '.join(map(repr, missing))}; {columns} are {names}. "
-            f"Set --text-column / --id-column (in a pipeline, per stage: --prepare.text-column, ...)."
+            f"input {path}: no column {', '.join(map(repr, missing))}; {columns} are {names}. {fix}"
         )
     return names
 

@@ -65,6 +65,12 @@ def test_missing_text_column_names_the_file_and_its_columns(tmp_path):
     with pytest.raises(InputError) as err:
         open_corpus(str(tmp_path / "a.csv"))
     assert "a.csv" in str(err.value) and "'text'" in str(err.value) and "['body', 'label']" in str(err.value)
+    # Excel's CSV in many locales: semicolons; the fix is the separator, not --text-column
+    (tmp_path / "semi.csv").write_text("text;label\nhello;1\n")
+    with pytest.raises(
+        InputError, match=r"are \['text;label'\]\. The file looks ';'-separated; bertjob reads comma-sep"
+    ):
+        open_corpus(str(tmp_path / "semi.csv"))
 
 
 def test_a_parquet_text_column_of_lists_or_structs_is_an_error_naming_its_type(tmp_path):
