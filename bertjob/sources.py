@@ -901,6 +901,13 @@ def _read_jsonl(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table
                     f"record lacks; a JSONL file's columns are its first record's keys: give that record "
                     f"the key too (null where it has no value)"
                 )
+            text = obj.get(corpus.text_column)
+            if isinstance(text, (dict, list)):  # was scored as its JSON, '["Great film", "loved it"]'
+                raise InputError(
+                    f"input {path}, line {lineno}: {corpus.text_column!r} holds a JSON "
+                    f"{'array' if isinstance(text, list) else 'object'}, not text; set --text-column to the "
+                    f"review's text, or join its parts into one string first"
+                )
             for c in cols:
                 v = obj.get(c)
                 buf[c].append(

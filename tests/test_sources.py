@@ -73,8 +73,8 @@ def test_missing_text_column_names_the_file_and_its_columns(tmp_path):
         open_corpus(str(tmp_path / "semi.csv"))
 
 
-def test_a_parquet_text_column_of_lists_or_structs_is_an_error_naming_its_type(tmp_path):
-    """Such a column was scored as its Python repr ("['Great film', 'loved it']") without a word."""
+def test_a_text_column_of_lists_or_structs_is_an_error_naming_its_type(tmp_path):
+    """Such a column (or a JSONL value) was scored as its Python repr ("['Great film', 'loved it']") without a word."""
     sentences = pa.array([["Great film", "loved it"], ["dull"]])
     for name, column in (
         ("l.parquet", sentences),
@@ -86,6 +86,9 @@ def test_a_parquet_text_column_of_lists_or_structs_is_an_error_naming_its_type(t
         ):
             open_corpus(str(tmp_path / name))
         assert read_all(open_corpus(str(tmp_path / name), text_column="body")).num_rows == 2
+    (tmp_path / "l.jsonl").write_text('{"text": "fine"}\n{"text": ["Great film", "loved it"]}\n')
+    with pytest.raises(InputError, match="l.jsonl, line 2: 'text' holds a JSON array, not text"):
+        read_all(open_corpus(str(tmp_path / "l.jsonl")))
     pq.write_table(pa.table({"text": pa.array(["a", None]).dictionary_encode()}), tmp_path / "d.parquet")
     assert read_all(open_corpus(str(tmp_path / "d.parquet"))).column("text").to_pylist() == ["a", None]
 
