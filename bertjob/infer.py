@@ -142,9 +142,17 @@ def check_model(model: str, trust_remote_code: bool = False) -> list[str]:
         if not models.has_classification_head(where):
             return [f"model {model}: has no sequence-classification head (architectures in config.json); "
                     f"fine-tune it first with `bertjob train`"]  # fmt: skip
-        labels = len(models.model_config(where).get("id2label") or {}) or 2  # transformers' default: 2
+        id2label = models.model_config(where).get("id2label") or {}
+        labels = len(id2label) or 2  # transformers' default: 2
         if labels != 2:
             return [f"model {model}: its head has {labels} labels; bertjob scores two (negative, positive)"]
+        # Output 1 is read as positive: a model trained elsewhere with {0: positive, 1: negative} had
+        # every prediction inverted without a word (evaluate: an accuracy of 1 less the real one).
+        names = {str(k): v for k, v in id2label.items()}
+        if parse_label(names.get("0")) == 1 and parse_label(names.get("1")) == 0:
+            return [f"model {model}: its label 0 is {names['0']!r} and 1 is {names['1']!r}; bertjob reads label 1 "
+                    f"as positive, so every prediction would be inverted. Give a model whose label 1 is positive "
+                    f"(as `bertjob train` writes)"]  # fmt: skip
         try:  # from bertjob's cache when this directory's tokenizer was loaded before: no transformers import
             models.tokenizer_record(model, trust_remote_code)
         except models.ModelError as err:

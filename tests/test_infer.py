@@ -349,6 +349,15 @@ def test_what_cannot_be_scored_is_an_error_before_any_work(tiny_classifier_dir, 
                                                        id2label={0: "a", 1: "b", 2: "c"}).save_pretrained(three)  # fmt: skip
     with pytest.raises(ModelError, match="3 labels"):
         infer.describe(InferConfig(**{**infer.to_dict(base), "model": str(three)}))
+    inverted = tmp_path / "inverted"  # trained elsewhere with 0 = positive: every prediction was inverted
+    shutil.copytree(tiny_classifier_dir, inverted)
+    config = json.loads((inverted / "config.json").read_text())
+    config.update(id2label={"0": "positive", "1": "negative"}, label2id={"positive": 0, "negative": 1})
+    (inverted / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ModelError, match="its label 0 is 'positive' and 1 is 'negative'; bertjob reads label 1"
+    ):
+        infer.describe(InferConfig(**{**infer.to_dict(base), "model": str(inverted)}))
     with pytest.raises(InputError, match="positions for"):
         infer.describe(InferConfig(**{**infer.to_dict(base), "max_length": 1024}))
     (tmp_path / "empty.jsonl").write_text("")
