@@ -199,13 +199,7 @@ def open_corpus(
         return Corpus(
             "imdb-dir", where, units, fs, size_bytes=sum(f.size for f in imdb), labelled=True, **opts
         )
-    # A bertjob output inside the input (infer --output corpus/scored) is not input: its manifest and
-    # predictions would be read as more rows by the next run on the corpus.
-    outputs = tuple(
-        os.path.dirname(f.path) + "/"
-        for f in listing
-        if os.path.basename(f.path) == MARKER and f.path[len(where) :].strip("/") != MARKER
-    )
+    outputs = _outputs_below(listing, where)
     visible = [
         f for f in listing
         if f.type == pafs.FileType.File and not _hidden(f.path, where) and not f.path.startswith(outputs)
@@ -229,6 +223,16 @@ def _list(fs: pafs.FileSystem, where: str, recursive: bool) -> list[pafs.FileInf
         return fs.get_file_info(pafs.FileSelector(where, recursive=recursive))
     except OSError as err:
         raise InputError(f"input {where}: cannot be listed ({err})") from err
+
+
+def _outputs_below(listing: list[pafs.FileInfo], where: str) -> tuple[str, ...]:
+    """The bertjob outputs inside a listed directory (infer --output corpus/scored), as path prefixes:
+    not input, whose manifest and predictions would be read as more rows by the next run on it."""
+    return tuple(
+        os.path.dirname(f.path) + "/"
+        for f in listing
+        if os.path.basename(f.path) == MARKER and f.path[len(where) :].strip("/") != MARKER
+    )
 
 
 def _hidden(path: str, root: str) -> bool:
@@ -262,8 +266,11 @@ def _glob(fs: pafs.FileSystem, pattern: str) -> list[tuple[str, int]]:
     segments = pattern[len(base) :].strip("/").split("/")  # the segments below the base
     # Only a pattern that reaches below the base's own entries needs the slower recursive listing.
     listing = _list(fs, base, recursive=len(segments) > 1 or "**" in segments)
+    outputs = _outputs_below(listing, base)  # corpus/**/*.parquet would reach corpus/scored/predictions/
     return sorted(
-        (f.path, f.size) for f in listing if f.type == pafs.FileType.File and _glob_match(f.path, pattern)
+        (f.path, f.size)
+        for f in listing
+        if f.type == pafs.FileType.File and _glob_match(f.path, pattern) and not f.path.startswith(outputs)
     )
 
 

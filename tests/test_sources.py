@@ -391,6 +391,7 @@ def test_a_bertjob_output_inside_the_input_directory_is_not_read(tmp_path):
     )
     corpus = open_corpus(str(d))
     assert corpus.units == [str(d / "a.parquet")] and read_all(corpus).num_rows == 2
+    assert open_corpus(str(d / "**" / "*.parquet")).units == corpus.units  # nor through a glob
     assert open_corpus(str(scored / "predictions")).units == [str(scored / "predictions" / "part-0.parquet")]
 
 
