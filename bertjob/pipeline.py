@@ -120,6 +120,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     summary["stages"]["prepare"] = {
         "output": p_cfg.output, "reused": reused,
         "rows": {k: v["rows_written"] for k, v in manifest["splits"].items()},
+        "rows_quarantined": manifest["rows_quarantined"],
         "rows_per_s": round(manifest["rows_read"] / manifest["wall_s"], 1) if manifest.get("wall_s") else None,
     }  # fmt: skip
     scoring = scoring_stages(cfg, manifest["splits"])  # an IMDb tar's splits are known from here on
@@ -179,6 +180,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     if "prepare" in st:
         p = st["prepare"]
         rows = ", ".join(f"{k} {v}" for k, v in p["rows"].items())
+        if p.get("rows_quarantined"):  # left out of every split: the count, as infer's line gives it
+            rows += f"; {p['rows_quarantined']} quarantined"
         lines.append(f"prepare   {rows}  ({p['rows_per_s']} rows/s)  -> {p['output']}")
     if "pretrain" in st:
         p = st["pretrain"]

@@ -38,7 +38,7 @@ from bertjob.identity import corpus_fingerprint, identity
 from bertjob.outputs import MANIFEST, check_replaceable, claim_output, versions
 from bertjob.sources import Corpus, InputError, open_corpus
 from bertjob.storage import check_access, filesystem, for_workers, join, write_json
-from bertjob.text import tokenize_rows
+from bertjob.text import BAD_LABEL, tokenize_rows
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ QUARANTINE = "quarantine"
 LOCAL_SPLIT_ROWS = 250_000  # up to this many staged train rows, the driver splits them itself
 STAGING = "_staging"  # train rows waiting for the validation split; gone once the job finishes
 WRITER_CPUS = 32  # one write actor per this many CPUs of tokenizing
+BAD_LABELS_KEPT = 10  # unrecognised label values a manifest names, the commonest first
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
 
 PREPARED_SCHEMA = pa.schema(
@@ -139,6 +140,7 @@ def new_split_stats() -> dict[str, Any]:
         "rows_written": 0,
         "quarantined": defaultdict(int),
         "labels": defaultdict(int),
+        "bad_labels": defaultdict(int),  # unrecognised label values: the manifest names the commonest
         "truncated": 0,
         "capped_chars": 0,
         "utf8_replaced": 0,
@@ -155,9 +157,12 @@ def merge_stats(into: dict[str, dict[str, Any]], other: dict[str, dict[str, Any]
             t[k] += s[k]
         t["max_length"] = max(t["max_length"], s["max_length"])
         t["hist"] = t["hist"] + s["hist"]
-        for k in ("quarantined", "labels"):
+        for k in ("quarantined", "labels", "bad_labels"):
             for key, v in s[k].items():
                 t[k][key] += v
+        if len(t["bad_labels"]) > 2 * BAD_LABELS_KEPT:  # a column of free text: bounded all the same
+            kept = sorted(t["bad_labels"].items(), key=lambda kv: -kv[1])[:BAD_LABELS_KEPT]
+            t["bad_labels"] = defaultdict(int, kept)
 
 
 def summarize(stats: dict[str, Any]) -> dict[str, Any]:
@@ -175,6 +180,9 @@ def summarize(stats: dict[str, Any]) -> dict[str, Any]:
         "rows_quarantined": sum(stats["quarantined"].values()),
         "quarantined_by_reason": dict(sorted(stats["quarantined"].items())),
         "label_counts": {str(k): v for k, v in sorted(stats["labels"].items())},
+        "unrecognised_labels": dict(
+            sorted(stats["bad_labels"].items(), key=lambda kv: (-kv[1], kv[0]))[:BAD_LABELS_KEPT]
+        ),
         "utf8_replaced": stats["utf8_replaced"],
         "capped_chars": stats["capped_chars"],
         "tokens": {
@@ -250,6 +258,9 @@ class PreparedSink:
             s["rows_written"] += good.num_rows
             for r in reasons[in_split][bad]:
                 s["quarantined"][str(r)] += 1
+            unrecognised = part.filter(pc.equal(part.column("reason"), BAD_LABEL))
+            for value in unrecognised.column("raw_label").to_pylist():
+                s["bad_labels"][str(value)] += 1
             if bad.any():
                 q = part.filter(pa.array(bad))
                 write(
@@ -397,6 +408,33 @@ def splits_written(cfg: PrepareConfig, corpus: Corpus) -> set[str] | None:
     }
 
 
+def rating_scale(splits: dict[str, dict[str, Any]], column: str) -> str | None:
+    """An error when a labelled corpus' unrecognised labels include numbers above 1, as a rating
+    scale's do (1-5 stars, 1-10, SST-5's 0-4): its 0s and 1s are ratings (1 star; "negative"), yet were
+    read as negative and positive, and the rest were quarantined; prepare reported success, and
+    train learned 1-star reviews as positive from what was left (or stopped on a missing label).
+    -1 is left to the quarantine: Hugging Face's datasets mark an unlabelled row so (GLUE's test splits)."""
+    numeric: dict[str, int] = defaultdict(int)
+    for s in splits.values():
+        for value, n in s["unrecognised_labels"].items():
+            try:
+                if float(value) > 1:
+                    numeric[value] += n
+            except ValueError:
+                continue
+    if not numeric:
+        return None
+    shown = ", ".join(f"{v!r} x{n}" for v, n in sorted(numeric.items(), key=lambda kv: -kv[1]))
+    read = [sum(s["label_counts"].get(k, 0) for s in splits.values()) for k in ("0", "1")]
+    return (
+        f"label column {column!r} holds numbers above 1 ({shown}): a rating scale? bertjob's labels are "
+        f"0/1 (also neg/pos, negative/positive, false/true), so the rows labelled 0 or 1 "
+        f"({read[0]} and {read[1]}) would train as negative and positive and the others "
+        f"were quarantined. Map the ratings to 0/1 first (IMDb's rule: <= 4 of 10 negative, >= 7 "
+        f"positive, the middle left out), then prepare again"
+    )
+
+
 def open_input(cfg: PrepareConfig) -> Corpus:
     """The corpus to prepare. A prepared directory is refused here, before any work: read as input it
     failed inside Ray, and as its own output (`--input prep --output prep`) it was wiped first."""
@@ -488,6 +526,9 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     for path in remove_unfinished(cfg.output, set(finished) - set(staged)):
         log.warning("prepare: removed %s, written by a write attempt that failed", path)
     splits = {name: summarize(s) for name, s in sorted(stats.items())}
+    problem = rating_scale(splits, cfg.label_column)
+    if problem:  # before the manifest: nothing downstream takes the output as complete
+        raise InputError(f"input {cfg.input}: {problem}")
     read_total = sum(s["rows_read"] for s in splits.values())
     manifest = {
         "format": "bertjob-prepared/1",
@@ -512,4 +553,21 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     write_json(join(cfg.output, "config.json"), to_dict(cfg))
     write_json(join(cfg.output, MANIFEST), manifest)  # last: marks the output complete
     log.info("prepare: wrote %s", ", ".join(f"{k} {v['rows_written']}" for k, v in splits.items()))
+    if manifest["rows_quarantined"]:
+        reasons: dict[str, int] = defaultdict(int)
+        values: dict[str, int] = defaultdict(int)
+        for s in splits.values():
+            for reason, n in s["quarantined_by_reason"].items():
+                reasons[reason] += n
+            for value, n in s["unrecognised_labels"].items():
+                values[value] += n
+        labels = (
+            f"; labels not read: {', '.join(f'{v!r} x{n}' for v, n in values.items())} (bertjob's are 0/1, "
+            f"neg/pos, negative/positive, false/true)"
+            if values
+            else ""
+        )
+        log.warning("prepare: quarantined %d of %d rows (%s) in %s%s", manifest["rows_quarantined"],
+                    read_total, ", ".join(f"{r} {n}" for r, n in sorted(reasons.items())),
+                    join(cfg.output, QUARANTINE), labels)  # fmt: skip
     return manifest

@@ -62,6 +62,7 @@ def test_bad_rows_are_quarantined_with_reasons_and_counts_balance(tmp_path, tiny
     assert sum(train["label_counts"].values()) == train["rows_written"]
     assert train["quarantined_by_reason"] == {"empty_text": 4, "missing_label": 2, "null_text": 1,
                                               "unrecognised_label": 1}  # fmt: skip
+    assert train["unrecognised_labels"] == {"maybe": 1}  # what the log's warning names
     assert train["utf8_replaced"] == 1 and train["capped_chars"] == 1
     q = pq.read_table(out / "quarantine")
     assert sorted(q.column("id").to_pylist()) == ["nokey", "nolabel", "r2", "r3", "r4", "r5", "r6", "r8"]
@@ -69,6 +70,20 @@ def test_bad_rows_are_quarantined_with_reasons_and_counts_balance(tmp_path, tiny
     assert sorted(written.column("id").to_pylist()) == ["latin", "r0", "r1", "r7"]
     huge = written.filter(pa.compute.equal(written.column("id"), "r7")).column("length").to_pylist()
     assert huge == [32]
+
+
+def test_star_ratings_as_labels_are_an_error_not_ones_read_as_positive(tmp_path, tiny_model_dir, ray_local):
+    """A user's reviews with 1-5 stars as the label column: the 1-star reviews were read as
+    positive, the rest quarantined, and prepare reported success ('wrote train 36, validation 4')."""
+    lines = ["id,text,stars"] + [f"{i},great awful film,{1 + i % 5}" for i in range(50)]
+    (tmp_path / "stars.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    cfg = PrepareConfig(input=str(tmp_path / "stars.csv"), output=str(out), model=tiny_model_dir,
+                        label_column="stars", max_length=16)  # fmt: skip
+    with pytest.raises(InputError, match=r"label column 'stars' holds numbers above 1 .*'2' x10.*"
+                                         r"rating scale.*\(0 and 10\) would train as negative and positive"):  # fmt: skip
+        prepare.run(cfg)
+    assert not (out / "manifest.json").exists()  # train refuses it
 
 
 def test_rerun_replaces_the_output_and_refuses_foreign_directories(
