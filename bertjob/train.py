@@ -119,7 +119,16 @@ def check_setup(cfg: TrainConfig, manifest: dict[str, Any]) -> list[str]:
         split = splits.get(name, {})
         written, counts = split.get("rows_written", 0), split.get("label_counts") or {}
         if written == 0 and name != "test":
-            hint = " (set validation_fraction > 0 in prepare)" if name == "validation" else ""
+            hint = ""
+            if name == "validation":
+                share = (manifest.get("validation") or {}).get("fraction") or 0
+                train_counts = splits.get("train", {}).get("label_counts") or {}
+                hint = (  # a few rows: prepare holds out round(share x rows) of each label, here 0
+                    f": validation_fraction {share:g} of each label's train rows {train_counts} rounds to none; "
+                    f"prepare more rows or a larger --validation-fraction"
+                    if share
+                    else " (set validation_fraction > 0 in prepare)"
+                )
             problems.append(f"split {name!r} of {cfg.data} has no rows{hint}")
         elif name == "train" and set(counts) != {"0", "1"}:
             problems.append(f"split 'train' of {cfg.data} needs both labels; it has {counts}")

@@ -333,6 +333,17 @@ def test_setup_problems_are_clear_errors_before_training(prepared_small, tiny_mo
     with pytest.raises(train.TrainSetupError, match=r"cannot train:\n  - split 'train' of .* has no labels: its "
                        r"corpus was read as unlabelled \(prepare takes .* from --label-column, by default 'label'\)$"):  # fmt: skip
         train.run(cfg(bad, tmp_path / "o6", tiny_model_dir))
+    # ten rows, five of each label: validation_fraction 0.1 holds out none, and the error told the
+    # user to set validation_fraction > 0, which it was
+    manifest["splits"]["train"] = {
+        **manifest["splits"]["train"],
+        "rows_written": 10,
+        "label_counts": {"0": 5, "1": 5},
+    }
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(train.TrainSetupError, match=r"split 'validation' of .* has no rows: validation_fraction 0.1 "
+                       r"of each label's train rows \{'0': 5, '1': 5\} rounds to none; prepare more rows"):  # fmt: skip
+        train.run(cfg(bad, tmp_path / "o7", tiny_model_dir))
 
 
 def _sample_subset(root, train_per_class: int, test_per_class: int):
