@@ -58,7 +58,15 @@ from bertjob.storage import (
     read_json,
     write_json,
 )
-from bertjob.text import BAD_LABEL, CAP_CHARS_PER_TOKEN, LABEL_NAMES, TextSettings, parse_label, tokenize_rows
+from bertjob.text import (
+    BAD_LABEL,
+    CAP_CHARS_PER_TOKEN,
+    LABEL_NAMES,
+    TextSettings,
+    parse_label,
+    rating_scale,
+    tokenize_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +97,7 @@ QUARANTINE_SCHEMA = pa.schema(
         ("text", pa.string()),
         ("unit", pa.int32()),
         ("row", pa.int64()),
+        ("label", pa.string()),  # an unrecognised label as read (evaluate), else null
     ]
 )
 
@@ -275,7 +284,7 @@ class Predictor:
             else pa.nulls(n, pa.int8()),
             "reason": pa.array(reasons, pa.string()),
         }
-        for name in ("unit", "row", "text", "raw_text", "utf8_replaced"):
+        for name in ("unit", "row", "text", "raw_text", "raw_label", "utf8_replaced"):
             if name in batch.column_names:
                 out[name] = batch.column(name)
         return pa.table(out)
@@ -305,6 +314,9 @@ def tokenize_table(
                           exact_lengths=False)  # fmt: skip
         cols.update(input_ids=t.input_ids, true_label=pa.array(t.labels, pa.int8()),
                     reason=pa.array(t.reasons, pa.string()), raw_text=pa.array(t.quarantined_text, pa.string()))  # fmt: skip
+        if evaluate:  # what the quarantine shows, and what finish() looks for a rating scale in
+            bad = [None if r != BAD_LABEL else str(v) for r, v in zip(t.reasons, raw_labels)]
+            cols["raw_label"] = pa.array(bad, pa.string())
         if include_text:
             cols["text"] = pa.array(t.cleaned, pa.string())
     for name in ("unit", "row", "utf8_replaced"):
@@ -359,7 +371,8 @@ class PredictionSink:
         if q.num_rows:
             qt = pa.table(
                 {"id": q.column("id"), "reason": q.column("reason"), "text": q.column("raw_text"),
-                 "unit": q.column("unit"), "row": q.column("row")},
+                 "unit": q.column("unit"), "row": q.column("row"),
+                 "label": q.column("raw_label") if "raw_label" in q.column_names else pa.nulls(q.num_rows, pa.string())},
                 schema=QUARANTINE_SCHEMA,
             )  # fmt: skip
             self.commit(QUARANTINE, qt)
@@ -681,7 +694,7 @@ def finish(
         d = join(root, kind)
         if fs.get_file_info(d).type == pafs.FileType.NotFound:
             continue
-        cols = ["unit", "row"] + (["reason"] if kind == QUARANTINE else [])
+        cols = ["unit", "row"] + (["reason", "label"] if kind == QUARANTINE else [])
         t = pq.read_table(d, columns=cols, filesystem=fs)
         pairs += t.num_rows
         positions.append(_positions(t))
@@ -689,6 +702,7 @@ def finish(
             totals["scored"] = t.num_rows
         else:
             totals["quarantined"] = Counter(t.column("reason").to_pylist())
+            totals["unrecognised_labels"] = Counter(v for v in t.column("label").to_pylist() if v is not None)
     unique = len(np.unique(np.concatenate(positions))) if positions else 0
     if unique != pairs:
         raise RuntimeError(f"{cfg.output}: {pairs - unique} rows are committed twice; rerun with --overwrite")
@@ -723,6 +737,18 @@ def finish(
         "ray_cluster": {k: v for k, v in resources.items() if k in ("CPU", "GPU")},
     }
     if evaluate:
+        true = (
+            pq.read_table(join(root, PREDICTIONS), columns=["true_label"], filesystem=fs)
+            if totals["scored"]
+            else None
+        )
+        problem = rating_scale(
+            totals.get("unrecognised_labels", {}),
+            {str(k): v for k, v in Counter(true.column("true_label").to_pylist() if true else []).items()},
+            cfg.label_column,
+        )
+        if problem:  # before the manifest and metrics: an accuracy against 1-star reviews as positives
+            raise InputError(f"input {cfg.input}: {problem}, then evaluate again with --overwrite")
         manifest["metrics"] = evaluation(cfg, totals["quarantined"])
     write_json(join(cfg.output, MANIFEST), manifest)
     log.info("%s: %d rows read, %d scored, %d quarantined, %.1f rows/s -> %s", stage, rows_read, totals["scored"],

@@ -38,7 +38,7 @@ from bertjob.identity import corpus_fingerprint, identity
 from bertjob.outputs import MANIFEST, check_replaceable, claim_output, versions
 from bertjob.sources import Corpus, InputError, open_corpus
 from bertjob.storage import check_access, filesystem, for_workers, join, write_json
-from bertjob.text import BAD_LABEL, tokenize_rows
+from bertjob.text import BAD_LABEL, merged_counts, rating_scale, tokenize_rows
 
 log = logging.getLogger(__name__)
 
@@ -408,33 +408,6 @@ def splits_written(cfg: PrepareConfig, corpus: Corpus) -> set[str] | None:
     }
 
 
-def rating_scale(splits: dict[str, dict[str, Any]], column: str) -> str | None:
-    """An error when a labelled corpus' unrecognised labels include numbers above 1, as a rating
-    scale's do (1-5 stars, 1-10, SST-5's 0-4): its 0s and 1s are ratings (1 star; "negative"), yet were
-    read as negative and positive, and the rest were quarantined; prepare reported success, and
-    train learned 1-star reviews as positive from what was left (or stopped on a missing label).
-    -1 is left to the quarantine: Hugging Face's datasets mark an unlabelled row so (GLUE's test splits)."""
-    numeric: dict[str, int] = defaultdict(int)
-    for s in splits.values():
-        for value, n in s["unrecognised_labels"].items():
-            try:
-                if float(value) > 1:
-                    numeric[value] += n
-            except ValueError:
-                continue
-    if not numeric:
-        return None
-    shown = ", ".join(f"{v!r} x{n}" for v, n in sorted(numeric.items(), key=lambda kv: -kv[1]))
-    read = [sum(s["label_counts"].get(k, 0) for s in splits.values()) for k in ("0", "1")]
-    return (
-        f"label column {column!r} holds numbers above 1 ({shown}): a rating scale? bertjob's labels are "
-        f"0/1 (also neg/pos, negative/positive, false/true), so the rows labelled 0 or 1 "
-        f"({read[0]} and {read[1]}) would train as negative and positive and the others "
-        f"were quarantined. Map the ratings to 0/1 first (IMDb's rule: <= 4 of 10 negative, >= 7 "
-        f"positive, the middle left out), then prepare again"
-    )
-
-
 def open_input(cfg: PrepareConfig) -> Corpus:
     """The corpus to prepare. A prepared directory is refused here, before any work: read as input it
     failed inside Ray, and as its own output (`--input prep --output prep`) it was wiped first."""
@@ -526,9 +499,13 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     for path in remove_unfinished(cfg.output, set(finished) - set(staged)):
         log.warning("prepare: removed %s, written by a write attempt that failed", path)
     splits = {name: summarize(s) for name, s in sorted(stats.items())}
-    problem = rating_scale(splits, cfg.label_column)
+    problem = rating_scale(
+        merged_counts(s["unrecognised_labels"] for s in splits.values()),
+        merged_counts(s["label_counts"] for s in splits.values()),
+        cfg.label_column,
+    )
     if problem:  # before the manifest: nothing downstream takes the output as complete
-        raise InputError(f"input {cfg.input}: {problem}")
+        raise InputError(f"input {cfg.input}: {problem}, then prepare again")
     read_total = sum(s["rows_read"] for s in splits.values())
     manifest = {
         "format": "bertjob-prepared/1",
@@ -554,13 +531,8 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     write_json(join(cfg.output, MANIFEST), manifest)  # last: marks the output complete
     log.info("prepare: wrote %s", ", ".join(f"{k} {v['rows_written']}" for k, v in splits.items()))
     if manifest["rows_quarantined"]:
-        reasons: dict[str, int] = defaultdict(int)
-        values: dict[str, int] = defaultdict(int)
-        for s in splits.values():
-            for reason, n in s["quarantined_by_reason"].items():
-                reasons[reason] += n
-            for value, n in s["unrecognised_labels"].items():
-                values[value] += n
+        reasons = merged_counts(s["quarantined_by_reason"] for s in splits.values())
+        values = merged_counts(s["unrecognised_labels"] for s in splits.values())
         labels = (
             f"; labels not read: {', '.join(f'{v!r} x{n}' for v, n in values.items())} (bertjob's are 0/1, "
             f"neg/pos, negative/positive, false/true)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import itertools
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -112,6 +113,40 @@ def parse_label(value: Any) -> int | None:
     if isinstance(value, bytes):
         value = value.decode("utf-8", errors="replace")
     return _LABELS.get(str(value).strip().lower())
+
+
+def merged_counts(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    """{key: count} dicts (of several splits, files) summed into one."""
+    total: dict[str, int] = {}
+    for c in counts:
+        for key, n in c.items():
+            total[key] = total.get(key, 0) + n
+    return total
+
+
+def rating_scale(unrecognised: dict[str, int], labels: dict[str, int], column: str) -> str | None:
+    """An error when a labelled corpus' unrecognised labels ({value: rows}) include numbers above 1,
+    as a rating scale's do (1-5 stars, 1-10, SST-5's 0-4): its 0s and 1s (`labels`, {"0": rows,
+    "1": rows}) are ratings (1 star; "negative"), yet were read as negative and positive, and the
+    rest were quarantined. prepare reported success and train learned 1-star reviews as positive
+    from what was left; evaluate scored the model against them. -1 is left to the quarantine:
+    Hugging Face's datasets mark an unlabelled row so (GLUE's test splits)."""
+    numeric = {}
+    for value, n in unrecognised.items():
+        try:
+            if float(value) > 1:
+                numeric[value] = n
+        except ValueError:
+            continue
+    if not numeric:
+        return None
+    shown = ", ".join(f"{v!r} x{n}" for v, n in sorted(numeric.items(), key=lambda kv: -kv[1]))
+    return (
+        f"label column {column!r} holds numbers above 1 ({shown}): a rating scale? bertjob's labels are 0/1 "
+        f"(also neg/pos, negative/positive, false/true), so the rows labelled 0 or 1 ({labels.get('0', 0)} "
+        f"and {labels.get('1', 0)}) would count as negative and positive and the others were quarantined. "
+        f"Map the ratings to 0/1 first (IMDb's rule: <= 4 of 10 negative, >= 7 positive, the middle left out)"
+    )
 
 
 def keep_spans(

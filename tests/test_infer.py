@@ -436,6 +436,22 @@ def test_evaluate_says_what_it_cannot_compute(tiny_classifier_dir, tmp_path, ray
                        r"\(12 unrecognised_label\); labels are read as 0/1, neg/pos or negative/positive"):  # fmt: skip
         infer.run(cfg, evaluate=True)
     assert pq.read_table(tmp_path / "stars" / "quarantine").num_rows == 12  # every row, with its reason
+    # Star ratings 1-5 as the label column: the 1-star reviews were scored as positives (accuracy
+    # against them), the rest quarantined, and evaluate reported an accuracy.
+    pq.write_table(pa.Table.from_pylist([{**r, "label": 1 + i % 5} for i, r in enumerate(rows)]),
+                   tmp_path / "five.parquet")  # fmt: skip
+    cfg = InferConfig(
+        input=str(tmp_path / "five.parquet"), model=tiny_classifier_dir, output=str(tmp_path / "five")
+    )
+    with pytest.raises(InputError, match=r"label column 'label' holds numbers above 1 \('2' x3, .*\(0 and 3\) would "
+                                         r"count as negative and positive.*evaluate again with --overwrite"):  # fmt: skip
+        infer.run(cfg, evaluate=True)
+    assert (
+        not (tmp_path / "five" / "metrics.json").exists()
+        and not (tmp_path / "five" / "manifest.json").exists()
+    )
+    q = pq.read_table(tmp_path / "five" / "quarantine")
+    assert sorted(q.column("label").to_pylist()) == ["2", "2", "2", "3", "3", "4", "4", "5", "5"]  # not read
 
 
 def test_a_bad_line_found_by_a_reader_is_one_line_of_error(tmp_path, tiny_classifier_dir, ray_local):

@@ -81,7 +81,7 @@ def test_star_ratings_as_labels_are_an_error_not_ones_read_as_positive(tmp_path,
     cfg = PrepareConfig(input=str(tmp_path / "stars.csv"), output=str(out), model=tiny_model_dir,
                         label_column="stars", max_length=16)  # fmt: skip
     with pytest.raises(InputError, match=r"label column 'stars' holds numbers above 1 .*'2' x10.*"
-                                         r"rating scale.*\(0 and 10\) would train as negative and positive"):  # fmt: skip
+                                         r"rating scale.*\(0 and 10\) would count as negative and positive.*then prepare again"):  # fmt: skip
         prepare.run(cfg)
     assert not (out / "manifest.json").exists()  # train refuses it
 
