@@ -37,9 +37,22 @@ def _prepared_is_current(cfg: PrepareConfig, corpus: Corpus) -> dict[str, Any] |
 OWN_ENTRIES = ("prepared", "train", "evaluate", "infer", "checkpoints", "summary.json")
 
 
+# Settings of how a run executes, not of what it learns: `bertjob train` resumes a run under one
+# --name whatever they are. In the run key they started a fresh run: a pipeline rerun after Ctrl-C
+# with fewer workers or a smaller micro-batch (after running out of memory) trained from step 0,
+# and a finished one retrained from scratch for another log interval.
+EXECUTION = (
+    "num_workers", "cpus_per_worker", "torch_threads", "malloc_tuning", "micro_batch_size", "log_every_steps",
+    "max_failures", "placement_timeout_s", "resize_check_s", "check_resources", "resume_changed",
+    "sample_log", "tracking", "keep_checkpoints",
+)  # fmt: skip
+
+
 def _run_key(cfg: Any, manifest: dict[str, Any]) -> str:
-    """A train or pretrain run's identity: the prepared data's, its settings, its starting weights."""
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("data", "output", "name", "storage_path")}
+    """A train or pretrain run's identity: the prepared data's, the settings that shape its model,
+    its starting weights."""
+    ignored = ("data", "output", "name", "storage_path", *EXECUTION)
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ignored}
     return identity(manifest["identity"], settings, model_fingerprint(cfg.model))[:10]
 
 
