@@ -477,6 +477,10 @@ STAGE_LINKS = {
 class PipelineConfig(Settings):
     """prepare -> train -> evaluate (test split) -> infer, each stage's output feeding the next."""
 
+    # Its problems() are its stage sections' own, checked with the shared values (defaults in place
+    # of bad ones): reported beside a bad shared setting (a typo, 'max_lenght'), not once it is fixed.
+    problems_with_bad_values: typing.ClassVar[bool] = True
+
     input: str = opt(SAMPLE_INPUT, "corpus to prepare (see `bertjob prepare --help`)")
     output_dir: str = opt(
         "bertjob-output", "root of all outputs: prepared/, [pretrain/], train/, evaluate/, infer/"
@@ -652,6 +656,12 @@ def build(cls: type[T], values: dict[str, Any], where: str = "") -> T:
     # valid, so those in place of bad values add nothing; checks across settings only once none is bad.
     cfg = cls(**kwargs)
     problems += [where + p for p in out_of_range(cfg)]
+    if problems and getattr(cls, "problems_with_bad_values", False):
+        # Out-of-range values too are replaced by their defaults, so that no section repeats them.
+        bad = [f.name for f in dataclasses.fields(cls) if any(p.startswith(f"{f.name}:") for p in problems)]
+        defaults = cls()
+        cfg = dataclasses.replace(cfg, **{k: getattr(defaults, k) for k in bad})  # type: ignore[type-var]
+        problems += [where + p for p in cfg.problems()]  # type: ignore[attr-defined]
     if not problems:
         problems = [where + p for p in cfg.problems()]  # type: ignore[attr-defined]
     if problems:
