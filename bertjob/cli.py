@@ -110,6 +110,7 @@ def resolve(command: str, args: dict[str, Any], dotted: dict[str, dict[str, Any]
     cls = COMMANDS[command]
     path = args.pop("config", None)
     data = read_yaml(path) if path else {}
+    _check_relative_inputs(path, data)
     if command == "pipeline":
         for stage, values in dotted.items():
             data[stage] = {**(data.get(stage) or {}), **values}
@@ -131,6 +132,30 @@ def resolve(command: str, args: dict[str, Any], dotted: dict[str, dict[str, Any]
         base = dataclasses.asdict(pipeline.stage(command))
         return build(cls, {**base, **{k: v for k, v in args.items() if k in stage_fields}})
     return build(cls, {**data, **args})
+
+
+INPUT_KEYS = ("input", "data", "model", "infer_input")  # paths a config file names to be read
+
+
+def _check_relative_inputs(path: str | None, data: dict[str, Any]) -> None:
+    """A relative path in a config file means the current directory, not the file's: one that is
+    missing here but present beside the file (`bertjob pipeline --config project/run.yaml` from
+    another directory) was 'no such file or directory' without a word of why."""
+    if not path or os.path.dirname(os.path.abspath(path)) == os.getcwd():
+        return
+    base = os.path.dirname(path)
+    sections = [("", data)] + [(f"{k}: ", v) for k, v in data.items() if isinstance(v, dict)]
+    problems = [
+        f"{where}{key}: {value} is relative to the current directory ({os.getcwd()}), where it does not exist; "
+        f"beside the config file it does ({os.path.join(base, value)}): paths in a config file are read from "
+        f"the directory bertjob runs in, so run it there or give the path from here"
+        for where, section in sections
+        for key, value in section.items()
+        if key in INPUT_KEYS and isinstance(value, str) and value and "://" not in value
+        and not os.path.isabs(value) and not os.path.exists(value) and os.path.exists(os.path.join(base, value))
+    ]  # fmt: skip
+    if problems:
+        raise ConfigError(problems)
 
 
 def _belongs(key: str, command: str) -> str:

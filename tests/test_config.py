@@ -304,3 +304,19 @@ def test_the_flag_takes_a_range_and_yaml_a_list(tmp_path):
     ns = make_parser().parse_args(["train", "--data", "d", "--output", "o", "--num-workers", "2-5"])
     args = {k: v for k, v in vars(ns).items() if k not in ("command", "log_level")}
     assert resolve("train", args, {}).num_workers == Workers(2, 5)
+
+
+def test_a_config_files_relative_input_found_only_beside_the_file_says_so(tmp_path, monkeypatch):
+    """`bertjob pipeline --config project/run.yaml` from another directory: `input: reviews.csv` was
+    'no such file or directory', with no word that paths are read from the current directory."""
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "reviews.csv").write_text("text,label\ngreat,pos\n")
+    (tmp_path / "project" / "run.yaml").write_text(
+        "input: reviews.csv\noutput_dir: out\ntrain:\n  epochs: 1\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"input: reviews.csv is relative to the current directory \(.*\), where it "
+                                          r"does not exist; beside the config file it does \(project/reviews.csv\)"):  # fmt: skip
+        resolve("pipeline", {"config": "project/run.yaml"}, {})
+    monkeypatch.chdir(tmp_path / "project")  # run there, it is read as before
+    assert resolve("pipeline", {"config": "run.yaml"}, {}).input == "reviews.csv"
