@@ -332,13 +332,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if is_remote(storage) and cfg.sample_log:
         raise TrainSetupError("sample_log needs a local or mounted storage_path")
     ensure_output(cfg.output, "train")  # never wiped: it may hold the checkpoints a rerun resumes from
-    init_ray()
     model_config = models.model_config(cfg.model, cfg.trust_remote_code)
     if not cfg.lr:
         cfg = dataclasses.replace(
             cfg, lr=default_lr(model_config)
         )  # the resolved value is what metrics.json records
-    plan = plan_run(cfg, model_config, manifest["max_length"])
     n_train = manifest["splits"]["train"]["rows_written"]
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or math.inf)
@@ -361,6 +359,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         cfg, manifest, length_grouping=cfg.length_grouping, **{k: getattr(cfg, k) for k in OPTIMISATION}
     )
     check_run_compatible(cfg, identity, run_dir, may_change=OPTIMISATION if extends else ())
+    # Only now: a rerun the checks above refuse (a shorter or changed run under its name) was
+    # refused after a local Ray had started, ~15 s.
+    init_ray()
+    plan = plan_run(cfg, model_config, manifest["max_length"])
     nonfinite = join(run_dir, NONFINITE_FILE)
     remove(nonfinite)  # from an earlier attempt of this run
 

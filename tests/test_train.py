@@ -272,6 +272,22 @@ def test_extending_a_finished_run_schedules_the_added_steps_and_a_changed_run_is
         train.run(cfg(prepared_small, tmp_path / "run", tiny_model_dir, epochs=3, lr=1e-2, **kw))
 
 
+def test_a_shorter_rerun_of_a_finished_run_is_refused_before_ray_starts(
+    trained, prepared_small, tiny_model_dir
+):
+    """`bertjob train ... --max-steps 3` under a finished run's name started a local Ray (~15 s)
+    before saying the run had trained longer: now the command ends at once, with one line."""
+    out, _ = trained
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "bertjob", "train", "--data", str(prepared_small), "--output", str(out),
+                           "--model", tiny_model_dir, "--num-workers", "2", "--batch-size", "16", "--lr", "5e-3",
+                           "--name", "t", "--storage-path", str(out / "ckpt"), "--mixed-precision", "off",
+                           "--max-steps", "3"], capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # no Ray started
+    assert "a longer run than the 3 steps this one asks for" in proc.stderr
+
+
 def test_a_rerun_of_an_early_stopped_run_trains_no_further(prepared_small, tiny_model_dir, tmp_path):
     """Stopped early, a run is finished: run again as it was, it exports its model again. It used to
     count as an extension (fewer steps trained than the epochs make) and trained on, with a new
