@@ -17,7 +17,7 @@ from bertjob.cluster import init_ray
 from bertjob.config import InferConfig, PipelineConfig, PrepareConfig, to_dict
 from bertjob.identity import identity, model_fingerprint
 from bertjob.outputs import MANIFEST, ensure_output
-from bertjob.sources import Corpus, InputError
+from bertjob.sources import Corpus, InputError, columns_of
 from bertjob.storage import check_access, exists, join, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -110,8 +110,11 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     p_cfg = cfg.stage("prepare")
     corpus = prepare.open_input(p_cfg)
     if not corpus.labelled:
-        raise InputError(f"input {cfg.input}: no labels to train on (no column {p_cfg.label_column!r}); name its "
-                         f"label column with --prepare.label-column")  # fmt: skip
+        # The columns, as a missing text column's error gives them: which one holds the labels?
+        columns = (f"; the columns are {columns_of(corpus, corpus.units[0])}"
+                   if corpus.kind in ("parquet", "csv", "jsonl") and corpus.units else "")  # fmt: skip
+        raise InputError(f"input {cfg.input}: no labels to train on (no column {p_cfg.label_column!r}{columns}); "
+                         f"name its label column with --prepare.label-column")  # fmt: skip
     splits = prepare.splits_written(p_cfg, corpus)
     if splits is not None:
         scoring_stages(cfg, splits)  # nothing to score at the end: an error now, not after training

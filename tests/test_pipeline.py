@@ -80,8 +80,8 @@ def test_a_corpus_with_nothing_to_evaluate_or_score_fails_before_any_work(tmp_pa
         PipelineConfig,
         {**settings, "input": str(tmp_path / "k.parquet"), "prepare": {"text_column": "review"}},
     )
-    with pytest.raises(InputError, match=r"no labels to train on \(no column 'label'\); "
-                       r"name its label column with --prepare.label-column"):  # fmt: skip
+    with pytest.raises(InputError, match=r"no labels to train on \(no column 'label'; the columns are \['review', "
+                       r"'sentiment'\]\); name its label column with --prepare.label-column"):  # fmt: skip
         pipeline.run(unlabelled)
     assert not (tmp_path / "out").exists()
     train_only = {**settings, "input": str(tmp_path / "train.parquet")}
