@@ -337,11 +337,17 @@ def split_train(
         for value in np.unique(lab):
             per_label[int(value)].append(h[lab == value])
     thresholds = {}  # label: (hashes below the first go to test, below the second to validation)
+    shared = 0  # rows whose id another row of the label has: they share its hash, and so its split
     for label, parts in per_label.items():
         h = np.sort(np.concatenate(parts))
+        shared += int(np.count_nonzero(h[1:] == h[:-1]))
         to_test = int(round(test * len(h)))
         to_val = to_test + int(round(validation * len(h)))
         thresholds[label] = tuple(int(h[k]) if k < len(h) else 2**64 for k in (to_test, to_val))
+    if shared:  # the splits' sizes were said to be exact; ids repeated (--id-column) were not mentioned
+        log.warning("prepare: %d train rows repeat the id of another row; each id's rows go to one split together, "
+                    "so validation and test may hold up to that many rows fewer than their fractions, and "
+                    "predictions of them share their id (is --id-column unique per review?)", shared)  # fmt: skip
     args = [(output, p, i, thresholds) for i, p in enumerate(paths)]
     if sum(staged.values()) <= LOCAL_SPLIT_ROWS:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:

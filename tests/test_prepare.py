@@ -219,7 +219,7 @@ def test_a_corpus_without_train_rows_needs_no_validation_split(tmp_path, tiny_mo
     assert not (out / "_staging").exists()
 
 
-def test_a_corpus_without_a_test_split_holds_one_out_of_train(tmp_path, tiny_model_dir, ray_local):
+def test_a_corpus_without_a_test_split_holds_one_out_of_train(tmp_path, tiny_model_dir, ray_local, caplog):
     """One labelled file (the common Kaggle layout): test_fraction carves an exact, stratified test
     split out of train beside validation's, disjoint, every row in exactly one split."""
     rows = [
@@ -246,6 +246,16 @@ def test_a_corpus_without_a_test_split_holds_one_out_of_train(tmp_path, tiny_mod
     assert known == {"train", "validation", "test"}  # before reading: the pipeline's check
     with pytest.raises(ConfigError, match="validation_fraction \\+ test_fraction"):
         build(PrepareConfig, {"input": "x", "output": "y", "validation_fraction": 0.5, "test_fraction": 0.5})
+    # an id column that repeats (a product's id beside each of its reviews): its rows share a split,
+    # the sizes are no longer exact, and that was not said
+    pq.write_table(pa.Table.from_pylist([{**r, "rid": f"p{i % 50}"} for i, r in enumerate(rows)]),
+                   tmp_path / "products.parquet")  # fmt: skip
+    with caplog.at_level("WARNING"):
+        prepare.run(PrepareConfig(input=str(tmp_path / "products.parquet"), output=str(tmp_path / "out2"),
+                                  model=tiny_model_dir, max_length=16, id_column="rid", test_fraction=0.2))  # fmt: skip
+    assert (
+        "200 train rows repeat the id of another row; each id's rows go to one split together" in caplog.text
+    )
 
 
 def test_driver_and_ray_tasks_give_the_same_validation_split(
