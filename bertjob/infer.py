@@ -695,7 +695,9 @@ def finish(
         if fs.get_file_info(d).type == pafs.FileType.NotFound:
             continue
         cols = ["unit", "row"] + (["reason", "label"] if kind == QUARANTINE else [])
-        t = pq.read_table(d, columns=cols, filesystem=fs)
+        # The quarantine's schema given: files of a run before its `label` column read it as null.
+        schema = QUARANTINE_SCHEMA if kind == QUARANTINE else None
+        t = pq.read_table(d, columns=cols, filesystem=fs, schema=schema)
         pairs += t.num_rows
         positions.append(_positions(t))
         if kind == PREDICTIONS:
