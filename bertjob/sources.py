@@ -49,6 +49,7 @@ GENERIC_FORMATS = {
     ".pq": "parquet",
     ".csv": "csv",
     ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
     ".json": "jsonl",
 }
 COMPRESSIONS = (".gz", ".bz2", ".zst")  # of CSV and JSONL files, by suffix in any case

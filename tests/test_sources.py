@@ -266,6 +266,8 @@ def test_a_jsonl_files_columns_are_its_first_records_keys_and_no_later_value_is_
                   '{"text": "meh", "label": null}\n')  # fmt: skip
     t = read_all(open_corpus(str(ok), id_column="id")).to_pylist()
     assert [(r["id"], r["text"], r["label"]) for r in t] == [("a", "good", "1"), ("b", "fine", None), ("ok.jsonl:2", "meh", None)]  # fmt: skip
+    ok.rename(tmp_path / "ok.ndjson")  # the same format under its other common name: it was "unknown format"
+    assert read_all(open_corpus(str(tmp_path / "ok.ndjson"), id_column="id")).to_pylist()[:2] == t[:2]
     late = tmp_path / "late.jsonl"
     late.write_text(
         '{"text": "no label yet"}\n{"text": "x", "label": null}\n\n{"text": "great", "label": "pos"}\n'
