@@ -125,7 +125,7 @@ def check_setup(cfg: TrainConfig, manifest: dict[str, Any]) -> list[str]:
                 train_counts = splits.get("train", {}).get("label_counts") or {}
                 hint = (  # a few rows: prepare holds out round(share x rows) of each label, here 0
                     f": validation_fraction {share:g} of each label's train rows {train_counts} rounds to none; "
-                    f"prepare more rows or a larger --validation-fraction"
+                    f"prepare more rows or a larger --validation-fraction (in a pipeline: --prepare.validation-fraction)"
                     if share
                     else " (set validation_fraction > 0 in prepare)"
                 )
