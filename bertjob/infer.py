@@ -42,6 +42,7 @@ from bertjob.outputs import (
     MANIFEST,
     OutputError,
     a_or_an,
+    check_replaceable,
     claim_output,
     ensure_output,
     versions,
@@ -671,6 +672,7 @@ def _resume_state(
                 raise OutputError(f"output {cfg.output} holds {a_or_an(stage)} run with other (or unknown) inputs or "
                                   f"settings; pass --overwrite to replace it")  # fmt: skip
             log.info("%s: inputs or settings changed since %s was written; redoing it", stage, cfg.output)
+    check_replaceable(cfg.output, stage)  # refused now, before Ray; replaced once the run can start
     return {}, 0, True
 
 

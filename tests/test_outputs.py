@@ -58,9 +58,10 @@ def test_infer_replaces_its_own_output_only_with_overwrite(tmp_path, tiny_classi
     with pytest.raises(OutputError, match="holds an infer run with other .* pass --overwrite"):
         infer._resume_state(cfg, run_info, "infer")
     assert (out / "predictions" / "part-0.parquet").exists()
-    infer._resume_state(InferConfig(**{**infer.to_dict(cfg), "overwrite": True}), run_info, "infer")
-    assert not (out / "predictions").exists()
-    # --overwrite never reaches another stage's output
+    overwrite = InferConfig(**{**infer.to_dict(cfg), "overwrite": True})
+    _, _, fresh = infer._resume_state(overwrite, run_info, "infer")
+    assert fresh and (out / "predictions" / "part-0.parquet").exists()  # replaced once the run can start
+    # --overwrite never reaches another stage's output: refused before the run starts Ray
     ensure_output(str(tmp_path / "run"), "train")
     (tmp_path / "run" / "metrics.json").write_text("{}")
     with pytest.raises(OutputError, match="train output"):
