@@ -741,16 +741,9 @@ def finish(
         "ray_cluster": {k: v for k, v in resources.items() if k in ("CPU", "GPU")},
     }
     if evaluate:
-        true = (
-            pq.read_table(join(root, PREDICTIONS), columns=["true_label"], filesystem=fs)
-            if totals["scored"]
-            else None
-        )
-        problem = rating_scale(
-            totals.get("unrecognised_labels", {}),
-            {str(k): v for k, v in Counter(true.column("true_label").to_pylist() if true else []).items()},
-            cfg.label_column,
-        )
+        unrecognised = totals.get("unrecognised_labels")
+        problem = unrecognised and rating_scale(unrecognised, _label_counts(cfg.output) if totals["scored"] else {},
+                                                cfg.label_column)  # fmt: skip
         if problem:  # before the manifest and metrics: an accuracy against 1-star reviews as positives
             raise InputError(f"input {cfg.input}: {problem}, then evaluate again with --overwrite")
         manifest["metrics"] = evaluation(cfg, totals["quarantined"])
@@ -758,6 +751,13 @@ def finish(
     log.info("%s: %d rows read, %d scored, %d quarantined, %.1f rows/s -> %s", stage, rows_read, totals["scored"],
              manifest["rows_quarantined"], manifest["rows_per_s"] or 0, cfg.output)  # fmt: skip
     return manifest
+
+
+def _label_counts(output: str) -> dict[str, int]:
+    """{"0": rows, "1": rows} of the committed predictions' true labels."""
+    fs, root = filesystem(output)
+    t = pq.read_table(join(root, PREDICTIONS), columns=["true_label"], filesystem=fs)
+    return {str(k): v for k, v in Counter(t.column("true_label").to_pylist()).items()}
 
 
 def evaluation(cfg: InferConfig, quarantined: Counter) -> dict[str, Any]:

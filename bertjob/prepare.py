@@ -22,7 +22,7 @@ import logging
 import pickle
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from typing import Any
 
@@ -38,7 +38,7 @@ from bertjob.identity import corpus_fingerprint, identity
 from bertjob.outputs import MANIFEST, check_replaceable, claim_output, versions
 from bertjob.sources import Corpus, InputError, open_corpus
 from bertjob.storage import check_access, filesystem, for_workers, join, write_json
-from bertjob.text import BAD_LABEL, merged_counts, rating_scale, tokenize_rows
+from bertjob.text import BAD_LABEL, rating_scale, tokenize_rows
 
 log = logging.getLogger(__name__)
 
@@ -505,11 +505,12 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     for path in remove_unfinished(cfg.output, set(finished) - set(staged)):
         log.warning("prepare: removed %s, written by a write attempt that failed", path)
     splits = {name: summarize(s) for name, s in sorted(stats.items())}
-    problem = rating_scale(
-        merged_counts(s["unrecognised_labels"] for s in splits.values()),
-        merged_counts(s["label_counts"] for s in splits.values()),
-        cfg.label_column,
-    )
+
+    def total(key: str) -> Counter:  # a count of every split together
+        return sum((Counter(s[key]) for s in splits.values()), Counter())
+
+    bad_labels = total("unrecognised_labels")
+    problem = rating_scale(bad_labels, total("label_counts"), cfg.label_column)
     if problem:  # before the manifest: nothing downstream takes the output as complete
         raise InputError(f"input {cfg.input}: {problem}, then prepare again")
     read_total = sum(s["rows_read"] for s in splits.values())
@@ -537,12 +538,11 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     write_json(join(cfg.output, MANIFEST), manifest)  # last: marks the output complete
     log.info("prepare: wrote %s", ", ".join(f"{k} {v['rows_written']}" for k, v in splits.items()))
     if manifest["rows_quarantined"]:
-        reasons = merged_counts(s["quarantined_by_reason"] for s in splits.values())
-        values = merged_counts(s["unrecognised_labels"] for s in splits.values())
+        reasons = total("quarantined_by_reason")
         labels = (
-            f"; labels not read: {', '.join(f'{v!r} x{n}' for v, n in values.items())} (bertjob's are 0/1, "
+            f"; labels not read: {', '.join(f'{v!r} x{n}' for v, n in bad_labels.items())} (bertjob's are 0/1, "
             f"neg/pos, negative/positive, false/true)"
-            if values
+            if bad_labels
             else ""
         )
         log.warning("prepare: quarantined %d of %d rows (%s) in %s%s", manifest["rows_quarantined"],

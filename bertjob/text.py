@@ -9,7 +9,6 @@ from __future__ import annotations
 import html
 import itertools
 import re
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -113,15 +112,6 @@ def parse_label(value: Any) -> int | None:
     if isinstance(value, bytes):
         value = value.decode("utf-8", errors="replace")
     return _LABELS.get(str(value).strip().lower())
-
-
-def merged_counts(counts: Iterable[dict[str, int]]) -> dict[str, int]:
-    """{key: count} dicts (of several splits, files) summed into one."""
-    total: dict[str, int] = {}
-    for c in counts:
-        for key, n in c.items():
-            total[key] = total.get(key, 0) + n
-    return total
 
 
 def rating_scale(unrecognised: dict[str, int], labels: dict[str, int], column: str) -> str | None:
