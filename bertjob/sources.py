@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -412,6 +413,12 @@ def _check_columns(corpus: Corpus, path: str) -> list[str]:
             f"input {path}: more than one column is named {twice[0]!r}, so which to read is ambiguous; "
             f"the columns are {names}. Rename one."
         )
+    if (
+        corpus.label_column
+        and corpus.label_column not in names
+        and corpus.label_column in _partition_keys(corpus, path)
+    ):
+        names = [*names, corpus.label_column]
     missing = [c for c in (corpus.text_column, corpus.id_column) if c and c not in names]
     if missing:
         columns = "its first record's keys" if corpus.kind == "jsonl" else "the columns"
@@ -721,10 +728,25 @@ def _generic_table(corpus: Corpus, path: str, table: pa.Table, first_row: int, s
     labels: list[str | None] = [None] * n
     if corpus.label_column and corpus.label_column in names:
         labels = [_as_text(v) for v in table.column(corpus.label_column).to_pylist()]
+    elif corpus.label_column:
+        labels = [_partition_keys(corpus, path).get(corpus.label_column)] * n
     return pa.Table.from_pydict(
         {"id": ids, "text": texts, "label": labels, "split": [split] * n, "utf8_replaced": replaced},
         schema=ROW_SCHEMA,
     )
+
+
+def _partition_keys(corpus: Corpus, path: str) -> dict[str, str | None]:
+    """The `key=value` directories between the corpus root and a file: a dataset partitioned by a
+    column (Hive's layout, which Spark, pyarrow and Ray Data write: reviews/label=pos/part-0.parquet)
+    keeps that column's value in the path, not in the file."""
+    keys: dict[str, str | None] = {}
+    for segment in corpus.relpath(path).split("/")[:-1]:
+        key, eq, value = segment.partition("=")
+        if eq and key:
+            value = unquote(value)
+            keys[unquote(key)] = None if value == "__HIVE_DEFAULT_PARTITION__" else value
+    return keys
 
 
 def _wanted(corpus: Corpus, keys_only: bool) -> list[str]:

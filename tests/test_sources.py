@@ -176,6 +176,30 @@ def test_a_corpus_is_labelled_when_its_files_have_the_label_column(tmp_path, imd
     assert open_corpus(str(imdb_small)).labelled
 
 
+def test_a_label_in_the_path_of_a_partitioned_dataset_is_read(tmp_path):
+    """A dataset partitioned by its label (Spark's, pyarrow's or Ray Data's write with partition
+    columns) keeps the label in the directory names, not in the files: it was read as unlabelled."""
+    table = pa.table({"text": ["good", "bad", "fine", "meh"], "label": ["pos", "neg", "pos", "very bad"]})
+    pq.write_to_dataset(table, tmp_path / "pq", partition_cols=["label"])
+    c = open_corpus(str(tmp_path / "pq"))
+    assert c.labelled and "unlabelled" not in c.describe()
+    rows = sorted((r["text"], r["label"]) for r in read_all(c).to_pylist())
+    assert rows == [("bad", "neg"), ("fine", "pos"), ("good", "pos"), ("meh", "very bad")]
+
+    for name, rows in {
+        "sentiment=pos": "text\nloved it\n",
+        "sentiment=__HIVE_DEFAULT_PARTITION__": "text\nhm\n",
+    }.items():
+        (tmp_path / "csv" / name).mkdir(parents=True)
+        (tmp_path / "csv" / name / "part.csv").write_text(rows)
+    (tmp_path / "csv" / "sentiment=neg").mkdir()  # a file's own column is its label, as in pyarrow
+    (tmp_path / "csv" / "sentiment=neg" / "part.csv").write_text("text,sentiment\nawful,negative\n")
+    c = open_corpus(str(tmp_path / "csv" / "**" / "*.csv"), label_column="sentiment")
+    assert c.labelled
+    rows = sorted((r["text"], r["label"]) for r in read_all(c).to_pylist())
+    assert rows == [("awful", "negative"), ("hm", None), ("loved it", "pos")]  # Hive's null: no label
+
+
 def test_a_glob_matches_each_path_segment_like_a_shell(tmp_path):
     """`*`, `?` and `[...]` never match `/`: gl/*.parquet is the files in gl/, not also gl/backup/'s."""
     rows = pa.table({"id": ["1", "2", "3"], "text": ["a", "b", "c"], "label": [1, 0, 1]})
