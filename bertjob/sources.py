@@ -165,12 +165,13 @@ def open_corpus(
     if path.startswith("hf://"):
         return _open_hf(path[len("hf://") :], **opts)
     fs, where = filesystem(path)
-    if any(ch in where for ch in "*?["):
+    info = fs.get_file_info(where)
+    # A path that exists is read as named, even with a glob's characters in it ("reviews [2024].csv").
+    if info.type == pafs.FileType.NotFound and any(ch in where for ch in "*?["):
         files = _glob(fs, where)
         if not files:
             raise InputError(f"input {path}: the pattern matches no file")
         return _generic(fs, _glob_base(where), files, opts)
-    info = fs.get_file_info(where)
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"input {path}: no such file or directory")
     if info.type == pafs.FileType.Unknown:  # a FIFO, a device, a socket

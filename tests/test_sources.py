@@ -234,6 +234,11 @@ def test_a_glob_matches_each_path_segment_like_a_shell(tmp_path):
     assert everything.units == [str(top), str(backup), str(deep)] and read_all(everything).num_rows == 9
     assert open_corpus(str(tmp_path / "gl" / "**")).units == everything.units
     assert open_corpus(str(tmp_path / "gl" / "**" / "x" / "*.parquet")).units == [str(deep)]
+    # A path that exists is read as named: its brackets were a pattern that matched no file.
+    literal = tmp_path / "exports [2024]" / "reviews [1].parquet"
+    literal.parent.mkdir()
+    pq.write_table(rows, literal)
+    assert open_corpus(str(literal)).units == open_corpus(str(literal.parent)).units == [str(literal)]
 
 
 def test_a_byte_order_mark_opening_a_jsonl_file_is_skipped(tmp_path):
