@@ -10,7 +10,7 @@ import time
 import pyarrow.fs as pafs
 
 from bertjob.config import SetupError
-from bertjob.storage import filesystem, job_copy_holding, join, read_json
+from bertjob.storage import filesystem, job_copy_holding, join, read_json, uri
 
 MARKER = "_bertjob_output"  # written first, naming the stage: only that stage may replace the directory
 MANIFEST = "manifest.json"  # written last: its presence means the output is complete
@@ -77,7 +77,7 @@ def _mark(fs: pafs.FileSystem, where: str, stage: str) -> None:
         with fs.open_output_stream(join(where, MARKER)) as f:
             f.write(json.dumps({"stage": stage, "started": time.time()}).encode())
     except OSError as err:  # read-only, no permission, no space: before any work
-        raise OutputError(f"output {where}: cannot write there ({err})") from err
+        raise OutputError(f"output {uri(fs, where)}: cannot write there ({err})") from err
 
 
 def check_replaceable(path: str, stage: str) -> tuple[pafs.FileSystem, str, set[str]]:

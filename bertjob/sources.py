@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from bertjob.config import SetupError
 from bertjob.outputs import MARKER
-from bertjob.storage import filesystem
+from bertjob.storage import filesystem, uri
 from bertjob.text import decode_text
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class Corpus:
         where = self.units[0] if files and len(self.units) == 1 else self.root  # one file: that file
         unlabelled = not self.labelled and (files or self.kind == "arrow")
         labels = f", unlabelled: no column {self.label_column!r}" if unlabelled and self.label_column else ""
-        return f"{self.kind} corpus at {where} ({len(self.units)} unit(s){labels})"
+        return f"{self.kind} corpus at {uri(self.fs, where)} ({len(self.units)} unit(s){labels})"
 
     def relpath(self, path: str) -> str:
         root = self.root if self.kind != "arrow" else os.path.dirname(self.root)
@@ -225,7 +225,7 @@ def _list(fs: pafs.FileSystem, where: str, recursive: bool) -> list[pafs.FileInf
     try:
         return fs.get_file_info(pafs.FileSelector(where, recursive=recursive))
     except OSError as err:
-        raise InputError(f"input {where}: cannot be listed ({err})") from err
+        raise InputError(f"input {uri(fs, where)}: cannot be listed ({err})") from err
 
 
 def _outputs_below(listing: list[pafs.FileInfo], where: str) -> tuple[str, ...]:
@@ -305,13 +305,17 @@ def _generic(fs: pafs.FileSystem, root: str, files: list[tuple[str, int]], opts:
     kinds = {_format_of(p) for p, _ in files}
     if None in kinds:
         bad = next(p for p, _ in files if _format_of(p) is None)
-        raise InputError(f"input {bad}: unknown format (expected .parquet, .csv, .jsonl, or an IMDb tar.gz)")
+        raise InputError(
+            f"input {uri(fs, bad)}: unknown format (expected .parquet, .csv, .jsonl, or an IMDb tar.gz)"
+        )
     if len(kinds) > 1:  # name a file of each: a stray metadata.json is otherwise hard to find
         first = {
             k: next(os.path.relpath(p, root) for p, _ in files if _format_of(p) == k) for k in sorted(kinds)
         }
         mixed = ", ".join(f"{k} ({p})" for k, p in first.items())
-        raise InputError(f"input {root}: mixes formats: {mixed}; point at one format at a time (a glob)")
+        raise InputError(
+            f"input {uri(fs, root)}: mixes formats: {mixed}; point at one format at a time (a glob)"
+        )
     kind = kinds.pop()
     corpus = Corpus(kind, root, [p for p, _ in files], fs, size_bytes=sum(s for _, s in files), **opts)
     for path, _ in files:
@@ -335,7 +339,7 @@ def _refuse_wide_text(corpus: Corpus, path: str) -> None:
     for encoding, (marks, ascii_zeros) in WIDE_TEXT.items():
         if head.startswith(marks) or zeros in ascii_zeros:
             raise InputError(
-                f"input {path}: the file is {encoding} text; bertjob reads UTF-8. Convert it first, e.g. "
+                f"input {uri(corpus.fs, path)}: the file is {encoding} text; bertjob reads UTF-8. Convert it first, e.g. "
                 f"iconv -f {encoding} -t UTF-8 {os.path.basename(path)} > utf8-{os.path.basename(path)}"
             )
 
@@ -359,7 +363,7 @@ def columns_of(corpus: Corpus, path: str) -> list[str]:
                         # failed as "Expecting value: line 1 column 2 (char 1)".
                         name = os.path.basename(path)
                         raise InputError(
-                            f"input {path}, line {lineno}: not a JSON object on a line of its own; bertjob "
+                            f"input {uri(corpus.fs, path)}, line {lineno}: not a JSON object on a line of its own; bertjob "
                             f"reads .json and .jsonl files as JSON Lines (one object per line), and a JSON "
                             f"array or an indented document is not that: convert it first, e.g. "
                             f"jq -c '.[]' {name} > {name.split('.')[0]}-lines.jsonl"
@@ -381,7 +385,7 @@ def _file_errors(
     except InputError:  # already one line (and a ValueError, which columns_of catches)
         raise
     except errors as err:
-        raise InputError(f"input {path}: cannot be read as {corpus.kind} ({err})") from err
+        raise InputError(f"input {uri(corpus.fs, path)}: cannot be read as {corpus.kind} ({err})") from err
 
 
 def parquet_schema(corpus: Corpus, path: str) -> pa.Schema:
@@ -400,7 +404,7 @@ def _check_columns(corpus: Corpus, path: str) -> list[str]:
         kind = schema.field(corpus.text_column).type
         if pa.types.is_nested(kind) or (pa.types.is_dictionary(kind) and pa.types.is_nested(kind.value_type)):
             raise InputError(
-                f"input {path}: column {corpus.text_column!r} holds {kind} values, not text; set --text-column "
+                f"input {uri(corpus.fs, path)}: column {corpus.text_column!r} holds {kind} values, not text; set --text-column "
                 f"to the column of the review's text, or join its parts into one string first"
             )
     if corpus.kind in ("csv", "jsonl") and not names:
@@ -411,7 +415,7 @@ def _check_columns(corpus: Corpus, path: str) -> list[str]:
     ]
     if twice:
         raise InputError(
-            f"input {path}: more than one column is named {twice[0]!r}, so which to read is ambiguous; "
+            f"input {uri(corpus.fs, path)}: more than one column is named {twice[0]!r}, so which to read is ambiguous; "
             f"the columns are {names}. Rename one."
         )
     if (
@@ -434,7 +438,7 @@ def _check_columns(corpus: Corpus, path: str) -> list[str]:
             else "Set --text-column / --id-column (in a pipeline, per stage: --prepare.text-column, ...)."
         )
         raise InputError(
-            f"input {path}: no column {', '.join(map(repr, missing))}; {columns} are {names}. {fix}"
+            f"input {uri(corpus.fs, path)}: no column {', '.join(map(repr, missing))}; {columns} are {names}. {fix}"
         )
     return names
 
@@ -489,7 +493,7 @@ def tar_members(fs: pafs.FileSystem, path: str, wanted: re.Pattern[str]) -> Iter
         yield from _tarfile_members(fs, path, wanted)
         return
     with fs.open_input_stream(path, compression=codec, buffer_size=1 << 20) as f:
-        yield from _stream_members(f, path, wanted)
+        yield from _stream_members(f, uri(fs, path), wanted)
 
 
 def _checksum_ok(header: bytes) -> bool:
@@ -571,7 +575,7 @@ def _tarfile_members(fs: pafs.FileSystem, path: str, wanted: re.Pattern[str]) ->
         try:
             tf = tarfile.open(fileobj=f, mode="r|*")
         except tarfile.TarError as err:
-            raise InputError(f"input {path}: not a readable tar archive ({err})") from err
+            raise InputError(f"input {uri(fs, path)}: not a readable tar archive ({err})") from err
         with tf:
             for member in tf:
                 if member.isfile() and wanted.search(member.name):
@@ -587,7 +591,7 @@ def _open_imdb_tar(fs: pafs.FileSystem, path: str, size: int, opts: dict[str, st
         break
     else:
         raise InputError(
-            f"input {path}: an archive without the IMDb layout (train/pos/<id>_<rating>.txt ...)"
+            f"input {uri(fs, path)}: an archive without the IMDb layout (train/pos/<id>_<rating>.txt ...)"
         )
     units = [(i, slices) for i in range(slices)]
     return Corpus("imdb-tar", path, units, fs, size_bytes=size * 3, labelled=True, **opts)
@@ -598,12 +602,12 @@ def _open_prepared(fs: pafs.FileSystem, where: str, split: str) -> Corpus:
     with fs.open_input_stream(where + "/manifest.json") as f:
         manifest = json.loads(f.read())
     if manifest.get("format") != PREPARED_FORMAT:
-        raise InputError(f"input {where}: manifest.json is not a bertjob prepared manifest")
+        raise InputError(f"input {uri(fs, where)}: manifest.json is not a bertjob prepared manifest")
     splits = [split] if split else sorted(manifest["splits"])
     missing = [s for s in splits if s not in manifest["splits"]]
     if missing:
         raise InputError(
-            f"input {where}: no split {missing[0]!r}; the splits are {sorted(manifest['splits'])}"
+            f"input {uri(fs, where)}: no split {missing[0]!r}; the splits are {sorted(manifest['splits'])}"
         )
     units = []
     for s in splits:
@@ -920,22 +924,24 @@ def _read_jsonl(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table
             try:
                 obj = json.loads(line)  # type: ignore[arg-type]
             except json.JSONDecodeError as err:
-                raise InputError(f"input {path}, line {lineno}: not valid JSON ({err.msg})") from err
+                raise InputError(
+                    f"input {uri(corpus.fs, path)}, line {lineno}: not valid JSON ({err.msg})"
+                ) from err
             if not isinstance(obj, dict):
-                raise InputError(f"input {path}, line {lineno}: not a JSON object")
+                raise InputError(f"input {uri(corpus.fs, path)}, line {lineno}: not a JSON object")
             if first is None:
                 first = {c for c in cols if c in obj}
             late = [c for c in cols if c not in first and obj.get(c) is not None]
             if late:
                 raise InputError(
-                    f"input {path}, line {lineno}: has {' and '.join(map(repr, late))}, which the file's first "
+                    f"input {uri(corpus.fs, path)}, line {lineno}: has {' and '.join(map(repr, late))}, which the file's first "
                     f"record lacks; a JSONL file's columns are its first record's keys: give that record "
                     f"the key too (null where it has no value)"
                 )
             text = obj.get(corpus.text_column)
             if isinstance(text, (dict, list)):  # was scored as its JSON, '["Great film", "loved it"]'
                 raise InputError(
-                    f"input {path}, line {lineno}: {corpus.text_column!r} holds a JSON "
+                    f"input {uri(corpus.fs, path)}, line {lineno}: {corpus.text_column!r} holds a JSON "
                     f"{'array' if isinstance(text, list) else 'object'}, not text; set --text-column to the "
                     f"review's text, or join its parts into one string first"
                 )

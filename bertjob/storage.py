@@ -90,6 +90,11 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     return fs, where.rstrip("/")
 
 
+def uri(fs: pafs.FileSystem, where: str) -> str:
+    """A path inside `fs` as the user names it: s3://bucket/key, not the filesystem's bucket/key."""
+    return {"local": "", "gcs": "gs://"}.get(fs.type_name, f"{fs.type_name}://") + where
+
+
 def exists(path: str) -> bool:
     fs, where = filesystem(path)
     return fs.get_file_info(where).type != NOT_FOUND

@@ -19,7 +19,7 @@ import pytest
 
 from bertjob import cli, infer, models, pipeline, storage
 from bertjob.config import InferConfig, PipelineConfig, build
-from bertjob.sources import open_corpus
+from bertjob.sources import InputError, open_corpus
 from tests.conftest import free_port, kill_session, make_imdb_dir, review, tar_dir
 
 PACKAGE = Path(__file__).parent.parent / "bertjob"
@@ -104,6 +104,24 @@ def test_every_input_format_reads_the_same_from_the_bucket(s3, tmp_path):
     for name in ("a.parquet", "a.csv.gz", "a.jsonl.gz", "imdb.tar.gz"):
         here, there = open_corpus(str(local / name)), open_corpus(storage.join(remote, name))
         assert there.kind == here.kind and _rows(there) == _rows(here) and _rows(here)
+
+
+def test_a_file_in_the_bucket_is_named_by_its_uri(s3, tmp_path):
+    """Errors and the log named bucket/key, pyarrow's path inside its S3 filesystem."""
+    local = tmp_path / "named"
+    local.mkdir()
+    (local / "a.csv").write_text("review\nfine\n")
+    (local / "b.parquet").write_bytes(b"not a parquet file")
+    remote = s3.uri("named")
+    storage.copy(str(local), remote)
+    with pytest.raises(InputError) as err:
+        open_corpus(storage.join(remote, "a.csv"))
+    assert str(err.value).startswith(f"input {remote}/a.csv: no column 'text'")
+    with pytest.raises(InputError) as err:
+        open_corpus(storage.join(remote, "b.parquet"))
+    assert str(err.value).startswith(f"input {remote}/b.parquet: cannot be read as parquet")
+    described = open_corpus(storage.join(remote, "a.csv"), text_column="review").describe()
+    assert described == f"csv corpus at {remote}/a.csv (1 unit(s), unlabelled: no column 'label')"
 
 
 def test_storage_problems_are_one_clear_error_before_any_work(s3, tmp_path, capsys, monkeypatch):
