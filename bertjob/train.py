@@ -33,7 +33,7 @@ from bertjob import checkpoint, models, runlog
 from bertjob.checkpoint import TrainState
 from bertjob.config import JobError, SetupError, TrainConfig, to_dict
 from bertjob.metrics import classification_metrics
-from bertjob.outputs import MANIFEST, ensure_output, versions
+from bertjob.outputs import MANIFEST, ensure_output, stage_of, versions
 from bertjob.pretrain import pretrain_record
 from bertjob.storage import (
     check_access,
@@ -88,12 +88,20 @@ class TrainSetupError(SetupError):
 
 def read_manifest(data: str) -> dict[str, Any]:
     path = join(data, MANIFEST)
-    if not exists(path):
+    if exists(path):
+        return read_json(path)
+    if stage_of(data) == "prepare":
         raise TrainSetupError(
-            f"{data} has no {MANIFEST}: it is not a complete prepared directory. Run `bertjob prepare "
-            f"--output {data}` first (an interrupted prepare leaves no manifest)."
+            f"{data} has no {MANIFEST}: its prepare did not finish. Run that `bertjob prepare ... --output "
+            f"{data}` again."
         )
-    return read_json(path)
+    if not (exists(data) or data == "imdb-sample" or data.startswith("hf://")):
+        raise TrainSetupError(f"--data {data}: no such directory; it names what `bertjob prepare` wrote")
+    raise TrainSetupError(  # a corpus (imdb-sample, aclImdb/, reviews.csv) given where prepared data goes
+        f"--data {data} is not prepared data (no {MANIFEST}); --data names what `bertjob prepare` writes: "
+        f"`bertjob prepare --input {data} --output PREPARED`, then `--data PREPARED` (or run both with "
+        f"`bertjob pipeline --input {data}`)"
+    )
 
 
 def check_setup(cfg: TrainConfig, manifest: dict[str, Any]) -> list[str]:

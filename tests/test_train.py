@@ -13,7 +13,7 @@ import psutil
 import pytest
 import torch
 
-from bertjob import train, training
+from bertjob import cli, outputs, train, training
 from bertjob.config import TrainConfig
 from tests.conftest import kill_session
 
@@ -286,6 +286,28 @@ def test_a_shorter_rerun_of_a_finished_run_is_refused_before_ray_starts(
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # no Ray started
     assert "a longer run than the 3 steps this one asks for" in proc.stderr
+
+
+def test_data_that_is_not_prepared_says_what_to_run(imdb_small, tmp_path, capsys):
+    """`bertjob train --data imdb-sample`, a corpus where prepared data goes, was told to run
+    `bertjob prepare --output imdb-sample`, as for an interrupted prepare."""
+
+    def error(data: str) -> str:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["train", "--data", data, "--output", str(tmp_path / "run")])
+        assert exit_.value.code == 2
+        return capsys.readouterr().err
+
+    assert f"`bertjob prepare --input {imdb_small} --output PREPARED`, then `--data PREPARED`" in error(
+        str(imdb_small)
+    )
+    assert "`bertjob prepare --input imdb-sample --output PREPARED`" in error("imdb-sample")
+    assert "no such directory" in error(str(tmp_path / "nothing"))
+    interrupted = tmp_path / "prepared"
+    interrupted.mkdir()
+    (interrupted / outputs.MARKER).write_text(json.dumps({"stage": "prepare"}))
+    assert "its prepare did not finish" in error(str(interrupted))
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_rerun_of_an_early_stopped_run_trains_no_further(prepared_small, tiny_model_dir, tmp_path):
