@@ -79,6 +79,21 @@ def _add_fields(
         )
 
 
+def _versions() -> str:
+    """bertjob's version and those of what it runs on, for a bug report (without importing them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (
+        f"bertjob {of('bertjob')} (ray {of('ray')}, torch {of('torch')}, transformers {of('transformers')})"
+    )
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bertjob",
@@ -86,6 +101,7 @@ def make_parser() -> argparse.ArgumentParser:
         epilog="Each subcommand takes --config FILE (YAML) and --key value flags; flags win.",
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    parser.add_argument("--version", action="version", version=_versions())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cls in COMMANDS.items():
         p = sub.add_parser(name, help=(cls.__doc__ or "").splitlines()[0], description=cls.__doc__)

@@ -320,3 +320,15 @@ def test_a_config_files_relative_input_found_only_beside_the_file_says_so(tmp_pa
         resolve("pipeline", {"config": "project/run.yaml"}, {})
     monkeypatch.chdir(tmp_path / "project")  # run there, it is read as before
     assert resolve("pipeline", {"config": "run.yaml"}, {}).input == "reviews.csv"
+
+
+def test_version_names_bertjob_and_what_it_runs_on(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    from importlib.metadata import version
+
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == (
+        f"bertjob {version('bertjob')} (ray {version('ray')}, torch {version('torch')}, "
+        f"transformers {version('transformers')})"
+    )
