@@ -339,8 +339,8 @@ def _refuse_wide_text(corpus: Corpus, path: str) -> None:
     for encoding, (marks, ascii_zeros) in WIDE_TEXT.items():
         if head.startswith(marks) or zeros in ascii_zeros:
             raise InputError(
-                f"input {uri(corpus.fs, path)}: the file is {encoding} text; bertjob reads UTF-8. Convert it first, e.g. "
-                f"iconv -f {encoding} -t UTF-8 {os.path.basename(path)} > utf8-{os.path.basename(path)}"
+                f"input {uri(corpus.fs, path)}: the file is {encoding} text; bertjob reads UTF-8. Convert it "
+                f"first, e.g. iconv -f {encoding} -t UTF-8 {os.path.basename(path)} > utf8-{os.path.basename(path)}"
             )
 
 
@@ -363,10 +363,10 @@ def columns_of(corpus: Corpus, path: str) -> list[str]:
                         # failed as "Expecting value: line 1 column 2 (char 1)".
                         name = os.path.basename(path)
                         raise InputError(
-                            f"input {uri(corpus.fs, path)}, line {lineno}: not a JSON object on a line of its own; bertjob "
-                            f"reads .json and .jsonl files as JSON Lines (one object per line), and a JSON "
-                            f"array or an indented document is not that: convert it first, e.g. "
-                            f"jq -c '.[]' {name} > {name.split('.')[0]}-lines.jsonl"
+                            f"input {uri(corpus.fs, path)}, line {lineno}: not a JSON object on a line of "
+                            f"its own; bertjob reads .json and .jsonl files as JSON Lines (one object per "
+                            f"line), and a JSON array or an indented document is not that: convert it first, "
+                            f"e.g. jq -c '.[]' {name} > {name.split('.')[0]}-lines.jsonl"
                         )
                     return list(row)
             return []
@@ -404,8 +404,8 @@ def _check_columns(corpus: Corpus, path: str) -> list[str]:
         kind = schema.field(corpus.text_column).type
         if pa.types.is_nested(kind) or (pa.types.is_dictionary(kind) and pa.types.is_nested(kind.value_type)):
             raise InputError(
-                f"input {uri(corpus.fs, path)}: column {corpus.text_column!r} holds {kind} values, not text; set --text-column "
-                f"to the column of the review's text, or join its parts into one string first"
+                f"input {uri(corpus.fs, path)}: column {corpus.text_column!r} holds {kind} values, not text; "
+                f"set --text-column to the column of the review's text, or join its parts into one string first"
             )
     if corpus.kind in ("csv", "jsonl") and not names:
         return names  # an empty file adds no rows; the corpus-level emptiness check catches all-empty inputs
@@ -415,8 +415,8 @@ def _check_columns(corpus: Corpus, path: str) -> list[str]:
     ]
     if twice:
         raise InputError(
-            f"input {uri(corpus.fs, path)}: more than one column is named {twice[0]!r}, so which to read is ambiguous; "
-            f"the columns are {names}. Rename one."
+            f"input {uri(corpus.fs, path)}: more than one column is named {twice[0]!r}, so which to read "
+            f"is ambiguous; the columns are {names}. Rename one."
         )
     if (
         corpus.label_column
@@ -438,7 +438,8 @@ def _check_columns(corpus: Corpus, path: str) -> list[str]:
             else "Set --text-column / --id-column (in a pipeline, per stage: --prepare.text-column, ...)."
         )
         raise InputError(
-            f"input {uri(corpus.fs, path)}: no column {', '.join(map(repr, missing))}; {columns} are {names}. {fix}"
+            f"input {uri(corpus.fs, path)}: no column {', '.join(map(repr, missing))}; "
+            f"{columns} are {names}. {fix}"
         )
     return names
 
@@ -934,9 +935,9 @@ def _read_jsonl(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table
             late = [c for c in cols if c not in first and obj.get(c) is not None]
             if late:
                 raise InputError(
-                    f"input {uri(corpus.fs, path)}, line {lineno}: has {' and '.join(map(repr, late))}, which the file's first "
-                    f"record lacks; a JSONL file's columns are its first record's keys: give that record "
-                    f"the key too (null where it has no value)"
+                    f"input {uri(corpus.fs, path)}, line {lineno}: has {' and '.join(map(repr, late))}, "
+                    f"which the file's first record lacks; a JSONL file's columns are its first record's "
+                    f"keys: give that record the key too (null where it has no value)"
                 )
             text = obj.get(corpus.text_column)
             if isinstance(text, (dict, list)):  # was scored as its JSON, '["Great film", "loved it"]'
