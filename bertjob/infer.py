@@ -525,9 +525,13 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
         raise InputError(f"input {cfg.input} is a prepared directory, which keeps token ids, not text; "
                          f"--include-text needs the raw corpus as --input")  # fmt: skip
     if evaluate and not corpus.labelled:
+        fix = "Set --label-column"
+        if corpus.kind == "prepared":  # its labels were read by prepare: only a split can have them
+            labelled = sorted(s for s, v in corpus.manifest["splits"].items() if v.get("label_counts"))  # type: ignore[attr-defined]
+            fix = f"Evaluate a split with labels ({', '.join(labelled) or 'it has none'})"
         raise InputError(
-            f"input {cfg.input}: no labels to evaluate against: {corpus.describe()}. Set --label-column, "
-            f"or score it with `bertjob infer`"
+            f"input {cfg.input}: no labels to evaluate against: {corpus.describe()}. {fix}, or score it with "
+            f"`bertjob infer`"
         )
     recorded = model_settings(cfg.model)
     fingerprint = models.tokenizer_info(cfg.model, cfg.trust_remote_code)["fingerprint"]

@@ -369,6 +369,10 @@ def test_what_cannot_be_scored_is_an_error_before_any_work(tiny_classifier_dir, 
     on_prepared = InferConfig(**{**infer.to_dict(base), "input": str(prepared_small)})
     with pytest.raises(InputError, match="--split"):
         infer.describe(on_prepared, evaluate=True)
+    with pytest.raises(  # it said to set --label-column, which a prepared directory does not read
+        InputError, match=r"Evaluate a split with labels \(test, train, validation\), or score it with"
+    ):
+        infer.describe(InferConfig(**{**infer.to_dict(on_prepared), "split": "unsup"}), evaluate=True)
     splits = json.loads((prepared_small / "manifest.json").read_text())["splits"]
     corpus, _ = infer.describe(on_prepared)
     with pytest.raises(
