@@ -527,7 +527,8 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
     if evaluate and not corpus.labelled:
         fix = "Set --label-column"
         if corpus.kind == "prepared":  # its labels were read by prepare: only a split can have them
-            labelled = sorted(s for s, v in corpus.manifest["splits"].items() if v.get("label_counts"))  # type: ignore[attr-defined]
+            by_split = corpus.manifest["splits"]  # type: ignore[attr-defined]
+            labelled = sorted(s for s, v in by_split.items() if v.get("label_counts"))
             fix = f"Evaluate a split with labels ({', '.join(labelled) or 'it has none'})"
         raise InputError(
             f"input {cfg.input}: no labels to evaluate against: {corpus.describe()}. {fix}, or score it with "
