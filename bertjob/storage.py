@@ -83,8 +83,16 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
             endpoint_override=url.netloc + url.path.rstrip("/"), scheme=url.scheme, region=region
         )
         return fs, rest.rstrip("/")
+    bucket, _, key = rest.partition("/")
+    # Only the bucket goes through pyarrow's URI parser; the key is taken as named, as the AWS CLI
+    # and boto3 take it. Parsed as a URI, a key with a space or a non-ASCII letter was "Cannot parse
+    # URI", a `#` cut it short (s3://b/runs#2/x was b/runs: output written elsewhere), and %20 was a
+    # space (with AWS_ENDPOINT_URL, above, the same key was %20). A `?` still gives URI options.
+    uri_part = f"{scheme}://{bucket}" if scheme in ("s3", "gs") and "?" not in rest else path
     try:
-        fs, where = pafs.FileSystem.from_uri(path)
+        fs, where = pafs.FileSystem.from_uri(uri_part)
+        if uri_part != path:
+            where = f"{where}/{key}"
     except (pa.ArrowInvalid, OSError) as err:
         raise StorageError(f"{path}: {err}") from err
     return fs, where.rstrip("/")

@@ -42,6 +42,15 @@ def test_storage_is_the_only_home_of_paths_and_filesystems():
     assert set(made_fs) == {"storage.py"}
 
 
+def test_a_key_is_taken_as_named_whatever_its_characters(monkeypatch):
+    # Parsed as a URI (pyarrow's from_uri, used where no AWS_ENDPOINT_URL is set, and for gs://), a
+    # space or a non-ASCII letter was "Cannot parse URI", `#` cut the key short and %20 was a space.
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    for key in ("runs #2/a.csv", "ä 日本/x.csv", "a%20b/c", "it's=1~/x/"):
+        assert storage.filesystem(f"gs://bucket/{key}")[1] == f"bucket/{key}".rstrip("/")
+    assert storage.filesystem("gs://bucket/")[1] == "bucket"
+
+
 def test_json_files_and_directory_trees_round_trip_through_the_bucket(s3, tmp_path):
     root = s3.uri("run")
     assert not storage.exists(root)
