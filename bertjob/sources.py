@@ -168,10 +168,10 @@ def open_corpus(
     info = fs.get_file_info(where)
     # A path that exists is read as named, even with a glob's characters in it ("reviews [2024].csv").
     if info.type == pafs.FileType.NotFound and any(ch in where for ch in "*?["):
-        files = _glob(fs, where)
+        base, files = _glob(fs, where)
         if not files:
             raise InputError(f"input {path}: the pattern matches no file")
-        return _generic(fs, _glob_base(where), files, opts)
+        return _generic(fs, base, files, opts)
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"input {path}: no such file or directory")
     if info.type == pafs.FileType.Unknown:  # a FIFO, a device, a socket
@@ -253,32 +253,33 @@ def _format_of(path: str) -> str | None:
     return GENERIC_FORMATS.get(os.path.splitext(name)[1])
 
 
-def _glob_base(pattern: str) -> str:
-    """The deepest directory of a glob pattern without a wildcard: where its matches are listed."""
+def _glob_base(fs: pafs.FileSystem, pattern: str) -> str:
+    """The deepest directory of a glob pattern without a wildcard: where its matches are listed. A
+    directory that exists as named is that, even with a glob's characters in its name, as an input
+    path that exists is read as named (`reviews [2024]/*.csv`)."""
     base = pattern
-    while any(ch in base for ch in "*?["):
+    while any(ch in base for ch in "*?[") and fs.get_file_info(base).type != pafs.FileType.Directory:
         base = os.path.dirname(base)
     return base
 
 
-def _glob(fs: pafs.FileSystem, pattern: str) -> list[tuple[str, int]]:
-    """(path, size) of the files a pattern matches, with a shell's meaning: segment by segment, so
-    `*`, `?` and `[...]` never match `/` (gl/*.parquet leaves out gl/backup/a.parquet), and `**` is
-    any number of directories (gl/**/*.parquet is every .parquet file under gl/, gl/'s own too)."""
-    base = _glob_base(pattern)
+def _glob(fs: pafs.FileSystem, pattern: str) -> tuple[str, list[tuple[str, int]]]:
+    """The base directory of a pattern and (path, size) of the files it matches there, with a shell's
+    meaning: segment by segment, so `*`, `?` and `[...]` never match `/` (gl/*.parquet leaves out
+    gl/backup/a.parquet), and `**` is any number of directories (gl/**/*.parquet is every .parquet
+    file under gl/, gl/'s own too)."""
+    base = _glob_base(fs, pattern)
     segments = pattern[len(base) :].strip("/").split("/")  # the segments below the base
     # Only a pattern that reaches below the base's own entries needs the slower recursive listing.
     listing = _list(fs, base, recursive=len(segments) > 1 or "**" in segments)
     outputs = _outputs_below(listing, base)  # corpus/**/*.parquet would reach corpus/scored/predictions/
-    return sorted(
+    return base, sorted(
         (f.path, f.size)
         for f in listing
-        if f.type == pafs.FileType.File and _glob_match(f.path, pattern) and not f.path.startswith(outputs)
+        if f.type == pafs.FileType.File
+        and _match_segments(f.path[len(base) :].strip("/").split("/"), segments)
+        and not f.path.startswith(outputs)
     )
-
-
-def _glob_match(path: str, pattern: str) -> bool:
-    return _match_segments(path.split("/"), pattern.split("/"))
 
 
 def _match_segments(names: list[str], parts: list[str]) -> bool:

@@ -239,6 +239,11 @@ def test_a_glob_matches_each_path_segment_like_a_shell(tmp_path):
     literal.parent.mkdir()
     pq.write_table(rows, literal)
     assert open_corpus(str(literal)).units == open_corpus(str(literal.parent)).units == [str(literal)]
+    # So is a directory of that name holding the pattern's matches: exports [2024]/*.parquet matched
+    # no file, its brackets a pattern for exports 2/, exports 0/...
+    in_literal = open_corpus(str(literal.parent / "*.parquet"))
+    assert in_literal.units == [str(literal)] and in_literal.root == str(literal.parent)
+    assert read_all(in_literal).column("id").to_pylist()[0] == "reviews [1].parquet:0"
 
 
 def test_a_byte_order_mark_opening_a_jsonl_file_is_skipped(tmp_path):
