@@ -101,7 +101,11 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     from bertjob.cluster import alive_nodes, init_ray
 
     started = time.time()
-    cfg = dataclasses.replace(cfg, data=for_workers(cfg.data), model=for_workers(cfg.model))
+    # Every path as the workers open it: an output of `~/run` (a config file's, or quoted) put the
+    # checkpoints in ./~/run/ray_results, the model in ~/run.
+    cfg = dataclasses.replace(cfg, data=for_workers(cfg.data), model=for_workers(cfg.model),
+                              output=for_workers(cfg.output, output=True),
+                              storage_path=for_workers(cfg.storage_path, output=True))  # fmt: skip
     manifest = train.read_manifest(cfg.data)
     tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
     problems = check_setup(cfg, manifest, tokenizer)

@@ -38,8 +38,9 @@ def for_workers(path: str, output: bool = False) -> str:
     """A local path as every Ray worker can open it: absolute (Ray Train runs its workers in a
     directory of its own, and on a running cluster every worker starts where its node was started:
     a relative path means nothing there). URIs pass unchanged, and so do names of no local file,
-    such as hub ids, unless `output` says that it is a path (one that need not exist yet)."""
-    if is_remote(path) or not (output or os.path.exists(path)):
+    such as hub ids, unless `output` says that it is a path (one that need not exist yet). `~` is
+    the driver's home (a worker's may be another, and `~` in a path it opens is a directory `~`)."""
+    if not path or is_remote(path) or not (output or os.path.exists(os.path.expanduser(path))):
         return path
     return os.path.abspath(os.path.expanduser(path))
 

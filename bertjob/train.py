@@ -331,7 +331,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     started = time.time()
     check_access({"data": cfg.data, "output": cfg.output, "storage_path": cfg.storage_path})
-    cfg = dataclasses.replace(cfg, data=for_workers(cfg.data), model=for_workers(cfg.model))
+    # Every path as the workers open it: an output of `~/run` (a config file's, or quoted) put the
+    # checkpoints in ./~/run/ray_results, the model in ~/run.
+    cfg = dataclasses.replace(cfg, data=for_workers(cfg.data), model=for_workers(cfg.model),
+                              output=for_workers(cfg.output, output=True),
+                              storage_path=for_workers(cfg.storage_path, output=True))  # fmt: skip
     manifest = read_manifest(cfg.data)
     problems = check_setup(cfg, manifest)
     if problems:

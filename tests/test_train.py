@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -228,15 +229,22 @@ def _cmd(p: psutil.Process) -> str:
         return ""
 
 
-def test_a_non_finite_loss_stops_the_run_at_once_naming_the_step(prepared_small, tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
+def test_a_non_finite_loss_stops_the_run_at_once_naming_the_step(
+    prepared_small, tiny_model_dir, tmp_path, monkeypatch
+):
+    # Given as `~/run` (a config file's, or quoted), the output is the driver's home's: the
+    # checkpoints (OUTPUT/ray_results) went to ./~/run/ray_results.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     with pytest.raises(training.NonFiniteLossError, match="step 1;"):
-        train.run(cfg(prepared_small, out, tiny_model_dir, lr=1e20, warmup_ratio=0.0, epochs=1, max_failures=2,
-                      sample_log=True))  # fmt: skip
+        train.run(cfg(prepared_small, Path("~/run"), tiny_model_dir, lr=1e20, warmup_ratio=0.0, epochs=1,
+                      max_failures=2, sample_log=True, storage_path=""))  # fmt: skip
+    assert os.listdir(tmp_path / "cwd") == []
     # not retried: step 0 ran once on each worker (a retry starts again at step 0: no checkpoint yet)
     lines = [
         json.loads(x)
-        for f in (out / "ckpt" / "t" / "samples").glob("rank-*.jsonl")
+        for f in (tmp_path / "run" / "ray_results" / "t" / "samples").glob("rank-*.jsonl")
         for x in f.read_text().splitlines()
     ]
     assert sorted(r["step"] for r in lines if r["step"] == 0) == [0, 0]
