@@ -202,11 +202,13 @@ def micro_batch_size_opt() -> Any:
 
 def run_name_problems(name: str) -> list[str]:
     """A train or pretrain run's name is one directory under storage_path, which a rerun resumes:
-    Ray Train gives an empty name a fresh timestamped one, so such a run never resumed."""
-    if name.strip() and name not in (".", "..") and "/" not in name:
+    Ray Train gives an empty name a fresh timestamped one, so such a run never resumed; and a name
+    with a letter outside ASCII (`läuft-1`) failed the run with a traceback, in Ray Train's metrics."""
+    if name.strip() and name not in (".", "..") and "/" not in name and name.isascii() and name.isprintable():
         return []
     return [
-        f"name: {name!r} must be a plain directory name such as bertjob-train (checkpoints go to STORAGE/NAME)"
+        f"name: {name!r} must be a plain directory name of ASCII characters such as bertjob-train "
+        f"(checkpoints go to STORAGE/NAME)"
     ]
 
 

@@ -54,9 +54,10 @@ def test_bad_types_values_and_every_stage_section_are_reported_at_once():
 
 
 @pytest.mark.parametrize("cls", [TrainConfig, PretrainConfig])
-@pytest.mark.parametrize("name", ["", " ", "..", "a/b"])
+@pytest.mark.parametrize("name", ["", " ", "..", "a/b", "läuft-1", "a\tb"])
 def test_a_run_name_that_is_not_one_directory_is_an_error(cls, name):
-    """`--name ''` trained under a fresh timestamped name each time: a rerun never resumed."""
+    """`--name ''` trained under a fresh timestamped name each time: a rerun never resumed. A name
+    outside ASCII failed the run with a traceback from Ray Train's metrics ('ascii' codec can't ...)."""
     with pytest.raises(ConfigError, match="name: .* must be a plain directory name"):
         build(cls, {"data": "d", "output": "o", "name": name})
 
