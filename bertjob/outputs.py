@@ -104,7 +104,10 @@ def claim_output(path: str, stage: str) -> None:
     if MANIFEST in names:
         fs.delete_file(join(where, MANIFEST))
     if names:
-        fs.delete_dir_contents(where, missing_dir_ok=True)
+        # pyarrow empties no local directory named through a symlink, without a word: infer
+        # --overwrite on one found the old predictions beside its own.
+        local = isinstance(fs, pafs.LocalFileSystem)
+        fs.delete_dir_contents(os.path.realpath(where) if local else where, missing_dir_ok=True)
     _mark(fs, where, stage)
 
 

@@ -26,6 +26,19 @@ def test_a_stage_never_deletes_another_stages_output(tmp_path):
     claim_output(str(tmp_path / "prepared"), "prepare")  # its own: prepare's rerun replaces it
 
 
+def test_an_output_named_through_a_symlink_is_replaced_as_its_directory(tmp_path):
+    # pyarrow left a symlinked directory's contents as they were: the old predictions stayed beside
+    # the new ones ("60 rows committed but 30 read; rerun to complete").
+    (tmp_path / "scored").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "scored")
+    claim_output(str(tmp_path / "link"), "infer")
+    (tmp_path / "scored" / "predictions").mkdir()
+    (tmp_path / "scored" / "predictions" / "part-old.parquet").write_bytes(b"an earlier run's")
+    claim_output(str(tmp_path / "link"), "infer")
+    assert sorted(p.name for p in (tmp_path / "scored").iterdir()) == ["_bertjob_output"]
+    assert (tmp_path / "link").is_symlink()
+
+
 def test_nested_outputs_and_a_pipeline_root_are_never_wiped(tmp_path):
     from bertjob.pipeline import OWN_ENTRIES
 
