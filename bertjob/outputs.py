@@ -36,8 +36,9 @@ def _existing(path: str, stage: str, own: tuple[str, ...] = ()) -> tuple[pafs.Fi
         )
     fs, where = filesystem(path)
     info = fs.get_file_info(where)
-    if info.type == pafs.FileType.File:
-        raise OutputError(f"output {path} is a file; give a directory")
+    if info.type in (pafs.FileType.File, pafs.FileType.Unknown):  # Unknown: /dev/null, a FIFO, a socket
+        what = "a file" if info.type == pafs.FileType.File else "neither a directory nor a regular file"
+        raise OutputError(f"output {path} is {what}; give a directory")
     if info.type == pafs.FileType.NotFound:
         return fs, where, set()
     names = {os.path.basename(c.path) for c in fs.get_file_info(pafs.FileSelector(where))}

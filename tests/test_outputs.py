@@ -1,5 +1,7 @@
 """Stage outputs: each stage claims its directory with a marker naming it, and replaces only its own."""
 
+import os
+
 import pytest
 
 from bertjob import infer
@@ -37,6 +39,15 @@ def test_an_output_named_through_a_symlink_is_replaced_as_its_directory(tmp_path
     claim_output(str(tmp_path / "link"), "infer")
     assert sorted(p.name for p in (tmp_path / "scored").iterdir()) == ["_bertjob_output"]
     assert (tmp_path / "link").is_symlink()
+
+
+def test_an_output_that_is_not_a_directory_is_an_error(tmp_path):
+    (tmp_path / "reviews.csv").write_text("text\ngood\n")
+    with pytest.raises(OutputError, match="reviews.csv is a file; give a directory"):
+        claim_output(str(tmp_path / "reviews.csv"), "prepare")
+    os.mkfifo(tmp_path / "fifo")  # as /dev/null: a traceback from listing it ("Cannot list directory")
+    with pytest.raises(OutputError, match="fifo is neither a directory nor a regular file; give a directory"):
+        ensure_output(str(tmp_path / "fifo"), "train")
 
 
 def test_nested_outputs_and_a_pipeline_root_are_never_wiped(tmp_path):
