@@ -187,6 +187,12 @@ def open_corpus(
         return _generic(fs, os.path.dirname(where), [(where, info.size)], opts)
     # A directory: the IMDb layout (possibly one level down, as in aclImdb_v1/aclImdb), else files.
     listing = _list(fs, where, recursive=True)
+    outputs = _outputs_below(listing, where)
+    _refuse_broken_links(fs, [
+        f.path for f in listing
+        if f.type == pafs.FileType.NotFound and (_format_of(f.path) or IMDB_REVIEW_TXT.search(f.path))
+        and not _hidden(f.path, where) and not f.path.startswith(outputs)
+    ])  # fmt: skip
     imdb = [f for f in listing if f.type == pafs.FileType.File and IMDB_FILE.search(f.path)]
     if imdb:
         # A review not named <id>_<rating>.txt would be left out without a word.
@@ -202,7 +208,6 @@ def open_corpus(
         return Corpus(
             "imdb-dir", where, units, fs, size_bytes=sum(f.size for f in imdb), labelled=True, **opts
         )
-    outputs = _outputs_below(listing, where)
     visible = [
         f for f in listing
         if f.type == pafs.FileType.File and not _hidden(f.path, where) and not f.path.startswith(outputs)
@@ -221,11 +226,40 @@ def open_corpus(
 
 def _list(fs: pafs.FileSystem, where: str, recursive: bool) -> list[pafs.FileInfo]:
     """A directory's entries; one that cannot be listed (a subdirectory without permission) is an
-    error naming it, not a traceback."""
+    error naming it, not a traceback. A broken symbolic link is an entry of type NotFound."""
     try:
-        return fs.get_file_info(pafs.FileSelector(where, recursive=recursive))
+        listing = fs.get_file_info(pafs.FileSelector(where, recursive=recursive))
     except OSError as err:
         raise InputError(f"input {uri(fs, where)}: cannot be listed ({err})") from err
+    if isinstance(fs, pafs.LocalFileSystem):  # pyarrow leaves broken links out of its listing
+        listing += [pafs.FileInfo(p, pafs.FileType.NotFound) for p in _broken_links(where, recursive)]
+    return listing
+
+
+def _broken_links(where: str, recursive: bool) -> list[str]:
+    """The symbolic links to nothing in a local directory (not below a linked directory: a link
+    loop would never end)."""
+    found, todo = [], [where]
+    while todo:
+        with os.scandir(todo.pop()) as entries:
+            for e in entries:
+                if e.is_symlink() and not os.path.exists(e.path):
+                    found.append(e.path)
+                elif recursive and e.is_dir(follow_symlinks=False):
+                    todo.append(e.path)
+    return found
+
+
+def _refuse_broken_links(fs: pafs.FileSystem, paths: list[str]) -> None:
+    """A corpus file that is a link to nothing (a moved or unmounted target) is an error: left out
+    of the listing, its rows were missing without a word."""
+    if paths:
+        target = os.readlink(paths[0])
+        raise InputError(
+            f"input {uri(fs, paths[0])}: a symbolic link to {target}, which does not exist"
+            + (f" (and {len(paths) - 1} more such link(s))" if len(paths) > 1 else "")
+            + "; restore its target or remove the link"
+        )
 
 
 def _outputs_below(listing: list[pafs.FileInfo], where: str) -> tuple[str, ...]:
@@ -273,13 +307,12 @@ def _glob(fs: pafs.FileSystem, pattern: str) -> tuple[str, list[tuple[str, int]]
     # Only a pattern that reaches below the base's own entries needs the slower recursive listing.
     listing = _list(fs, base, recursive=len(segments) > 1 or "**" in segments)
     outputs = _outputs_below(listing, base)  # corpus/**/*.parquet would reach corpus/scored/predictions/
-    return base, sorted(
-        (f.path, f.size)
-        for f in listing
-        if f.type == pafs.FileType.File
-        and _match_segments(f.path[len(base) :].strip("/").split("/"), segments)
-        and not f.path.startswith(outputs)
-    )
+    matches = [
+        f for f in listing
+        if _match_segments(f.path[len(base) :].strip("/").split("/"), segments) and not f.path.startswith(outputs)
+    ]  # fmt: skip
+    _refuse_broken_links(fs, sorted(f.path for f in matches if f.type == pafs.FileType.NotFound))
+    return base, sorted((f.path, f.size) for f in matches if f.type == pafs.FileType.File)
 
 
 def _match_segments(names: list[str], parts: list[str]) -> bool:

@@ -246,6 +246,24 @@ def test_a_glob_matches_each_path_segment_like_a_shell(tmp_path):
     assert read_all(in_literal).column("id").to_pylist()[0] == "reviews [1].parquet:0"
 
 
+def test_a_corpus_file_that_is_a_broken_symlink_is_an_error(tmp_path):
+    """pyarrow lists no link to nothing: its rows were missing without a word."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (tmp_path / "a.csv").write_text("text\ngood\n")
+    (corpus / "a.csv").symlink_to(tmp_path / "a.csv")  # a link to a file is read as the file
+    (corpus / "b.csv").symlink_to(tmp_path / "moved.csv")
+    (corpus / ".b.csv").symlink_to(tmp_path / "moved.csv")  # hidden: not read, nor asked about
+    for path in (corpus, corpus / "*.csv"):
+        with pytest.raises(
+            InputError, match=r"corpus/b\.csv: a symbolic link to .*moved\.csv, which does not exist"
+        ):
+            open_corpus(str(path))
+    assert read_all(open_corpus(str(corpus / "a*.csv"))).column("id").to_pylist() == ["a.csv:0"]
+    (corpus / "b.csv").unlink()
+    assert open_corpus(str(corpus)).units == [str(corpus / "a.csv")]
+
+
 def test_a_byte_order_mark_opening_a_jsonl_file_is_skipped(tmp_path):
     bom = b"\xef\xbb\xbf"
     (tmp_path / "bom.jsonl").write_bytes(
