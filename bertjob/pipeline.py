@@ -220,5 +220,5 @@ def print_summary(summary: dict[str, Any]) -> None:
         lines.append(
             f"infer     {i['rows_scored']} reviews scored, {i['rows_quarantined']} quarantined  ({i['rows_per_s']} rows/s)  -> {i['output']}"
         )
-    lines.append(f"total {summary['wall_s']} s; summary in {summary['output_dir']}/summary.json")
+    lines.append(f"total {summary['wall_s']} s; summary in {join(summary['output_dir'], 'summary.json')}")
     print("\n".join(lines), flush=True)

@@ -119,9 +119,11 @@ def test_a_corpus_with_nothing_to_evaluate_or_score_fails_before_any_work(tmp_pa
 def test_the_summary_counts_the_rows_prepare_quarantined(capsys):
     """The summary's prepare line gave the rows each split holds, and nothing of those it left out."""
     summary = {
-        "output_dir": "out", "wall_s": 1.0,
+        "output_dir": "out/", "wall_s": 1.0,
         "stages": {"prepare": {"output": "out/prepared", "rows": {"train": 36, "validation": 4},
                                "rows_quarantined": 160, "rows_per_s": 9.0}},
     }  # fmt: skip
     pipeline.print_summary(summary)
-    assert "prepare   train 36, validation 4; 160 quarantined  (9.0 rows/s)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "prepare   train 36, validation 4; 160 quarantined  (9.0 rows/s)" in out
+    assert "summary in out/summary.json" in out  # --output-dir out/ gave out//summary.json
