@@ -170,7 +170,10 @@ def open_corpus(
     if info.type == pafs.FileType.NotFound and any(ch in where for ch in "*?["):
         base, files = _glob(fs, where)
         if not files:
-            raise InputError(f"input {path}: the pattern matches no file")
+            # Worded for both: a missing `reviews [final].csv` is a pattern too (it matches reviewsf.csv ...).
+            raise InputError(
+                f"input {path}: no such file or directory, and as a glob pattern it matches no file"
+            )
         return _generic(fs, base, files, opts)
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"input {path}: no such file or directory")

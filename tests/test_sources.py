@@ -216,6 +216,10 @@ def test_a_glob_matches_each_path_segment_like_a_shell(tmp_path):
     assert read_all(nested).column("id").to_pylist()[0] == "backup/a.parquet:0"  # from gl/, not ../
     with pytest.raises(InputError, match="matches no file"):
         open_corpus(str(tmp_path / "g*.parquet"))
+    with pytest.raises(
+        InputError, match=r"\[final\].csv: no such file or directory, and as a glob pattern it"
+    ):
+        open_corpus(str(tmp_path / "reviews [final].csv"))  # a typo, not meant as a pattern
     hidden = tmp_path / "gl" / ".a.parquet"  # an editor's or a sync tool's copy: a shell's * skips it
     pq.write_table(rows, hidden)
     assert open_corpus(str(tmp_path / "gl" / "*.parquet")).units == [str(top)]
