@@ -55,6 +55,7 @@ GENERIC_FORMATS = {
 }
 COMPRESSIONS = (".gz", ".bz2", ".zst")  # of CSV and JSONL files, by suffix in any case
 SAMPLE_NAME = "aclImdb_sample.tar.gz"
+IMDB_ARCHIVES = (".tar.gz", ".tgz", ".tar")  # read as the IMDb layout, alone
 TAR_SLICES = 1
 PREPARED_FORMAT = "bertjob-prepared/1"
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -174,6 +175,8 @@ def open_corpus(
             raise InputError(
                 f"input {path}: no such file or directory, and as a glob pattern it matches no file"
             )
+        if len(files) == 1 and files[0][0].lower().endswith(IMDB_ARCHIVES):  # data/aclImdb*.tar.gz
+            return _open_imdb_tar(fs, *files[0], opts)
         return _generic(fs, base, files, opts)
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"input {path}: no such file or directory")
@@ -185,7 +188,7 @@ def open_corpus(
     ):
         return _open_prepared(fs, where, split)
     if info.type == pafs.FileType.File:
-        if where.lower().endswith((".tar.gz", ".tgz", ".tar")):
+        if where.lower().endswith(IMDB_ARCHIVES):
             return _open_imdb_tar(fs, where, info.size, opts)
         return _generic(fs, os.path.dirname(where), [(where, info.size)], opts)
     # A directory: the IMDb layout (possibly one level down, as in aclImdb_v1/aclImdb), else files.
@@ -342,6 +345,10 @@ def _generic(fs: pafs.FileSystem, root: str, files: list[tuple[str, int]], opts:
     kinds = {_format_of(p) for p, _ in files}
     if None in kinds:
         bad = next(p for p, _ in files if _format_of(p) is None)
+        if bad.lower().endswith(IMDB_ARCHIVES):  # matched by a glob beside other files
+            raise InputError(
+                f"input {uri(fs, bad)}: an IMDb archive is read alone; give its path as the input"
+            )
         raise InputError(
             f"input {uri(fs, bad)}: unknown format (expected .parquet, .csv, .jsonl, or an IMDb tar.gz)"
         )

@@ -430,6 +430,12 @@ def test_a_compression_suffix_is_recognised_in_any_case(tmp_path, imdb_small):
     for name in ("DATA.CSV.GZ", "DATA.JSONL.GZ"):
         assert read_all(open_corpus(str(tmp_path / name))).column("text").to_pylist() == ["good"]
     assert open_corpus(str(tar_dir(imdb_small, tmp_path / "ACLIMDB.TAR.GZ"))).kind == "imdb-tar"
+    # Through a glob too: "unknown format (expected .parquet, .csv, .jsonl, or an IMDb tar.gz)".
+    assert (
+        open_corpus(str(tmp_path / "ACLIMDB*")).units == open_corpus(str(tmp_path / "ACLIMDB.TAR.GZ")).units
+    )
+    with pytest.raises(InputError, match=r"ACLIMDB.TAR.GZ: an IMDb archive is read alone; give its path"):
+        open_corpus(str(tmp_path / "*"))
 
 
 def test_a_bertjob_output_inside_the_input_directory_is_not_read(tmp_path):
