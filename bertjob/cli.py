@@ -125,6 +125,7 @@ def resolve(command: str, args: dict[str, Any], dotted: dict[str, dict[str, Any]
     """Build the command's config from --config and flags, raising one ConfigError for all problems."""
     cls = COMMANDS[command]
     path = args.pop("config", None)
+    path = path and os.path.expanduser(path)  # as every other path (`--config "~/run.yaml"`, quoted)
     data = read_yaml(path) if path else {}
     _check_relative_inputs(path, data)
     if command == "pipeline":

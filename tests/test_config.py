@@ -321,6 +321,8 @@ def test_a_config_files_relative_input_found_only_beside_the_file_says_so(tmp_pa
         resolve("pipeline", {"config": "project/run.yaml"}, {})
     monkeypatch.chdir(tmp_path / "project")  # run there, it is read as before
     assert resolve("pipeline", {"config": "run.yaml"}, {}).input == "reviews.csv"
+    monkeypatch.setenv("HOME", str(tmp_path / "project"))  # `~` as in every other path: it was "No such file"
+    assert resolve("pipeline", {"config": "~/run.yaml"}, {}).input == "reviews.csv"
 
 
 def test_version_names_bertjob_and_what_it_runs_on(capsys):
