@@ -194,9 +194,9 @@ def open_corpus(
     # A directory: the IMDb layout (possibly one level down, as in aclImdb_v1/aclImdb), else files.
     listing = _list(fs, where, recursive=True)
     outputs = _outputs_below(listing, where)
-    _refuse_broken_links(fs, [
-        f.path for f in listing
-        if f.type == pafs.FileType.NotFound and (_format_of(f.path) or IMDB_REVIEW_TXT.search(f.path))
+    _refuse_unreadable(fs, [
+        f for f in listing
+        if (_format_of(f.path) or IMDB_REVIEW_TXT.search(f.path))
         and not _hidden(f.path, where) and not f.path.startswith(outputs)
     ])  # fmt: skip
     imdb = [f for f in listing if f.type == pafs.FileType.File and IMDB_FILE.search(f.path)]
@@ -256,16 +256,19 @@ def _broken_links(where: str, recursive: bool) -> list[str]:
     return found
 
 
-def _refuse_broken_links(fs: pafs.FileSystem, paths: list[str]) -> None:
-    """A corpus file that is a link to nothing (a moved or unmounted target) is an error: left out
-    of the listing, its rows were missing without a word."""
-    if paths:
-        target = os.readlink(paths[0])
+def _refuse_unreadable(fs: pafs.FileSystem, entries: list[pafs.FileInfo]) -> None:
+    """A corpus file that is a link to nothing (a moved or unmounted target), or a FIFO, device or
+    socket, is an error: left out of the files read, its rows were missing without a word."""
+    broken = sorted(f.path for f in entries if f.type == pafs.FileType.NotFound)
+    if broken:
         raise InputError(
-            f"input {uri(fs, paths[0])}: a symbolic link to {target}, which does not exist"
-            + (f" (and {len(paths) - 1} more such link(s))" if len(paths) > 1 else "")
+            f"input {uri(fs, broken[0])}: a symbolic link to {os.readlink(broken[0])}, which does not exist"
+            + (f" (and {len(broken) - 1} more such link(s))" if len(broken) > 1 else "")
             + "; restore its target or remove the link"
         )
+    special = sorted(f.path for f in entries if f.type == pafs.FileType.Unknown)
+    if special:
+        raise InputError(f"input {uri(fs, special[0])}: neither a regular file nor a directory")
 
 
 def _outputs_below(listing: list[pafs.FileInfo], where: str) -> tuple[str, ...]:
@@ -317,7 +320,7 @@ def _glob(fs: pafs.FileSystem, pattern: str) -> tuple[str, list[tuple[str, int]]
         f for f in listing
         if _match_segments(f.path[len(base) :].strip("/").split("/"), segments) and not f.path.startswith(outputs)
     ]  # fmt: skip
-    _refuse_broken_links(fs, sorted(f.path for f in matches if f.type == pafs.FileType.NotFound))
+    _refuse_unreadable(fs, matches)
     return base, sorted((f.path, f.size) for f in matches if f.type == pafs.FileType.File)
 
 

@@ -251,7 +251,8 @@ def test_a_glob_matches_each_path_segment_like_a_shell(tmp_path):
 
 
 def test_a_corpus_file_that_is_a_broken_symlink_is_an_error(tmp_path):
-    """pyarrow lists no link to nothing: its rows were missing without a word."""
+    """pyarrow lists no link to nothing, and a FIFO was left out as no file: their rows were
+    missing without a word."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (tmp_path / "a.csv").write_text("text\ngood\n")
@@ -266,6 +267,10 @@ def test_a_corpus_file_that_is_a_broken_symlink_is_an_error(tmp_path):
     assert read_all(open_corpus(str(corpus / "a*.csv"))).column("id").to_pylist() == ["a.csv:0"]
     (corpus / "b.csv").unlink()
     assert open_corpus(str(corpus)).units == [str(corpus / "a.csv")]
+    os.mkfifo(corpus / "c.csv")  # nor a FIFO's (an input of its own, it was this error already)
+    for path in (corpus, corpus / "*.csv"):
+        with pytest.raises(InputError, match=r"corpus/c\.csv: neither a regular file nor a directory"):
+            open_corpus(str(path))
 
 
 def test_a_byte_order_mark_opening_a_jsonl_file_is_skipped(tmp_path):
