@@ -163,7 +163,8 @@ def remove(path: str) -> None:
 
 
 def cache_root() -> str:
-    return os.environ.get("BERTJOB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bertjob")
+    # `~` expanded here too: a Kubernetes or Dockerfile `ENV BERTJOB_CACHE=~/cache` reaches us as is.
+    return os.path.expanduser(os.environ.get("BERTJOB_CACHE") or os.path.join("~", ".cache", "bertjob"))
 
 
 def local_dir(uri: str) -> str:

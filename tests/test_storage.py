@@ -299,3 +299,10 @@ def test_local_paths_reach_ray_workers_absolute(tmp_path, monkeypatch):
     assert storage.for_workers("prepared") == str(tmp_path / "prepared")
     assert storage.for_workers("s3://bucket/prepared") == "s3://bucket/prepared"
     assert storage.for_workers("minilm") == "minilm"  # a model name, not a directory here
+    # BERTJOB_CACHE=~/cache as a container's environment gives it: it was a directory `~` in each
+    # process' working directory.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("BERTJOB_CACHE", "~/cache")
+    assert storage.cache_root() == str(tmp_path / "cache")
+    assert storage.for_workers("~/prepared") == str(tmp_path / "prepared")  # the driver's home
+    assert storage.for_workers("") == ""  # no storage_path: the default, not the working directory
