@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import uuid
 from typing import Any
@@ -24,6 +25,7 @@ import pyarrow.fs as pafs
 from bertjob.config import SetupError
 
 NOT_FOUND = pafs.FileType.NotFound
+URI_OPTIONS = re.compile(r"\?\w+=[^&/?]*(?:&\w+=[^&/?]*)*$")  # ?region=eu-west-1&scheme=http
 
 
 class StorageError(SetupError):
@@ -74,8 +76,12 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     if not is_remote(path):
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
     scheme, rest = path.split("://", 1)
+    # `?k=v&...` at the end is pyarrow's URI options (s3://bucket/key?region=eu-west-1); any other
+    # `?` is the key's own, a glob's (s3://bucket/202?/*.csv was "Unexpected query parameter").
+    options = URI_OPTIONS.search(rest)
+    rest = rest[: options.start()] if options else rest
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if scheme == "s3" and endpoint and "?" not in rest:
+    if scheme == "s3" and endpoint and not options:
         # pyarrow's S3FileSystem() ignores AWS_ENDPOINT_URL (pyarrow 26: only FileSystem.from_uri
         # reads it), and Ray is handed this filesystem: pass what the standard variable says.
         url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
@@ -88,11 +94,12 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     # Only the bucket goes through pyarrow's URI parser; the key is taken as named, as the AWS CLI
     # and boto3 take it. Parsed as a URI, a key with a space or a non-ASCII letter was "Cannot parse
     # URI", a `#` cut it short (s3://b/runs#2/x was b/runs: output written elsewhere), and %20 was a
-    # space (with AWS_ENDPOINT_URL, above, the same key was %20). A `?` still gives URI options.
-    uri_part = f"{scheme}://{bucket}" if scheme in ("s3", "gs") and "?" not in rest else path
+    # space (with AWS_ENDPOINT_URL, above, the same key was %20).
+    literal_key = scheme in ("s3", "gs")
     try:
-        fs, where = pafs.FileSystem.from_uri(uri_part)
-        if uri_part != path:
+        fs, where = pafs.FileSystem.from_uri(f"{scheme}://{bucket}{options.group(0) if options else ''}"
+                                             if literal_key else path)  # fmt: skip
+        if literal_key:
             where = f"{where}/{key}"
     except (pa.ArrowInvalid, OSError) as err:
         raise StorageError(f"{path}: {err}") from err

@@ -49,6 +49,15 @@ def test_a_key_is_taken_as_named_whatever_its_characters(monkeypatch):
     for key in ("runs #2/a.csv", "ä 日本/x.csv", "a%20b/c", "it's=1~/x/"):
         assert storage.filesystem(f"gs://bucket/{key}")[1] == f"bucket/{key}".rstrip("/")
     assert storage.filesystem("gs://bucket/")[1] == "bucket"
+    # A `?` is a glob's, also with AWS_ENDPOINT_URL ("Unexpected query parameter"); `?k=v` at the
+    # end still gives pyarrow's URI options.
+    assert storage.filesystem("gs://bucket/202?/*.csv")[1] == "bucket/202?/*.csv"
+    assert (
+        storage.filesystem("gs://bucket/a b/x.csv?scheme=http&endpoint_override=localhost:9")[1]
+        == "bucket/a b/x.csv"
+    )
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    assert storage.filesystem("s3://bucket/202?/*.csv")[1] == "bucket/202?/*.csv"
 
 
 def test_json_files_and_directory_trees_round_trip_through_the_bucket(s3, tmp_path):
