@@ -700,18 +700,23 @@ def out_of_range(cfg: Any) -> list[str]:
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML keeps the last of a key given twice and drops the others without a word; a setting
-    given twice (`epochs: 3` ... `epochs: 1`) is an error instead."""
+    given twice (`epochs: 3` ... `epochs: 1`) is an error instead, also when spelled both ways
+    (`max-length: 64` ... `max_length: 128`: the last won). Keys come out with underscores, as the
+    flags' do, so that `output-dir:` makes a pipeline file and a flag overrides either spelling."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen = set()
+        seen: dict[Any, Any] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
-            if key in seen:
+            norm = key.replace("-", "_") if isinstance(key, str) else key
+            if norm in seen:
+                both = "" if seen[norm] == key else f" (as {seen[norm]!r} and {key!r})"
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"setting {key!r} given twice", key_node.start_mark
+                    None, None, f"setting {norm!r} given twice{both}", key_node.start_mark
                 )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+            seen[norm] = key
+        mapping = super().construct_mapping(node, deep=deep)
+        return {k.replace("-", "_") if isinstance(k, str) else k: v for k, v in mapping.items()}
 
 
 def read_yaml(path: str) -> dict[str, Any]:
@@ -719,6 +724,10 @@ def read_yaml(path: str) -> dict[str, Any]:
         text = Path(path).read_text()
     except OSError as err:
         raise ConfigError([f"config file {path}: {err.strerror}"]) from err
+    except UnicodeDecodeError as err:  # a binary file, or a config saved as Latin-1
+        raise ConfigError(
+            [f"config file {path}: not a YAML text file (not UTF-8 at byte {err.start})"]
+        ) from err
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:

@@ -71,6 +71,34 @@ def test_a_setting_given_twice_in_a_config_file_is_an_error(tmp_path):
     f.write_text("train:\n  lr: 1.0e-4\n  lr: 2.0e-4\n")  # in a stage section too
     with pytest.raises(ConfigError, match="setting 'lr' given twice"):
         read_yaml(str(f))
+    # Spelled both ways: the last one won without a word.
+    f.write_text("max-length: 64\nmax_length: 128\n")
+    with pytest.raises(
+        ConfigError, match=r"setting 'max_length' given twice \(as 'max-length' and 'max_length'\)"
+    ):
+        read_yaml(str(f))
+    f.write_text("train:\n  max-steps: 3\n  max_steps: 5\n")
+    with pytest.raises(ConfigError, match="setting 'max_steps' given twice"):
+        read_yaml(str(f))
+
+
+def test_dashed_keys_in_a_config_file_mean_what_the_flags_do(tmp_path):
+    """`output-dir:` did not make a pipeline file (`bertjob train --config` called it an unknown setting)."""
+    f = tmp_path / "c.yaml"
+    f.write_text("output-dir: /runs/a\nmax-length: 64\n")
+    assert resolve("train", {"config": str(f)}, {}).output == "/runs/a/train"
+    f.write_text("output-dir: /runs/a\nmax-length: 64\ntrain:\n  max-steps: 3\n")
+    assert resolve("train", {"config": str(f)}, {}).max_steps == 3
+    assert resolve("prepare", {"config": str(f), "max_length": "96"}, {}).max_length == 96
+    pipeline = resolve("pipeline", {"config": str(f)}, {"train": {"max_steps": "5"}})
+    assert pipeline.stage("train").max_steps == 5
+
+
+def test_a_config_file_that_is_not_text_is_one_clear_error(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_bytes(b"epochs: 1\n\xd0\xff\x00binary")
+    with pytest.raises(ConfigError, match="not a YAML text file"):
+        read_yaml(str(f))
 
 
 def test_a_stage_section_cannot_unlink_the_stages():
