@@ -18,7 +18,7 @@ from bertjob.config import InferConfig, PipelineConfig, PrepareConfig, to_dict
 from bertjob.identity import identity, model_fingerprint
 from bertjob.outputs import MANIFEST, ensure_output
 from bertjob.sources import Corpus, InputError, columns_of
-from bertjob.storage import check_access, exists, join, read_json, write_json
+from bertjob.storage import check_access, exists, for_workers, join, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,36 @@ EXECUTION = (
 )  # fmt: skip
 
 
+def _run_settings(cfg: Any) -> dict[str, Any]:
+    """The settings in a train or pretrain run's identity: those that shape its model."""
+    ignored = ("data", "output", "name", "storage_path", *EXECUTION)
+    return {k: v for k, v in to_dict(cfg).items() if k not in ignored}
+
+
 def _run_key(cfg: Any, manifest: dict[str, Any]) -> str:
     """A train or pretrain run's identity: the prepared data's, the settings that shape its model,
     its starting weights."""
-    ignored = ("data", "output", "name", "storage_path", *EXECUTION)
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in ignored}
-    return identity(manifest["identity"], settings, model_fingerprint(cfg.model))[:10]
+    return identity(manifest["identity"], _run_settings(cfg), model_fingerprint(cfg.model))[:10]
+
+
+def _new_run_note(cfg: Any, stage: str, storage: str) -> str | None:
+    """What a run of another identity than the one whose model OUTPUT holds is about to do: with
+    another --train.epochs the pipeline trained a new run from step 0 and replaced the model without
+    a word, where a user expected the finished run to be extended."""
+    path = join(cfg.output, "metrics.json")
+    earlier = (read_json(path) if exists(path) else {}).get("config") or {}
+    if not earlier.get("name") or earlier["name"] == cfg.name:
+        return None
+    # As the run records them: the model's path absolute, lr 0 resolved by model width.
+    now = {**_run_settings(cfg), "model": for_workers(cfg.model)}
+    changed = [f"{k} {earlier[k]!r} -> {v!r}" for k, v in now.items()
+               if k in earlier and earlier[k] != v and not (k == "lr" and not v)]  # fmt: skip
+    why = ", ".join(changed) or "the prepared data or the starting model"
+    step = train.latest_checkpoint(join(storage, cfg.name)).get("step", 0)  # this run, interrupted before
+    how = f"resuming run {cfg.name} at step {step}" if step else f"training run {cfg.name} from step 0"
+    return (f"{stage}: {why} changed since run {earlier['name']}: {how} "
+            f"(changing {stage} settings starts a new run, never extends one); its model replaces the one in "
+            f"{cfg.output}, run {earlier['name']}'s checkpoints stay in {storage}")  # fmt: skip
 
 
 def _finished(cfg: Any) -> dict[str, Any] | None:
@@ -148,6 +172,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         pt_cfg = dataclasses.replace(pt_cfg, name=f"{pt_cfg.name}-{_run_key(pt_cfg, manifest)}")
         pt_metrics, reused = _finished(pt_cfg), True
         if pt_metrics is None:
+            if note := _new_run_note(pt_cfg, "pretrain", pt_cfg.storage_path):
+                log.info("pipeline: %s", note)
             pt_metrics, reused = pretrain.run(pt_cfg), False
         else:
             log.info("pipeline: pretrain: reusing %s (same data and settings)", pt_cfg.output)
@@ -167,6 +193,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         log.info("pipeline: train: reusing %s (same data and settings)", t_cfg.output)
         reused = True
     else:
+        if note := _new_run_note(t_cfg, "train", t_cfg.storage_path):
+            log.info("pipeline: %s", note)
         metrics, reused = train.run(t_cfg), False
     summary["stages"]["train"] = {
         "output": t_cfg.output, "reused": reused, "best_val_accuracy": metrics["best_val_accuracy"],

@@ -1,5 +1,6 @@
 """The pipeline in-process on a local Ray: all four stages, then a rerun that reuses them."""
 
+import dataclasses
 import json
 
 import pyarrow as pa
@@ -7,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bertjob import pipeline, prepare, train
-from bertjob.config import PipelineConfig, build
+from bertjob.config import PipelineConfig, build, to_dict
 from bertjob.sources import InputError, open_corpus
 from tests.conftest import make_imdb_dir
 
@@ -127,3 +128,26 @@ def test_the_summary_counts_the_rows_prepare_quarantined(capsys):
     out = capsys.readouterr().out
     assert "prepare   train 36, validation 4; 160 quarantined  (9.0 rows/s)" in out
     assert "summary in out/summary.json" in out  # --output-dir out/ gave out//summary.json
+
+
+def test_a_changed_train_setting_says_it_starts_a_new_run_and_what_happens_to_the_old(tmp_path, monkeypatch):
+    """With another --train.epochs the pipeline trained a new run from step 0 and replaced the
+    finished run's model without a word (a user expected it extended)."""
+    cfg = build(PipelineConfig, {"output_dir": str(tmp_path), "name": "p", "train": {"epochs": 2}})
+    t_cfg = dataclasses.replace(cfg.stage("train"), name="p-new")
+    assert pipeline._new_run_note(t_cfg, "train", t_cfg.storage_path) is None  # nothing trained yet
+    # lr and a local model's path as the run recorded them: resolved, absolute
+    earlier = {**to_dict(t_cfg), "name": "p-old", "epochs": 1, "lr": 2e-4}
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base").mkdir()
+    t_cfg = dataclasses.replace(t_cfg, model="base")
+    earlier["model"] = str(tmp_path / "base")
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "metrics.json").write_text(json.dumps({"config": earlier}))
+    note = pipeline._new_run_note(t_cfg, "train", t_cfg.storage_path)
+    assert note.startswith("train: epochs 1 -> 2 changed since run p-old: training run p-new from step 0")
+    assert f"checkpoints stay in {tmp_path}/checkpoints" in note
+    (tmp_path / "train" / "metrics.json").write_text(json.dumps({"config": {**earlier, "epochs": 2}}))
+    assert "the prepared data or the starting model changed" in pipeline._new_run_note(t_cfg, "train", "s")
+    (tmp_path / "train" / "metrics.json").write_text(json.dumps({"config": {**earlier, "name": "p-new"}}))
+    assert pipeline._new_run_note(t_cfg, "train", "s") is None  # its own model: reused, not new
