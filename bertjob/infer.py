@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from bertjob import checkpoint, models
 from bertjob.config import InferConfig, SetupError, to_dict
-from bertjob.identity import corpus_fingerprint, digest, identity, model_fingerprint
+from bertjob.identity import bertjob_version, corpus_fingerprint, digest, identity, model_fingerprint
 from bertjob.metrics import classification_metrics
 from bertjob.outputs import (
     MANIFEST,
@@ -564,8 +564,32 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
     model = {"files": model_fingerprint(cfg.model), "tokenizer": fingerprint}
     run_info = {"identity": identity(corpus_fingerprint(corpus), settings, model), "input": cfg.input, "model": cfg.model,
                 "tokenizer_fingerprint": fingerprint, "weights": digest(model["files"]), "units": len(corpus.units),
-                "inputs": input_files(corpus), "settings": effective.as_dict()}  # fmt: skip
+                "inputs": input_files(corpus), "settings": effective.as_dict(),
+                "scoring": {k: v for k, v in settings.items() if k != "text"}, "bertjob": bertjob_version()}  # fmt: skip
     return corpus, run_info
+
+
+def changes(earlier: dict[str, Any], now: dict[str, Any]) -> str:
+    """What differs between an output's run.json and this run's identity, in words: a rerun with
+    another max_length, model or file in the input was refused as 'other (or unknown) inputs or
+    settings', leaving the user to guess which."""
+    out = []
+    for group in ("settings", "scoring"):
+        before, after = earlier.get(group) or {}, now.get(group) or {}
+        out += [f"{k} {before[k]!r} -> {v!r}" for k, v in after.items() if k in before and before[k] != v]
+    model = ("weights", "tokenizer_fingerprint")
+    if any(earlier.get(k) != now[k] for k in model):
+        out.append(f"the model's files ({now['model']})")
+    if earlier.get("bertjob", now["bertjob"]) != now["bertjob"]:
+        out.append(f"bertjob {earlier['bertjob']} -> {now['bertjob']}")
+    before_files, after_files = earlier.get("inputs"), now.get("inputs")
+    if before_files is not None and after_files is not None:
+        added = [f for f in after_files if f not in before_files]
+        removed = [f for f in before_files if f not in after_files]
+        for what, files in (("added", added), ("removed", removed)):
+            if files:
+                out.append(f"input files {what}: {', '.join(files[:3])}{' ...' if len(files) > 3 else ''}")
+    return "; ".join(out) or f"the content of input {now['input']}"
 
 
 def input_files(corpus: Any) -> list[str] | None:
@@ -673,10 +697,13 @@ def _resume_state(
             return done, already, False
         fs, root = filesystem(cfg.output)
         if earlier is not None or len(fs.get_file_info(pafs.FileSelector(root))) > 1:  # more than the marker
+            what = f" ({changes(earlier, run_info)})" if earlier is not None else ""
             if not replace_changed:
-                raise OutputError(f"output {cfg.output} holds {a_or_an(stage)} run with other (or unknown) inputs or "
-                                  f"settings; pass --overwrite to replace it")  # fmt: skip
-            log.info("%s: inputs or settings changed since %s was written; redoing it", stage, cfg.output)
+                raise OutputError(f"output {cfg.output} holds {a_or_an(stage)} run with other {'' if earlier else '(or unknown) '}"
+                                  f"inputs or settings{what}; pass --overwrite to replace it")  # fmt: skip
+            log.info(
+                "%s: inputs or settings changed since %s was written%s; redoing it", stage, cfg.output, what
+            )
     check_replaceable(cfg.output, stage)  # refused now, before Ray; replaced once the run can start
     return {}, 0, True
 

@@ -1,5 +1,7 @@
 """Stage outputs: each stage claims its directory with a marker naming it, and replaces only its own."""
 
+import dataclasses
+import json
 import os
 
 import pytest
@@ -92,3 +94,28 @@ def test_infer_replaces_its_own_output_only_with_overwrite(tmp_path, tiny_classi
         infer._resume_state(InferConfig(**{**infer.to_dict(cfg), "output": str(tmp_path / "run"), "overwrite": True}),
                             run_info, "infer")  # fmt: skip
     assert (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_rerun_on_an_output_of_other_inputs_or_settings_names_what_changed(tmp_path, tiny_classifier_dir):
+    """It said 'other (or unknown) inputs or settings', leaving the user to guess which."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.csv").write_text("text\nA wonderful film.\nA dull film.\n")
+    out = tmp_path / "scored"
+    cfg = InferConfig(input=str(corpus), model=tiny_classifier_dir, output=str(out))
+    claim_output(str(out), "infer")
+    (out / "run.json").write_text(json.dumps(infer.describe(cfg)[1]))
+
+    def refused(cfg: InferConfig) -> str:
+        with pytest.raises(OutputError, match="holds an infer run with other inputs or settings") as err:
+            infer._resume_state(cfg, infer.describe(cfg)[1], "infer")
+        return str(err.value)
+
+    assert "(max_length 64 -> 32; split '' -> 'x')" in refused(
+        dataclasses.replace(cfg, max_length=32, split="x")
+    )
+    (corpus / "b.csv").write_text("text\nAnother one.\n")
+    assert "(input files added: b.csv)" in refused(cfg)
+    (corpus / "b.csv").unlink()
+    (corpus / "a.csv").write_text("text\nA wonderful film.\nA dull movie\n")  # same size, edited
+    assert f"(the content of input {corpus})" in refused(cfg)
