@@ -202,6 +202,11 @@ def _split_dotted(argv: list[str]) -> tuple[list[str], dict[str, dict[str, Any]]
 
 
 INTERRUPTED = "bertjob: interrupted; the same command again resumes where this one stopped\n"
+# prepare keeps nothing of an interrupted run (its shards are only whole with the manifest): it said
+# that the same command resumes, and then prepared everything again.
+PREPARE_INTERRUPTED = (
+    "bertjob: interrupted; prepare does not resume: the same command again prepares from the start\n"
+)
 
 
 class Terminated(KeyboardInterrupt):
@@ -230,10 +235,12 @@ def _sigterm_interrupts() -> Iterator[list[int]]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
+    command = ""
     with _sigterm_interrupts() as terminated:
         try:
             rest, dotted = _split_dotted(argv)
             ns = parser.parse_args(rest)
+            command = ns.command
             logging.basicConfig(
                 level=getattr(logging, str(ns.log_level).upper(), logging.INFO),
                 format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -253,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         except JobError as err:
             parser.exit(1, f"bertjob: error: {_own_words(err)}\n")
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: 128 + the signal, as a shell reports it
-            parser.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT), INTERRUPTED)
+            said = PREPARE_INTERRUPTED if command == "prepare" else INTERRUPTED
+            parser.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT), said)
     return 0
 
 

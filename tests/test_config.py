@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from bertjob import cli
 from bertjob.cli import main, resolve
 from bertjob.config import (
     STAGES,
@@ -363,3 +364,20 @@ def test_version_names_bertjob_and_what_it_runs_on(capsys):
         f"bertjob {version('bertjob')} (ray {version('ray')}, torch {version('torch')}, "
         f"transformers {version('transformers')})"
     )
+
+
+def test_an_interrupt_says_what_the_same_command_again_does(capsys, monkeypatch, tmp_path):
+    """An interrupted prepare said that the same command resumes; it prepares everything again."""
+
+    def interrupted(command, cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_command", interrupted)
+    for argv, said in (
+        (["--log-level", "WARNING", "prepare", "--output", str(tmp_path)], "prepare does not resume: the same command again prepares from the start"),
+        (["infer", "--input", "x", "--model", "m", "--output", str(tmp_path)], "the same command again resumes where this one stopped"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 130
+        assert capsys.readouterr().err == f"bertjob: interrupted; {said}\n"
