@@ -235,8 +235,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     if "train" in st:
         t = st["train"]
         test = f"{t['test_accuracy']:.4f}" if t["test_accuracy"] is not None else "n/a"
+        val = f"{t['best_val_accuracy']:.4f}" if t["best_val_accuracy"] is not None else "n/a"
         lines.append(
-            f"train     val acc {t['best_val_accuracy']:.4f}, test acc {test}  ({t['samples_per_s']} samples/s)  -> {t['output']}/model"
+            f"train     val acc {val}, test acc {test}  ({t['samples_per_s']} samples/s)  -> {t['output']}/model"
         )
     if "evaluate" in st:
         e = st["evaluate"]

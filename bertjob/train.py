@@ -575,9 +575,14 @@ def _export_to(
     }
     write_json(os.path.join(model_dir, "bertjob.json"), bertjob_settings)
     state = final["state"]
+    # No evaluation during training (--max-steps stopped the run before its first): the model is the
+    # last step's, validated at the end; the -1 placeholders read as a best epoch 0 at accuracy -1.
+    evaluated = state["best_epoch"] >= 0
     metrics = {
-        "best_epoch": state["best_epoch"],
-        "best_val_accuracy": state["best_val_accuracy"],
+        "best_epoch": state["best_epoch"] if evaluated else None,
+        "best_val_accuracy": state["best_val_accuracy"]
+        if evaluated
+        else (final.get("best_validation") or {}).get("accuracy"),
         "validation": final.get("best_validation", {}),
         "test": final.get("test"),
         "history": state["history"],
@@ -609,13 +614,20 @@ def _export_to(
     }
     write_json(os.path.join(out, "metrics.json"), metrics)
     plot_curves(state["history"], os.path.join(out, "training_curves.png"))
-    test = metrics["test"] or {}
-    log.info(
-        "train: best epoch %d, val accuracy %.4f, test accuracy %s; model in %s",
-        state["best_epoch"] + 1, state["best_val_accuracy"],
-        f"{test['accuracy']:.4f}" if test else "n/a", join(cfg.output, "model"),
-    )  # fmt: skip
+    log.info("train: %s; model in %s", result_line(metrics), join(cfg.output, "model"))
     return metrics
+
+
+def result_line(metrics: dict[str, Any]) -> str:
+    """The model's accuracies as the log gives them: the best epoch's, or the last step's model."""
+
+    def acc(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    which = (f"best epoch {metrics['best_epoch'] + 1}" if metrics["best_epoch"] is not None
+             else f"no evaluation during training: the model of its last step ({metrics['steps']})")  # fmt: skip
+    return (f"{which}, val accuracy {acc(metrics['best_val_accuracy'])}, "
+            f"test accuracy {acc((metrics['test'] or {}).get('accuracy'))}")  # fmt: skip
 
 
 def plot_curves(history: list[dict[str, Any]], path: str) -> None:

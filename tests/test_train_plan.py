@@ -59,3 +59,14 @@ def test_activation_memory_grows_with_length_and_batch():
 @pytest.mark.parametrize("width, lr", [(384, 2e-4), (768, 5e-5), (1024, 2e-5)])
 def test_the_default_lr_follows_the_model_width(width, lr):
     assert train.default_lr({"hidden_size": width}) == lr
+
+
+def test_a_run_stopped_before_its_first_evaluation_reports_its_last_steps_model():
+    """--max-steps 6 in a 18-step epoch: the log said 'best epoch 0, val accuracy -1.0000' (the
+    placeholders of no evaluation), and the pipeline summary 'val acc -1.0000'."""
+    last = {"best_epoch": None, "best_val_accuracy": 0.5, "steps": 6, "test": {"accuracy": 0.55}}
+    assert train.result_line(last) == (
+        "no evaluation during training: the model of its last step (6), val accuracy 0.5000, test accuracy 0.5500"
+    )
+    best = {"best_epoch": 1, "best_val_accuracy": 0.75, "steps": 36, "test": None}
+    assert train.result_line(best) == "best epoch 2, val accuracy 0.7500, test accuracy n/a"
