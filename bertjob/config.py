@@ -452,6 +452,8 @@ class InferConfig(Settings):
 
 
 STAGES = ("prepare", "pretrain", "train", "evaluate", "infer")
+STAGE_CLASSES = {"prepare": PrepareConfig, "pretrain": PretrainConfig, "train": TrainConfig, "evaluate": InferConfig,
+                 "infer": InferConfig}  # fmt: skip
 # The shared pipeline settings each stage's config is derived from (see PipelineConfig.stage); a
 # stage command given a pipeline file accepts these flags, and no other pipeline-only ones.
 STAGE_SHARED = {
@@ -526,6 +528,17 @@ class PipelineConfig(Settings):
             except ConfigError as err:
                 p += err.problems
         return p
+
+    @staticmethod
+    def section_hint(key: str) -> str:
+        """Where a stage's setting given at the top of a pipeline file (`epochs: 3`) goes."""
+        owners = [s for s, cls in STAGE_CLASSES.items()
+                  if key in {f.name for f in dataclasses.fields(cls)} and key not in STAGE_LINKS[s]]  # fmt: skip
+        if not owners:
+            return ""
+        example = "train" if "train" in owners else owners[0]
+        return (f" at the top level of a pipeline file; it is a setting of the {', '.join(owners)} stage"
+                f"{'s' if len(owners) > 1 else ''}: put it in a stage's section ({example}: {{{key}: ...}})")  # fmt: skip
 
     def path(self, *parts: str) -> str:
         from bertjob.storage import join  # storage imports this module (SetupError)
@@ -648,7 +661,8 @@ def build(cls: type[T], values: dict[str, Any], where: str = "") -> T:
         key_norm = key.replace("-", "_")
         if key_norm not in types:
             valid = ", ".join(f.name for f in dataclasses.fields(cls))
-            problems.append(f"{where}unknown setting {key!r}; valid settings: {valid}")
+            hint = cls.section_hint(key_norm) if hasattr(cls, "section_hint") else ""
+            problems.append(f"{where}unknown setting {key!r}{hint}; valid settings: {valid}")
             continue
         try:
             kwargs[key_norm] = _coerce(value, types[key_norm], where + key_norm)

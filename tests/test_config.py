@@ -381,3 +381,15 @@ def test_an_interrupt_says_what_the_same_command_again_does(capsys, monkeypatch,
             main(argv)
         assert exit_.value.code == 130
         assert capsys.readouterr().err == f"bertjob: interrupted; {said}\n"
+
+
+def test_a_stage_setting_at_the_top_of_a_pipeline_file_says_which_section_it_goes_in():
+    """`epochs: 3` beside output_dir was only an unknown setting among the pipeline's."""
+    with pytest.raises(ConfigError) as err:
+        build(PipelineConfig, {"output_dir": "o", "epochs": 3, "data": "x", "foo": 1})
+    assert err.value.problems[0].startswith(
+        "unknown setting 'epochs' at the top level of a pipeline file; it is a setting of the pretrain, train "
+        "stages: put it in a stage's section (train: {epochs: ...}); valid settings: input, output_dir"
+    )
+    assert err.value.problems[1].startswith("unknown setting 'data'; valid")  # derived: in no section
+    assert err.value.problems[2].startswith("unknown setting 'foo'; valid")
