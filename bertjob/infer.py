@@ -559,8 +559,11 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
         raise InputError(f"max_length {effective.max_length} is more than model {cfg.model} has positions for "
                          f"({positions}); give --max-length {positions} or less")  # fmt: skip
     # The run's identity: the input's content (not its path), what scoring depends on, the model.
+    # mixed_precision too: its scores differ (bf16 or not), and a rerun asking for fp32 was told the
+    # bf16 output was complete for its settings (or resumed it, mixing the two).
     settings = {"text": effective.as_dict(), "split": cfg.split, "include_text": cfg.include_text, "evaluate": evaluate,
-                "columns": [cfg.text_column, cfg.label_column, cfg.id_column]}  # fmt: skip
+                "columns": [cfg.text_column, cfg.label_column, cfg.id_column],
+                "mixed_precision": cfg.mixed_precision}  # fmt: skip
     model = {"files": model_fingerprint(cfg.model), "tokenizer": fingerprint}
     run_info = {"identity": identity(corpus_fingerprint(corpus), settings, model), "input": cfg.input, "model": cfg.model,
                 "tokenizer_fingerprint": fingerprint, "weights": digest(model["files"]), "units": len(corpus.units),

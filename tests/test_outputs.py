@@ -114,6 +114,7 @@ def test_a_rerun_on_an_output_of_other_inputs_or_settings_names_what_changed(tmp
     assert "(max_length 64 -> 32; split '' -> 'x')" in refused(
         dataclasses.replace(cfg, max_length=32, split="x")
     )
+    assert "(mixed_precision 'auto' -> 'off')" in refused(dataclasses.replace(cfg, mixed_precision="off"))
     (corpus / "b.csv").write_text("text\nAnother one.\n")
     assert "(input files added: b.csv)" in refused(cfg)
     (corpus / "b.csv").unlink()
