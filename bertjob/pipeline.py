@@ -72,12 +72,12 @@ def _new_run_note(cfg: Any, stage: str, storage: str) -> str | None:
     now = {**_run_settings(cfg), "model": for_workers(cfg.model)}
     changed = [f"{k} {earlier[k]!r} -> {v!r}" for k, v in now.items()
                if k in earlier and earlier[k] != v and not (k == "lr" and not v)]  # fmt: skip
-    why = ", ".join(changed) or "the prepared data or the starting model"
+    why = ", ".join(changed) or "its prepared data, starting model or name differ"
     step = train.latest_checkpoint(join(storage, cfg.name)).get("step", 0)  # this run, interrupted before
     how = f"resuming run {cfg.name} at step {step}" if step else f"training run {cfg.name} from step 0"
-    return (f"{stage}: {why} changed since run {earlier['name']}: {how} "
-            f"(changing {stage} settings starts a new run, never extends one); its model replaces the one in "
-            f"{cfg.output}, run {earlier['name']}'s checkpoints stay in {storage}")  # fmt: skip
+    return (f"{stage}: {cfg.output} holds the model of run {earlier['name']} ({why}): {how} (a changed "
+            f"{stage} setting starts a new run, never extends one); its model will replace that one, whose "
+            f"checkpoints stay in {earlier.get('storage_path') or storage}")  # fmt: skip
 
 
 def _finished(cfg: Any) -> dict[str, Any] | None:

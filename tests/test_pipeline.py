@@ -145,9 +145,11 @@ def test_a_changed_train_setting_says_it_starts_a_new_run_and_what_happens_to_th
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "metrics.json").write_text(json.dumps({"config": earlier}))
     note = pipeline._new_run_note(t_cfg, "train", t_cfg.storage_path)
-    assert note.startswith("train: epochs 1 -> 2 changed since run p-old: training run p-new from step 0")
-    assert f"checkpoints stay in {tmp_path}/checkpoints" in note
+    assert note.startswith(
+        f"train: {tmp_path}/train holds the model of run p-old (epochs 1 -> 2): training run p-new from step 0"
+    )
+    assert note.endswith(f"checkpoints stay in {tmp_path}/checkpoints")
     (tmp_path / "train" / "metrics.json").write_text(json.dumps({"config": {**earlier, "epochs": 2}}))
-    assert "the prepared data or the starting model changed" in pipeline._new_run_note(t_cfg, "train", "s")
+    assert "(its prepared data, starting model or name differ)" in pipeline._new_run_note(t_cfg, "train", "s")
     (tmp_path / "train" / "metrics.json").write_text(json.dumps({"config": {**earlier, "name": "p-new"}}))
     assert pipeline._new_run_note(t_cfg, "train", "s") is None  # its own model: reused, not new
