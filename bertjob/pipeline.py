@@ -40,11 +40,12 @@ OWN_ENTRIES = ("prepared", "train", "evaluate", "infer", "checkpoints", "summary
 # Settings of how a run executes, not of what it learns: `bertjob train` resumes a run under one
 # --name whatever they are. In the run key they started a fresh run: a pipeline rerun after Ctrl-C
 # with fewer workers or a smaller micro-batch (after running out of memory) trained from step 0,
-# and a finished one retrained from scratch for another log interval.
+# and a finished one retrained from scratch for another log interval (or, after a Ctrl-C, for
+# checkpoints every 50 steps instead of each epoch: the interrupted run's progress was left behind).
 EXECUTION = (
     "num_workers", "cpus_per_worker", "torch_threads", "malloc_tuning", "micro_batch_size", "log_every_steps",
     "max_failures", "placement_timeout_s", "resize_check_s", "check_resources", "resume_changed",
-    "sample_log", "tracking", "keep_checkpoints",
+    "sample_log", "tracking", "keep_checkpoints", "checkpoint_every_steps",
 )  # fmt: skip
 
 

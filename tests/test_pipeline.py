@@ -153,3 +153,13 @@ def test_a_changed_train_setting_says_it_starts_a_new_run_and_what_happens_to_th
     assert "(its prepared data, starting model or name differ)" in pipeline._new_run_note(t_cfg, "train", "s")
     (tmp_path / "train" / "metrics.json").write_text(json.dumps({"config": {**earlier, "name": "p-new"}}))
     assert pipeline._new_run_note(t_cfg, "train", "s") is None  # its own model: reused, not new
+
+
+def test_how_often_a_run_checkpoints_is_no_part_of_its_identity():
+    """A pipeline rerun after Ctrl-C with --train.checkpoint-every-steps 50 started a new run from step 0."""
+    cfg = build(
+        PipelineConfig, {"train": {"checkpoint_every_steps": 50}, "pretrain": {"checkpoint_every_steps": 9}}
+    )
+    base = build(PipelineConfig, {})
+    for stage in ("train", "pretrain"):
+        assert pipeline._run_settings(cfg.stage(stage)) == pipeline._run_settings(base.stage(stage))
