@@ -19,15 +19,12 @@ from collections.abc import Iterator
 from typing import Any
 
 from bertjob.config import (
+    STAGE_CLASSES,
     STAGE_SHARED,
     ConfigError,
-    InferConfig,
     JobError,
     PipelineConfig,
-    PrepareConfig,
-    PretrainConfig,
     SetupError,
-    TrainConfig,
     base_type,
     build,
     is_pipeline_file,
@@ -36,14 +33,7 @@ from bertjob.config import (
 
 log = logging.getLogger("bertjob")
 
-COMMANDS: dict[str, type] = {
-    "prepare": PrepareConfig,
-    "pretrain": PretrainConfig,
-    "train": TrainConfig,
-    "infer": InferConfig,
-    "evaluate": InferConfig,
-    "pipeline": PipelineConfig,
-}
+COMMANDS: dict[str, type] = {**STAGE_CLASSES, "pipeline": PipelineConfig}
 
 
 def _flag(name: str) -> str:
