@@ -452,8 +452,8 @@ class InferConfig(Settings):
 
 
 STAGES = ("prepare", "pretrain", "train", "evaluate", "infer")
-STAGE_CLASSES = {"prepare": PrepareConfig, "pretrain": PretrainConfig, "train": TrainConfig, "evaluate": InferConfig,
-                 "infer": InferConfig}  # fmt: skip
+STAGE_CLASSES = {"prepare": PrepareConfig, "pretrain": PretrainConfig, "train": TrainConfig, "infer": InferConfig,
+                 "evaluate": InferConfig}  # fmt: skip
 # The shared pipeline settings each stage's config is derived from (see PipelineConfig.stage); a
 # stage command given a pipeline file accepts these flags, and no other pipeline-only ones.
 STAGE_SHARED = {
