@@ -438,7 +438,11 @@ class InferConfig(Settings):
     label_column: str = opt("label", "label column (evaluate); missing means unlabelled")
     include_text: bool = opt(False, "copy the (cleaned) text into the output")
     rows_per_shard: int = opt(50_000, "target rows per output Parquet file", ge=1)
-    overwrite: bool = opt(False, "start clean instead of completing a previous partial run")
+    overwrite: bool = opt(
+        False,
+        "score from the start, replacing this command's earlier output in OUTPUT (complete, partial, or of "
+        "other inputs or settings); never another command's or job's directory",
+    )
     trust_remote_code: bool = opt(False, "let transformers run code shipped with a hub model")
 
     def problems(self) -> list[str]:

@@ -74,7 +74,19 @@ def test_nested_outputs_and_a_pipeline_root_are_never_wiped(tmp_path):
         ensure_output(str(tmp_path / "mine"), "pipeline", own=OWN_ENTRIES)
 
 
-def test_infer_replaces_its_own_output_only_with_overwrite(tmp_path, tiny_classifier_dir):
+def test_infer_replaces_its_own_output_only_with_overwrite(tmp_path, tiny_classifier_dir, capsys):
+    """What --overwrite does, as `bertjob infer --help` says (it said only "start clean instead of
+    completing a previous partial run"; it also replaces a complete output and one of other inputs
+    or settings, which without it are kept and refused)."""
+    from bertjob.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["infer", "--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    assert (
+        "replacing this command's earlier output in OUTPUT (complete, partial, or of other inputs or settings); "
+        "never another command's or job's directory" in said
+    )
     out = tmp_path / "scored"
     claim_output(str(out), "infer")
     (out / "predictions").mkdir()
@@ -87,6 +99,10 @@ def test_infer_replaces_its_own_output_only_with_overwrite(tmp_path, tiny_classi
     overwrite = InferConfig(**{**infer.to_dict(cfg), "overwrite": True})
     _, _, fresh = infer._resume_state(overwrite, run_info, "infer")
     assert fresh and (out / "predictions" / "part-0.parquet").exists()  # replaced once the run can start
+    (out / "run.json").write_text(json.dumps(run_info))  # a complete run of these inputs and settings
+    (out / "manifest.json").write_text("{}")
+    assert infer._resume_state(cfg, run_info, "infer") == (None, 0, False)  # nothing to do
+    assert infer._resume_state(overwrite, run_info, "infer") == ({}, 0, True)  # done again
     # --overwrite never reaches another stage's output: refused before the run starts Ray
     ensure_output(str(tmp_path / "run"), "train")
     (tmp_path / "run" / "metrics.json").write_text("{}")
