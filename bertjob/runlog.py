@@ -6,10 +6,17 @@ object store, so nothing is appended and nothing lost when a process dies):
   (why: the error) and a resize of an elastic run (why: the cluster changed).
 - rank 0 of every worker group as it starts: how many workers, and from which step and epoch.
 `timeline()` joins them for metrics.json: each restart with the start that followed it.
+
+A start event's id (its file name, which begins with its time) names its worker group: the sample
+log (`--sample-log true`, `RUN_DIR/samples/rank-R.jsonl`) tags each step's rows with it, so that
+`trained_rows()` tells a step that a later group ran again (after a restart, a resize or in a rerun)
+from its first run, also when both groups resumed from the same checkpoint.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import logging
 import os
 import time
@@ -22,12 +29,19 @@ from bertjob.storage import filesystem, join, read_json, write_json
 
 log = logging.getLogger(__name__)
 EVENTS_DIR = "events"
+SAMPLES_DIR = "samples"
 
 
-def record(run_dir: str, kind: str, **fields: Any) -> None:
+def record(run_dir: str, kind: str, **fields: Any) -> str:
+    """Writes one event; returns its id (`AT-KIND-RANDOM`, AT its time in seconds)."""
     at = time.time()
-    name = f"{at:.6f}-{kind}-{uuid.uuid4().hex[:6]}.json"
-    write_json(join(run_dir, EVENTS_DIR, name), {"at": at, "event": kind, **fields})
+    event_id = f"{at:.6f}-{kind}-{uuid.uuid4().hex[:6]}"
+    write_json(join(run_dir, EVENTS_DIR, f"{event_id}.json"), {"at": at, "event": kind, **fields})
+    return event_id
+
+
+def _event_time(event_id: str) -> float:
+    return float(event_id.split("-", 1)[0])
 
 
 def _why(error: BaseException) -> str:
@@ -101,3 +115,22 @@ def timeline(run_dir: str) -> dict[str, list[dict[str, Any]]]:
         )
     retries = [e for e in events if e["event"] == "placement_retry"]
     return {"workers": starts, "restarts": restarts, "placement_retries": retries}
+
+
+def trained_rows(run_dir: str) -> dict[int, list[int]]:
+    """{step: the rows all workers trained in it, sorted}, from a local run's sample log. A step that
+    a later worker group ran again is logged again: the records of the last group (by its start
+    event's time) that ran it stand for it, as its weights are the ones training went on from."""
+    records = []
+    for path in sorted(glob.glob(join(run_dir, SAMPLES_DIR, "rank-*.jsonl"))):
+        with open(path) as f:
+            records += [json.loads(line) for line in f if line.strip()]
+    last: dict[int, str] = {}
+    for r in records:
+        if r["step"] not in last or _event_time(r["group"]) > _event_time(last[r["step"]]):
+            last[r["step"]] = r["group"]
+    steps: dict[int, list[int]] = {}
+    for r in records:
+        if r["group"] == last[r["step"]]:
+            steps.setdefault(r["step"], []).extend(r["rows"])
+    return {step: sorted(rows) for step, rows in sorted(steps.items())}

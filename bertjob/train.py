@@ -752,17 +752,26 @@ class Recipe:
         self.tracker = (
             _Tracker(cfg.tracking, self.meta["tracking_dir"], to_dict(cfg)) if self.rank == 0 else None
         )
-        self.sample_log = None
-        if cfg.sample_log:
-            os.makedirs(join(self.meta["run_dir"], "samples"), exist_ok=True)
-            self.sample_log = open(join(self.meta["run_dir"], "samples", f"rank-{self.rank}.jsonl"), "a")
+        group = None  # this worker group: the id of the start event its rank 0 records
         if self.rank == 0:
             import ray  # Ray: the node this worker group's rank 0 runs on
 
-            runlog.record(self.meta["run_dir"], "start", workers=self.world, from_step=self.state.step,
-                          epoch=self.state.epoch, node=ray.get_runtime_context().get_node_id())  # fmt: skip
+            group = runlog.record(self.meta["run_dir"], "start", workers=self.world, from_step=self.state.step,
+                                  epoch=self.state.epoch, node=ray.get_runtime_context().get_node_id())  # fmt: skip
             log.info("worker setup: %d workers on %s, precision %s, %d threads, GLIBC_TUNABLES=%s", self.world,
                      self.device, self.precision, torch.get_num_threads(), os.environ.get("GLIBC_TUNABLES", "(unset)"))  # fmt: skip
+        self.sample_log = None
+        if cfg.sample_log:
+            if self.world > 1:  # every rank tags its records with the group rank 0 recorded
+                import torch.distributed as dist
+
+                shared = [group]
+                dist.broadcast_object_list(shared, src=0, device=self.device)
+                group = shared[0]
+            self.group = group
+            samples = join(self.meta["run_dir"], runlog.SAMPLES_DIR)
+            os.makedirs(samples, exist_ok=True)
+            self.sample_log = open(join(samples, f"rank-{self.rank}.jsonl"), "a")
 
     # --- checkpoints: save and load, one the mirror of the other ---------------------------------
 
@@ -856,8 +865,10 @@ class Recipe:
         state.tokens_seen += int(self.train_rows.lengths[rows].sum())
         state.padded_tokens_seen += self.padded_tokens(rows)
         if self.sample_log is not None:
-            # attempt: how often this run was resumed before; a step re-run after a restart is logged again
-            record = {"step": state.step, "epoch": state.epoch, "attempt": len(state.resumed_at_steps),
+            # group: the worker group that ran the step; one that a later group runs again (after a
+            # restart, a resize, in a rerun) is logged again, and runlog.trained_rows keeps the last.
+            # Not the resume count: two groups that resumed from the same checkpoint share it.
+            record = {"step": state.step, "epoch": state.epoch, "group": self.group,
                       "rank": self.rank, "world": self.world, "rows": np.concatenate(parts).tolist()}  # fmt: skip
             self.sample_log.write(json.dumps(record) + "\n")
             self.sample_log.flush()

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from bertjob import runlog
 from tests.conftest import make_imdb_dir, review, tar_dir
 from tests.multinode import RayCluster
-from tests.test_train import _trace
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,7 +173,7 @@ def test_elastic_training_survives_a_killed_node_and_grows_back_when_one_joins(
     assert all(r["why"] and r["from_step"] is not None for r in metrics["restarts"])
     # Exactly one pass over the train split per epoch, across 2, 1 and 2 workers.
     n_train = json.loads((prepared / "manifest.json").read_text())["splits"]["train"]["rows_written"]
-    steps = _trace(ckpts / "e")
+    steps = runlog.trained_rows(str(ckpts / "e"))
     per_epoch = -(-n_train // 8)
     assert sorted(steps) == list(range(2 * per_epoch))
     for epoch in range(2):

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch
 
-from bertjob import cli, outputs, train, training
+from bertjob import cli, outputs, runlog, train, training
 from bertjob.config import TrainConfig
 from tests.conftest import kill_session
 
@@ -75,22 +75,6 @@ def _no_dropout(tiny_model_dir: str, tmp_path) -> str:
     config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     (d / "config.json").write_text(json.dumps(config))
     return str(d)
-
-
-def _trace(run_dir) -> dict[int, list[int]]:
-    """Rows trained in each step, all workers, from the sample log: a step re-run after a restart
-    is logged again, and the last attempt's records stand for it."""
-    records = [
-        json.loads(x) for f in (run_dir / "samples").glob("rank-*.jsonl") for x in f.read_text().splitlines()
-    ]
-    last = {}
-    for r in records:
-        last[r["step"]] = max(last.get(r["step"], 0), r["attempt"])
-    steps: dict[int, list[int]] = {}
-    for r in records:
-        if r["attempt"] == last[r["step"]]:
-            steps.setdefault(r["step"], []).extend(r["rows"])
-    return {k: sorted(v) for k, v in steps.items()}
 
 
 def _final_weights(run_dir) -> dict:
@@ -165,7 +149,7 @@ def test_a_killed_worker_then_a_killed_job_resume_at_the_exact_sample_with_fewer
     assert resumed["cpus_per_worker"] == 2 and resumed["worker_threads"] == 2
     assert whole["cpus_per_worker"] == 1 and whole["worker_threads"] == 1
 
-    a, b = _trace(tmp_path / "a" / "ckpt" / "t"), _trace(run_dir)
+    a, b = runlog.trained_rows(str(tmp_path / "a" / "ckpt" / "t")), runlog.trained_rows(str(run_dir))
     assert sorted(a) == sorted(b) == list(range(24)) and a == b  # the same rows in the same steps
     for epoch in (range(12), range(12, 24)):
         assert sorted(r for s in epoch for r in b[s]) == list(range(180))  # each row once per epoch
@@ -177,6 +161,41 @@ def test_a_killed_worker_then_a_killed_job_resume_at_the_exact_sample_with_fewer
     compared = [k for k in wa if not k.endswith("attention.self.key.bias")]
     assert len(compared) == len(wa) - 2  # the tiny model's two layers
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5, rtol=1e-4) for k in compared)  # float rounding only
+
+
+def test_two_groups_that_resume_from_the_same_checkpoint_are_told_apart_in_the_sample_log(
+    prepared_small, tiny_model_dir, tmp_path
+):
+    """A worker group killed before its first checkpoint: the next one trains the same steps again
+    from the same start (no checkpoint). The sample log tagged both groups' records with the resume
+    count, 0 for both, and the audit saw those steps with both groups' rows, the rows trained
+    twice; each record now names its group (the id of the start event its rank 0 records)."""
+    out = tmp_path / "run"
+    run_dir = out / "ckpt" / "t"
+    # 45 steps of 4 rows and a checkpoint only at the epoch's end: the kill comes long before it.
+    args = [sys.executable, "-m", "bertjob", "train", "--data", str(prepared_small), "--output", str(out),
+            "--model", tiny_model_dir, "--num-workers", "2", "--epochs", "1", "--batch-size", "4",
+            "--name", "t", "--storage-path", str(out / "ckpt"), "--mixed-precision", "off",
+            "--sample-log", "true", "--max-failures", "1"]  # fmt: skip
+    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    log = run_dir / "samples" / "rank-1.jsonl"
+    try:
+        _wait_for(lambda: log.exists() and log.read_text().strip())  # the first group has trained
+        workers = [
+            p for p in psutil.process_iter() if _in_session(p, proc.pid) and "RayTrainWorker" in _cmd(p)
+        ]
+        assert workers, "no Ray Train worker found in the job's session"
+        workers[-1].kill()
+        _, err = proc.communicate(timeout=300)
+    finally:
+        kill_session(proc.pid)
+    assert proc.returncode == 0, err[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert [e["event"] for e in m["restarts"]] == ["restart"] and m["resumed_at_steps"] == []
+    steps = runlog.trained_rows(str(run_dir))
+    assert sorted(steps) == list(range(45))
+    assert sorted(r for rows in steps.values() for r in rows) == list(range(180))  # each row once
 
 
 def test_ctrl_c_or_sigterm_end_training_with_the_resume_line_and_a_rerun_resumes(
