@@ -61,6 +61,29 @@ def _run_key(cfg: Any, manifest: dict[str, Any]) -> str:
     return identity(manifest["identity"], _run_settings(cfg), model_fingerprint(cfg.model))[:10]
 
 
+def keyed_run(cfg: Any, manifest: dict[str, Any]) -> Any:
+    """A train or pretrain run as the pipeline names it: NAME-KEY, KEY its identity (the prepared
+    data's, the settings, the starting weights), so that changed data or settings start a new run
+    while an interrupted identical one resumes from its checkpoints."""
+    return dataclasses.replace(cfg, name=f"{cfg.name}-{_run_key(cfg, manifest)}")
+
+
+def stage_run(cfg: Any, stage: str) -> Any:
+    """`bertjob train|pretrain --config PIPELINE_FILE`: the pipeline's run of that stage, under its
+    name. It trained run NAME, another run than the pipeline's NAME-KEY: from step 0 where the
+    pipeline's was interrupted, replacing the model of its finished one. Data not prepared yet
+    keeps NAME (the stage says what to run)."""
+    check_access({"data": cfg.data})
+    path = join(cfg.data, MANIFEST)
+    manifest = read_json(path) if exists(path) else {}
+    if "identity" not in manifest:
+        return cfg
+    cfg = keyed_run(cfg, manifest)
+    if note := _new_run_note(cfg, stage, cfg.storage_path):
+        log.info("%s", note)
+    return cfg
+
+
 def _new_run_note(cfg: Any, stage: str, storage: str) -> str | None:
     """What a run of another identity than the one whose model OUTPUT holds is about to do: with
     another --train.epochs the pipeline trained a new run from step 0 and replaced the model without
@@ -169,8 +192,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     # 1b. pretrain (optional, off by default): masked-LM on the prepared unsup+train text; train then
     #     starts from its model. Its run name carries its identity, as train's below.
     if cfg.pretrain_stage:
-        pt_cfg = cfg.stage("pretrain")
-        pt_cfg = dataclasses.replace(pt_cfg, name=f"{pt_cfg.name}-{_run_key(pt_cfg, manifest)}")
+        pt_cfg = keyed_run(cfg.stage("pretrain"), manifest)
         pt_metrics, reused = _finished(pt_cfg), True
         if pt_metrics is None:
             if note := _new_run_note(pt_cfg, "pretrain", pt_cfg.storage_path):
@@ -186,9 +208,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     # 2. train: the run name carries its identity (the prepared data's, the settings, the starting
     #    weights: a new pre-trained model is a new run), so changed data or settings start a new
     #    run while an interrupted identical one resumes from its checkpoints.
-    t_cfg = cfg.stage("train")
-    key = _run_key(t_cfg, manifest)
-    t_cfg = dataclasses.replace(t_cfg, name=f"{t_cfg.name}-{key}")
+    t_cfg = keyed_run(cfg.stage("train"), manifest)
     metrics = _finished(t_cfg)
     if metrics is not None:
         log.info("pipeline: train: reusing %s (same data and settings)", t_cfg.output)

@@ -163,3 +163,28 @@ def test_how_often_a_run_checkpoints_is_no_part_of_its_identity():
     base = build(PipelineConfig, {})
     for stage in ("train", "pretrain"):
         assert pipeline._run_settings(cfg.stage(stage)) == pipeline._run_settings(base.stage(stage))
+
+
+def test_a_stage_given_the_pipeline_file_trains_the_pipeline_s_run(tmp_path, tiny_model_dir):
+    """`bertjob train --config PIPELINE_FILE` trained run NAME where the pipeline trains NAME-KEY:
+    after an interrupted pipeline it started another run from step 0, after a finished one it
+    trained again and replaced the pipeline's model. Now both name the run alike, so either resumes
+    it (pretrain too); a stage flag changes the run as the pipeline's --train.KEY does."""
+    from bertjob.cli import resolve
+    from bertjob.config import read_yaml
+
+    f = tmp_path / "pipe.yaml"
+    f.write_text(f"output_dir: {tmp_path / 'out'}\nmodel: {tiny_model_dir}\nname: p\ntrain: {{epochs: 3}}\n")
+    assert resolve("train", {"config": str(f)}, {}).name == "p"  # nothing prepared: train says to prepare
+    manifest = {"identity": "prepared-data"}
+    (tmp_path / "out" / "prepared").mkdir(parents=True)
+    (tmp_path / "out" / "prepared" / "manifest.json").write_text(json.dumps(manifest))
+    cfg = build(PipelineConfig, read_yaml(str(f)))
+    for stage, name in (("train", "p"), ("pretrain", "p-pretrain")):
+        key = pipeline._run_key(cfg.stage(stage), manifest)  # as pipeline.run names the stage's run
+        assert resolve(stage, {"config": str(f)}, {}).name == f"{name}-{key}"
+    longer = build(PipelineConfig, {**read_yaml(str(f)), "train": {"epochs": 4}}).stage("train")
+    assert (
+        resolve("train", {"config": str(f), "epochs": "4"}, {}).name
+        == f"p-{pipeline._run_key(longer, manifest)}"
+    )
