@@ -163,41 +163,6 @@ def test_a_killed_worker_then_a_killed_job_resume_at_the_exact_sample_with_fewer
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5, rtol=1e-4) for k in compared)  # float rounding only
 
 
-def test_two_groups_that_resume_from_the_same_checkpoint_are_told_apart_in_the_sample_log(
-    prepared_small, tiny_model_dir, tmp_path
-):
-    """A worker group killed before its first checkpoint: the next one trains the same steps again
-    from the same start (no checkpoint). The sample log tagged both groups' records with the resume
-    count, 0 for both, and the audit saw those steps with both groups' rows, the rows trained
-    twice; each record now names its group (the id of the start event its rank 0 records)."""
-    out = tmp_path / "run"
-    run_dir = out / "ckpt" / "t"
-    # 45 steps of 4 rows and a checkpoint only at the epoch's end: the kill comes long before it.
-    args = [sys.executable, "-m", "bertjob", "train", "--data", str(prepared_small), "--output", str(out),
-            "--model", tiny_model_dir, "--num-workers", "2", "--epochs", "1", "--batch-size", "4",
-            "--name", "t", "--storage-path", str(out / "ckpt"), "--mixed-precision", "off",
-            "--sample-log", "true", "--max-failures", "1"]  # fmt: skip
-    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
-    log = run_dir / "samples" / "rank-1.jsonl"
-    try:
-        _wait_for(lambda: log.exists() and log.read_text().strip())  # the first group has trained
-        workers = [
-            p for p in psutil.process_iter() if _in_session(p, proc.pid) and "RayTrainWorker" in _cmd(p)
-        ]
-        assert workers, "no Ray Train worker found in the job's session"
-        workers[-1].kill()
-        _, err = proc.communicate(timeout=300)
-    finally:
-        kill_session(proc.pid)
-    assert proc.returncode == 0, err[-3000:]
-    m = json.loads((out / "metrics.json").read_text())
-    assert [e["event"] for e in m["restarts"]] == ["restart"] and m["resumed_at_steps"] == []
-    steps = runlog.trained_rows(str(run_dir))
-    assert sorted(steps) == list(range(45))
-    assert sorted(r for rows in steps.values() for r in rows) == list(range(180))  # each row once
-
-
 def test_ctrl_c_or_sigterm_end_training_with_the_resume_line_and_a_rerun_resumes(
     prepared_small, tiny_model_dir, tmp_path
 ):
