@@ -194,9 +194,10 @@ def open_corpus(
     # A directory: the IMDb layout (possibly one level down, as in aclImdb_v1/aclImdb), else files.
     listing = _list(fs, where, recursive=True)
     outputs = _outputs_below(listing, where)
+    # A broken link of any name: one to a directory (an unmounted share, a moved folder) held files too.
     _refuse_unreadable(fs, [
         f for f in listing
-        if (_format_of(f.path) or IMDB_REVIEW_TXT.search(f.path))
+        if (_format_of(f.path) or IMDB_REVIEW_TXT.search(f.path) or f.type == pafs.FileType.NotFound)
         and not _hidden(f.path, where) and not f.path.startswith(outputs)
     ])  # fmt: skip
     imdb = [f for f in listing if f.type == pafs.FileType.File and IMDB_FILE.search(f.path)]
@@ -320,7 +321,14 @@ def _glob(fs: pafs.FileSystem, pattern: str) -> tuple[str, list[tuple[str, int]]
         f for f in listing
         if _match_segments(f.path[len(base) :].strip("/").split("/"), segments) and not f.path.startswith(outputs)
     ]  # fmt: skip
-    _refuse_unreadable(fs, matches)
+    # A broken link where the pattern reaches below (data/*/x.csv, data/**/*.csv) may have been a
+    # directory of matches: refused as one to a matching file is.
+    gone = [
+        f for f in listing
+        if f.type == pafs.FileType.NotFound and not f.path.startswith(outputs)
+        and any(_match_segments(f.path[len(base) :].strip("/").split("/"), segments[:k]) for k in range(1, len(segments)))
+    ]  # fmt: skip
+    _refuse_unreadable(fs, matches + gone)
     return base, sorted((f.path, f.size) for f in matches if f.type == pafs.FileType.File)
 
 

@@ -267,6 +267,16 @@ def test_a_corpus_file_that_is_a_broken_symlink_is_an_error(tmp_path):
     assert read_all(open_corpus(str(corpus / "a*.csv"))).column("id").to_pylist() == ["a.csv:0"]
     (corpus / "b.csv").unlink()
     assert open_corpus(str(corpus)).units == [str(corpus / "a.csv")]
+    # A link to a directory that is gone (an unmounted share) held files too: refused under any name,
+    # where a pattern reaches below it; a pattern of the top level's .csv files does not.
+    (corpus / "part2").symlink_to(tmp_path / "unmounted")
+    for path in (corpus, corpus / "*" / "*.csv", corpus / "**" / "*.csv"):
+        with pytest.raises(
+            InputError, match=r"corpus/part2: a symbolic link to .*unmounted, which does not exist"
+        ):
+            open_corpus(str(path))
+    assert open_corpus(str(corpus / "*.csv")).units == [str(corpus / "a.csv")]
+    (corpus / "part2").unlink()
     os.mkfifo(corpus / "c.csv")  # nor a FIFO's (an input of its own, it was this error already)
     for path in (corpus, corpus / "*.csv"):
         with pytest.raises(InputError, match=r"corpus/c\.csv: neither a regular file nor a directory"):
