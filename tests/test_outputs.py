@@ -8,7 +8,7 @@ import pytest
 
 from bertjob import infer
 from bertjob.config import InferConfig
-from bertjob.outputs import OutputError, claim_output, ensure_output
+from bertjob.outputs import OutputError, check_replaceable, claim_output, ensure_output
 
 
 def test_a_stage_never_deletes_another_stages_output(tmp_path):
@@ -50,6 +50,19 @@ def test_an_output_that_is_not_a_directory_is_an_error(tmp_path):
     os.mkfifo(tmp_path / "fifo")  # as /dev/null: a traceback from listing it ("Cannot list directory")
     with pytest.raises(OutputError, match="fifo is neither a directory nor a regular file; give a directory"):
         ensure_output(str(tmp_path / "fifo"), "train")
+
+
+def test_an_output_that_cannot_be_written_is_refused_by_the_check_before_ray(tmp_path, monkeypatch):
+    """prepare and infer check their output before starting Ray; one under a file, or in a directory
+    without write permission, passed that check and failed only once Ray had started."""
+    (tmp_path / "reviews.csv").write_text("text\ngood\n")
+    with pytest.raises(OutputError, match=r"cannot write there \(.*reviews.csv is a file, not a directory\)"):
+        check_replaceable(str(tmp_path / "reviews.csv" / "prepared"), "prepare")
+    writable = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: p != str(tmp_path) and writable(p, mode))  # not as root
+    with pytest.raises(OutputError, match=f"cannot write there \\(no permission to write in {tmp_path}\\)"):
+        check_replaceable(str(tmp_path / "out" / "prepared"), "prepare")
+    assert not (tmp_path / "out").exists()
 
 
 def test_nested_outputs_and_a_pipeline_root_are_never_wiped(tmp_path):
