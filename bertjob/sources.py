@@ -55,7 +55,13 @@ GENERIC_FORMATS = {
 }
 COMPRESSIONS = (".gz", ".bz2", ".zst")  # of CSV and JSONL files, by suffix in any case
 SAMPLE_NAME = "aclImdb_sample.tar.gz"
-IMDB_ARCHIVES = (".tar.gz", ".tgz", ".tar")  # read as the IMDb layout, alone
+IMDB_ARCHIVES = (".tar.gz", ".tgz", ".tar")
+SPLITS = (
+    "train",
+    "validation",
+    "test",
+    "unsup",
+)  # of a split=... directory  # read as the IMDb layout, alone
 TAR_SLICES = 1
 PREPARED_FORMAT = "bertjob-prepared/1"
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -95,7 +101,7 @@ class Corpus:
     label_column: str = "label"
     id_column: str = ""
     split: str = "train"
-    split_of_unit: dict[str, str] = field(default_factory=dict)  # hf:// splits
+    split_of_unit: dict[str, str] = field(default_factory=dict)  # hf:// splits, split=... directories
     size_bytes: int = 0
     # Rows carry labels (outside the unlabelled split): a row without one is quarantined, and
     # evaluate refuses a corpus without them before any work.
@@ -130,7 +136,11 @@ class Corpus:
             return {_imdb_split(m) for unit in self.units for m in map(IMDB_FILE.search, unit) if m}
         if self.kind in ("imdb-tar", "prepared"):
             return None
-        return {self.split_of_unit.get(unit, self.split) for unit in self.units}
+        return {self.split_of(unit) for unit in self.units}
+
+    def split_of(self, unit: str) -> str:
+        """The split of a file's rows: its own (hf://, a split=test/ directory), else `split`."""
+        return self.split_of_unit.get(unit, self.split)
 
     def describe(self) -> str:
         files = self.kind in ("parquet", "csv", "jsonl")
@@ -374,6 +384,17 @@ def _generic(fs: pafs.FileSystem, root: str, files: list[tuple[str, int]], opts:
     kind = kinds.pop()
     corpus = Corpus(kind, root, [p for p, _ in files], fs, size_bytes=sum(s for _, s in files), **opts)
     for path, _ in files:
+        # A corpus partitioned by split (Hive's layout: reviews/split=test/part-0.parquet) keeps its
+        # files' splits in their paths: read as --split's, its test rows were trained on.
+        own = _partition_keys(corpus, path).get("split")
+        own = "unsup" if own == "unsupervised" else own  # Hugging Face's name, as hf:// reads it
+        if own is not None and own not in SPLITS:
+            raise InputError(
+                f"input {uri(fs, path)}: split={own} is not a split bertjob reads ({', '.join(SPLITS)}); "
+                f"rename the directory (split=validation for a dev set)"
+            )
+        if own is not None:
+            corpus.split_of_unit[path] = own
         try:
             names = _check_columns(corpus, path)
         except InputError:
@@ -826,7 +847,7 @@ def _read_parquet(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Tab
         row = 0
         for batch in pf.iter_batches(batch_size=ROWS_PER_TABLE * 4, columns=cols or None):
             table = pa.Table.from_batches([batch])
-            yield _generic_table(corpus, path, table, row, corpus.split)
+            yield _generic_table(corpus, path, table, row, corpus.split_of(path))
             row += table.num_rows
 
 
@@ -875,7 +896,7 @@ def _read_arrow(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table
         )
         for batch in batches:
             table = pa.Table.from_batches([batch])
-            yield _generic_table(corpus, path, table, row, corpus.split_of_unit.get(path, corpus.split))
+            yield _generic_table(corpus, path, table, row, corpus.split_of(path))
             row += table.num_rows
 
 
@@ -952,7 +973,7 @@ def _read_csv(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table]:
                     decoded[c] = pa.array(
                         [decode_text(v)[0] or None for v in table.column(c).to_pylist()], pa.string()
                     )
-            yield _generic_table(corpus, path, pa.table(decoded), row, corpus.split)
+            yield _generic_table(corpus, path, pa.table(decoded), row, corpus.split_of(path))
             row += table.num_rows
 
 
@@ -969,7 +990,7 @@ def _read_jsonl(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table
 
     def flush() -> pa.Table:
         table = pa.Table.from_pydict({c: pa.array(buf[c], pa.string()) for c in cols})
-        out = _generic_table(corpus, path, table, row, corpus.split)
+        out = _generic_table(corpus, path, table, row, corpus.split_of(path))
         return out.set_column(4, "utf8_replaced", pa.array(bad_utf8, pa.bool_()))
 
     with _file_errors(corpus, path), _open_text_stream(corpus.fs, path) as f:

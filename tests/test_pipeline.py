@@ -110,6 +110,14 @@ def test_a_corpus_with_nothing_to_evaluate_or_score_fails_before_any_work(tmp_pa
     assert splits == {"train", "validation", "test"}
     assert {k: v.split for k, v in pipeline.scoring_stages(held_out, splits).items()} == {
         "evaluate": "test", "infer": "test"}  # fmt: skip
+    # A corpus partitioned by split: its test rows were prepared as train, and trained on.
+    pq.write_to_dataset(pa.Table.from_pylist([{**r, "split": ("train", "test")[i % 4 == 0]} for i, r in enumerate(rows)]),
+                        tmp_path / "by_split", partition_cols=["split"])  # fmt: skip
+    partitioned = build(PipelineConfig, {**settings, "input": str(tmp_path / "by_split")})
+    splits = prepare.splits_written(partitioned.stage("prepare"), open_corpus(partitioned.input))
+    assert splits == {"train", "validation", "test"}
+    assert {k: v.split for k, v in pipeline.scoring_stages(partitioned, splits).items()} == {
+        "evaluate": "test", "infer": "test"}  # fmt: skip
     with_unsup = make_imdb_dir(tmp_path / "u", {"train": 3, "unsup": 2})
     unsup = build(PipelineConfig, {**settings, "input": str(with_unsup)})
     splits = prepare.splits_written(unsup.stage("prepare"), open_corpus(unsup.input))

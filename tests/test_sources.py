@@ -200,6 +200,35 @@ def test_a_label_in_the_path_of_a_partitioned_dataset_is_read(tmp_path):
     assert rows == [("awful", "negative"), ("hm", None), ("loved it", "pos")]  # Hive's null: no label
 
 
+def test_the_split_in_the_path_of_a_partitioned_dataset_is_read(tmp_path):
+    """reviews/split=train/, reviews/split=test/ (Hive's layout, as Spark or pyarrow write a split
+    column): every row went to --split, train, so that prepare trained on the test rows."""
+    table = pa.table({"text": ["good", "bad", "fine", "meh"], "label": [1, 0, 1, 0], "split": ["train", "train", "test", "unsupervised"]})  # fmt: skip
+    pq.write_to_dataset(table, tmp_path / "pq", partition_cols=["split"])
+    # A file outside the split=... directories goes to --split.
+    pq.write_table(pa.table({"text": ["fine"], "label": [1]}), tmp_path / "pq" / "loose.parquet")
+    c = open_corpus(str(tmp_path / "pq"), split="train")
+    assert c.splits() == {"train", "test", "unsup"}
+    rows = sorted((r["text"], r["split"]) for r in read_all(c).to_pylist())
+    assert rows == [
+        ("bad", "train"),
+        ("fine", "test"),
+        ("fine", "train"),
+        ("good", "train"),
+        ("meh", "unsup"),
+    ]
+    for kind, body in (("csv", "text,label\nloved it,1\n"), ("jsonl", '{"text": "loved it", "label": 1}\n')):
+        (tmp_path / kind / "split=test").mkdir(parents=True)
+        (tmp_path / kind / "split=test" / f"part.{kind}").write_text(body)
+        assert [r["split"] for r in read_all(open_corpus(str(tmp_path / kind))).to_pylist()] == ["test"]
+    (tmp_path / "csv" / "split=dev").mkdir()  # a name train, evaluate and the pipeline would not read
+    (tmp_path / "csv" / "split=dev" / "part.csv").write_text("text,label\nfine,1\n")
+    with pytest.raises(
+        InputError, match=r"split=dev/part.csv: split=dev is not a split bertjob reads \(train, "
+    ):
+        open_corpus(str(tmp_path / "csv"))
+
+
 def test_a_glob_matches_each_path_segment_like_a_shell(tmp_path):
     """`*`, `?` and `[...]` never match `/`: gl/*.parquet is the files in gl/, not also gl/backup/'s."""
     rows = pa.table({"id": ["1", "2", "3"], "text": ["a", "b", "c"], "label": [1, 0, 1]})
