@@ -120,7 +120,16 @@ def rating_scale(unrecognised: dict[str, int], labels: dict[str, int], column: s
     "1": rows}) are ratings (1 star; "negative"), yet were read as negative and positive, and the
     rest were quarantined. prepare reported success and train learned 1-star reviews as positive
     from what was left; evaluate scored the model against them. -1 is left to the quarantine:
-    Hugging Face's datasets mark an unlabelled row so (GLUE's test splits)."""
+    Hugging Face's datasets mark an unlabelled row so (GLUE's test splits), except beside 1s without
+    a 0: labels of -1/+1, whose negatives were all quarantined and a model trained on positives alone."""
+    minus = {v: n for v, n in unrecognised.items() if v.strip() in ("-1", "-1.0")}
+    if minus and labels.get("1", 0) and not labels.get("0", 0):
+        shown = ", ".join(f"{v!r} x{n}" for v, n in minus.items())
+        return (
+            f"label column {column!r} holds -1 ({shown}) and 1 ({labels['1']}) but no 0: labels of -1/+1? bertjob's "
+            f"labels are 0/1 (also neg/pos, negative/positive, false/true), so the -1 rows were quarantined and only "
+            f"positives were left. Map -1 to 0 first"
+        )
     numeric = {}
     for value, n in unrecognised.items():
         try:

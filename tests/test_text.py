@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from bertjob.text import cap_chars, clean_text, decode_text, keep_spans, parse_label
+from bertjob.text import cap_chars, clean_text, decode_text, keep_spans, parse_label, rating_scale
 
 
 def test_clean_text_removes_imdb_breaks_tags_and_entities():
@@ -21,6 +21,17 @@ def test_clean_text_removes_imdb_breaks_tags_and_entities():
 )  # fmt: skip
 def test_parse_label(value, expected):
     assert parse_label(value) == expected
+
+
+def test_labels_of_minus_one_and_one_are_an_error_not_positives_alone():
+    """-1/+1 labels: the -1s were quarantined as unrecognised and prepare reported success with a
+    train split of positives alone ('wrote train 19, validation 1', label_counts {'1': 19})."""
+    problem = rating_scale({"-1": 20}, {"1": 20}, "label")
+    assert problem and "holds -1 ('-1' x20) and 1 (20) but no 0: labels of -1/+1?" in problem
+    assert "Map -1 to 0 first" in problem
+    # -1 as Hugging Face's mark of an unlabelled row, beside 0s and 1s or alone, stays quarantined.
+    assert rating_scale({"-1": 5}, {"0": 10, "1": 10}, "label") is None
+    assert rating_scale({"-1": 5}, {}, "label") is None
 
 
 def test_decode_text_replaces_invalid_utf8_and_says_so():
