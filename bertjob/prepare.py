@@ -36,7 +36,7 @@ from bertjob import models
 from bertjob.config import PrepareConfig, to_dict
 from bertjob.identity import corpus_fingerprint, identity
 from bertjob.outputs import MANIFEST, check_replaceable, claim_output, versions
-from bertjob.sources import Corpus, InputError, open_corpus
+from bertjob.sources import Corpus, InputError, columns_of, open_corpus
 from bertjob.storage import check_access, filesystem, for_workers, join, write_json
 from bertjob.text import BAD_LABEL, rating_scale, tokenize_rows
 
@@ -424,6 +424,16 @@ def open_input(cfg: PrepareConfig) -> Corpus:
             f"input {cfg.input} is already prepared (a `bertjob prepare` output of {source}); give it to "
             f"train (--data), infer or evaluate, or prepare the corpus it came from"
         )
+    if corpus.kind in ("parquet", "csv", "jsonl") and cfg.label_column and not corpus.labelled:
+        # "Label" (Excel's capital), " label" (a space after the header's comma): read as unlabelled,
+        # the corpus was prepared to a train split without labels, which train refused afterwards.
+        names = next((n for n in (columns_of(corpus, u) for u in corpus.units) if n), [])
+        near = [n for n in names if n.strip().lower() == cfg.label_column.strip().lower()]
+        if near:
+            raise InputError(
+                f"input {cfg.input}: no column {cfg.label_column!r}, but one named {near[0]!r}; set --label-column "
+                f"to it (in a pipeline: --prepare.label-column), or rename it"
+            )
     return corpus
 
 

@@ -178,6 +178,21 @@ def test_a_prepared_directory_is_refused_as_input_and_left_as_it_is(tmp_path, pr
     assert not (tmp_path / "again").exists() and not (tmp_path / "p").exists()
 
 
+def test_a_label_column_named_in_another_case_or_with_a_space_is_an_error(tmp_path):
+    """A header `text,Label` (Excel's capital) or `text, label` was read as an unlabelled corpus:
+    prepare wrote a train split without labels, and only train said so, as having none."""
+    for header, column in (("text,Label", "'Label'"), ("text, label", "' label'")):
+        (tmp_path / "r.csv").write_text(f"{header}\ngreat fun,1\nawful bore,0\n")
+        with pytest.raises(
+            InputError, match=f"no column 'label', but one named {column}; set --label-column"
+        ):
+            prepare.open_input(PrepareConfig(input=str(tmp_path / "r.csv"), output=str(tmp_path / "out")))
+    (tmp_path / "r.csv").write_text("text,stars\ngreat fun,5\n")  # unlabelled (for pre-training) as before
+    assert not prepare.open_input(
+        PrepareConfig(input=str(tmp_path / "r.csv"), output=str(tmp_path / "o"))
+    ).labelled
+
+
 def test_an_output_prepare_may_not_replace_is_refused_before_ray_starts(tmp_path, tiny_model_dir):
     """`bertjob prepare --output scored/` (an infer output) started a local Ray and loaded the
     tokenizer, ~15 s, before saying that it never replaces it: now the command ends at once."""
