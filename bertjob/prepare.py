@@ -424,6 +424,13 @@ def open_input(cfg: PrepareConfig) -> Corpus:
             f"input {cfg.input} is already prepared (a `bertjob prepare` output of {source}); give it to "
             f"train (--data), infer or evaluate, or prepare the corpus it came from"
         )
+    own = corpus.splits()  # None: an IMDb archive's, which hold test/
+    if cfg.test_fraction and (TEST in own if own is not None else corpus.kind == "imdb-tar"):
+        # Its test split was written with train rows added, without a word (IMDb's 25,000 and a fifth of train).
+        raise InputError(
+            f"input {cfg.input} has a test split of its own; --test-fraction {cfg.test_fraction:g} would add "
+            f"train rows to it: leave it out (it is for a corpus without one)"
+        )
     if corpus.kind in ("parquet", "csv", "jsonl") and cfg.label_column and not corpus.labelled:
         # "Label" (Excel's capital), " label" (a space after the header's comma): read as unlabelled,
         # the corpus was prepared to a train split without labels, which train refused afterwards.

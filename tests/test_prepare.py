@@ -14,7 +14,7 @@ from bertjob import prepare
 from bertjob.config import ConfigError, PrepareConfig, build
 from bertjob.outputs import OutputError
 from bertjob.sources import InputError, open_corpus
-from tests.conftest import kill_session
+from tests.conftest import kill_session, make_imdb_dir
 
 pytestmark = pytest.mark.integration
 
@@ -178,7 +178,7 @@ def test_a_prepared_directory_is_refused_as_input_and_left_as_it_is(tmp_path, pr
     assert not (tmp_path / "again").exists() and not (tmp_path / "p").exists()
 
 
-def test_a_label_column_named_in_another_case_or_with_a_space_is_an_error(tmp_path):
+def test_a_label_column_in_another_case_or_a_test_fraction_beside_a_test_split_is_an_error(tmp_path):
     """A header `text,Label` (Excel's capital) or `text, label` was read as an unlabelled corpus:
     prepare wrote a train split without labels, and only train said so, as having none."""
     for header, column in (("text,Label", "'Label'"), ("text, label", "' label'")):
@@ -187,6 +187,16 @@ def test_a_label_column_named_in_another_case_or_with_a_space_is_an_error(tmp_pa
             InputError, match=f"no column 'label', but one named {column}; set --label-column"
         ):
             prepare.open_input(PrepareConfig(input=str(tmp_path / "r.csv"), output=str(tmp_path / "out")))
+    # A corpus with a test split of its own got train rows added to it by --test-fraction.
+    (tmp_path / "parts" / "split=test").mkdir(parents=True)
+    (tmp_path / "parts" / "split=test" / "t.csv").write_text("text,label\ngreat fun,1\n")
+    for corpus in (tmp_path / "parts", make_imdb_dir(tmp_path / "imdb", {"train": 2, "test": 2})):
+        with pytest.raises(
+            InputError, match="has a test split of its own; --test-fraction 0.2 would add train rows"
+        ):
+            prepare.open_input(
+                PrepareConfig(input=str(corpus), output=str(tmp_path / "o"), test_fraction=0.2)
+            )
     (tmp_path / "r.csv").write_text("text,stars\ngreat fun,5\n")  # unlabelled (for pre-training) as before
     assert not prepare.open_input(
         PrepareConfig(input=str(tmp_path / "r.csv"), output=str(tmp_path / "o"))
