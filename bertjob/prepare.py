@@ -19,7 +19,9 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import logging
+import os
 import pickle
+import re
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -37,7 +39,7 @@ from bertjob.config import PrepareConfig, to_dict
 from bertjob.identity import corpus_fingerprint, identity
 from bertjob.outputs import MANIFEST, check_replaceable, claim_output, versions
 from bertjob.sources import Corpus, InputError, columns_of, open_corpus
-from bertjob.storage import check_access, filesystem, for_workers, join, write_json
+from bertjob.storage import check_access, filesystem, for_workers, join, uri, write_json
 from bertjob.text import BAD_LABEL, rating_scale, tokenize_rows
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ STAGING = "_staging"  # train rows waiting for the validation split; gone once t
 WRITER_CPUS = 32  # one write actor per this many CPUs of tokenizing
 BAD_LABELS_KEPT = 10  # unrecognised label values a manifest names, the commonest first
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
+SPLIT_WORDS = ("train", "test", "validation", "valid", "val", "dev", "unsupervised", "unsup")  # as file names
 
 PREPARED_SCHEMA = pa.schema(
     [
@@ -423,6 +426,25 @@ def open_input(cfg: PrepareConfig) -> Corpus:
         raise InputError(
             f"input {cfg.input} is already prepared (a `bertjob prepare` output of {source}); give it to "
             f"train (--data), infer or evaluate, or prepare the corpus it came from"
+        )
+    # Files named as Hugging Face's Parquet exports and Kaggle's downloads name their splits
+    # (train-00000-of-00001.parquet, test-..., unsupervised-...; train.csv, test.csv): read as one
+    # corpus, every row went to --split, and the test rows were trained on.
+    named: dict[str, str] = {}
+    for unit in corpus.units if corpus.kind in ("parquet", "csv", "jsonl") else ():
+        word = re.split(r"[-_.]", os.path.basename(unit).lower(), maxsplit=1)[0]
+        if word in SPLIT_WORDS and unit not in corpus.split_of_unit:
+            named.setdefault(word, unit)
+    if len(named) > 1:
+        words = sorted(named)
+        alone = (
+            f" (--input '{uri(corpus.fs, os.path.dirname(named[TRAIN]))}/train*')" if TRAIN in named else ""
+        )
+        raise InputError(
+            f"input {cfg.input}: its files are named as splits ({', '.join(corpus.relpath(named[w]) for w in words)}), "
+            f"but bertjob puts every file's rows in one split (--split {cfg.split}), the {', '.join(words[:-1])} and "
+            f"{words[-1]} files' alike. Put each split's files in a directory named split=train/, split=test/ "
+            f"(validation, unsup), or prepare the train files alone{alone}"
         )
     own = corpus.splits()  # None: an IMDb archive's, which hold test/
     if cfg.test_fraction and (TEST in own if own is not None else corpus.kind == "imdb-tar"):

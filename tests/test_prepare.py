@@ -178,9 +178,10 @@ def test_a_prepared_directory_is_refused_as_input_and_left_as_it_is(tmp_path, pr
     assert not (tmp_path / "again").exists() and not (tmp_path / "p").exists()
 
 
-def test_a_label_column_in_another_case_or_a_test_fraction_beside_a_test_split_is_an_error(tmp_path):
+def test_label_columns_and_splits_a_user_would_be_surprised_by_are_errors_before_ray(tmp_path):
     """A header `text,Label` (Excel's capital) or `text, label` was read as an unlabelled corpus:
-    prepare wrote a train split without labels, and only train said so, as having none."""
+    prepare wrote a train split without labels, and only train said so, as having none. A test
+    split got train rows added by --test-fraction, and files named as splits went to one."""
     for header, column in (("text,Label", "'Label'"), ("text, label", "' label'")):
         (tmp_path / "r.csv").write_text(f"{header}\ngreat fun,1\nawful bore,0\n")
         with pytest.raises(
@@ -197,6 +198,20 @@ def test_a_label_column_in_another_case_or_a_test_fraction_beside_a_test_split_i
             prepare.open_input(
                 PrepareConfig(input=str(corpus), output=str(tmp_path / "o"), test_fraction=0.2)
             )
+    # Hugging Face's Parquet export (plain_text/train-00000-of-00001.parquet, test-..., unsupervised-...)
+    # and Kaggle's train.csv beside test.csv were one corpus, all of it --split train.
+    for names in (("train-00000-of-00001.parquet", "test-00000-of-00001.parquet"), ("train.csv", "dev.csv")):
+        d = tmp_path / names[0].split(".")[-1]
+        d.mkdir()
+        for name in names:
+            if name.endswith(".parquet"):
+                pq.write_table(pa.table({"text": ["great fun"], "label": [1]}), d / name)
+            else:
+                (d / name).write_text("text,label\ngreat fun,1\n")
+        with pytest.raises(InputError, match=rf"its files are named as splits \(.*\), but bertjob puts every file's "
+                           rf"rows in one split \(--split train\).* alone \(--input '{d}/train\*'\)"):  # fmt: skip
+            prepare.open_input(PrepareConfig(input=str(d), output=str(tmp_path / "o")))
+        assert prepare.open_input(PrepareConfig(input=str(d / "train*"), output=str(tmp_path / "o"))).units
     (tmp_path / "r.csv").write_text("text,stars\ngreat fun,5\n")  # unlabelled (for pre-training) as before
     assert not prepare.open_input(
         PrepareConfig(input=str(tmp_path / "r.csv"), output=str(tmp_path / "o"))
