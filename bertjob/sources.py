@@ -220,6 +220,7 @@ def open_corpus(
                 f"<id>_<rating>.txt and would not be read (first: {stray[0]}); rename or remove them"
             )
         imdb.sort(key=lambda f: f.path)
+        _refuse_read_twice(fs, [f.path for f in imdb])
         chunk = 1000
         units = [[f.path for f in imdb[i : i + chunk]] for i in range(0, len(imdb), chunk)]
         return Corpus(
@@ -265,6 +266,22 @@ def _broken_links(where: str, recursive: bool) -> list[str]:
                 elif recursive and e.is_dir(follow_symlinks=False):
                     todo.append(e.path)
     return found
+
+
+def _refuse_read_twice(fs: pafs.FileSystem, paths: list[str]) -> None:
+    """Two paths of one file (a `latest` link to a sibling directory, a link to a parent, which
+    pyarrow's listing followed 40 levels deep) are an error: its rows were read once per path."""
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return
+    seen: dict[tuple[int, int], str] = {}
+    for path in paths:
+        st = os.stat(path)
+        first = seen.setdefault((st.st_dev, st.st_ino), path)
+        if first != path:
+            raise InputError(
+                f"input {uri(fs, path)} is the same file as {first} (through a symbolic or hard link), so its rows "
+                f"would be read twice; remove the link, or give a glob that reaches the file once"
+            )
 
 
 def _refuse_unreadable(fs: pafs.FileSystem, entries: list[pafs.FileInfo]) -> None:
@@ -382,6 +399,7 @@ def _generic(fs: pafs.FileSystem, root: str, files: list[tuple[str, int]], opts:
             f"input {uri(fs, root)}: mixes formats: {mixed}; point at one format at a time (a glob)"
         )
     kind = kinds.pop()
+    _refuse_read_twice(fs, [p for p, _ in files])
     corpus = Corpus(kind, root, [p for p, _ in files], fs, size_bytes=sum(s for _, s in files), **opts)
     for path, _ in files:
         # A corpus partitioned by split (Hive's layout: reviews/split=test/part-0.parquet) keeps its

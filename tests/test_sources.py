@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bertjob.sources import InputError, open_corpus
-from tests.conftest import tar_dir
+from tests.conftest import make_imdb_dir, tar_dir
 
 
 def read_all(corpus):
@@ -310,6 +310,31 @@ def test_a_corpus_file_that_is_a_broken_symlink_is_an_error(tmp_path):
     for path in (corpus, corpus / "*.csv"):
         with pytest.raises(InputError, match=r"corpus/c\.csv: neither a regular file nor a directory"):
             open_corpus(str(path))
+
+
+def test_a_file_reached_twice_through_a_link_is_an_error(tmp_path):
+    """reviews/latest -> 2024-12 beside reviews/2024-12 read each review twice; a link to a parent
+    directory, which pyarrow's listing follows 40 levels deep, read it 41 times."""
+    (tmp_path / "reviews" / "2024-12").mkdir(parents=True)
+    (tmp_path / "reviews" / "2024-12" / "a.csv").write_text("text\ngood\n")
+    (tmp_path / "reviews" / "latest").symlink_to("2024-12")
+    for path in (tmp_path / "reviews", tmp_path / "reviews" / "*" / "*.csv"):
+        with pytest.raises(InputError, match=r"reviews/latest/a.csv is the same file as .*reviews/2024-12/a.csv "
+                           r"\(through a symbolic or hard link\), so its rows would be read twice"):  # fmt: skip
+            open_corpus(str(path))
+    assert open_corpus(str(tmp_path / "reviews" / "latest")).units == [
+        str(tmp_path / "reviews" / "latest" / "a.csv")
+    ]
+    (tmp_path / "reviews" / "latest").unlink()
+    (tmp_path / "reviews" / "2024-12" / "up").symlink_to("..")
+    with pytest.raises(
+        InputError, match=r"2024-12/up/2024-12/a.csv is the same file as .*reviews/2024-12/a.csv"
+    ):
+        open_corpus(str(tmp_path / "reviews"))
+    imdb = make_imdb_dir(tmp_path / "imdb", {"train": 1})
+    (imdb / "again").symlink_to(".")
+    with pytest.raises(InputError, match="is the same file as"):
+        open_corpus(str(imdb))
 
 
 def test_a_byte_order_mark_opening_a_jsonl_file_is_skipped(tmp_path):
