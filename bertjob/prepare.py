@@ -427,11 +427,22 @@ def open_input(cfg: PrepareConfig) -> Corpus:
             f"input {cfg.input} is already prepared (a `bertjob prepare` output of {source}); give it to "
             f"train (--data), infer or evaluate, or prepare the corpus it came from"
         )
+    problems = input_problems(cfg, corpus)
+    if problems:
+        raise InputError("\n".join(problems))
+    return corpus
+
+
+def input_problems(cfg: PrepareConfig, corpus: Corpus) -> list[str]:
+    """What in a corpus would make prepare's splits or labels other than its user meant, found before
+    any work: each was prepared without a word, and found (if at all) in training or evaluation."""
+    problems = []
+    generic = corpus.kind in ("parquet", "csv", "jsonl")
     # Files named as Hugging Face's Parquet exports and Kaggle's downloads name their splits
     # (train-00000-of-00001.parquet, test-..., unsupervised-...; train.csv, test.csv): read as one
     # corpus, every row went to --split, and the test rows were trained on.
     named: dict[str, str] = {}
-    for unit in corpus.units if corpus.kind in ("parquet", "csv", "jsonl") else ():
+    for unit in corpus.units if generic else ():
         word = re.split(r"[-_.]", os.path.basename(unit).lower(), maxsplit=1)[0]
         if word in SPLIT_WORDS and unit not in corpus.split_of_unit:
             named.setdefault(word, unit)
@@ -440,7 +451,7 @@ def open_input(cfg: PrepareConfig) -> Corpus:
         alone = (
             f" (--input '{uri(corpus.fs, os.path.dirname(named[TRAIN]))}/train*')" if TRAIN in named else ""
         )
-        raise InputError(
+        problems.append(
             f"input {cfg.input}: its files are named as splits ({', '.join(corpus.relpath(named[w]) for w in words)}), "
             f"but bertjob puts every file's rows in one split (--split {cfg.split}), the {', '.join(words[:-1])} and "
             f"{words[-1]} files' alike. Put each split's files in a directory named split=train/, split=test/ "
@@ -449,21 +460,29 @@ def open_input(cfg: PrepareConfig) -> Corpus:
     own = corpus.splits()  # None: an IMDb archive's, which hold test/
     if cfg.test_fraction and (TEST in own if own is not None else corpus.kind == "imdb-tar"):
         # Its test split was written with train rows added, without a word (IMDb's 25,000 and a fifth of train).
-        raise InputError(
+        problems.append(
             f"input {cfg.input} has a test split of its own; --test-fraction {cfg.test_fraction:g} would add "
             f"train rows to it: leave it out (it is for a corpus without one)"
         )
-    if corpus.kind in ("parquet", "csv", "jsonl") and cfg.label_column and not corpus.labelled:
+    first, names = next(
+        ((u, n) for u in corpus.units if generic for n in [columns_of(corpus, u)] if n), ("", [])
+    )
+    near = [n for n in names if cfg.label_column and n.strip().lower() == cfg.label_column.strip().lower()]
+    if near and not corpus.labelled:
         # "Label" (Excel's capital), " label" (a space after the header's comma): read as unlabelled,
         # the corpus was prepared to a train split without labels, which train refused afterwards.
-        names = next((n for n in (columns_of(corpus, u) for u in corpus.units) if n), [])
-        near = [n for n in names if n.strip().lower() == cfg.label_column.strip().lower()]
-        if near:
-            raise InputError(
-                f"input {cfg.input}: no column {cfg.label_column!r}, but one named {near[0]!r}; set --label-column "
-                f"to it (in a pipeline: --prepare.label-column), or rename it"
-            )
-    return corpus
+        problems.append(
+            f"input {cfg.input}: no column {cfg.label_column!r}, but one named {near[0]!r}; set --label-column "
+            f"to it (in a pipeline: --prepare.label-column), or rename it"
+        )
+    if "split" in names and "split" not in (cfg.text_column, cfg.label_column, cfg.id_column):
+        # A split column (a DataFrame of all splits saved as one file) was not read: its test rows were trained on.
+        problems.append(
+            f"input {cfg.input}: a column 'split' ({corpus.relpath(first)}) is not read: bertjob puts every "
+            f"row in one split (--split {cfg.split}). Write each split's rows to a directory of their own, split=train/, "
+            f"split=test/ (pyarrow.parquet.write_to_dataset(table, DIR, partition_cols=['split']) does), or drop the column"
+        )
+    return problems
 
 
 def run(cfg: PrepareConfig) -> dict[str, Any]:

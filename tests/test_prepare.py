@@ -212,6 +212,12 @@ def test_label_columns_and_splits_a_user_would_be_surprised_by_are_errors_before
                            rf"rows in one split \(--split train\).* alone \(--input '{d}/train\*'\)"):  # fmt: skip
             prepare.open_input(PrepareConfig(input=str(d), output=str(tmp_path / "o")))
         assert prepare.open_input(PrepareConfig(input=str(d / "train*"), output=str(tmp_path / "o"))).units
+    # A DataFrame of every split saved as one file: its test rows were trained on.
+    pq.write_table(pa.table({"text": ["great fun", "awful bore"], "label": [1, 0], "split": ["train", "test"]}),
+                   tmp_path / "all.parquet")  # fmt: skip
+    with pytest.raises(InputError, match=r"a column 'split' \(all.parquet\) is not read: bertjob puts every row "
+                       r"in one split \(--split train\)\. Write each split's rows to a directory of their own"):  # fmt: skip
+        prepare.open_input(PrepareConfig(input=str(tmp_path / "all.parquet"), output=str(tmp_path / "o")))
     (tmp_path / "r.csv").write_text("text,stars\ngreat fun,5\n")  # unlabelled (for pre-training) as before
     assert not prepare.open_input(
         PrepareConfig(input=str(tmp_path / "r.csv"), output=str(tmp_path / "o"))
