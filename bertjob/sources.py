@@ -55,13 +55,8 @@ GENERIC_FORMATS = {
 }
 COMPRESSIONS = (".gz", ".bz2", ".zst")  # of CSV and JSONL files, by suffix in any case
 SAMPLE_NAME = "aclImdb_sample.tar.gz"
-IMDB_ARCHIVES = (".tar.gz", ".tgz", ".tar")
-SPLITS = (
-    "train",
-    "validation",
-    "test",
-    "unsup",
-)  # of a split=... directory  # read as the IMDb layout, alone
+IMDB_ARCHIVES = (".tar.gz", ".tgz", ".tar")  # read as the IMDb layout, alone
+SPLITS = ("train", "validation", "test", "unsup")  # of a split=... directory
 TAR_SLICES = 1
 PREPARED_FORMAT = "bertjob-prepared/1"
 UTF8_BOM = b"\xef\xbb\xbf"
