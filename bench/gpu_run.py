@@ -16,7 +16,11 @@ bert-base-uncased vocabulary. Rows, each printed as it is measured (a run cut sh
   cores) against `bertjob prepare` of the same reviews as an IMDb-layout tar.gz and as Parquet
   files, whole command (a local Ray) and on a running Ray; ratio = job over bound;
 - train: samples/s and the fraction of the bf16 dense peak, at batch 32 and 128, and MiniLM under
-  torch.compile (bench/gpu_check.py's step: bf16 autocast, fused AdamW).
+  torch.compile (bench/gpu_check.py's step: bf16 autocast, fused AdamW);
+- train-job: `bertjob train` of MiniLM (1 worker, on the GPU where there is one) on the IMDb sample
+  prepared at the train length, with `--compile false`, then `true`, then `false` again (a slow spell
+  hits both); samples/s over all steps (the compile included) and after the first 20, wall seconds,
+  graphs compiled; ratio = compiled over the eager runs' mean.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ SCALES = {  # seconds per timed loop, reviews scored end to end, reviews prepare
         "batches": (32, 128),
         "train_length": 512,
         "job_timeout": 240,
+        "train_job_steps": 300,
     },
     "toy": {
         "seconds": 2,
@@ -60,6 +65,7 @@ SCALES = {  # seconds per timed loop, reviews scored end to end, reviews prepare
         "batches": (4,),
         "train_length": 128,
         "job_timeout": 240,
+        "train_job_steps": 30,
     },
 }
 
@@ -168,6 +174,40 @@ def infer_rows(add, texts: list[str], labels: list, named: dict[str, str], scale
             f"{wall:.0f} s; scoring stage {stage:.0f}/s ({stage / bare:.2f}); {usage}")  # fmt: skip
 
 
+TRAIN_WARMUP = 20  # steps left out of the "after warm-up" rate (compiling happens in the first)
+
+
+def train_job_rows(add, minilm: str, scale: dict, gpu: bool, tmp: str) -> None:
+    """`bertjob train` with and without --compile, whole commands on the same prepared data."""
+    prepared = os.path.join(tmp, "train-prepared")
+    job("prepare", "--input", "imdb-sample", "--model", minilm, "--output", prepared,
+        "--max-length", str(scale["train_length"]), timeout=scale["job_timeout"])  # fmt: skip
+    batch = scale["batches"][0]
+    results: dict[bool, list[tuple[float, float, float, int | None]]] = {False: [], True: []}
+    for k, compiled in enumerate((False, True, False)):
+        out = os.path.join(tmp, f"train-job-{k}")
+        env = {key: v for key, v in os.environ.items() if key != "RAY_ADDRESS"}
+        run = run_measured([sys.executable, "-m", "bertjob", "train", "--data", prepared, "--model", minilm,
+                            "--output", out, "--num-workers", "1", "--use-gpu", str(gpu).lower(),
+                            "--batch-size", str(batch), "--epochs", "20", "--max-steps", str(scale["train_job_steps"]),
+                            "--max-eval-rows", "64", "--log-every-steps", "10", "--compile", str(compiled).lower()],
+                           env=env, timeout=2 * scale["job_timeout"])  # fmt: skip
+        with open(os.path.join(out, "metrics.json")) as f:
+            m = json.load(f)
+        late = [h for h in m["history"] if h["type"] == "train" and h["step"] > TRAIN_WARMUP]
+        steady = (
+            len(late) / sum(1 / h["samples_per_s"] for h in late) if late else float("nan")
+        )  # equal windows
+        results[compiled].append((m["train_samples_per_s"], steady, run["wall_s"], m.get("compiled_graphs")))
+    eager = [sum(r[i] for r in results[False]) / len(results[False]) for i in range(3)]
+    for compiled, runs in results.items():
+        for whole, steady, wall, graphs in runs:
+            add(f"bertjob train MiniLM-L6, batch {batch}, {scale['train_job_steps']} steps, compile {compiled}",
+                f"{steady:.1f} samples/s", f"{steady / eager[1]:.2f}",
+                f"after {TRAIN_WARMUP} steps; all steps {whole:.1f}/s ({whole / eager[0]:.2f}); {wall:.0f} s "
+                f"whole command ({wall / eager[2]:.2f}); graphs compiled {graphs}")  # fmt: skip
+
+
 def _one_rayon_thread() -> None:
     os.environ["RAYON_NUM_THREADS"] = "1"  # read by rayon at the process's first batch, after this
 
@@ -241,8 +281,8 @@ def prepare_rows(add, texts: list[str], labels: list, minilm: str, scale: dict, 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scale", choices=SCALES, default="full")
-    ap.add_argument("--parts", default="train,infer,prepare", help="which rows to measure, of tokenize, "
-                    "infer, infer-bert, prepare, train")  # fmt: skip
+    ap.add_argument("--parts", default="train,infer,prepare,train-job", help="which rows to measure, of "
+                    "tokenize, infer, infer-bert, prepare, train, train-job")  # fmt: skip
     args = ap.parse_args()
     scale = SCALES[args.scale]
     import torch
@@ -288,6 +328,8 @@ def main() -> None:
             rate, flops = train_rate(minilm, batch, scale["train_length"], scale["seconds"], compiled=True)
             add(f"train MiniLM-L6, batch {batch}, torch.compile", f"{rate:.1f} samples/s", share(flops),
                 "compile time not counted")  # fmt: skip
+        if "train-job" in args.parts.split(","):
+            train_job_rows(add, minilm, scale, gpu, tmp)
         print(f"[all rows: {time.time() - t0:.0f} s]", flush=True)
 
     print(f"{'':58} {'rate':>18} {'ratio':>16}  note")

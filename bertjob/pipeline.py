@@ -45,7 +45,7 @@ OWN_ENTRIES = ("prepared", "train", "evaluate", "infer", "checkpoints", "summary
 EXECUTION = (
     "num_workers", "cpus_per_worker", "torch_threads", "malloc_tuning", "micro_batch_size", "log_every_steps",
     "max_failures", "placement_timeout_s", "resize_check_s", "check_resources", "resume_changed",
-    "sample_log", "tracking", "keep_checkpoints", "checkpoint_every_steps",
+    "sample_log", "tracking", "keep_checkpoints", "checkpoint_every_steps", "compile",
 )  # fmt: skip
 
 

@@ -607,6 +607,9 @@ def _export_to(
         "worker_threads": final.get("threads"),
         "precision": final.get("precision"),
         "worker_glibc_tunables": final.get("glibc_tunables", ""),
+        # With --compile: the graphs rank 0's last worker process compiled (one per shape class Dynamic
+        # shapes cannot share, train and eval apart); a count that grows with the data means recompiles.
+        "compiled_graphs": final.get("compiled_graphs"),
         "checkpoints": storage,
         "config": to_dict(cfg),
         "prepared": {k: manifest[k] for k in ("max_length", "truncation", "input")},
@@ -707,6 +710,12 @@ class _Tracker:
             mlflow.end_run()
 
 
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
@@ -739,6 +748,12 @@ class Recipe:
         import ray.train.torch  # Ray: DDP wrapping and device placement
 
         self.model = ray.train.torch.prepare_model(model)
+        if cfg.compile:
+            # In place (nn.Module.compile), after DDP wraps the model (Dynamo then splits the graph at
+            # DDP's buckets): state_dict keys stay the model's own, no `_orig_mod.` prefix, so a
+            # checkpoint resumes and exports alike with compile on or off. Dynamic shapes: length-grouped
+            # batches pad to their longest row, and one graph serves every width.
+            self.model.compile(dynamic=True)
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.layer_lr_decay)
         # The configured lr, also when resuming (a changed --lr applies to the steps still to come).
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
@@ -985,7 +1000,8 @@ class Recipe:
         if self.best is not None:
             _unwrap(self.model).load_state_dict(self.best)
         final = {"best_validation": self.evaluate("validation"), "precision": self.precision,
-                 "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "threads": torch.get_num_threads()}  # fmt: skip
+                 "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "threads": torch.get_num_threads(),
+                 "compiled_graphs": _compiled_graphs() if self.cfg.compile else None}  # fmt: skip
         if "test" in self.meta["splits"]:
             final["test"] = self.evaluate("test")
             if self.rank == 0:

@@ -163,10 +163,12 @@ def test_a_changed_train_setting_says_it_starts_a_new_run_and_what_happens_to_th
     assert pipeline._new_run_note(t_cfg, "train", "s") is None  # its own model: reused, not new
 
 
-def test_how_often_a_run_checkpoints_is_no_part_of_its_identity():
-    """A pipeline rerun after Ctrl-C with --train.checkpoint-every-steps 50 started a new run from step 0."""
+def test_how_often_a_run_checkpoints_or_whether_it_compiles_is_no_part_of_its_identity():
+    """A pipeline rerun after Ctrl-C with --train.checkpoint-every-steps 50 started a new run from step 0.
+    --train.compile changes how a step runs, not what it trains: a rerun with it resumes."""
     cfg = build(
-        PipelineConfig, {"train": {"checkpoint_every_steps": 50}, "pretrain": {"checkpoint_every_steps": 9}}
+        PipelineConfig,
+        {"train": {"checkpoint_every_steps": 50, "compile": True}, "pretrain": {"checkpoint_every_steps": 9}},
     )
     base = build(PipelineConfig, {})
     for stage in ("train", "pretrain"):
