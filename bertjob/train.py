@@ -956,7 +956,12 @@ class Recipe:
                         self.device,
                     )
 
-        probs, labels, loss_sum = predict_batches(_unwrap(self.model), batches(), self.device, self.precision)
+        # Eager also under --compile: evaluation is a small share of a run, and a graph of its own
+        # (inference mode, other batch sizes) was a second compile per worker, minutes on CPU.
+        with torch.compiler.set_stance("force_eager"):
+            probs, labels, loss_sum = predict_batches(
+                _unwrap(self.model), batches(), self.device, self.precision
+            )
         if self.world > 1:
             import torch.distributed as dist
 
