@@ -416,3 +416,26 @@ def test_the_defaults_learn_from_a_few_hundred_reviews_in_two_epochs(tmp_path, r
     assert m["global_batch_size"] == 32 and m["steps"] == 42  # 648 rows (72 held out for validation)
     assert m["test"]["count"] == 200 and m["test"]["accuracy"] >= 0.65, m["test"]
     assert "only 42 optimizer steps" in caplog.text  # and the user is told why the model may be weak
+
+
+def test_compile_trains_the_same_weights_as_eager_under_the_same_keys(
+    prepared_small, tiny_model_dir, tmp_path
+):
+    """--compile changes how a step runs, not what it trains: its model directory equals an eager
+    run's, key for key (no compiled wrapper's `_orig_mod.` prefix: a checkpoint resumes either way,
+    and compile is no part of a run's identity, test_pipeline.py). One worker, no dropout (Inductor
+    draws its own dropout masks); ~80 s, most of it compiling."""
+    model = _no_dropout(tiny_model_dir, tmp_path)
+    kw = dict(model=model, num_workers=1, epochs=1, max_steps=4, max_eval_rows=16)
+    eager = train.run(cfg(prepared_small, tmp_path / "eager", tiny_model_dir, name="eager", **kw))
+    compiled = train.run(
+        cfg(prepared_small, tmp_path / "compiled", tiny_model_dir, name="c", compile=True, **kw)
+    )
+    assert compiled["steps"] == eager["steps"] == 4
+    assert compiled["compiled_graphs"] and eager["compiled_graphs"] is None
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("eager", "compiled"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
