@@ -475,6 +475,14 @@ def input_problems(cfg: PrepareConfig, corpus: Corpus) -> list[str]:
             f"input {cfg.input}: no column {cfg.label_column!r}, but one named {near[0]!r}; set --label-column "
             f"to it (in a pipeline: --prepare.label-column), or rename it"
         )
+    elif generic and not corpus.labelled and cfg.label_column not in ("", PrepareConfig.label_column):
+        # A label column named (--label-column sentimnt) that no file has: read as unlabelled, the
+        # corpus was prepared without labels; only the default's absence means an unlabelled corpus.
+        problems.append(
+            f"input {cfg.input}: no file has the label column {cfg.label_column!r} (columns of "
+            f"{corpus.relpath(first)}: {', '.join(names)}); correct --label-column, or leave it out to "
+            f"prepare the corpus as unlabelled"
+        )
     if "split" in names and "split" not in (cfg.text_column, cfg.label_column, cfg.id_column):
         # A split column (a DataFrame of all splits saved as one file) was not read: its test rows were trained on.
         problems.append(
@@ -497,6 +505,12 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     corpus = open_input(cfg)
     if not corpus.has_rows():
         raise InputError(f"input {cfg.input}: no rows found ({corpus.describe()})")
+    if cfg.validation_fraction and VALIDATION in (corpus.splits() or ()):
+        # The corpus' own validation split (split=validation/, a hub dataset's): a share of train
+        # held out as well was added to it without a word.
+        log.info("prepare: validation is the corpus' own split; no share of train is held out as well "
+                 "(--validation-fraction %g not applied)", cfg.validation_fraction)  # fmt: skip
+        cfg = dataclasses.replace(cfg, validation_fraction=0.0)
     check_replaceable(cfg.output, "prepare")
     cfg = dataclasses.replace(cfg, output=for_workers(cfg.output, output=True))  # the writers' path
     # Without a cached tokenizer record (a first run, a hub id) loading the tokenizer imports

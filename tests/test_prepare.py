@@ -218,6 +218,11 @@ def test_label_columns_and_splits_a_user_would_be_surprised_by_are_errors_before
     with pytest.raises(InputError, match=r"a column 'split' \(all.parquet\) is not read: bertjob puts every row "
                        r"in one split \(--split train\)\. Write each split's rows to a directory of their own"):  # fmt: skip
         prepare.open_input(PrepareConfig(input=str(tmp_path / "all.parquet"), output=str(tmp_path / "o")))
+    (tmp_path / "r.csv").write_text("text,sentiment\ngreat fun,1\n")  # a label column named, misspelt
+    with pytest.raises(InputError, match=r"no file has the label column 'sentimnt' \(columns of r.csv: text, "
+                       r"sentiment\); correct --label-column, or leave it out"):  # fmt: skip
+        prepare.open_input(PrepareConfig(input=str(tmp_path / "r.csv"), output=str(tmp_path / "o"),
+                                         label_column="sentimnt"))  # fmt: skip
     (tmp_path / "r.csv").write_text("text,stars\ngreat fun,5\n")  # unlabelled (for pre-training) as before
     assert not prepare.open_input(
         PrepareConfig(input=str(tmp_path / "r.csv"), output=str(tmp_path / "o"))
@@ -292,6 +297,16 @@ def test_a_corpus_without_a_test_split_holds_one_out_of_train(tmp_path, tiny_mod
     assert known == {"train", "validation", "test"}  # before reading: the pipeline's check
     with pytest.raises(ConfigError, match="validation_fraction \\+ test_fraction"):
         build(PrepareConfig, {"input": "x", "output": "y", "validation_fraction": 0.5, "test_fraction": 0.5})
+    # A corpus with a validation split of its own (split=validation/) keeps it as it is: a share of
+    # train (--validation-fraction, 0.1 by default) was added to it.
+    table = pa.Table.from_pylist(
+        [{**r, "split": "validation" if i < 30 else "train"} for i, r in enumerate(rows)]
+    )
+    pq.write_to_dataset(table, tmp_path / "parts", partition_cols=["split"])
+    m = prepare.run(PrepareConfig(input=str(tmp_path / "parts"), output=str(tmp_path / "out-parts"),
+                                  model=tiny_model_dir, max_length=16, id_column="rid"))  # fmt: skip
+    assert {k: v["rows_written"] for k, v in m["splits"].items()} == {"validation": 30, "train": 270}
+    assert m["validation"]["fraction"] == 0.0
     # an id column that repeats (a product's id beside each of its reviews): its rows share a split,
     # the sizes are no longer exact, and that was not said
     pq.write_table(pa.Table.from_pylist([{**r, "rid": f"p{i % 50}"} for i, r in enumerate(rows)]),
