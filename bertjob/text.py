@@ -27,7 +27,7 @@ _TAG = re.compile(r"<\s*br\s*/?\s*>|</?[A-Za-z][^<>]{0,200}>", re.IGNORECASE)
 LABEL_NAMES = {0: "NEGATIVE", 1: "POSITIVE"}
 _LABELS = {
     "0": 0, "0.0": 0, "neg": 0, "negative": 0, "false": 0,
-    "1": 1, "1.0": 1, "pos": 1, "positive": 1, "true": 1,
+    "1": 1, "1.0": 1, "+1": 1, "pos": 1, "positive": 1, "true": 1,
 }  # fmt: skip
 
 # Quarantine reasons: one place, so manifests and tests agree on the spelling.
@@ -100,7 +100,9 @@ def cap_chars(text: str, max_chars_per_end: int) -> tuple[str, bool]:
 
 
 def parse_label(value: Any) -> int | None:
-    """0/1, neg/pos, negative/positive (any case, also bools and 0.0/1.0); None when unrecognised."""
+    """0/1, neg/pos, negative/positive (any case, also bools, 0.0/1.0 and +1); None when unrecognised.
+    A text "+1" (LIBSVM's, a -1/+1 CSV's) is 1, so that -1/+1 labels meet `rating_scale`'s error, not
+    a quarantine of every row."""
     if value is None:
         return None
     if isinstance(value, (bool, np.bool_)):

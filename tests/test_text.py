@@ -17,7 +17,7 @@ def test_clean_text_removes_imdb_breaks_tags_and_entities():
 @pytest.mark.parametrize(
     "value, expected",
     [(0, 0), (1, 1), ("0", 0), ("1", 1), ("neg", 0), ("POS", 1), ("Negative", 0), (" positive ", 1),
-     (True, 1), (1.0, 1), ("1.0", 1), (2, None), ("maybe", None), ("", None), (None, None)],
+     (True, 1), (1.0, 1), ("1.0", 1), ("+1", 1), (2, None), ("maybe", None), ("", None), (None, None)],
 )  # fmt: skip
 def test_parse_label(value, expected):
     assert parse_label(value) == expected
