@@ -17,7 +17,7 @@ from bertjob.cluster import init_ray
 from bertjob.config import InferConfig, PipelineConfig, PrepareConfig, to_dict
 from bertjob.identity import identity, model_fingerprint
 from bertjob.outputs import MANIFEST, ensure_output
-from bertjob.sources import Corpus, InputError, columns_of
+from bertjob.sources import Corpus, InputError
 from bertjob.storage import check_access, exists, for_workers, join, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -159,8 +159,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     corpus = prepare.open_input(p_cfg)
     if not corpus.labelled:
         # The columns, as a missing text column's error gives them: which one holds the labels?
-        columns = (f"; the columns are {columns_of(corpus, corpus.units[0])}"
-                   if corpus.kind in ("parquet", "csv", "jsonl") and corpus.units else "")  # fmt: skip
+        columns = f"; the columns are {corpus.header[1]}" if corpus.header[1] else ""
         raise InputError(f"input {cfg.input}: no labels to train on (no column {p_cfg.label_column!r}{columns}); "
                          f"name its label column with --prepare.label-column")  # fmt: skip
     splits = prepare.splits_written(p_cfg, corpus)

@@ -38,7 +38,7 @@ from bertjob import models
 from bertjob.config import PrepareConfig, to_dict
 from bertjob.identity import corpus_fingerprint, identity
 from bertjob.outputs import MANIFEST, check_replaceable, claim_output, versions
-from bertjob.sources import Corpus, InputError, columns_of, open_corpus
+from bertjob.sources import Corpus, InputError, open_corpus
 from bertjob.storage import check_access, filesystem, for_workers, join, uri, write_json
 from bertjob.text import BAD_LABEL, rating_scale, tokenize_rows
 
@@ -464,9 +464,7 @@ def input_problems(cfg: PrepareConfig, corpus: Corpus) -> list[str]:
             f"input {cfg.input} has a test split of its own; --test-fraction {cfg.test_fraction:g} would add "
             f"train rows to it: leave it out (it is for a corpus without one)"
         )
-    first, names = next(
-        ((u, n) for u in corpus.units if generic for n in [columns_of(corpus, u)] if n), ("", [])
-    )
+    first, names = corpus.header
     near = [n for n in names if cfg.label_column and n.strip().lower() == cfg.label_column.strip().lower()]
     if near and not corpus.labelled:
         # "Label" (Excel's capital), " label" (a space after the header's comma): read as unlabelled,

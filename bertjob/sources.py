@@ -97,6 +97,7 @@ class Corpus:
     id_column: str = ""
     split: str = "train"
     split_of_unit: dict[str, str] = field(default_factory=dict)  # hf:// splits, split=... directories
+    header: tuple[str, list[str]] = ("", [])  # a file-based corpus's first file with columns, and those
     size_bytes: int = 0
     # Rows carry labels (outside the unlabelled split): a row without one is quarantined, and
     # evaluate refuses a corpus without them before any work.
@@ -339,16 +340,15 @@ def _glob(fs: pafs.FileSystem, pattern: str) -> tuple[str, list[tuple[str, int]]
     # Only a pattern that reaches below the base's own entries needs the slower recursive listing.
     listing = _list(fs, base, recursive=len(segments) > 1 or "**" in segments)
     outputs = _outputs_below(listing, base)  # corpus/**/*.parquet would reach corpus/scored/predictions/
-    matches = [
-        f for f in listing
-        if _match_segments(f.path[len(base) :].strip("/").split("/"), segments) and not f.path.startswith(outputs)
-    ]  # fmt: skip
+    below = [
+        (f, f.path[len(base) :].strip("/").split("/")) for f in listing if not f.path.startswith(outputs)
+    ]
+    matches = [f for f, names in below if _match_segments(names, segments)]
     # A broken link where the pattern reaches below (data/*/x.csv, data/**/*.csv) may have been a
     # directory of matches: refused as one to a matching file is.
     gone = [
-        f for f in listing
-        if f.type == pafs.FileType.NotFound and not f.path.startswith(outputs)
-        and any(_match_segments(f.path[len(base) :].strip("/").split("/"), segments[:k]) for k in range(1, len(segments)))
+        f for f, names in below
+        if f.type == pafs.FileType.NotFound and any(_match_segments(names, segments[:k]) for k in range(1, len(segments)))
     ]  # fmt: skip
     _refuse_unreadable(fs, matches + gone)
     return base, sorted((f.path, f.size) for f in matches if f.type == pafs.FileType.File)
@@ -400,7 +400,7 @@ def _generic(fs: pafs.FileSystem, root: str, files: list[tuple[str, int]], opts:
         # A corpus partitioned by split (Hive's layout: reviews/split=test/part-0.parquet) keeps its
         # files' splits in their paths: read as --split's, its test rows were trained on.
         own = _partition_keys(corpus, path).get("split")
-        own = "unsup" if own == "unsupervised" else own  # Hugging Face's name, as hf:// reads it
+        own = _split_name(own) if own is not None else None
         if own is not None and own not in SPLITS:
             raise InputError(
                 f"input {uri(fs, path)}: split={own} is not a split bertjob reads ({', '.join(SPLITS)}); "
@@ -414,7 +414,14 @@ def _generic(fs: pafs.FileSystem, root: str, files: list[tuple[str, int]], opts:
             _refuse_wide_text(corpus, path)  # the likelier cause of a first line that makes no sense
             raise
         corpus.labelled |= bool(corpus.label_column) and corpus.label_column in names
+        if names and not corpus.header[1]:
+            corpus.header = (path, names)
     return corpus
+
+
+def _split_name(name: str) -> str:
+    """A split as bertjob names it: Hugging Face's `unsupervised` (IMDb's) is `unsup`."""
+    return "unsup" if name == "unsupervised" else name
 
 
 def _refuse_wide_text(corpus: Corpus, path: str) -> None:
@@ -724,7 +731,7 @@ def _open_hf(name: str, **opts: str) -> Corpus:
     for split, ds in dd.items():
         for cache in ds.cache_files:
             units.append(cache["filename"])
-            split_of[cache["filename"]] = "unsup" if split == "unsupervised" else split
+            split_of[cache["filename"]] = _split_name(split)
     if not units:
         raise InputError(f"input hf://{name}: the dataset has no cached Arrow files to read")
     labelled = any(opts["label_column"] in ds.column_names for ds in dd.values())
