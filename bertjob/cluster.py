@@ -36,14 +36,22 @@ def init_ray(dashboard: bool = True) -> None:
         log.info("connected to Ray cluster at %s", address)
     else:
         # "local" always starts a fresh single-node Ray, even if another is running on this host.
-        # The dashboard also serves the state API that Ray Train's placement-group cleaner polls.
         # Ray kills idle workers beyond one per CPU after a second; the zero-CPU read and write tasks
         # that run beside one actor per CPU would then start a fresh Python (~1.5 s of CPU) each time.
         # `None` rather than True: with a minimal Ray (no ray[default]) Ray then starts its API server
         # without the web UI instead of refusing to start.
+        # The dashboard also serves the state API that Ray Train's placement-group cleaner polls. Its
+        # actor finds it as a driver would: RAY_ADDRESS, else /tmp/ray/ray_current_cluster, which a
+        # cluster that was killed leaves behind (each poll then waited out a 10 s timeout, and the run
+        # ended late with an RpcError from Ray). The workers are told this Ray's.
         cpus = os.cpu_count() or 1
+        api = {}
+        if dashboard:
+            port = free_port()
+            api = {"dashboard_port": port,
+                   "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}  # fmt: skip
         ray.init(address="local", log_to_driver=True, include_dashboard=None if dashboard else False,
-                 _system_config={"num_workers_soft_limit": cpus + 4})  # fmt: skip
+                 _system_config={"num_workers_soft_limit": cpus + 4}, **api)  # fmt: skip
         log.info("started a local Ray with %s CPUs", int(ray.cluster_resources().get("CPU", 0)))
     # ray.init handles SIGTERM itself: in Python by exiting, then in C, installed after that, by
     # abseil's failure handler, which prints a stack dump and kills the process. The process's own
@@ -58,6 +66,13 @@ def init_ray(dashboard: bool = True) -> None:
     # Smaller blocks than Ray's 128 MiB: a single streamed archive (the IMDb tar) then hands its
     # first rows to the tokenize/score actors after ~6k reviews instead of half the corpus.
     ctx.target_max_block_size = 8 * 2**20
+
+
+def free_port() -> int:
+    """A port no process listens on now (the kernel's choice)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def check_reachable(address: str) -> None:

@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from tests.multinode import free_port
 
@@ -22,3 +24,23 @@ def test_a_ray_address_where_no_cluster_answers_is_one_error_at_once(tmp_path, t
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"bertjob: error: RAY_ADDRESS={address}: no Ray cluster answers there (")
     assert last.endswith("or unset RAY_ADDRESS to run on a local Ray")
+
+
+def test_a_local_rays_workers_reach_its_state_api_whatever_cluster_was_there_before():
+    """Ray Train's placement-group cleaner asks the state API from a worker, which finds it as a driver
+    would: RAY_ADDRESS, else the ray_current_cluster file that a killed cluster leaves in Ray's temp
+    directory. Naming a dead cluster, every train run ended late, with an RpcError from Ray."""
+    script = """
+import ray
+from ray.util.state import list_nodes
+from bertjob.cluster import init_ray
+
+init_ray()
+print(len(ray.get(ray.remote(lambda: list_nodes(timeout=10)).remote())), "node")
+"""
+    with tempfile.TemporaryDirectory(dir="/tmp") as temp:  # short: Ray's sockets are made under it
+        (Path(temp) / "ray").mkdir()
+        (Path(temp) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}\n")
+        proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "RAY_TMPDIR": temp},
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == "1 node", proc.stderr[-2000:]
