@@ -245,13 +245,11 @@ def test_a_cpu_predictor_takes_a_nodes_cpus_unless_the_worker_count_needs_fewer(
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
-def test_a_stopped_infer_resumes_with_exactly_one_row_per_input(
-    stop, tiny_classifier_dir, tmp_path, ray_local
-):
-    """SIGKILL of the driver and its local Ray (a lost node), or SIGTERM of the driver alone (what
-    `kubectl delete pod`, `ray job stop` and `timeout` send), which ends the run as Ctrl-C does: one
-    line, exit status 143, no stack dump. Either way the same command again completes the output."""
+def test_a_stopped_infer_resumes_with_exactly_one_row_per_input(tiny_classifier_dir, tmp_path, ray_local):
+    """SIGTERM of the driver alone (what `kubectl delete pod`, `ray job stop` and `timeout` send) ends
+    the run as Ctrl-C does: one line, exit status 143, no stack dump. The same command again resumes;
+    SIGKILLed with its local Ray (a lost node) once it has committed more, it leaves what it committed;
+    the same command once more completes the output with one row per input."""
     d = tmp_path / "corpus"
     d.mkdir()
     units, per_unit = 6, 4000
@@ -261,29 +259,35 @@ def test_a_stopped_infer_resumes_with_exactly_one_row_per_input(
     out = tmp_path / "out"
     args = [sys.executable, "-m", "bertjob", "infer", "--input", str(d), "--model", tiny_classifier_dir,
             "--output", str(out), "--batch-size", "16", "--num-workers", "2", "--rows-per-shard", "200"]  # fmt: skip
-    with open(tmp_path / "stderr", "w") as stderr:
-        proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
-    try:
-        # Two predictors score a unit (4,000 rows) per wave of ~1 s on 2 cores and a write commits
-        # whole units, so the first file lands seconds before the last: the stop comes mid-run.
-        deadline = time.time() + 180
-        while time.time() < deadline and not list((out / "predictions").glob("*.parquet")):
-            time.sleep(0.05)
-        if stop == "SIGTERM":
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=120) == 128 + signal.SIGTERM
-    finally:
-        kill_session(proc.pid)  # SIGKILL's stop; after SIGTERM, anything left behind
-        proc.wait()
-    if stop == "SIGTERM":
-        err = (tmp_path / "stderr").read_text()
-        assert (
-            err.strip().splitlines()[-1]
-            == "bertjob: interrupted; the same command again resumes where this one stopped"
-        )
-        assert "SIGTERM received" not in err and "Traceback" not in err, err[-3000:]
-    partial = len(pq.read_table(out / "predictions")) if (out / "predictions").exists() else 0
-    assert 0 < partial < total and not (out / "manifest.json").exists()
+
+    def committed() -> int:
+        return len(pq.read_table(out / "predictions")) if (out / "predictions").exists() else 0
+
+    for stop in (signal.SIGTERM, signal.SIGKILL):
+        before = committed()
+        with open(tmp_path / "stderr", "w") as stderr:
+            proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            # Two predictors score a unit (4,000 rows) per wave of ~1 s on 2 cores and a write commits
+            # whole units, so the first file lands seconds before the last: the stop comes mid-run.
+            deadline = time.time() + 180
+            while time.time() < deadline and committed() == before:
+                time.sleep(0.05)
+            proc.send_signal(stop)
+            rc = proc.wait(timeout=120)
+        finally:
+            kill_session(proc.pid)  # after SIGTERM, anything left behind; after SIGKILL, its Ray
+            proc.wait()
+        if stop == signal.SIGTERM:
+            err = (tmp_path / "stderr").read_text()
+            assert rc == 128 + signal.SIGTERM, err[-3000:]
+            assert (
+                err.strip().splitlines()[-1]
+                == "bertjob: interrupted; the same command again resumes where this one stopped"
+            )
+            assert "SIGTERM received" not in err and "Traceback" not in err, err[-3000:]
+        assert before < committed() < total and not (out / "manifest.json").exists()
+    partial = committed()
     m = infer.run(
         InferConfig(input=str(d), model=tiny_classifier_dir, output=str(out), batch_size=16, num_workers=2)
     )
