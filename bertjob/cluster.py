@@ -32,7 +32,13 @@ def init_ray(dashboard: bool = True) -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         check_reachable(address)
-        ray.init(address=address, log_to_driver=True)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ValueError, ConnectionError) as err:  # Ray's words: a dashboard's http:// address, no port...
+            raise SetupError(
+                f"RAY_ADDRESS={address!r}: {' '.join(str(err).split()).rstrip('.')}; or unset RAY_ADDRESS to run "
+                "on a local Ray"
+            ) from err
         log.info("connected to Ray cluster at %s", address)
     else:
         # "local" always starts a fresh single-node Ray, even if another is running on this host.
@@ -78,9 +84,10 @@ def free_port() -> int:
 def check_reachable(address: str) -> None:
     """Refuse a RAY_ADDRESS host:port where nothing answers (a typo, a stopped cluster, a stale
     export): ray.init would retry it for minutes, printing only its own connection warnings."""
-    host, _, port = address.rpartition(":")
-    if "://" in address or not host or not port.isdigit():
-        return  # "auto", ray://, ...: Ray's to judge
+    # A Ray Client address (ray://HEAD:10001) too: Ray retried it for 30 s, then raised a traceback.
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if "://" in host or not host or not port.isdigit():
+        return  # "auto", http://, ...: Ray's to judge
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as err:

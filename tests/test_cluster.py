@@ -7,14 +7,30 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from tests.multinode import free_port
 
 
-def test_a_ray_address_where_no_cluster_answers_is_one_error_at_once(tmp_path, tiny_classifier_dir):
+@pytest.mark.parametrize(
+    "address, says",
+    [
+        ("127.0.0.1:{port}", "no Ray cluster answers there ("),
+        # A Ray Client address: Ray retried it for 30 s, then raised a traceback.
+        ("ray://127.0.0.1:{port}", "no Ray cluster answers there ("),
+        # What `ray job submit` takes (the dashboard's), and a host without a port: Ray's ValueError,
+        # raised as a traceback.
+        ("http://127.0.0.1:{port}", "It looks like you set RAY_ADDRESS to an HTTP address"),
+        ("localhost", "Invalid address format: localhost"),
+    ],
+)
+def test_a_ray_address_where_no_cluster_answers_is_one_error_at_once(
+    tmp_path, tiny_classifier_dir, address, says
+):
     """A RAY_ADDRESS with a typo, or left exported after its cluster stopped: ray.init retried it for
     minutes, printing only its own connection warnings. Now the command ends at once, saying so."""
     (tmp_path / "c.jsonl").write_text(json.dumps({"text": "great fun"}) + "\n")
-    address = f"127.0.0.1:{free_port()}"
+    address = address.format(port=free_port())
     cmd = [sys.executable, "-m", "bertjob", "infer", "--input", str(tmp_path / "c.jsonl"), "--model", tiny_classifier_dir,
            "--output", str(tmp_path / "scored")]  # fmt: skip
     proc = subprocess.run(
@@ -22,7 +38,7 @@ def test_a_ray_address_where_no_cluster_answers_is_one_error_at_once(tmp_path, t
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"bertjob: error: RAY_ADDRESS={address}: no Ray cluster answers there (")
+    assert last.startswith("bertjob: error: RAY_ADDRESS=") and address in last and says in last, last
     assert last.endswith("or unset RAY_ADDRESS to run on a local Ray")
 
 
