@@ -667,7 +667,7 @@ def build(cls: type[T], values: dict[str, Any], where: str = "") -> T:
     problems = []
     kwargs = {}
     for key, value in values.items():
-        key_norm = key.replace("-", "_")
+        key_norm = key.replace("-", "_") if isinstance(key, str) else key  # YAML's `1:`, `~:`, `on:`
         if key_norm not in types:
             valid = ", ".join(f.name for f in dataclasses.fields(cls))
             hint = cls.section_hint(key_norm) if hasattr(cls, "section_hint") else ""
@@ -730,6 +730,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, Any] = {}
         for key_node, _ in node.value:
+            # A merge key (`<<: *base`) is not a setting: its keys are the anchor's, and this
+            # mapping's own override them, as YAML has it (super() merges them).
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
             norm = key.replace("-", "_") if isinstance(key, str) else key
             if norm in seen:

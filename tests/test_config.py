@@ -83,6 +83,22 @@ def test_a_setting_given_twice_in_a_config_file_is_an_error(tmp_path):
         read_yaml(str(f))
 
 
+def test_a_yaml_merge_key_shares_settings_and_a_key_that_is_not_a_name_is_an_unknown_setting(tmp_path):
+    """`<<: *base` (the same settings in two sections) was 'not valid YAML (could not determine a
+    constructor for the tag merge)'; a key YAML reads as a number, null or boolean (`1:`, `~:`, `on:`)
+    ended in a traceback (AttributeError: 'int' object has no attribute 'replace')."""
+    f = tmp_path / "c.yaml"
+    f.write_text("output_dir: o\npretrain: &b {epochs: 1, batch-size: 8}\ntrain:\n  <<: *b\n  epochs: 2\n")
+    assert read_yaml(str(f))["train"] == {"epochs": 2, "batch_size": 8}  # its own setting wins
+    assert resolve("pipeline", {"config": str(f)}, {}).stage("train").batch_size == 8
+    f.write_text("data: d\noutput: o\n1: x\n~: y\n")
+    with pytest.raises(ConfigError) as err:
+        resolve("train", {"config": str(f)}, {})
+    assert [p.split(";")[0] for p in err.value.problems] == ["unknown setting 1", "unknown setting None"]
+    with pytest.raises(ConfigError, match="train: unknown setting True; valid"):
+        build(PipelineConfig, {"train": {True: 3}})
+
+
 def test_dashed_keys_in_a_config_file_mean_what_the_flags_do(tmp_path):
     """`output-dir:` did not make a pipeline file (`bertjob train --config` called it an unknown setting)."""
     f = tmp_path / "c.yaml"
