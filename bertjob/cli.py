@@ -84,13 +84,24 @@ def _versions() -> str:
     )
 
 
+def _log_level(name: str) -> int:
+    """A logging level by name, any case: `--log-level verbose` (or `10`) logged at INFO without a word."""
+    level = logging.getLevelName(name.upper())
+    if not isinstance(level, int):
+        raise argparse.ArgumentTypeError(f"{name!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+    return level
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bertjob",
         description="Fine-tune BERT for sentiment and score review corpora on Ray.",
         epilog="Each subcommand takes --config FILE (YAML) and --key value flags; flags win.",
     )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    parser.add_argument(
+        "--log-level", default="INFO", type=_log_level, metavar="LEVEL",
+        help="logging level: DEBUG, INFO, WARNING or ERROR (default: INFO)",
+    )  # fmt: skip
     parser.add_argument("--version", action="version", version=_versions())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cls in COMMANDS.items():
@@ -237,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             ns = parser.parse_args(rest)
             command = ns.command
             logging.basicConfig(
-                level=getattr(logging, str(ns.log_level).upper(), logging.INFO),
+                level=ns.log_level,
                 format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             )
             args = {k: v for k, v in vars(ns).items() if k not in ("command", "log_level")}

@@ -210,6 +210,15 @@ def test_cli_reports_config_errors_before_starting(capsys):
     assert "truncation" in capsys.readouterr().err
 
 
+def test_a_log_level_that_is_not_one_is_an_error(capsys):
+    """`--log-level verbose` logged at INFO without a word."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["--log-level", "verbose", "prepare", "--output", "x", "--truncation", "middle"])
+    assert exit_.value.code == 2
+    assert "--log-level: 'verbose' is not one of DEBUG, INFO" in capsys.readouterr().err
+    assert cli.make_parser().parse_args(["--log-level", "debug", "prepare"]).log_level == 10
+
+
 @pytest.mark.parametrize("command, cls", [("train", TrainConfig), ("pretrain", PretrainConfig)])
 def test_help_documents_every_setting(capsys, command, cls):
     with pytest.raises(SystemExit):
