@@ -107,6 +107,10 @@ def make_parser() -> argparse.ArgumentParser:
     for name, cls in COMMANDS.items():
         p = sub.add_parser(name, help=(cls.__doc__ or "").splitlines()[0], description=cls.__doc__)
         p.add_argument("--config", metavar="FILE", help="YAML file of settings (flags override it)")
+        # Here too: a jobs/ entrypoint (`python jobs/train.py ...`) puts its command first, so a
+        # --log-level before it could not be given, and after it was an unrecognized argument.
+        p.add_argument("--log-level", default=argparse.SUPPRESS, type=_log_level, metavar="LEVEL",
+                       help="logging level, as before the command (default: INFO)")  # fmt: skip
         _add_fields(p, cls)
         if name == "pipeline":
             p.epilog = "Stage settings: --prepare.KEY, --pretrain.KEY, --train.KEY, --evaluate.KEY, --infer.KEY (see each stage's --help)."

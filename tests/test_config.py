@@ -210,13 +210,17 @@ def test_cli_reports_config_errors_before_starting(capsys):
     assert "truncation" in capsys.readouterr().err
 
 
-def test_a_log_level_that_is_not_one_is_an_error(capsys):
+def test_a_log_level_that_is_not_one_is_an_error_and_any_command_takes_one(capsys):
     """`--log-level verbose` logged at INFO without a word."""
     with pytest.raises(SystemExit) as exit_:
         main(["--log-level", "verbose", "prepare", "--output", "x", "--truncation", "middle"])
     assert exit_.value.code == 2
     assert "--log-level: 'verbose' is not one of DEBUG, INFO" in capsys.readouterr().err
     assert cli.make_parser().parse_args(["--log-level", "debug", "prepare"]).log_level == 10
+    # After the command too, where a jobs/ entrypoint (which puts the command first) can give it:
+    # it was an unrecognized argument.
+    assert cli.make_parser().parse_args(["train", "--log-level", "error"]).log_level == 40
+    assert cli.make_parser().parse_args(["--log-level", "debug", "infer"]).log_level == 10
 
 
 @pytest.mark.parametrize("command, cls", [("train", TrainConfig), ("pretrain", PretrainConfig)])
