@@ -84,6 +84,16 @@ def _versions() -> str:
     )
 
 
+class _Once(argparse.Action):
+    """A second --config is an error: the first file's settings were dropped without a word."""
+
+    def __call__(self, parser: Any, namespace: Any, value: Any, option: str | None = None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option} given twice ({getattr(namespace, self.dest)}, {value}): one file per command; "
+                         f"flags override its settings")  # fmt: skip
+        setattr(namespace, self.dest, value)
+
+
 def _log_level(name: str) -> int:
     """A logging level by name, any case: `--log-level verbose` (or `10`) logged at INFO without a word."""
     level = logging.getLevelName(name.upper())
@@ -106,7 +116,9 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cls in COMMANDS.items():
         p = sub.add_parser(name, help=(cls.__doc__ or "").splitlines()[0], description=cls.__doc__)
-        p.add_argument("--config", metavar="FILE", help="YAML file of settings (flags override it)")
+        p.add_argument(
+            "--config", metavar="FILE", action=_Once, help="YAML file of settings (flags override it)"
+        )
         # Here too: a jobs/ entrypoint (`python jobs/train.py ...`) puts its command first, so a
         # --log-level before it could not be given, and after it was an unrecognized argument.
         p.add_argument("--log-level", default=argparse.SUPPRESS, type=_log_level, metavar="LEVEL",

@@ -210,6 +210,16 @@ def test_cli_reports_config_errors_before_starting(capsys):
     assert "truncation" in capsys.readouterr().err
 
 
+def test_a_second_config_file_is_an_error(capsys, tmp_path):
+    """`--config base.yaml --config run.yaml` read run.yaml alone: base.yaml's settings were dropped."""
+    (tmp_path / "a.yaml").write_text("epochs: 0\n")
+    (tmp_path / "b.yaml").write_text("lr: 1.0e-4\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--config", str(tmp_path / "a.yaml"), "--config", str(tmp_path / "b.yaml")])
+    assert exit_.value.code == 2
+    assert "error: --config given twice (" in capsys.readouterr().err
+
+
 def test_a_log_level_that_is_not_one_is_an_error_and_any_command_takes_one(capsys):
     """`--log-level verbose` logged at INFO without a word."""
     with pytest.raises(SystemExit) as exit_:
