@@ -200,6 +200,12 @@ def micro_batch_size_opt() -> Any:
     )
 
 
+def seed_opt(help: str) -> Any:
+    # numpy's SeedSequence takes no negative seed and torch.manual_seed none of 2**64 or more: `--seed -1`
+    # ("random" elsewhere) failed every worker with a traceback after the model had loaded.
+    return opt(42, help, ge=0, lt=2**64)
+
+
 def run_name_problems(name: str) -> list[str]:
     """A train or pretrain run's name is one directory under storage_path, which a rerun resumes:
     Ray Train gives an empty name a fresh timestamped one, so such a run never resumed; and a name
@@ -306,7 +312,7 @@ class TrainConfig(Settings):
     )
     max_eval_rows: int = opt(0, "cap rows of validation/test evaluated (0: all)", ge=0)
     tracking: str = opt("none", "none | mlflow | tensorboard", choices=("none", "mlflow", "tensorboard"))
-    seed: int = opt(42, "seed of initialisation and data order", unbounded=True)
+    seed: int = seed_opt("seed of initialisation and data order")
     trust_remote_code: bool = opt(False, "let transformers run code shipped with a hub model")
 
     def problems(self) -> list[str]:
@@ -374,7 +380,7 @@ class PretrainConfig(Settings):
         False,
         "resume a run's checkpoint although its model, data or masking settings changed (else an error)",
     )
-    seed: int = opt(42, "seed of the data order and the masks", unbounded=True)
+    seed: int = seed_opt("seed of the data order and the masks")
     trust_remote_code: bool = opt(False, "let transformers run code shipped with a hub model")
 
     def problems(self) -> list[str]:

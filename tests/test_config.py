@@ -63,6 +63,21 @@ def test_a_run_name_that_is_not_one_directory_is_an_error(cls, name):
         build(cls, {"data": "d", "output": "o", "name": name})
 
 
+@pytest.mark.parametrize("cls", [TrainConfig, PretrainConfig])
+def test_a_seed_that_numpy_or_torch_refuses_is_an_error(cls):
+    """`--seed -1` failed every worker with numpy's 'expected non-negative integer' traceback, after
+    Ray had started and the model had loaded (and again after each restart)."""
+    import numpy as np
+    import torch
+
+    for seed in (-1, 2**64):
+        with pytest.raises(ConfigError, match=f"seed: {seed} must be"):
+            build(cls, {"data": "d", "output": "o", "seed": seed})
+    top = build(cls, {"data": "d", "output": "o", "seed": 2**64 - 1}).seed  # what both take
+    np.random.default_rng([top, 0])
+    torch.manual_seed(top)
+
+
 def test_a_setting_given_twice_in_a_config_file_is_an_error(tmp_path):
     """PyYAML kept the last `epochs:` and dropped the first without a word."""
     f = tmp_path / "c.yaml"
@@ -256,7 +271,7 @@ def test_help_offers_only_the_pipeline_flags_the_stage_reads(capsys):
     assert exit_.value.code == 2 and "belongs to `bertjob prepare`" in capsys.readouterr().err
 
 
-CONFIGS = (PrepareConfig, TrainConfig, InferConfig, PipelineConfig)
+CONFIGS = (PrepareConfig, PretrainConfig, TrainConfig, InferConfig, PipelineConfig)
 REQUIRED = {"data": "d", "output": "o", "input": "i", "model": "m"}  # the settings with no usable default
 
 
