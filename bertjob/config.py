@@ -7,6 +7,7 @@ once, as a ConfigError, before Ray starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -711,6 +712,11 @@ def out_of_range(cfg: Any) -> list[str]:
             if value.min > value.max:
                 problems.append(f"{f.name}: range {value} must go from the smaller to the larger count")
             value = value.min
+        if isinstance(value, float) and math.isinf(value):
+            # `--placement-timeout-s inf` (for "wait for ever") gave up at once, reporting that the
+            # workers could not be placed within 'infs'; an infinite lr or CPU count is no better.
+            problems.append(f"{f.name}: {value} must be a finite number")
+            continue
         if meta.get("choices") and value not in meta["choices"]:
             shown = ", ".join(c or "'' (auto)" for c in meta["choices"])
             problems.append(f"{f.name}: {value!r} is not one of {shown}")

@@ -314,6 +314,13 @@ def test_every_setting_outside_its_range_is_one_clear_error_naming_it(cls):
         assert len(err.value.problems) == 1 and err.value.problems[0].startswith(f"{f.name}:"), err.value
         tried += 1
     assert tried >= 3
+    # Infinity is within every lower bound: `--placement-timeout-s inf` gave up at once, "within infs".
+    for f in dataclasses.fields(cls):
+        if types[f.name] is float:
+            with pytest.raises(
+                ConfigError, match=rf"^invalid configuration:\n  - {f.name}: inf must be a finite"
+            ):
+                build(cls, {**required, f.name: "inf"})
     # the bugs that named this test: a ZeroDivisionError in the worker, an untrained export, 0 CPUs
     fields = {f.name: f for f in dataclasses.fields(cls)}
     cpus = 0 if "gt" in getattr(fields.get("cpus_per_worker"), "metadata", {}) else -1  # train: 0 is auto
