@@ -155,6 +155,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     started = time.time()
     check_access({"input": cfg.input, "output_dir": cfg.output_dir, "storage_path": cfg.storage_path,
                   "infer_input": cfg.infer_input})  # fmt: skip
+    if problems := train.tracking_problems(cfg.stage("train")):  # now, not after prepare and pretrain
+        raise train.TrainSetupError("cannot train:\n  - " + "\n  - ".join(problems))
     p_cfg = cfg.stage("prepare")
     corpus = prepare.open_input(p_cfg)
     if not corpus.labelled:

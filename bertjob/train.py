@@ -145,7 +145,29 @@ def check_setup(cfg: TrainConfig, manifest: dict[str, Any]) -> list[str]:
                 f"split {name!r} of {cfg.data}: its label counts {counts} sum to {sum(counts.values())}, "
                 f"not to its {written} rows; the manifest does not describe the data (prepare again)"
             )
-    return problems
+    return problems + tracking_problems(cfg)
+
+
+# What each --tracking imports on rank 0 (`_Tracker`): TensorBoard's writer is torch's, which needs the
+# tensorboard package, or tensorboardX's.
+TRACKING_PACKAGES = {"mlflow": ("mlflow",), "tensorboard": ("tensorboard", "tensorboardX")}
+
+
+def tracking_problems(cfg: TrainConfig) -> list[str]:
+    """A --tracking that cannot log: its package missing failed every worker with an ImportError
+    after the model had loaded; TensorBoard with an output in object storage logged nothing."""
+    import importlib.util
+
+    if cfg.tracking == "none":
+        return []
+    if cfg.tracking == "tensorboard" and is_remote(cfg.output):
+        return [f"tracking tensorboard writes its event files to OUTPUT/tensorboard, a local or mounted directory; "
+                f"output {cfg.output} is in object storage (use --tracking mlflow, or a mounted --output)"]  # fmt: skip
+    packages = TRACKING_PACKAGES[cfg.tracking]
+    if not any(importlib.util.find_spec(p) for p in packages):
+        return [f"tracking {cfg.tracking}: {' or '.join(packages)} is not installed "
+                f"(pip install {packages[0]}), or use --tracking none"]  # fmt: skip
+    return []
 
 
 @dataclasses.dataclass

@@ -59,7 +59,9 @@ def test_workers_the_cluster_cannot_hold_are_an_error_before_prepare(tmp_path, t
     assert not (tmp_path / "out" / "prepared").exists()
 
 
-def test_a_corpus_with_nothing_to_evaluate_or_score_fails_before_any_work(tmp_path, tiny_model_dir):
+def test_a_corpus_with_nothing_to_evaluate_or_score_fails_before_any_work(
+    tmp_path, tiny_model_dir, monkeypatch
+):
     """Without a test split, an unsup split or a corpus to score, the pipeline trained, skipped
     evaluate, then failed to find the test split to score: now one clear error before any work.
     A corpus to score (--infer-input) or an unsup split is the way to run it without evaluate, a
@@ -85,6 +87,13 @@ def test_a_corpus_with_nothing_to_evaluate_or_score_fails_before_any_work(tmp_pa
                        r"'sentiment'\]\); name its label column with --prepare.label-column"):  # fmt: skip
         pipeline.run(unlabelled)
     assert not (tmp_path / "out").exists()
+    # A --train.tracking that cannot log: the pipeline prepared (and pre-trained) before train said so.
+    tracked = build(PipelineConfig, {**settings, "input": str(tmp_path / "train.parquet"),
+                                     "train": {"tracking": "tensorboard"}, "output_dir": "s3://b/out"})  # fmt: skip
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "check_access", lambda paths: None)  # no bucket: the check comes before
+        with pytest.raises(train.TrainSetupError, match="tracking tensorboard writes its event files"):
+            pipeline.run(tracked)
     train_only = {**settings, "input": str(tmp_path / "train.parquet")}
     to_score = build(PipelineConfig, {**train_only, "infer_input": str(tmp_path / "train.parquet")})
     written = prepare.splits_written(to_score.stage("prepare"), open_corpus(to_score.input))

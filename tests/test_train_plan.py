@@ -70,3 +70,19 @@ def test_a_run_stopped_before_its_first_evaluation_reports_its_last_steps_model(
     )
     best = {"best_epoch": 1, "best_val_accuracy": 0.75, "steps": 36, "test": None}
     assert train.result_line(best) == "best epoch 2, val accuracy 0.7500, test accuracy n/a"
+
+
+def test_a_tracking_that_cannot_log_is_a_setup_problem(monkeypatch):
+    """`--tracking mlflow` without mlflow failed every worker with an ImportError after the model had
+    loaded; TensorBoard with the output in object storage logged nothing, without a word."""
+    import importlib.util
+
+    assert train.tracking_problems(TrainConfig(data="d", output="o")) == []
+    assert (
+        "object storage"
+        in train.tracking_problems(TrainConfig(data="d", output="s3://b/o", tracking="tensorboard"))[0]
+    )
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert train.tracking_problems(TrainConfig(data="d", output="o", tracking="mlflow")) == [
+        "tracking mlflow: mlflow is not installed (pip install mlflow), or use --tracking none"
+    ]
