@@ -339,6 +339,13 @@ def plan_run(cfg: TrainConfig, model_config: dict[str, Any], max_length: int) ->
     if positions and max_length > positions:
         problems.append(f"data {cfg.data} is prepared with max_length {max_length}, more than model "
                         f"{cfg.model} has positions for ({positions}): prepare it with --max-length {positions} or less")  # fmt: skip
+    # Rounded up past the model's positions, the longest batches failed every worker with a tensor
+    # size RuntimeError (`--pad-to-multiple-of 3` at max_length 512: 513 positions).
+    m = cfg.pad_to_multiple_of
+    if positions and m and max_length <= positions < -(-max_length // m) * m:
+        problems.append(f"pad_to_multiple_of {m} pads sequences of max_length {max_length} to {-(-max_length // m) * m} "
+                        f"tokens, more than model {cfg.model} has positions for ({positions}): give one that "
+                        f"{max_length} rounds up to at most {positions} (such as 8), or 0")  # fmt: skip
     if cfg.check_resources:
         problems += check_resources(cfg, plan)
     if problems:

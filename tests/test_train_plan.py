@@ -86,3 +86,23 @@ def test_a_tracking_that_cannot_log_is_a_setup_problem(monkeypatch):
     assert train.tracking_problems(TrainConfig(data="d", output="o", tracking="mlflow")) == [
         "tracking mlflow: mlflow is not installed (pip install mlflow), or use --tracking none"
     ]
+
+
+def test_padding_past_the_models_positions_is_a_setup_problem(monkeypatch):
+    """`--pad-to-multiple-of 3` at max_length 512 padded the longest batches to 513 tokens: every
+    worker failed with 'The expanded size of the tensor (513) must match the existing size (512)'."""
+    from bertjob import cluster
+
+    monkeypatch.setattr(cluster, "alive_nodes", lambda: [{"CPU": 2.0, "memory": 16 * GIB}])
+    model = {**MINILM, "max_position_embeddings": 512}
+    for m in (0, 8, 64, 512):
+        train.plan_run(
+            TrainConfig(data="d", output="o", pad_to_multiple_of=m, check_resources=False), model, 512
+        )
+    train.plan_run(TrainConfig(data="d", output="o", pad_to_multiple_of=3, check_resources=False), model, 510)
+    with pytest.raises(
+        train.TrainSetupError, match="pad_to_multiple_of 3 pads sequences of max_length 512 to 513 "
+    ):
+        train.plan_run(
+            TrainConfig(data="d", output="o", pad_to_multiple_of=3, check_resources=False), model, 512
+        )
