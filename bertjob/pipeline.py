@@ -180,7 +180,9 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         # Workers the cluster cannot hold, sequences too long for the model: an error now, not
         # after prepare (a pretrain stage's model has its base model's shape).
         t_cfg = cfg.stage("train")
-        train.plan_run(t_cfg, models.model_config(cfg.model, t_cfg.trust_remote_code), cfg.max_length)
+        # At prepare's max_length: a prepare section's own (`prepare: {max_length: 1024}`) was not
+        # checked, and train refused the data once prepare had written it.
+        train.plan_run(t_cfg, models.model_config(cfg.model, t_cfg.trust_remote_code), p_cfg.max_length)
         manifest = prepare.run(p_cfg)
     summary["stages"]["prepare"] = {
         "output": p_cfg.output, "reused": reused,

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bertjob import pipeline, prepare, train
-from bertjob.config import PipelineConfig, build, to_dict
+from bertjob.config import PipelineConfig, Workers, build, to_dict
 from bertjob.sources import InputError, open_corpus
 from tests.conftest import make_imdb_dir
 
@@ -55,6 +55,11 @@ def test_workers_the_cluster_cannot_hold_are_an_error_before_prepare(tmp_path, t
     cfg = build(PipelineConfig, {"input": str(corpus), "output_dir": str(tmp_path / "out"), "model": tiny_model_dir,
                                  "max_length": 32, "num_workers": 3})  # fmt: skip
     with pytest.raises(train.TrainSetupError, match=r"3 worker\(s\) of 1 CPUs each do not fit"):
+        pipeline.run(cfg)
+    assert not (tmp_path / "out" / "prepared").exists()
+    # Sequences too long for the model, at the max_length prepare will use (its section's, if set).
+    cfg = dataclasses.replace(cfg, num_workers=Workers(1, 1), prepare={"max_length": 1024})
+    with pytest.raises(train.TrainSetupError, match="prepared with max_length 1024, more than model"):
         pipeline.run(cfg)
     assert not (tmp_path / "out" / "prepared").exists()
 
