@@ -590,8 +590,11 @@ class PipelineConfig(Settings):
                 use_gpu=self.use_gpu,
             )  # fmt: skip
         elif name == "infer":
+            # A corpus of its own is scored whole, named as infer_input or in the section
+            # (`--infer.input X` scored only X's unsup split, the prepared data's default).
+            own = self.infer_input or (self.infer or {}).get("input")
             cls, base = InferConfig, dict(
-                input=self.infer_input or prepared, split="" if self.infer_input else "unsup",
+                input=own or prepared, split="" if own else "unsup",
                 model=model_dir, output=self.path("infer"), use_gpu=self.use_gpu,
             )  # fmt: skip
         else:

@@ -145,6 +145,12 @@ def test_a_stage_section_cannot_unlink_the_stages():
     assert (
         build(PipelineConfig, {"train": {"model": "m"}}).stage("train").model == "m"
     )  # no pretrain stage: a choice
+    # A corpus to score named in the infer section is scored whole, as --infer-input's: it was
+    # filtered to the unsup split, the prepared data's default (half of an IMDb tree's reviews).
+    assert build(PipelineConfig, {"infer": {"input": "x"}}).stage("infer").split == ""
+    assert build(PipelineConfig, {"infer_input": "x"}).stage("infer").split == ""
+    assert build(PipelineConfig, {"infer": {"input": "x", "split": "test"}}).stage("infer").split == "test"
+    assert build(PipelineConfig, {}).stage("infer").split == "unsup"
 
 
 def test_bad_types_are_named():
