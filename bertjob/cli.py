@@ -163,8 +163,7 @@ def resolve(command: str, args: dict[str, Any], dotted: dict[str, dict[str, Any]
     if with_file:
         pipe_args = {k: v for k, v in args.items() if k in pipe_fields}
         pipeline = build(PipelineConfig, {**data, **pipe_args})
-        base = dataclasses.asdict(pipeline.stage(command))
-        cfg = build(cls, {**base, **{k: v for k, v in args.items() if k in stage_fields}})
+        cfg = pipeline.stage(command, {k: v for k, v in args.items() if k in stage_fields})
         if command in ("train", "pretrain"):  # the pipeline's run, which a rerun of either resumes
             from bertjob import pipeline as pipeline_job
 

@@ -561,8 +561,10 @@ class PipelineConfig(Settings):
 
         return join(self.output_dir, *parts)
 
-    def stage(self, name: str) -> Any:
-        """The stage's config: derived paths and shared settings, then the stage's own section."""
+    def stage(self, name: str, flags: dict[str, Any] | None = None) -> Any:
+        """The stage's config: derived paths and shared settings, then the stage's own section, then
+        `flags` (a stage command's own, given beside the pipeline file)."""
+        section = {**(getattr(self, name) or {}), **(flags or {})}
         prepared = self.path("prepared")
         model_dir = self.path("train", "model")
         base: dict[str, Any]
@@ -590,16 +592,16 @@ class PipelineConfig(Settings):
                 use_gpu=self.use_gpu,
             )  # fmt: skip
         elif name == "infer":
-            # A corpus of its own is scored whole, named as infer_input or in the section
-            # (`--infer.input X` scored only X's unsup split, the prepared data's default).
-            own = self.infer_input or (self.infer or {}).get("input")
+            # A corpus of its own is scored whole, named as infer_input, in the section or by
+            # `bertjob infer --config FILE --input X` (these scored only X's unsup split, the
+            # prepared data's default).
+            own = self.infer_input or section.get("input")
             cls, base = InferConfig, dict(
                 input=own or prepared, split="" if own else "unsup",
                 model=model_dir, output=self.path("infer"), use_gpu=self.use_gpu,
             )  # fmt: skip
         else:
             raise ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
-        section = getattr(self, name) or {}
         return build(cls, {**base, **section}, where=f"{name}: ")
 
 

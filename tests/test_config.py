@@ -191,6 +191,9 @@ def test_stage_takes_its_settings_from_a_pipeline_file(tmp_path):
     )
     infer = resolve("infer", {"config": str(f), "output_dir": "/runs/b"}, {})
     assert (infer.model, infer.split) == ("/runs/b/train/model", "unsup")
+    # A corpus of its own is scored whole, as --infer-input's: it was filtered to the unsup split.
+    infer = resolve("infer", {"config": str(f), "input": "/corpus"}, {})
+    assert (infer.input, infer.split) == ("/corpus", "")
 
 
 def test_the_pretrain_stage_is_off_unless_asked_for_and_then_train_starts_from_its_model(tmp_path):
