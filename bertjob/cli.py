@@ -21,6 +21,7 @@ from typing import Any
 from bertjob.config import (
     STAGE_CLASSES,
     STAGE_SHARED,
+    STAGES,
     ConfigError,
     JobError,
     PipelineConfig,
@@ -145,6 +146,7 @@ def resolve(command: str, args: dict[str, Any], dotted: dict[str, dict[str, Any]
     path = path and os.path.expanduser(path)  # as every other path (`--config "~/run.yaml"`, quoted)
     data = read_yaml(path) if path else {}
     _check_relative_inputs(path, data)
+    _flags_win_over_sections(data, args)
     if command == "pipeline":
         for stage, values in dotted.items():
             data[stage] = {**(data.get(stage) or {}), **values}
@@ -170,6 +172,17 @@ def resolve(command: str, args: dict[str, Any], dotted: dict[str, dict[str, Any]
             cfg = pipeline_job.stage_run(cfg, command)
         return cfg
     return build(cls, {**data, **args})
+
+
+def _flags_win_over_sections(data: dict[str, Any], args: dict[str, Any]) -> None:
+    """A shared flag wins over the file also where a stage section of the file sets the same setting:
+    `bertjob pipeline --config configs/quickstart.yaml --num-workers 2` trained with its
+    `train: {num_workers: 1}`, and `--infer-input X` scored an `infer: {input: Y}`, without a word."""
+    for stage in STAGES:
+        section = data.get(stage)
+        if isinstance(section, dict):
+            given = {"input" if k == "infer_input" else k for k in args if k in STAGE_SHARED[stage]}
+            data[stage] = {k: v for k, v in section.items() if k not in given}
 
 
 INPUT_KEYS = ("input", "data", "model", "infer_input")  # paths a config file names to be read

@@ -179,6 +179,21 @@ def test_flags_override_yaml(tmp_path):
     assert (cfg.max_length, cfg.truncation, cfg.output) == (256, "head", "out")
 
 
+def test_a_shared_flag_wins_over_a_stage_section_of_the_file(tmp_path):
+    """`bertjob pipeline --config configs/quickstart.yaml --num-workers 2` trained with the file's
+    `train: {num_workers: 1}`; `--infer-input X` scored the file's `infer: {input: Y}`."""
+    f = tmp_path / "pipe.yaml"
+    f.write_text("output_dir: o\ntrain:\n  num_workers: 1\n  epochs: 5\ninfer:\n  input: /y\n")
+    pipe = resolve("pipeline", {"config": str(f), "num_workers": "2", "infer_input": "/x"}, {})
+    assert (pipe.stage("train").num_workers, pipe.stage("train").epochs) == (Workers(2, 2), 5)
+    assert pipe.stage("infer").input == "/x"
+    assert resolve("pipeline", {"config": str(f)}, {}).stage("train").num_workers == Workers(1, 1)
+    # a stage's own flag is more specific still
+    pipe = resolve("pipeline", {"config": str(f), "num_workers": "2"}, {"train": {"num_workers": "3"}})
+    assert pipe.stage("train").num_workers == Workers(3, 3)
+    assert resolve("infer", {"config": str(f), "infer_input": "/x"}, {}).input == "/x"
+
+
 def test_stage_takes_its_settings_from_a_pipeline_file(tmp_path):
     f = tmp_path / "pipe.yaml"
     f.write_text("output_dir: /runs/a\nmax_length: 128\ntrain:\n  epochs: 5\n")
