@@ -124,12 +124,22 @@ def scoring_stages(cfg: PipelineConfig, splits: Collection[str]) -> dict[str, In
     the corpus' splits are known (all but an IMDb tar's), else before training."""
     prepared = cfg.path("prepared")
     stages = {stage: cfg.stage(stage) for stage in ("evaluate", "infer")}
-    for stage, s_cfg in stages.items():  # infer.describe's check, before any work
+    tokenized = cfg.stage("prepare").text_settings().as_dict()
+    for stage, s_cfg in stages.items():  # infer.describe's checks, before any work
         if s_cfg.input == prepared and s_cfg.include_text:
             raise InputError(
                 f"the {stage} stage scores the prepared data, which keeps token ids, not text; "
                 f"--{stage}.include-text needs a corpus to score: --infer-input CORPUS (evaluate: "
                 f"--evaluate.input LABELLED_CORPUS)"
+            )
+        # `evaluate: {max_length: 256}` beside a top-level 128: an error once training had finished
+        differ = [f"{k} {getattr(s_cfg, k)!r} (prepare: {v!r})" for k, v in tokenized.items()
+                  if getattr(s_cfg, k) not in (0, "", None) and getattr(s_cfg, k) != v]  # fmt: skip
+        if s_cfg.input == prepared and differ:
+            raise InputError(
+                f"the {stage} stage scores the prepared data, tokenized as prepare was set; its own "
+                f"{', '.join(differ)} would need the text again: set these for prepare (at the top level "
+                f"or --prepare.KEY), or give the {stage} stage a corpus of its own"
             )
     if stages["evaluate"].input == prepared and stages["evaluate"].split not in splits:
         del stages["evaluate"]

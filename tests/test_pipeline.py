@@ -116,6 +116,15 @@ def test_a_corpus_with_nothing_to_evaluate_or_score_fails_before_any_work(
     ):
         pipeline.run(with_text)
     assert not (tmp_path / "out").exists()
+    # Text settings of its own for a stage that scores the prepared data: an error after training.
+    resized = build(PipelineConfig, {**train_only, "prepare": {"test_fraction": 0.2},
+                                     "evaluate": {"max_length": 64, "truncation": "head+tail"}})  # fmt: skip
+    with pytest.raises(InputError, match=r"the evaluate stage scores the prepared data, tokenized as prepare "
+                       r"was set; its own max_length 64 \(prepare: 32\) would need"):  # fmt: skip
+        pipeline.run(resized)
+    assert not (tmp_path / "out").exists()
+    same = build(PipelineConfig, {**train_only, "evaluate": {"max_length": 32}})  # as prepared: fine
+    assert list(pipeline.scoring_stages(same, {"train", "validation", "test"})) == ["evaluate", "infer"]
     text_to_score = build(PipelineConfig, {**train_only, "infer_input": str(tmp_path / "train.parquet"),
                                            "infer": {"include_text": True}})  # fmt: skip
     assert list(pipeline.scoring_stages(text_to_score, {"train", "validation"})) == ["infer"]
