@@ -72,8 +72,8 @@ class Workers(typing.NamedTuple):
         if isinstance(value, int):
             return cls(value, value)
         if isinstance(value, str):
-            lo, _, hi = value.replace(" ", "").partition("-")
-            return cls(int(lo), int(hi or lo))
+            lo, dash, hi = value.replace(" ", "").partition("-")
+            return cls(int(lo), int(hi if dash else lo))  # `2-` (its end left out) is no count of 2
         if isinstance(value, (list, tuple)) and len(value) == 2 and all(type(v) is int for v in value):
             return cls(*value)
         raise ValueError(value)

@@ -404,7 +404,7 @@ def test_num_workers_is_a_count_or_an_elastic_range(value, expected):
     assert cfg.num_workers.scaling() == (expected.min if expected.min == expected.max else tuple(expected))
 
 
-@pytest.mark.parametrize("value", ["4-1", "0-2", [1, 2, 3], "one", True, [1.5, 2]])
+@pytest.mark.parametrize("value", ["4-1", "0-2", [1, 2, 3], "one", True, [1.5, 2], "2-", "-"])
 def test_a_bad_worker_range_is_one_error_naming_num_workers(value):
     with pytest.raises(ConfigError) as err:
         build(TrainConfig, {"data": "d", "output": "o", "num_workers": value})
