@@ -70,12 +70,16 @@ class Workers(typing.NamedTuple):
         if isinstance(value, bool):
             raise ValueError(value)
         if isinstance(value, int):
-            return cls(value, value)
+            return cls(int(value), int(value))
         if isinstance(value, str):
             lo, dash, hi = value.replace(" ", "").partition("-")
             return cls(int(lo), int(hi if dash else lo))  # `2-` (its end left out) is no count of 2
-        if isinstance(value, (list, tuple)) and len(value) == 2 and all(type(v) is int for v in value):
-            return cls(*value)
+        if (
+            isinstance(value, (list, tuple))
+            and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ):
+            return cls(*map(int, value))
         raise ValueError(value)
 
     @property
@@ -637,7 +641,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"{key}: expected an integer, got {value!r}")
         if isinstance(value, int):
-            return value
+            return int(value)
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, str):
@@ -656,6 +660,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
                 pass
         raise ValueError(f"{key}: expected a number, got {value!r}")
     if typ is str:
+        if isinstance(value, _Written):
+            return value.text
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ValueError(f"{key}: expected a string, got {value!r}")
@@ -761,6 +767,36 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             seen[norm] = key
         mapping = super().construct_mapping(node, deep=deep)
         return {k.replace("-", "_") if isinstance(k, str) else k: v for k, v in mapping.items()}
+
+
+class _Written:
+    """A YAML number that remembers how it was written: a text setting takes it as written, where
+    YAML 1.1 read `name: 0612` as octal 394, `12:30` as 750 and `007` as 7."""
+
+    text: str
+
+
+class _WrittenInt(int, _Written):
+    pass
+
+
+class _WrittenFloat(float, _Written):
+    pass
+
+
+def _keep_text(kind: type, tag: str) -> None:
+    read = yaml.SafeLoader.yaml_constructors[tag]
+
+    def construct(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+        value = kind(read(loader, node))
+        value.text = node.value
+        return value
+
+    _UniqueKeyLoader.add_constructor(tag, construct)
+
+
+_keep_text(_WrittenInt, "tag:yaml.org,2002:int")
+_keep_text(_WrittenFloat, "tag:yaml.org,2002:float")
 
 
 def read_yaml(path: str) -> dict[str, Any]:

@@ -114,6 +114,19 @@ def test_a_yaml_merge_key_shares_settings_and_a_key_that_is_not_a_name_is_an_unk
         build(PipelineConfig, {"train": {True: 3}})
 
 
+def test_a_text_setting_written_as_a_number_keeps_its_digits(tmp_path):
+    """YAML 1.1 read `name: 0612` as octal 394 and `12:30` as 750: the run was named '394'. A text
+    setting now takes the number as written; a numeric one takes YAML's value, as before."""
+    f = tmp_path / "c.yaml"
+    f.write_text("data: d\noutput: o\nname: 0612\nmax_steps: 0x10\nbatch_size: 1_6\nnum_workers: [1, 4]\n")
+    cfg = resolve("train", {"config": str(f)}, {})
+    assert (cfg.name, cfg.max_steps, cfg.batch_size, cfg.num_workers) == ("0612", 16, 16, Workers(1, 4))
+    assert type(cfg.max_steps) is int and type(cfg.num_workers.max) is int
+    f.write_text("output_dir: o\nname: 12:30\nprepare: {text_column: 1.10}\n")
+    pipe = resolve("pipeline", {"config": str(f)}, {})
+    assert (pipe.name, pipe.stage("prepare").text_column) == ("12:30", "1.10")
+
+
 def test_dashed_keys_in_a_config_file_mean_what_the_flags_do(tmp_path):
     """`output-dir:` did not make a pipeline file (`bertjob train --config` called it an unknown setting)."""
     f = tmp_path / "c.yaml"
