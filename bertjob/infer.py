@@ -552,6 +552,11 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
                              f"with these settings")  # fmt: skip
     else:
         effective = text_settings(cfg, recorded)
+    if effective.truncation == "head+tail" and not effective.head_tokens < effective.max_length - 2:
+        # prepare's rule: `--max-length 16` on a model trained with 16 head tokens kept the head alone
+        raise InputError(f"head_tokens {effective.head_tokens} leaves no tail at max_length {effective.max_length} "
+                         f"with head+tail truncation (it must be under max_length - 2): give --head-tokens "
+                         f"{max(1, effective.max_length // 4)}, say, or --truncation head")  # fmt: skip
     where = models.resolve_model(cfg.model)
     # A local model's config.json; a hub model's config would import transformers in the driver.
     positions = models.model_config(where).get("max_position_embeddings") if os.path.isdir(where) else None

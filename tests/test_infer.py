@@ -151,6 +151,10 @@ def test_infer_follows_every_text_setting_the_model_was_trained_with(tiny_classi
     hub_like = InferConfig(**{**infer.to_dict(cfg), "model": str(bare), "max_length": 128})
     assert infer.describe(hub_like)[1]["settings"] == {"max_length": 128, "truncation": "head+tail", "head_tokens": 32,
                                                        "strip_html": True, "max_chars_per_end": 2048}  # fmt: skip
+    # a shorter max_length than the model's head keeps: the head alone, without a word (prepare's error)
+    with pytest.raises(InputError, match="head_tokens 16 leaves no tail at max_length 16 with head"):
+        infer.describe(InferConfig(**{**infer.to_dict(cfg), "max_length": 16}))
+    assert infer.describe(InferConfig(**{**infer.to_dict(cfg), "max_length": 16, "head_tokens": 4}))
     tokens = infer.Predictor(model, precision="off").tokenize(pa.table({"id": ["a"], "text": ["a <br /> b"]}))
     assert (
         len(tokens.column("input_ids")[0]) > 4
