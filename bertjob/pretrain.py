@@ -109,6 +109,11 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     manifest = train.read_manifest(cfg.data)
     tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
     problems = check_setup(cfg, manifest, tokenizer)
+    model_config = models.model_config(cfg.model, cfg.trust_remote_code)
+    positions = model_config.get("max_position_embeddings")
+    if positions and cfg.max_length > positions:  # every worker failed on its first step
+        problems.append(f"max_length {cfg.max_length} packs sequences longer than model {cfg.model} has positions "
+                        f"for ({positions}): give --max-length {positions} or less")  # fmt: skip
     if "://" in cfg.output:
         problems.append(
             "pretrain output must be a local or mounted directory; put checkpoints on s3:// with --storage-path"
@@ -120,8 +125,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     run_dir = join(storage, cfg.name)
     init_ray()
     nodes = alive_nodes()
-    plan, problems = train.plan_workers(cfg, nodes, models.model_config(cfg.model, cfg.trust_remote_code),
-                                        cfg.max_length)  # fmt: skip
+    plan, problems = train.plan_workers(cfg, nodes, model_config, cfg.max_length)
     if cfg.check_resources:
         problems += train.check_resources(cfg, plan)  # type: ignore[arg-type]
     if problems:

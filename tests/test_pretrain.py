@@ -121,11 +121,19 @@ def test_train_fine_tunes_the_pretrained_model_and_records_where_it_came_from(
     )
 
 
-def test_setup_problems_are_one_clear_error_before_any_worker_starts(prepared_small, tmp_path):
+def test_setup_problems_are_one_clear_error_before_any_worker_starts(
+    prepared_small, tiny_model_dir, tmp_path
+):
     with pytest.raises(train.TrainSetupError, match="no manifest.json"):
         pretrain.run(cfg(tmp_path, tmp_path / "o1", "minilm"))
     with pytest.raises(pretrain.PretrainSetupError, match="does not match"):
         pretrain.run(cfg(prepared_small, tmp_path / "o2", "minilm"))
+    # packed longer than the model's positions: every worker failed with a tensor size RuntimeError
+    with pytest.raises(
+        pretrain.PretrainSetupError, match="max_length 1024 packs sequences longer than model"
+    ):
+        pretrain.run(cfg(prepared_small, tmp_path / "o3", tiny_model_dir, max_length=1024))
+    assert not (tmp_path / "o3").exists()
 
 
 def test_a_rerun_of_a_run_with_other_masking_settings_is_refused(pretrained, prepared_small):
