@@ -193,6 +193,11 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         # At prepare's max_length: a prepare section's own (`prepare: {max_length: 1024}`) was not
         # checked, and train refused the data once prepare had written it.
         train.plan_run(t_cfg, models.model_config(cfg.model, t_cfg.trust_remote_code), p_cfg.max_length)
+        if cfg.pretrain_stage:  # its max_length is its own, that of the sequences it packs
+            pt_cfg = cfg.stage("pretrain")
+            pt_model = models.model_config(pt_cfg.model, pt_cfg.trust_remote_code)
+            if problems := pretrain.positions_problems(pt_cfg, pt_model):
+                raise pretrain.PretrainSetupError("cannot pretrain:\n  - " + "\n  - ".join(problems))
         manifest = prepare.run(p_cfg)
     summary["stages"]["prepare"] = {
         "output": p_cfg.output, "reused": reused,

@@ -94,6 +94,15 @@ def check_setup(cfg: PretrainConfig, manifest: dict[str, Any], tokenizer: Any) -
     return problems
 
 
+def positions_problems(cfg: PretrainConfig, model_config: dict[str, Any]) -> list[str]:
+    """Sequences packed longer than the model has positions for: every worker failed on its first step."""
+    positions = model_config.get("max_position_embeddings")
+    if positions and cfg.max_length > positions:
+        return [f"max_length {cfg.max_length} packs sequences longer than model {cfg.model} has positions "
+                f"for ({positions}): give --max-length {positions} or less"]  # fmt: skip
+    return []
+
+
 def run(cfg: PretrainConfig) -> dict[str, Any]:
     from ray.train import CheckpointConfig
 
@@ -110,10 +119,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
     problems = check_setup(cfg, manifest, tokenizer)
     model_config = models.model_config(cfg.model, cfg.trust_remote_code)
-    positions = model_config.get("max_position_embeddings")
-    if positions and cfg.max_length > positions:  # every worker failed on its first step
-        problems.append(f"max_length {cfg.max_length} packs sequences longer than model {cfg.model} has positions "
-                        f"for ({positions}): give --max-length {positions} or less")  # fmt: skip
+    problems += positions_problems(cfg, model_config)
     if "://" in cfg.output:
         problems.append(
             "pretrain output must be a local or mounted directory; put checkpoints on s3:// with --storage-path"

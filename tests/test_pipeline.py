@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bertjob import pipeline, prepare, train
+from bertjob import pipeline, prepare, pretrain, train
 from bertjob.config import PipelineConfig, Workers, build, to_dict
 from bertjob.sources import InputError, open_corpus
 from tests.conftest import make_imdb_dir
@@ -60,6 +60,12 @@ def test_workers_the_cluster_cannot_hold_are_an_error_before_prepare(tmp_path, t
     # Sequences too long for the model, at the max_length prepare will use (its section's, if set).
     cfg = dataclasses.replace(cfg, num_workers=Workers(1, 1), prepare={"max_length": 1024})
     with pytest.raises(train.TrainSetupError, match="prepared with max_length 1024, more than model"):
+        pipeline.run(cfg)
+    assert not (tmp_path / "out" / "prepared").exists()
+    cfg = dataclasses.replace(cfg, prepare=None, pretrain_stage=True, pretrain={"max_length": 1024})
+    with pytest.raises(
+        pretrain.PretrainSetupError, match="max_length 1024 packs sequences longer than model"
+    ):
         pipeline.run(cfg)
     assert not (tmp_path / "out" / "prepared").exists()
 
