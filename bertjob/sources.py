@@ -489,19 +489,32 @@ def parquet_schema(corpus: Corpus, path: str) -> pa.Schema:
         return pq.ParquetFile(f).schema_arrow
 
 
+def _is_text_type(kind: pa.DataType) -> bool:
+    """Strings, or bytes (decoded as UTF-8: older writers store strings without the annotation);
+    a column of nulls only is text that is missing."""
+    return any(
+        check(kind)
+        for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view, pa.types.is_binary,
+                      pa.types.is_large_binary, pa.types.is_binary_view, pa.types.is_null)
+    )  # fmt: skip
+
+
 def _check_columns(corpus: Corpus, path: str) -> list[str]:
     """The file's columns (a JSONL file's: those of its first object), checked for text and id, and
     for a name we read given to two columns."""
     schema = parquet_schema(corpus, path) if corpus.kind == "parquet" else None
     names = schema.names if schema is not None else columns_of(corpus, path)
     # A list or struct column (sentences, tokens, {"title": ..., "body": ...}) was scored as its
-    # Python repr, "['Great film', 'loved it']", without a word.
+    # Python repr, "['Great film', 'loved it']", and a column of numbers, booleans or dates (a
+    # --text-column naming the rating or the date) as "4" or "2024-05-01 00:00:00", without a word.
     if schema is not None and corpus.text_column in names:
         kind = schema.field(corpus.text_column).type
-        if pa.types.is_nested(kind) or (pa.types.is_dictionary(kind) and pa.types.is_nested(kind.value_type)):
+        values = kind.value_type if pa.types.is_dictionary(kind) else kind
+        if not _is_text_type(values):
+            join_parts = ", or join its parts into one string first" if pa.types.is_nested(values) else ""
             raise InputError(
                 f"input {uri(corpus.fs, path)}: column {corpus.text_column!r} holds {kind} values, not text; "
-                f"set --text-column to the column of the review's text, or join its parts into one string first"
+                f"set --text-column to the column of the review's text{join_parts}"
             )
     if corpus.kind in ("csv", "jsonl") and not names:
         return names  # an empty file adds no rows; the corpus-level emptiness check catches all-empty inputs
@@ -822,7 +835,11 @@ def _generic_table(corpus: Corpus, path: str, table: pa.Table, first_row: int, s
     replaced = [False] * n
     if corpus.text_column in names:
         col = table.column(corpus.text_column)
-        if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+        if (
+            pa.types.is_binary(col.type)
+            or pa.types.is_large_binary(col.type)
+            or pa.types.is_binary_view(col.type)
+        ):
             for i, raw in enumerate(col.to_pylist()):
                 texts[i], replaced[i] = decode_text(raw)
         else:

@@ -91,6 +91,22 @@ def test_a_text_column_of_lists_or_structs_is_an_error_naming_its_type(tmp_path)
         read_all(open_corpus(str(tmp_path / "l.jsonl")))
     pq.write_table(pa.table({"text": pa.array(["a", None]).dictionary_encode()}), tmp_path / "d.parquet")
     assert read_all(open_corpus(str(tmp_path / "d.parquet"))).column("text").to_pylist() == ["a", None]
+    # A --text-column naming the rating or the date was scored as "4" or "2024-05-01 00:00:00"
+    for name, column in (
+        ("i.parquet", pa.array([4, 1])),
+        ("b.parquet", pa.array([True, False])),
+        ("t.parquet", pa.array([0, 1], pa.timestamp("s"))),
+        ("di.parquet", pa.array([4, 1]).dictionary_encode()),
+    ):
+        pq.write_table(pa.table({"text": column, "body": ["good", "bad"]}), tmp_path / name)
+        with pytest.raises(InputError, match=f"{name}: column 'text' holds .* values, not text; set --text-column "
+                                             f"to the column of the review's text$"):  # fmt: skip
+            open_corpus(str(tmp_path / name))
+    texts = (pa.array(["a", "b"], pa.large_string()), pa.array([b"a", b"b"]), pa.array([b"a", b"b"], pa.large_binary()),
+             pa.nulls(2))  # fmt: skip
+    for i, column in enumerate(texts):
+        pq.write_table(pa.table({"text": column}), tmp_path / f"ok{i}.parquet")
+        assert read_all(open_corpus(str(tmp_path / f"ok{i}.parquet"))).num_rows == 2
 
 
 def test_unreadable_and_empty_inputs_are_clear_errors(tmp_path):
