@@ -64,7 +64,9 @@ from bertjob.text import (
     CAP_CHARS_PER_TOKEN,
     LABEL_NAMES,
     TextSettings,
+    commonest_labels,
     parse_label,
+    quarantine_note,
     rating_scale,
     tokenize_rows,
 )
@@ -786,10 +788,15 @@ def finish(
                                                 cfg.label_column)  # fmt: skip
         if problem:  # before the manifest and metrics: an accuracy against 1-star reviews as positives
             raise InputError(f"input {cfg.input}: {problem}, then evaluate again with --overwrite")
+        manifest["unrecognised_labels"] = commonest_labels(unrecognised or {})
         manifest["metrics"] = evaluation(cfg, totals["quarantined"])
     write_json(join(cfg.output, MANIFEST), manifest)
     log.info("%s: %d rows read, %d scored, %d quarantined, %.1f rows/s -> %s", stage, rows_read, totals["scored"],
              manifest["rows_quarantined"], manifest["rows_per_s"] or 0, cfg.output)  # fmt: skip
+    if manifest["rows_quarantined"]:  # rows without a prediction (evaluate: left out of the metrics)
+        note = quarantine_note(manifest["rows_quarantined"], rows_read, totals["quarantined"],
+                               join(cfg.output, QUARANTINE), manifest.get("unrecognised_labels") or {})  # fmt: skip
+        log.warning("%s: %s", stage, note)
     return manifest
 
 

@@ -40,7 +40,14 @@ from bertjob.identity import corpus_fingerprint, identity
 from bertjob.outputs import MANIFEST, check_replaceable, claim_output, versions
 from bertjob.sources import Corpus, InputError, open_corpus
 from bertjob.storage import check_access, filesystem, for_workers, join, uri, write_json
-from bertjob.text import BAD_LABEL, rating_scale, tokenize_rows
+from bertjob.text import (
+    BAD_LABEL,
+    BAD_LABELS_KEPT,
+    commonest_labels,
+    quarantine_note,
+    rating_scale,
+    tokenize_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +56,6 @@ QUARANTINE = "quarantine"
 LOCAL_SPLIT_ROWS = 250_000  # up to this many staged train rows, the driver splits them itself
 STAGING = "_staging"  # train rows waiting for the validation split; gone once the job finishes
 WRITER_CPUS = 32  # one write actor per this many CPUs of tokenizing
-BAD_LABELS_KEPT = 10  # unrecognised label values a manifest names, the commonest first
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
 SPLIT_WORDS = ("train", "test", "validation", "valid", "val", "dev", "unsupervised", "unsup")  # as file names
 
@@ -183,9 +189,7 @@ def summarize(stats: dict[str, Any]) -> dict[str, Any]:
         "rows_quarantined": sum(stats["quarantined"].values()),
         "quarantined_by_reason": dict(sorted(stats["quarantined"].items())),
         "label_counts": {str(k): v for k, v in sorted(stats["labels"].items())},
-        "unrecognised_labels": dict(
-            sorted(stats["bad_labels"].items(), key=lambda kv: (-kv[1], kv[0]))[:BAD_LABELS_KEPT]
-        ),
+        "unrecognised_labels": commonest_labels(stats["bad_labels"]),
         "utf8_replaced": stats["utf8_replaced"],
         "capped_chars": stats["capped_chars"],
         "tokens": {
@@ -608,14 +612,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     write_json(join(cfg.output, MANIFEST), manifest)  # last: marks the output complete
     log.info("prepare: wrote %s", ", ".join(f"{k} {v['rows_written']}" for k, v in splits.items()))
     if manifest["rows_quarantined"]:
-        reasons = total("quarantined_by_reason")
-        labels = (
-            f"; labels not read: {', '.join(f'{v!r} x{n}' for v, n in bad_labels.items())} (bertjob's are 0/1, "
-            f"neg/pos, negative/positive, false/true)"
-            if bad_labels
-            else ""
-        )
-        log.warning("prepare: quarantined %d of %d rows (%s) in %s%s", manifest["rows_quarantined"],
-                    read_total, ", ".join(f"{r} {n}" for r, n in sorted(reasons.items())),
-                    join(cfg.output, QUARANTINE), labels)  # fmt: skip
+        note = quarantine_note(manifest["rows_quarantined"], read_total, total("quarantined_by_reason"),
+                               join(cfg.output, QUARANTINE), bad_labels)  # fmt: skip
+        log.warning("prepare: %s", note)
     return manifest

@@ -34,6 +34,7 @@ _LABELS = {
 EMPTY_TEXT = "empty_text"
 NULL_TEXT = "null_text"
 BAD_LABEL = "unrecognised_label"
+BAD_LABELS_KEPT = 10  # unrecognised label values a manifest names, the commonest first
 MISSING_LABEL = "missing_label"  # a row of a labelled split without a label
 QUARANTINE_TEXT_CHARS = 10_000  # of a quarantined row's text kept for inspection
 UNLABELLED_SPLIT = "unsup"  # IMDb's unlabelled reviews: the one split of a labelled corpus without labels
@@ -114,6 +115,27 @@ def parse_label(value: Any) -> int | None:
     if isinstance(value, bytes):
         value = value.decode("utf-8", errors="replace")
     return _LABELS.get(str(value).strip().lower())
+
+
+def commonest_labels(unrecognised: dict[str, int]) -> dict[str, int]:
+    """The unrecognised label values ({value: rows}) a manifest names: the commonest first, at most
+    BAD_LABELS_KEPT (a label column of free text stays bounded)."""
+    return dict(sorted(unrecognised.items(), key=lambda kv: (-kv[1], kv[0]))[:BAD_LABELS_KEPT])
+
+
+def quarantine_note(
+    rows: int, read: int, reasons: dict[str, int], where: str, unrecognised: dict[str, int]
+) -> str:
+    """The warning of a job that quarantined rows: how many, why, where they are, and the label
+    values it could not read (evaluate's metrics leave those rows out)."""
+    labels = (
+        f"; labels not read: {', '.join(f'{v!r} x{n}' for v, n in unrecognised.items())} (bertjob's are 0/1, "
+        f"neg/pos, negative/positive, false/true)"
+        if unrecognised
+        else ""
+    )
+    why = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items()))
+    return f"quarantined {rows} of {read} rows ({why}) in {where}{labels}"
 
 
 def rating_scale(unrecognised: dict[str, int], labels: dict[str, int], column: str) -> str | None:

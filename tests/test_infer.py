@@ -319,13 +319,22 @@ def test_the_driver_of_infer_never_imports_torch(tiny_classifier_dir, tmp_path, 
 
 
 @pytest.mark.integration
-def test_evaluate_metrics_match_a_direct_computation(tiny_classifier_dir, tmp_path, ray_local):
+def test_evaluate_metrics_match_a_direct_computation(tiny_classifier_dir, tmp_path, ray_local, caplog):
     from sklearn import metrics as skm
 
-    _corpus(tmp_path / "labelled.parquet", 240, bad=False)
+    rows = _corpus(tmp_path / "labelled.parquet", 240, bad=False)
+    # Labels of another vocabulary on a few rows: left out of the metrics, which was said only as a
+    # count at INFO; now a warning that names them, and the manifest keeps them, as prepare's does.
+    rows += [{**rows[i], "id": f"x{i}", "label": ("good", "good", "bad")[i]} for i in range(3)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "labelled.parquet")
     out = tmp_path / "eval"
     m = infer.run(InferConfig(input=str(tmp_path / "labelled.parquet"), model=tiny_classifier_dir, output=str(out),
                               id_column="id"), evaluate=True)  # fmt: skip
+    assert m["unrecognised_labels"] == {"good": 2, "bad": 1} and m["quarantined_by_reason"] == {
+        "unrecognised_label": 3
+    }
+    assert f"evaluate: quarantined 3 of 243 rows (unrecognised_label 3) in {out / 'quarantine'}; labels not read: " \
+           f"'good' x2, 'bad' x1" in [r.getMessage() for r in caplog.records if r.levelname == "WARNING"][-1]  # fmt: skip
     pred = pq.read_table(out / "predictions").to_pandas()
     y, p = pred["true_label"].to_numpy(), pred["prob_positive"].to_numpy()
     yhat = (p >= 0.5).astype(int)
