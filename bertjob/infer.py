@@ -827,6 +827,15 @@ def evaluation(cfg: InferConfig, quarantined: Counter) -> dict[str, Any]:
     labels = t.column("true_label").to_numpy()
     probs = t.column("prob_positive").to_numpy()
     m = classification_metrics(labels, probs)
+    if len(np.unique(labels)) == 1:  # a folder of one polarity, or a split filtered by label
+        only = LABEL_NAMES[int(labels[0])].lower()
+        neg = (
+            ", and precision, recall and F1, which measure the positive class, are 0"
+            if labels[0] == 0
+            else ""
+        )
+        log.warning("evaluate: all %d labelled rows are %s: the ROC AUC is undefined (null in metrics.json)%s; "
+                    "check the input, --split and --label-column", len(labels), only, neg)  # fmt: skip
     write_json(join(cfg.output, "metrics.json"), m)
     if is_remote(cfg.output):
         with tempfile.TemporaryDirectory(prefix="bertjob-report-") as local:
@@ -868,7 +877,9 @@ def plot_report(labels: np.ndarray, probs: np.ndarray, m: dict[str, Any], path: 
     b.plot([0, 1], [0, 1], "--", color="grey")
     b.set_xlabel("false positive rate")
     b.set_ylabel("true positive rate")
-    b.set_title(f"ROC (AUC {m['roc_auc']:.4f})")
+    b.set_title(
+        f"ROC (AUC {m['roc_auc']:.4f})" if np.isfinite(m["roc_auc"]) else "ROC (AUC undefined: one class)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

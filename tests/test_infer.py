@@ -428,7 +428,7 @@ def test_predictors_no_node_can_host_are_an_error_not_a_wait(tiny_classifier_dir
 
 
 @pytest.mark.integration
-def test_evaluate_says_what_it_cannot_compute(tiny_classifier_dir, tmp_path, ray_local):
+def test_evaluate_says_what_it_cannot_compute(tiny_classifier_dir, tmp_path, ray_local, caplog):
     """One class only: the ROC AUC is undefined, written as null (strict JSON). No row scorable
     (every label unrecognised): a clear error naming where the reasons are, not a crash."""
 
@@ -446,6 +446,9 @@ def test_evaluate_says_what_it_cannot_compute(tiny_classifier_dir, tmp_path, ray
         strict(out / "metrics.json")["roc_auc"] is None
         and strict(out / "manifest.json")["metrics"]["count"] == 12
     )
+    # said, not only a "roc_auc nan" in the log: a test set of one class is more often a mistake
+    assert "evaluate: all 12 labelled rows are positive: the ROC AUC is undefined (null in metrics.json); check " \
+           "the input, --split and --label-column" in caplog.text  # fmt: skip
     pq.write_table(
         pa.Table.from_pylist([{**r, "label": "3 stars"} for r in rows]), tmp_path / "stars.parquet"
     )
