@@ -523,6 +523,19 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
         which = f"splits {sorted(splits)}" if splits else "the IMDb layout's splits (train, test, unsup)"
         raise InputError(f"input {cfg.input} is {a_or_an(corpus.kind)} corpus with {which}; choose the one to "
                          f"evaluate with --split (such as --split test)")  # fmt: skip
+    plain = (
+        [u for u in corpus.units if u not in corpus.split_of_unit]
+        if corpus.kind in ("parquet", "csv", "jsonl")
+        else []
+    )
+    if cfg.split and plain:
+        # A file outside split=NAME/ directories has no split: it was read whole as --split's, so
+        # `evaluate --input reviews.csv --split test` (the file prepare held a test split out of)
+        # scored its train rows into the metrics.
+        raise InputError(f"input {cfg.input}: {corpus.relpath(plain[0])} has no split of its own (it is in no "
+                         f"split=NAME/ directory), so --split {cfg.split} would read all of it; drop --split to score "
+                         f"the input whole, or, for the split `bertjob prepare` held out of it, give the prepared "
+                         f"directory: --input PREPARED --split {cfg.split}")  # fmt: skip
     if cfg.include_text and corpus.kind == "prepared":  # its text column came out all null, without a word
         raise InputError(f"input {cfg.input} is a prepared directory, which keeps token ids, not text; "
                          f"--include-text needs the raw corpus as --input")  # fmt: skip

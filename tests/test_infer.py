@@ -121,6 +121,28 @@ def test_evaluate_on_a_raw_corpus_of_several_splits_needs_one(tiny_classifier_di
             infer.describe(cfg, evaluate=True)
         assert infer.describe(InferConfig(**{**infer.to_dict(cfg), "split": "test"}), evaluate=True)
         assert infer.describe(cfg)  # infer scores every split
+    # A file without a split of its own was read whole as --split's: its train rows were scored into
+    # the metrics of `evaluate --input reviews.parquet --split test` (the file prepare split).
+    (tmp_path / "hive" / "split=test").mkdir(parents=True)
+    pq.write_table(
+        pa.table({"text": ["great", "awful"], "label": [1, 0]}),
+        tmp_path / "hive" / "split=test" / "a.parquet",
+    )
+    cfg = InferConfig(
+        input=str(tmp_path / "hive"), split="test", model=tiny_classifier_dir, output=str(tmp_path / "o")
+    )
+    assert infer.describe(cfg, evaluate=True)  # its files' own splits: --split picks
+    pq.write_table(
+        pa.table({"text": ["great", "awful"], "label": [1, 0]}), tmp_path / "hive" / "extra.parquet"
+    )
+    for where, name in (
+        (tmp_path / "hive", "extra.parquet"),
+        (tmp_path / "hive" / "extra.parquet", "extra.parquet"),
+    ):
+        for evaluate in (True, False):
+            with pytest.raises(InputError, match=rf"{name} has no split of its own .*so --split test would read all of "
+                                                 rf"it; drop --split .* --input PREPARED --split test$"):  # fmt: skip
+                infer.describe(InferConfig(**{**infer.to_dict(cfg), "input": str(where)}), evaluate=evaluate)
 
 
 def _model_trained_with(tiny_classifier_dir, tmp_path, **text):
