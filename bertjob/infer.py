@@ -536,6 +536,8 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
                          f"split=NAME/ directory), so --split {cfg.split} would read all of it; drop --split to score "
                          f"the input whole, or, for the split `bertjob prepare` held out of it, give the prepared "
                          f"directory: --input PREPARED --split {cfg.split}")  # fmt: skip
+    if cfg.split and splits is not None and cfg.split not in splits:  # it scored nothing and called that done
+        raise InputError(f"input {cfg.input}: no split {cfg.split!r}; the splits are {sorted(splits)}")
     if cfg.include_text and corpus.kind == "prepared":  # its text column came out all null, without a word
         raise InputError(f"input {cfg.input} is a prepared directory, which keeps token ids, not text; "
                          f"--include-text needs the raw corpus as --input")  # fmt: skip
@@ -771,6 +773,8 @@ def finish(
     rows_read = input_rows(join(cfg.output, RECEIPTS), run_info["units"])
     if rows_read != pairs:
         raise RuntimeError(f"{cfg.output}: {pairs} rows committed but {rows_read} read; rerun to complete")
+    if not rows_read:  # a split an IMDb archive does not have (its splits are known only by reading it)
+        raise InputError(f"input {cfg.input}: no rows{f' in split {cfg.split!r}' if cfg.split else ''}")
     wall = time.time() - started
     manifest = {
         "format": f"bertjob-{stage}/1",

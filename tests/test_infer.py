@@ -132,6 +132,10 @@ def test_evaluate_on_a_raw_corpus_of_several_splits_needs_one(tiny_classifier_di
         input=str(tmp_path / "hive"), split="test", model=tiny_classifier_dir, output=str(tmp_path / "o")
     )
     assert infer.describe(cfg, evaluate=True)  # its files' own splits: --split picks
+    # a split it does not have: infer scored 0 rows and called that done, evaluate said every row was quarantined
+    for evaluate in (True, False):
+        with pytest.raises(InputError, match=r"hive: no split 'validation'; the splits are \['test'\]$"):
+            infer.describe(InferConfig(**{**infer.to_dict(cfg), "split": "validation"}), evaluate=evaluate)
     pq.write_table(
         pa.table({"text": ["great", "awful"], "label": [1, 0]}), tmp_path / "hive" / "extra.parquet"
     )
@@ -450,7 +454,7 @@ def test_predictors_no_node_can_host_are_an_error_not_a_wait(tiny_classifier_dir
 
 
 @pytest.mark.integration
-def test_evaluate_says_what_it_cannot_compute(tiny_classifier_dir, tmp_path, ray_local, caplog):
+def test_evaluate_says_what_it_cannot_compute(tiny_classifier_dir, imdb_small, tmp_path, ray_local, caplog):
     """One class only: the ROC AUC is undefined, written as null (strict JSON). No row scorable
     (every label unrecognised): a clear error naming where the reasons are, not a crash."""
 
@@ -498,6 +502,15 @@ def test_evaluate_says_what_it_cannot_compute(tiny_classifier_dir, tmp_path, ray
     )
     q = pq.read_table(tmp_path / "five" / "quarantine")
     assert sorted(q.column("label").to_pylist()) == ["2", "2", "2", "3", "3", "4", "4", "5", "5"]  # not read
+    # A split an IMDb archive lacks (known only by reading it): "every row was quarantined ()"
+    from tests.conftest import tar_dir
+
+    tar = tar_dir(imdb_small, tmp_path / "aclImdb.tar.gz")
+    cfg = InferConfig(
+        input=str(tar), split="validation", model=tiny_classifier_dir, output=str(tmp_path / "v")
+    )
+    with pytest.raises(InputError, match=r"aclImdb.tar.gz: no rows in split 'validation'$"):
+        infer.run(cfg, evaluate=True)
 
 
 def test_a_bad_line_found_by_a_reader_is_one_line_of_error(tmp_path, tiny_classifier_dir, ray_local):
