@@ -1053,11 +1053,16 @@ def _read_jsonl(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table
                     f"keys: give that record the key too (null where it has no value)"
                 )
             text = obj.get(corpus.text_column)
-            if isinstance(text, (dict, list)):  # was scored as its JSON, '["Great film", "loved it"]'
+            # An array or object was scored as its JSON, '["Great film", "loved it"]'; a number or
+            # boolean (a --text-column naming the rating) as "4" or "True"
+            if text is not None and not isinstance(text, str):
+                kind = {dict: "object", list: "array", bool: "boolean"}.get(type(text), "number")
+                join_parts = (
+                    ", or join its parts into one string first" if isinstance(text, (dict, list)) else ""
+                )
                 raise InputError(
                     f"input {uri(corpus.fs, path)}, line {lineno}: {corpus.text_column!r} holds a JSON "
-                    f"{'array' if isinstance(text, list) else 'object'}, not text; set --text-column to the "
-                    f"review's text, or join its parts into one string first"
+                    f"{kind}, not text; set --text-column to the review's text{join_parts}"
                 )
             for c in cols:
                 v = obj.get(c)

@@ -89,6 +89,11 @@ def test_a_text_column_of_lists_or_structs_is_an_error_naming_its_type(tmp_path)
     (tmp_path / "l.jsonl").write_text('{"text": "fine"}\n{"text": ["Great film", "loved it"]}\n')
     with pytest.raises(InputError, match="l.jsonl, line 2: 'text' holds a JSON array, not text"):
         read_all(open_corpus(str(tmp_path / "l.jsonl")))
+    (tmp_path / "n.jsonl").write_text('{"text": "fine", "stars": 4}\n{"text": "10/10", "stars": 5}\n')
+    with pytest.raises(InputError, match="n.jsonl, line 1: 'stars' holds a JSON number, not text; set --text-column "
+                                         "to the review's text$"):  # fmt: skip
+        read_all(open_corpus(str(tmp_path / "n.jsonl"), text_column="stars"))
+    assert read_all(open_corpus(str(tmp_path / "n.jsonl"))).column("text").to_pylist() == ["fine", "10/10"]
     pq.write_table(pa.table({"text": pa.array(["a", None]).dictionary_encode()}), tmp_path / "d.parquet")
     assert read_all(open_corpus(str(tmp_path / "d.parquet"))).column("text").to_pylist() == ["a", None]
     # A --text-column naming the rating or the date was scored as "4" or "2024-05-01 00:00:00"
