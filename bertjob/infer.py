@@ -580,6 +580,11 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
     if positions and effective.max_length > positions:
         raise InputError(f"max_length {effective.max_length} is more than model {cfg.model} has positions for "
                          f"({positions}); give --max-length {positions} or less")  # fmt: skip
+    if effective.truncation == "head+tail" and not effective.head_tokens < effective.max_length - 2:
+        # as prepare refuses it: more head than fits was cut to the budget, plain head truncation
+        raise InputError(f"head_tokens {effective.head_tokens} must be less than max_length - 2 "
+                         f"({effective.max_length - 2}) for head+tail truncation; give --head-tokens "
+                         f"{max(1, effective.max_length // 4)} or --truncation head")  # fmt: skip
     # The run's identity: the input's content (not its path), what scoring depends on, the model.
     # mixed_precision too: its scores differ (bf16 or not), and a rerun asking for fp32 was told the
     # bf16 output was complete for its settings (or resumed it, mixing the two).

@@ -171,6 +171,12 @@ def test_infer_follows_every_text_setting_the_model_was_trained_with(tiny_classi
         infer.describe(flags)[1]["settings"]["strip_html"],
         infer.describe(flags)[1]["settings"]["max_chars_per_end"],
     ) == (True, 50)
+    # more head than max_length holds (given, or the model's at a shorter max_length): an error, as in
+    # prepare; it was cut to the budget, a plain head truncation, without a word
+    for too_long in ({"head_tokens": 200}, {"max_length": 16}):
+        with pytest.raises(InputError, match=r"head_tokens (200|16) must be less than max_length - 2 \((62|14)\) "
+                                             r"for head\+tail truncation; give --head-tokens (16|4) or"):  # fmt: skip
+            infer.describe(InferConfig(**{**infer.to_dict(cfg), **too_long}))
     # a model without bertjob.json (a hub model) gets prepare's defaults at the max_length in effect
     bare = tmp_path / "bare"
     shutil.copytree(tiny_classifier_dir, bare, ignore=shutil.ignore_patterns("bertjob.json"))
