@@ -156,6 +156,8 @@ class PrepareConfig(Settings):
             p.append(f"head_tokens: {self.head_tokens} must be between 0 (auto) and max_length - 3")
         if not self.split or "/" in self.split:
             p.append(f"split: {self.split!r} must be a plain name such as train")
+        if not self.text_column:  # no text read: every row quarantined as null_text
+            p.append("text_column: must name the column of the review's text (default text)")
         if self.validation_fraction + self.test_fraction >= 1:
             p.append("validation_fraction + test_fraction: must leave some of train to train on (under 1)")
         return p
@@ -468,6 +470,8 @@ class InferConfig(Settings):
                 p.append(f"{name}: required (--{name} ...)")
         if 0 < self.max_length < 8:
             p.append(f"max_length: {self.max_length} must be 0 (the model's) or at least 8")
+        if not self.text_column:  # no text read: every row quarantined as null_text, and exit 0
+            p.append("text_column: must name the column of the review's text (default text)")
         return p
 
 

@@ -260,6 +260,12 @@ def test_cli_reports_config_errors_before_starting(capsys):
         main(["prepare", "--output", "x", "--truncation", "middle"])
     assert exit_.value.code == 2
     assert "truncation" in capsys.readouterr().err
+    # `--text-column "$COL"` with COL unset: no text read, every row quarantined, and infer exited 0
+    for command in ("prepare", "infer", "evaluate"):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--input", "in.csv", "--model", "m", "--output", "x", "--text-column", ""])
+        assert exit_.value.code == 2
+        assert "text_column: must name the column of the review's text" in capsys.readouterr().err
 
 
 def test_a_second_config_file_is_an_error(capsys, tmp_path):
