@@ -570,7 +570,8 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
     else:
         effective = text_settings(cfg, recorded)
     if effective.truncation == "head+tail" and not effective.head_tokens < effective.max_length - 2:
-        # prepare's rule: `--max-length 16` on a model trained with 16 head tokens kept the head alone
+        # prepare's rule: `--max-length 16` on a model trained with 16 head tokens, or `--head-tokens 200`
+        # at 64, was cut to the budget, the head alone, without a word
         raise InputError(f"head_tokens {effective.head_tokens} leaves no tail at max_length {effective.max_length} "
                          f"with head+tail truncation (it must be under max_length - 2): give --head-tokens "
                          f"{max(1, effective.max_length // 4)}, say, or --truncation head")  # fmt: skip
@@ -580,11 +581,6 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
     if positions and effective.max_length > positions:
         raise InputError(f"max_length {effective.max_length} is more than model {cfg.model} has positions for "
                          f"({positions}); give --max-length {positions} or less")  # fmt: skip
-    if effective.truncation == "head+tail" and not effective.head_tokens < effective.max_length - 2:
-        # as prepare refuses it: more head than fits was cut to the budget, plain head truncation
-        raise InputError(f"head_tokens {effective.head_tokens} must be less than max_length - 2 "
-                         f"({effective.max_length - 2}) for head+tail truncation; give --head-tokens "
-                         f"{max(1, effective.max_length // 4)} or --truncation head")  # fmt: skip
     # The run's identity: the input's content (not its path), what scoring depends on, the model.
     # mixed_precision too: its scores differ (bf16 or not), and a rerun asking for fp32 was told the
     # bf16 output was complete for its settings (or resumed it, mixing the two).
