@@ -595,9 +595,12 @@ class PipelineConfig(Settings):
                 storage_path=self.storage_path or self.path("checkpoints"),
             )  # fmt: skip
         elif name == "evaluate":
+            # A corpus of its own is read whole, as by `bertjob evaluate --input X` (an IMDb tree or a
+            # split=NAME/ layout is asked for --split): given the prepared data's test split, a CSV was
+            # refused as having no split of its own.
             cls, base = InferConfig, dict(
-                input=prepared, split="test", model=model_dir, output=self.path("evaluate"),
-                use_gpu=self.use_gpu,
+                input=prepared, split="" if section.get("input") else "test", model=model_dir,
+                output=self.path("evaluate"), use_gpu=self.use_gpu,
             )  # fmt: skip
         elif name == "infer":
             # A corpus of its own is scored whole, named as infer_input, in the section or by

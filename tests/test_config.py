@@ -164,6 +164,13 @@ def test_a_stage_section_cannot_unlink_the_stages():
     assert build(PipelineConfig, {"infer_input": "x"}).stage("infer").split == ""
     assert build(PipelineConfig, {"infer": {"input": "x", "split": "test"}}).stage("infer").split == "test"
     assert build(PipelineConfig, {}).stage("infer").split == "unsup"
+    # And one named in the evaluate section is read whole: a CSV was refused as having no split
+    # of its own (test, the prepared data's); an IMDb tree is asked for --split
+    assert build(PipelineConfig, {"evaluate": {"input": "x"}}).stage("evaluate").split == ""
+    assert (
+        build(PipelineConfig, {"evaluate": {"input": "x", "split": "test"}}).stage("evaluate").split == "test"
+    )
+    assert build(PipelineConfig, {}).stage("evaluate").split == "test"
 
 
 def test_bad_types_are_named():
