@@ -191,8 +191,10 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         # after prepare (a pretrain stage's model has its base model's shape).
         t_cfg = cfg.stage("train")
         # At prepare's max_length: a prepare section's own (`prepare: {max_length: 1024}`) was not
-        # checked, and train refused the data once prepare had written it.
-        train.plan_run(t_cfg, models.model_config(cfg.model, t_cfg.trust_remote_code), p_cfg.max_length)
+        # checked, and train refused the data once prepare had written it. Of the model train starts
+        # from (`train: {model: X}`; a pretrain stage's has its base model's shape).
+        shape = cfg.stage("pretrain").model if cfg.pretrain_stage else t_cfg.model
+        train.plan_run(t_cfg, models.model_config(shape, t_cfg.trust_remote_code), p_cfg.max_length)
         if cfg.pretrain_stage:  # its max_length is its own, that of the sequences it packs
             pt_cfg = cfg.stage("pretrain")
             pt_model = models.model_config(pt_cfg.model, pt_cfg.trust_remote_code)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -61,6 +62,16 @@ def test_workers_the_cluster_cannot_hold_are_an_error_before_prepare(tmp_path, t
     cfg = dataclasses.replace(cfg, num_workers=Workers(1, 1), prepare={"max_length": 1024})
     with pytest.raises(train.TrainSetupError, match="prepared with max_length 1024, more than model"):
         pipeline.run(cfg)
+    assert not (tmp_path / "out" / "prepared").exists()
+    # Of the model train starts from, a train section's own (it was the top-level model's)
+    short = tmp_path / "short"
+    shutil.copytree(tiny_model_dir, short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+    with pytest.raises(
+        train.TrainSetupError, match=f"prepared with max_length 32, more than model {short} has"
+    ):
+        pipeline.run(dataclasses.replace(cfg, prepare=None, train={"model": str(short)}))
     assert not (tmp_path / "out" / "prepared").exists()
     cfg = dataclasses.replace(cfg, prepare=None, pretrain_stage=True, pretrain={"max_length": 1024})
     with pytest.raises(
