@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import math
 import os
 import re
 import tarfile
@@ -818,6 +819,10 @@ def _id_text(value: Any) -> str | None:
     if isinstance(value, bytes):
         text, replaced = decode_text(value)
         return value.hex() if replaced else text
+    if isinstance(value, float):
+        # pandas keeps an integer id column with a missing value as floats: NaN is that missing id (it
+        # was the id "nan" of every such row), and 7.0 the id 7 (it was "7.0", joined to no row's 7).
+        return None if math.isnan(value) else str(int(value)) if value.is_integer() else str(value)
     return _as_text(value)
 
 

@@ -2,6 +2,7 @@ import gzip
 import json
 import os
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -508,6 +509,19 @@ def test_a_blank_csv_id_or_label_is_a_missing_one(tmp_path):
         ("a.csv:1", "0"),
         ("8", None),
         ("a.csv:3", None),
+    ]
+
+
+def test_a_float_id_column_of_pandas_reads_as_its_integers(tmp_path):
+    """pandas stores an integer id column with a missing value as floats: the ids were "7.0" (joined
+    to no row's 7) and "nan" for every row without one; a missing one falls back to file:row."""
+    pd.DataFrame({"id": [7, None, 9], "text": ["good", "bad", "fine"]}).to_parquet(tmp_path / "f.parquet")
+    rows = read_all(open_corpus(str(tmp_path / "f.parquet"), id_column="id")).to_pylist()
+    assert [r["id"] for r in rows] == ["7", "f.parquet:1", "9"]
+    pq.write_table(pa.table({"id": [0.5, float("inf")], "text": ["good", "bad"]}), tmp_path / "g.parquet")
+    assert read_all(open_corpus(str(tmp_path / "g.parquet"), id_column="id")).column("id").to_pylist() == [
+        "0.5",
+        "inf",
     ]
 
 
