@@ -536,6 +536,11 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
                          f"split=NAME/ directory), so --split {cfg.split} would read all of it; drop --split to score "
                          f"the input whole, or, for the split `bertjob prepare` held out of it, give the prepared "
                          f"directory: --input PREPARED --split {cfg.split}")  # fmt: skip
+    first, names = corpus.header
+    if not cfg.id_column and "id" in names:  # its own ids go unused unless named
+        log.warning("%s: %s has a column 'id', not read: predictions are keyed by file and row (%s:0, ...); "
+                    "give --id-column id to key them by it", "evaluate" if evaluate else "infer",
+                    corpus.relpath(first), corpus.relpath(first))  # fmt: skip
     if cfg.split and splits is not None and cfg.split not in splits:  # it scored nothing and called that done
         raise InputError(f"input {cfg.input}: no split {cfg.split!r}; the splits are {sorted(splits)}")
     if cfg.include_text and corpus.kind == "prepared":  # its text column came out all null, without a word

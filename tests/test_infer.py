@@ -1,6 +1,7 @@
 """Infer and evaluate: the predictor without Ray, then end-to-end runs on a local Ray."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -207,6 +208,21 @@ def test_a_prepared_input_with_other_text_settings_than_the_model_is_an_error(ti
     manifest["max_length"] = 64
     (prepared / "manifest.json").write_text(json.dumps(manifest))
     assert infer.describe(cfg, evaluate=True)[1]["settings"]["max_length"] == 64
+
+
+def test_an_id_column_left_unnamed_is_pointed_out(tiny_classifier_dir, tmp_path, caplog):
+    """A corpus's own `id` column is read only where named (--id-column id): the predictions were
+    keyed by file and row, not by the ids the user joins them back on, without a word."""
+    _corpus(tmp_path / "c.parquet", 4, bad=False)
+    cfg = InferConfig(
+        input=str(tmp_path / "c.parquet"), model=tiny_classifier_dir, output=str(tmp_path / "o")
+    )
+    with caplog.at_level(logging.WARNING, logger="bertjob.infer"):
+        infer.describe(cfg)
+        assert "c.parquet has a column 'id', not read" in caplog.text and "give --id-column id" in caplog.text
+        caplog.clear()
+        infer.describe(InferConfig(**{**infer.to_dict(cfg), "id_column": "id"}))
+        assert "not read" not in caplog.text
 
 
 def _corpus(path, n, bad=True, seed=0, prefix="doc"):
