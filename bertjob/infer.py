@@ -57,6 +57,7 @@ from bertjob.storage import (
     is_remote,
     join,
     read_json,
+    remove,
     write_json,
 )
 from bertjob.text import (
@@ -77,6 +78,7 @@ PREDICTIONS = "predictions"
 QUARANTINE = "quarantine"
 RUN_FILE = "run.json"
 RECEIPTS = "_read"  # per input unit, the rows its reader read (datasource.CorpusDatasource)
+TMP = "_tmp"  # a local output's files while they are written, each then renamed into place
 # A CPU predictor's default threads (one per core it takes): not measured beyond 2 cores; each
 # thread holds Python's lock while it dispatches an operation, so one actor per 8 cores keeps that small.
 MAX_SCORING_THREADS = 8
@@ -388,7 +390,7 @@ class PredictionSink:
         final = join(root, kind, f"part-{_content_name(table)}.parquet")
         if isinstance(fs, pafs.LocalFileSystem):
             os.makedirs(os.path.dirname(final), exist_ok=True)
-            tmp = join(root, "_tmp", f"{uuid.uuid4().hex}.parquet")
+            tmp = join(root, TMP, f"{uuid.uuid4().hex}.parquet")
             os.makedirs(os.path.dirname(tmp), exist_ok=True)
             pq.write_table(table, tmp, compression="zstd")
             os.replace(tmp, final)  # atomic on one filesystem
@@ -814,6 +816,7 @@ def finish(
         manifest["unrecognised_labels"] = commonest_labels(unrecognised or {})
         manifest["metrics"] = evaluation(cfg, totals["quarantined"])
     write_json(join(cfg.output, MANIFEST), manifest)
+    remove(join(cfg.output, TMP))  # what writes a stop cut short left half-written, kept for ever
     log.info("%s: %d rows read, %d scored, %d quarantined, %.1f rows/s -> %s", stage, rows_read, totals["scored"],
              manifest["rows_quarantined"], manifest["rows_per_s"] or 0, cfg.output)  # fmt: skip
     if manifest["rows_quarantined"]:  # rows without a prediction (evaluate: left out of the metrics)

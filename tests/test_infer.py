@@ -338,12 +338,14 @@ def test_a_stopped_infer_resumes_with_exactly_one_row_per_input(tiny_classifier_
             assert "SIGTERM received" not in err and "Traceback" not in err, err[-3000:]
         assert before < committed() < total and not (out / "manifest.json").exists()
     partial = committed()
+    (out / "_tmp" / "cut-short.parquet").write_bytes(b"PAR1")  # a write a stop cut short
     m = infer.run(
         InferConfig(input=str(d), model=tiny_classifier_dir, output=str(out), batch_size=16, num_workers=2)
     )
     assert m["rows_resumed"] == partial and m["rows_this_run"] == total - partial
     ids = pq.read_table(out / "predictions").column("id").to_pylist()
     assert len(ids) == len(set(ids)) == total
+    assert not (out / "_tmp").exists()  # such files were kept for ever
 
 
 @pytest.mark.integration
