@@ -140,8 +140,8 @@ def test_a_rerun_on_an_output_of_other_inputs_or_settings_names_what_changed(tmp
             infer._resume_state(cfg, infer.describe(cfg)[1], "infer")
         return str(err.value)
 
-    assert "(max_length 64 -> 32; split '' -> 'x')" in refused(
-        dataclasses.replace(cfg, max_length=32, split="x")
+    assert "(max_length 64 -> 32; include_text False -> True)" in refused(
+        dataclasses.replace(cfg, max_length=32, include_text=True)
     )
     assert "(mixed_precision 'auto' -> 'off')" in refused(dataclasses.replace(cfg, mixed_precision="off"))
     (corpus / "b.csv").write_text("text\nAnother one.\n")
