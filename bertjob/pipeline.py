@@ -190,16 +190,16 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         # Workers the cluster cannot hold, sequences too long for the model: an error now, not
         # after prepare (a pretrain stage's model has its base model's shape).
         t_cfg = cfg.stage("train")
+        pt_cfg = cfg.stage("pretrain") if cfg.pretrain_stage else None
         # At prepare's max_length: a prepare section's own (`prepare: {max_length: 1024}`) was not
         # checked, and train refused the data once prepare had written it. Of the model train starts
         # from (`train: {model: X}`; a pretrain stage's has its base model's shape).
-        shape = cfg.stage("pretrain").model if cfg.pretrain_stage else t_cfg.model
-        train.plan_run(t_cfg, models.model_config(shape, t_cfg.trust_remote_code), p_cfg.max_length)
-        if cfg.pretrain_stage:  # its max_length is its own, that of the sequences it packs
-            pt_cfg = cfg.stage("pretrain")
-            pt_model = models.model_config(pt_cfg.model, pt_cfg.trust_remote_code)
-            if problems := pretrain.positions_problems(pt_cfg, pt_model):
-                raise pretrain.PretrainSetupError("cannot pretrain:\n  - " + "\n  - ".join(problems))
+        start = pt_cfg or t_cfg
+        shape = models.model_config(start.model, start.trust_remote_code)
+        train.plan_run(t_cfg, shape, p_cfg.max_length)
+        # A pretrain stage's max_length is its own, that of the sequences it packs.
+        if pt_cfg and (problems := pretrain.positions_problems(pt_cfg, shape)):
+            raise pretrain.PretrainSetupError("cannot pretrain:\n  - " + "\n  - ".join(problems))
         manifest = prepare.run(p_cfg)
     summary["stages"]["prepare"] = {
         "output": p_cfg.output, "reused": reused,
