@@ -517,6 +517,14 @@ def _check_columns(corpus: Corpus, path: str) -> list[str]:
                 f"input {uri(corpus.fs, path)}: column {corpus.text_column!r} holds {kind} values, not text; "
                 f"set --text-column to the column of the review's text{join_parts}"
             )
+    # An id of a list or struct (a record, {"source": ..., "n": ...}) was its Python repr, joined to nothing.
+    if (
+        schema is not None
+        and corpus.id_column in names
+        and pa.types.is_nested(schema.field(corpus.id_column).type)
+    ):
+        kind = schema.field(corpus.id_column).type
+        raise InputError(_not_scalar_ids(uri(corpus.fs, path), corpus.id_column, f"{kind} values, not ids"))
     if corpus.kind in ("csv", "jsonl") and not names:
         return names  # an empty file adds no rows; the corpus-level emptiness check catches all-empty inputs
     # A CSV reader would silently take one of two same-named columns, a Parquet reader fail mid-job.
@@ -819,11 +827,18 @@ def _id_text(value: Any) -> str | None:
     if isinstance(value, bytes):
         text, replaced = decode_text(value)
         return value.hex() if replaced else text
+    if isinstance(value, bool):  # JSON's own text: it was Python's "True"
+        return "true" if value else "false"
     if isinstance(value, float):
         # pandas keeps an integer id column with a missing value as floats: NaN is that missing id (it
         # was the id "nan" of every such row), and 7.0 the id 7 (it was "7.0", joined to no row's 7).
         return None if math.isnan(value) else str(int(value)) if value.is_integer() else str(value)
     return _as_text(value)
+
+
+def _not_scalar_ids(where: str, column: str, holds: str) -> str:
+    return (f"input {where}: id column {column!r} holds {holds}; give --id-column a column of "
+            f"strings or numbers, or leave it out (ids are then <file>:<row>)")  # fmt: skip
 
 
 def _generic_table(corpus: Corpus, path: str, table: pa.Table, first_row: int, split: str) -> pa.Table:
@@ -1069,8 +1084,16 @@ def _read_jsonl(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table
                     f"input {uri(corpus.fs, path)}, line {lineno}: {corpus.text_column!r} holds a JSON "
                     f"{kind}, not text; set --text-column to the review's text{join_parts}"
                 )
+            ident = obj.get(corpus.id_column) if corpus.id_column else None
+            if isinstance(ident, (dict, list)):
+                kind = "a JSON object" if isinstance(ident, dict) else "a JSON array"
+                where = f"{uri(corpus.fs, path)}, line {lineno}"
+                raise InputError(_not_scalar_ids(where, corpus.id_column, f"{kind}, not an id"))
             for c in cols:
                 v = obj.get(c)
+                if c == corpus.id_column:  # 7.0 and true as Parquet's: "7", "true" (not "7.0", "True")
+                    buf[c].append(_id_text(v))
+                    continue
                 buf[c].append(
                     None
                     if v is None

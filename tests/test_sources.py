@@ -525,6 +525,29 @@ def test_a_float_id_column_of_pandas_reads_as_its_integers(tmp_path):
     ]
 
 
+def test_ids_of_every_json_type_read_as_json_writes_them(tmp_path):
+    """A JSON boolean id was Python's "True", JSONL's 7.0 "7.0" (Parquet's: "7"), and an object or
+    list id (from JSONL or a Parquet struct column) a repr joined to nothing: now "true", "7", and an
+    error before any scoring."""
+    values = [7, 7.0, 7.5, True, False, None, "r1"]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"id": v, "text": "good"}) + "\n" for v in values))
+    want = ["7", "7", "7.5", "true", "false", "a.jsonl:5", "r1"]
+    assert read_all(open_corpus(str(tmp_path / "a.jsonl"), id_column="id")).column("id").to_pylist() == want
+    pq.write_table(pa.table({"id": [True, False], "text": ["good", "bad"]}), tmp_path / "b.parquet")
+    assert read_all(open_corpus(str(tmp_path / "b.parquet"), id_column="id")).column("id").to_pylist() == [
+        "true",
+        "false",
+    ]
+    (tmp_path / "c.jsonl").write_text('{"id": "r0", "text": "good"}\n{"id": {"n": 1}, "text": "bad"}\n')
+    with pytest.raises(
+        InputError, match=r"c.jsonl, line 2: id column 'id' holds a JSON object, not an id; give"
+    ):
+        read_all(open_corpus(str(tmp_path / "c.jsonl"), id_column="id"))
+    pq.write_table(pa.table({"id": [{"n": 1}], "text": ["good"]}), tmp_path / "d.parquet")
+    with pytest.raises(InputError, match=r"d.parquet: id column 'id' holds struct<n: int64> values, not ids"):
+        open_corpus(str(tmp_path / "d.parquet"), id_column="id")
+
+
 def test_a_compression_suffix_is_recognised_in_any_case(tmp_path, imdb_small):
     """DATA.CSV.GZ was taken for CSV (its format suffix is read in any case) but not decompressed."""
     with gzip.open(tmp_path / "DATA.CSV.GZ", "wt") as f:
