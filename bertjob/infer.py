@@ -584,7 +584,7 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
                          f"{max(1, effective.max_length // 4)}, say, or --truncation head")  # fmt: skip
     where = models.resolve_model(cfg.model)
     # A local model's config.json; a hub model's config would import transformers in the driver.
-    positions = models.model_config(where).get("max_position_embeddings") if os.path.isdir(where) else None
+    positions = models.max_positions(models.model_config(where)) if os.path.isdir(where) else None
     if positions and effective.max_length > positions:
         raise InputError(f"max_length {effective.max_length} is more than model {cfg.model} has positions for "
                          f"({positions}); give --max-length {positions} or less")  # fmt: skip

@@ -276,6 +276,25 @@ def model_config(name: str, trust_remote_code: bool = False) -> dict[str, Any]:
         raise _hub_hint(name, err) from err
 
 
+# Models whose position ids start after the padding index, as RoBERTa's do (fairseq's numbering):
+# of roberta-base's 514 position embeddings, 512 hold tokens. A max_length of 514 passed the check
+# against max_position_embeddings, and the first batch that long failed every worker with an index error.
+PADDING_OFFSET_POSITIONS = {
+    "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm", "data2vec-text",
+    "ibert", "longformer", "luke", "markuplm", "mpnet", "xmod",
+}  # fmt: skip
+
+
+def max_positions(model_config: dict[str, Any]) -> int | None:
+    """The longest sequence, in tokens with the specials, the model's position embeddings hold
+    (None when its config does not say)."""
+    positions = model_config.get("max_position_embeddings")
+    if positions and model_config.get("model_type") in PADDING_OFFSET_POSITIONS:
+        pad = model_config.get("pad_token_id")
+        return positions - (1 if pad is None else pad) - 1
+    return positions
+
+
 def has_classification_head(model_dir: str) -> bool:
     """True when the directory's weights include a sequence-classification head."""
     path = Path(model_dir)

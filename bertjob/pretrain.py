@@ -96,7 +96,7 @@ def check_setup(cfg: PretrainConfig, manifest: dict[str, Any], tokenizer: Any) -
 
 def positions_problems(cfg: PretrainConfig, model_config: dict[str, Any]) -> list[str]:
     """Sequences packed longer than the model has positions for: every worker failed on its first step."""
-    positions = model_config.get("max_position_embeddings")
+    positions = models.max_positions(model_config)
     if positions and cfg.max_length > positions:
         return [f"max_length {cfg.max_length} packs sequences longer than model {cfg.model} has positions "
                 f"for ({positions}): give --max-length {positions} or less"]  # fmt: skip

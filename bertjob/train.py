@@ -335,7 +335,7 @@ def plan_run(cfg: TrainConfig, model_config: dict[str, Any], max_length: int) ->
     from bertjob.cluster import alive_nodes
 
     plan, problems = plan_workers(cfg, alive_nodes(), model_config, max_length)
-    positions = model_config.get("max_position_embeddings")
+    positions = models.max_positions(model_config)
     if positions and max_length > positions:
         problems.append(f"data {cfg.data} is prepared with max_length {max_length}, more than model "
                         f"{cfg.model} has positions for ({positions}): prepare it with --max-length {positions} or less")  # fmt: skip

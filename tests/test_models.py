@@ -57,3 +57,26 @@ def test_an_unwritable_cache_only_costs_time(tmp_path, tiny_model_dir):
     first = probe(tiny_model_dir, blocker)
     again = probe(tiny_model_dir, blocker)
     assert first == again and again["transformers"]
+
+
+def test_max_positions_is_what_the_models_position_embeddings_hold():
+    """RoBERTa numbers positions from its padding id + 1: of roberta-base's 514 position embeddings,
+    512 hold tokens. max_length 514 passed the check against max_position_embeddings, and the first
+    batch that long failed every worker with an index error."""
+    import pytest
+    import torch
+    from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+
+    tiny = dict(vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8)
+    for model in (RobertaModel(RobertaConfig(max_position_embeddings=18, pad_token_id=1, **tiny)),
+                  BertModel(BertConfig(max_position_embeddings=16, **tiny))):  # fmt: skip
+        usable = models.max_positions(model.config.to_dict())
+        assert usable == 16
+        model(input_ids=torch.full((1, usable), 5))
+        with pytest.raises((IndexError, RuntimeError)):  # index out of range / out of bounds
+            model(input_ids=torch.full((1, usable + 1), 5))
+    assert (
+        models.max_positions({"model_type": "roberta", "max_position_embeddings": 514, "pad_token_id": 1})
+        == 512
+    )
+    assert models.max_positions({"model_type": "distilbert"}) is None

@@ -106,3 +106,16 @@ def test_padding_past_the_models_positions_is_a_setup_problem(monkeypatch):
         train.plan_run(
             TrainConfig(data="d", output="o", pad_to_multiple_of=3, check_resources=False), model, 512
         )
+
+
+def test_a_roberta_holds_two_positions_fewer_than_its_embeddings(monkeypatch):
+    from bertjob import cluster
+
+    monkeypatch.setattr(cluster, "alive_nodes", lambda: [{"CPU": 2.0, "memory": 16 * GIB}])
+    roberta = {**MINILM, "model_type": "roberta", "max_position_embeddings": 514, "pad_token_id": 1}
+    cfg = TrainConfig(data="d", output="o", check_resources=False)
+    train.plan_run(cfg, roberta, 512)
+    with pytest.raises(
+        train.TrainSetupError, match=r"has positions for \(512\): prepare it with --max-length 512"
+    ):
+        train.plan_run(cfg, roberta, 514)
