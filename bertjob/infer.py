@@ -156,10 +156,11 @@ def check_model(model: str, trust_remote_code: bool = False) -> list[str]:
         if not models.has_classification_head(where):
             return [f"model {model}: has no sequence-classification head (architectures in config.json); "
                     f"fine-tune it first with `bertjob train`"]  # fmt: skip
-        id2label = models.model_config(where).get("id2label") or {}
-        labels = len(id2label) or 2  # transformers' default: 2
-        if labels != 2:
-            return [f"model {model}: its head has {labels} labels; bertjob scores two (negative, positive)"]
+        config = models.model_config(where)
+        id2label = config.get("id2label") or {}
+        if labels := models.other_head(config):
+            return [f"model {model}: its head has {len(labels)} labels ({', '.join(labels)}); bertjob scores two "
+                    f"(negative, positive): fine-tune it with `bertjob train` first"]  # fmt: skip
         # Output 1 is read as positive: a model trained elsewhere with {0: positive, 1: negative} had
         # every prediction inverted without a word (evaluate: an accuracy of 1 less the real one).
         names = {str(k): v for k, v in id2label.items()}

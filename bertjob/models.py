@@ -254,6 +254,11 @@ def load_classifier(
     )
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if other_head(model_config(name, trust_remote_code), num_labels):
+        # A fine-tuned classifier of other labels (a 3-class NLI head): its head is replaced, the
+        # encoder kept (train's driver says so). transformers refused it with a RuntimeError in every
+        # worker, after Ray Train had started.
+        kwargs["ignore_mismatched_sizes"] = True
     try:
         return AutoModelForSequenceClassification.from_pretrained(where, **kwargs)
     except OSError as err:
@@ -293,6 +298,16 @@ def max_positions(model_config: dict[str, Any]) -> int | None:
         pad = model_config.get("pad_token_id")
         return positions - (1 if pad is None else pad) - 1
     return positions
+
+
+def other_head(config: dict[str, Any], num_labels: int = 2) -> list[str]:
+    """The label names of the model's sequence-classification head where it has another number of
+    labels than `num_labels` (a 3-class NLI head, a 5-star head); [] otherwise."""
+    if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+        return []
+    id2label = config.get("id2label") or {}
+    labels = len(id2label) or 2  # transformers' default: 2
+    return [str(id2label[k]) for k in sorted(id2label, key=int)] if labels != num_labels else []
 
 
 def has_classification_head(model_dir: str) -> bool:

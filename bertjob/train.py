@@ -374,6 +374,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         raise TrainSetupError("sample_log needs a local or mounted storage_path")
     ensure_output(cfg.output, "train")  # never wiped: it may hold the checkpoints a rerun resumes from
     model_config = models.model_config(cfg.model, cfg.trust_remote_code)
+    if labels := models.other_head(model_config):
+        log.warning("train: model %s has a classification head of %d labels (%s); training replaces it with a "
+                    "fresh one of two (NEGATIVE, POSITIVE) and keeps the encoder", cfg.model, len(labels),
+                    ", ".join(labels))  # fmt: skip
     if not cfg.lr:
         cfg = dataclasses.replace(
             cfg, lr=default_lr(model_config)

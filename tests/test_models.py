@@ -80,3 +80,28 @@ def test_max_positions_is_what_the_models_position_embeddings_hold():
         == 512
     )
     assert models.max_positions({"model_type": "distilbert"}) is None
+
+
+def test_a_classifier_of_other_labels_gets_a_fresh_two_label_head_on_its_own_encoder(
+    tiny_model_dir, tmp_path
+):
+    """A 3-class NLI checkpoint given to train failed every worker with transformers' size-mismatch
+    RuntimeError after Ray Train had started; now its head is replaced (train's driver warns) and
+    its encoder kept."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    nli = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, num_labels=3, id2label={0: "entailment", 1: "neutral", 2: "contradiction"}
+    )
+    nli.save_pretrained(tmp_path / "nli")
+    config = models.model_config(str(tmp_path / "nli"))
+    assert models.other_head(config) == ["entailment", "neutral", "contradiction"]
+    model = models.load_classifier(str(tmp_path / "nli"))
+    assert model.config.id2label == {0: "NEGATIVE", 1: "POSITIVE"}
+    assert model.classifier.weight.shape[0] == 2
+    assert torch.equal(
+        model.bert.encoder.layer[0].output.dense.weight, nli.bert.encoder.layer[0].output.dense.weight
+    )
+    assert models.other_head({**config, "id2label": {"0": "NEGATIVE", "1": "POSITIVE"}}) == []
+    assert models.other_head(models.model_config(tiny_model_dir)) == []  # a bare encoder has no head
