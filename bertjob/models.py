@@ -272,13 +272,30 @@ def model_config(name: str, trust_remote_code: bool = False) -> dict[str, Any]:
     where = resolve_model(name)
     path = Path(where) / "config.json"
     if path.exists():
-        return json.loads(path.read_text())
+        return with_bert_sizes(json.loads(path.read_text()))
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code).to_dict()
+        return with_bert_sizes(
+            AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code).to_dict()
+        )
     except OSError as err:
         raise _hub_hint(name, err) from err
+
+
+# Sizes under other names than BERT's (transformers maps them with the config class's attribute_map):
+# the memory plan and the default lr read BERT's names, and took a 6-layer DistilBERT of any width
+# for a 12-layer BERT-base (lr 5e-5 for a 384-wide one, where 2e-4 is the rule).
+SIZE_ALIASES = {
+    "distilbert": {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+                   "hidden_dim": "intermediate_size"},
+}  # fmt: skip
+
+
+def with_bert_sizes(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with its sizes also under BERT's names."""
+    aliases = SIZE_ALIASES.get(config.get("model_type", ""), {})
+    return {**{bert: config[own] for own, bert in aliases.items() if own in config}, **config}
 
 
 # Models whose position ids start after the padding index, as RoBERTa's do (fairseq's numbering):

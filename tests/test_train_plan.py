@@ -119,3 +119,18 @@ def test_a_roberta_holds_two_positions_fewer_than_its_embeddings(monkeypatch):
         train.TrainSetupError, match=r"has positions for \(512\): prepare it with --max-length 512"
     ):
         train.plan_run(cfg, roberta, 514)
+
+
+def test_a_distilbert_is_planned_by_its_own_sizes(tmp_path):
+    """DistilBERT names its sizes dim / n_layers / n_heads / hidden_dim: the plan read none of them
+    and took a 384-wide, 6-layer one for BERT-base (lr 5e-5, twice the layers' activations)."""
+    from transformers import DistilBertConfig
+
+    from bertjob import models
+
+    DistilBertConfig(vocab_size=30522, dim=384, n_layers=6, n_heads=12, hidden_dim=1536).save_pretrained(
+        tmp_path
+    )
+    config = models.model_config(str(tmp_path))
+    assert train.default_lr(config) == train.default_lr(MINILM) == 2e-4
+    assert train.memory_estimate(config, 512, 8) == train.memory_estimate(MINILM, 512, 8)
