@@ -13,6 +13,7 @@ from ray.data.block import BlockMetadata
 from bertjob.cluster import cluster_cpus
 from bertjob.sources import ROW_SCHEMA, Corpus
 from bertjob.storage import exists, join, read_json, write_json
+from bertjob.text import tally_labels
 
 # Reading is light next to tokenizing and scoring. Read tasks reserve no CPU: any reservation, however
 # small, makes Ray Data admit one fewer whole-CPU task of the heavy stage (on 2 cores: half the
@@ -72,18 +73,21 @@ class CorpusDatasource(Datasource):
         def make(group: list[Any]) -> ReadTask:
             def read() -> Any:
                 for index, unit in group:
-                    row, in_split, last = 0, 0, None
+                    row, in_split, last, labels = 0, 0, None, {}
                     for table in corpus.read(unit, keys_only):
                         if positions:
                             n_in = table.num_rows
-                            in_split += n_in if not split else count_split(table, split)
+                            mine = of_split(table, split)
+                            in_split += mine.num_rows
+                            if receipts:  # what finish checks for a rating scale
+                                tally_labels(mine.column("label"), labels)
                             table = with_positions(table, index, row, split, done.get(index))
                             row += n_in
                         if last is not None:
                             yield last
                         last = table if table.num_rows else None
                     if receipts:
-                        write_json(join(receipts, f"unit-{index}.json"), {"rows": in_split})
+                        write_json(join(receipts, f"unit-{index}.json"), {"rows": in_split, "labels": labels})
                     if last is not None:
                         yield last
 
@@ -94,17 +98,31 @@ class CorpusDatasource(Datasource):
         return [make(g) for g in groups]
 
 
-def count_split(table: pa.Table, split: str) -> int:
-    return int(np.count_nonzero(table.column("split").to_numpy(zero_copy_only=False) == split))
+def of_split(table: pa.Table, split: str) -> pa.Table:
+    """The rows of `split` (all rows when none is given)."""
+    if not split:
+        return table
+    return table.filter(pa.array(table.column("split").to_numpy(zero_copy_only=False) == split))
 
 
-def rows_read(receipts: str, units: int) -> int:
-    """The input's rows, from the receipts of every unit (this run's and earlier runs')."""
+def rows_read(receipts: str, units: int) -> tuple[int, dict[str, Any]]:
+    """The input's rows and its labels' tally (`text.tally_labels`), from the receipts of every unit
+    (this run's and earlier runs')."""
     missing = [i for i in range(units) if not exists(join(receipts, f"unit-{i}.json"))]
     if missing:
         raise RuntimeError(f"{len(missing)} of {units} input units were never read to the end (first: unit "
                            f"{missing[0]}); rerun to complete")  # fmt: skip
-    return sum(read_json(join(receipts, f"unit-{i}.json"))["rows"] for i in range(units))
+    rows, labels = 0, {"unrecognised": {}}
+    for i in range(units):
+        receipt = read_json(join(receipts, f"unit-{i}.json"))
+        rows += receipt["rows"]
+        for key, value in (receipt.get("labels") or {}).items():  # none in an earlier bertjob's receipt
+            if key == "unrecognised":
+                for v, n in value.items():
+                    labels["unrecognised"][v] = labels["unrecognised"].get(v, 0) + n
+            else:
+                labels[key] = labels.get(key, 0) + value
+    return rows, labels
 
 
 def with_positions(table: pa.Table, unit: int, first_row: int, split: str, done: Any) -> pa.Table:

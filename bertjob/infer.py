@@ -779,11 +779,18 @@ def finish(
     # Counted from the input (each unit's reader wrote how many rows it read), not from the output.
     from bertjob.datasource import rows_read as input_rows
 
-    rows_read = input_rows(join(cfg.output, RECEIPTS), run_info["units"])
+    rows_read, labels = input_rows(join(cfg.output, RECEIPTS), run_info["units"])
     if rows_read != pairs:
         raise RuntimeError(f"{cfg.output}: {pairs} rows committed but {rows_read} read; rerun to complete")
     if not rows_read:  # a split an IMDb archive does not have (its splits are known only by reading it)
         raise InputError(f"input {cfg.input}: no rows{f' in split {cfg.split!r}' if cfg.split else ''}")
+    # Before the manifest and metrics, as prepare's: 1-star reviews scored against as positives
+    # (evaluate), or recorded as true_label 1 (infer, where the other ratings were left null).
+    others = "were quarantined" if evaluate else "had no true_label"
+    problem = rating_scale(labels.pop("unrecognised"), labels, cfg.label_column, others)
+    if problem:
+        fix = "" if evaluate else " (or score without labels: --label-column '')"
+        raise InputError(f"input {cfg.input}: {problem}{fix}, then {stage} again with --overwrite")
     wall = time.time() - started
     manifest = {
         "format": f"bertjob-{stage}/1",
@@ -809,12 +816,7 @@ def finish(
         "ray_cluster": {k: v for k, v in resources.items() if k in ("CPU", "GPU")},
     }
     if evaluate:
-        unrecognised = totals.get("unrecognised_labels")
-        problem = unrecognised and rating_scale(unrecognised, _label_counts(cfg.output) if totals["scored"] else {},
-                                                cfg.label_column)  # fmt: skip
-        if problem:  # before the manifest and metrics: an accuracy against 1-star reviews as positives
-            raise InputError(f"input {cfg.input}: {problem}, then evaluate again with --overwrite")
-        manifest["unrecognised_labels"] = commonest_labels(unrecognised or {})
+        manifest["unrecognised_labels"] = commonest_labels(totals.get("unrecognised_labels") or {})
         manifest["metrics"] = evaluation(cfg, totals["quarantined"])
     write_json(join(cfg.output, MANIFEST), manifest)
     remove(join(cfg.output, TMP))  # what writes a stop cut short left half-written, kept for ever
@@ -825,13 +827,6 @@ def finish(
                                join(cfg.output, QUARANTINE), manifest.get("unrecognised_labels") or {})  # fmt: skip
         log.warning("%s: %s", stage, note)
     return manifest
-
-
-def _label_counts(output: str) -> dict[str, int]:
-    """{"0": rows, "1": rows} of the committed predictions' true labels."""
-    fs, root = filesystem(output)
-    t = pq.read_table(join(root, PREDICTIONS), columns=["true_label"], filesystem=fs)
-    return {str(k): v for k, v in Counter(t.column("true_label").to_pylist()).items()}
 
 
 def evaluation(cfg: InferConfig, quarantined: Counter) -> dict[str, Any]:

@@ -123,6 +123,25 @@ def commonest_labels(unrecognised: dict[str, int]) -> dict[str, int]:
     return dict(sorted(unrecognised.items(), key=lambda kv: (-kv[1], kv[0]))[:BAD_LABELS_KEPT])
 
 
+LABEL_VALUES_KEPT = 1000  # distinct unrecognised values a tally keeps (a label column of free text)
+
+
+def tally_labels(labels: pa.Array | pa.ChunkedArray, into: dict[str, Any]) -> None:
+    """Add a column of raw labels to a tally, `{"0": rows, "1": rows, "unrecognised": {value: rows}}`,
+    what `rating_scale` judges: each distinct value is parsed once (a few per column)."""
+    counts = pc.value_counts(labels)
+    bad = into.setdefault("unrecognised", {})
+    for value, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()):
+        if value is None:
+            continue
+        parsed = parse_label(value)
+        key = str(parsed) if parsed is not None else None
+        if key is not None:
+            into[key] = into.get(key, 0) + n
+        elif value in bad or len(bad) < LABEL_VALUES_KEPT:
+            bad[value] = bad.get(value, 0) + n
+
+
 def quarantine_note(
     rows: int, read: int, reasons: dict[str, int], where: str, unrecognised: dict[str, int]
 ) -> str:
@@ -138,7 +157,9 @@ def quarantine_note(
     return f"quarantined {rows} of {read} rows ({why}) in {where}{labels}"
 
 
-def rating_scale(unrecognised: dict[str, int], labels: dict[str, int], column: str) -> str | None:
+def rating_scale(
+    unrecognised: dict[str, int], labels: dict[str, int], column: str, others: str = "were quarantined"
+) -> str | None:
     """An error when a labelled corpus' unrecognised labels ({value: rows}) include numbers above 1,
     as a rating scale's do (1-5 stars, 1-10, SST-5's 0-4): its 0s and 1s (`labels`, {"0": rows,
     "1": rows}) are ratings (1 star; "negative"), yet were read as negative and positive, and the
@@ -167,7 +188,7 @@ def rating_scale(unrecognised: dict[str, int], labels: dict[str, int], column: s
     return (
         f"label column {column!r} holds numbers above 1 ({shown}): a rating scale? bertjob's labels are 0/1 "
         f"(also neg/pos, negative/positive, false/true), so the rows labelled 0 or 1 ({labels.get('0', 0)} "
-        f"and {labels.get('1', 0)}) would count as negative and positive and the others were quarantined. "
+        f"and {labels.get('1', 0)}) would count as negative and positive and the others {others}. "
         f"Map the ratings to 0/1 first (IMDb's rule: <= 4 of 10 negative, >= 7 positive, the middle left out)"
     )
 

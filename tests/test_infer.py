@@ -524,6 +524,16 @@ def test_evaluate_says_what_it_cannot_compute(tiny_classifier_dir, imdb_small, t
     )
     q = pq.read_table(tmp_path / "five" / "quarantine")
     assert sorted(q.column("label").to_pylist()) == ["2", "2", "2", "3", "3", "4", "4", "5", "5"]  # not read
+    # infer recorded the 1-star reviews as true_label 1 (the others null) and reported success; the
+    # same command again (nothing left to score: the labels are counted from the input's receipts)
+    # says it again
+    cfg = InferConfig(**{**infer.to_dict(cfg), "output": str(tmp_path / "five-infer")})
+    for _ in range(2):
+        with pytest.raises(InputError, match=r"holds numbers above 1 \('2' x3, .*\(0 and 3\) would count as "
+                           r"negative and positive and the others had no true_label.*\(or score without labels: "
+                           r"--label-column ''\), then infer again with --overwrite$"):  # fmt: skip
+            infer.run(cfg)
+        assert not (tmp_path / "five-infer" / "manifest.json").exists()
     # A split an IMDb archive lacks (known only by reading it): "every row was quarantined ()"
     from tests.conftest import tar_dir
 
