@@ -168,6 +168,10 @@ def check_model(model: str, trust_remote_code: bool = False) -> list[str]:
             return [f"model {model}: its label 0 is {names['0']!r} and 1 is {names['1']!r}; bertjob reads label 1 "
                     f"as positive, so every prediction would be inverted. Give a model whose label 1 is positive "
                     f"(as `bertjob train` writes)"]  # fmt: skip
+        if any(parse_label(names.get(k)) != int(k) and names.get(k) != f"LABEL_{k}" for k in ("0", "1")):
+            # a head of another task (entailment / not_entailment) was scored as sentiment without a word
+            log.warning("model %s: its labels are %r and %r, not negative and positive; bertjob reads label 1 as "
+                        "positive", model, names.get("0"), names.get("1"))  # fmt: skip
         try:  # from bertjob's cache when this directory's tokenizer was loaded before: no transformers import
             models.tokenizer_record(model, trust_remote_code)
         except models.ModelError as err:

@@ -76,6 +76,24 @@ def test_models_without_a_head_or_a_tokenizer_are_errors_before_any_work(
         infer.run(InferConfig(input="imdb-sample", model=tiny_model_dir, output=str(tmp_path / "o")))
 
 
+def test_a_two_label_head_of_another_task_is_pointed_out(tiny_classifier_dir, tmp_path, caplog):
+    """An RTE head (entailment / not_entailment) was scored as sentiment without a word."""
+    assert infer.check_model(tiny_classifier_dir) == [] and not caplog.records  # NEGATIVE / POSITIVE
+    for names in ({"0": "LABEL_0", "1": "LABEL_1"}, {"0": "neg", "1": "pos"}):
+        config = json.loads(open(os.path.join(tiny_classifier_dir, "config.json")).read())
+        shutil.copytree(tiny_classifier_dir, tmp_path / names["0"])
+        (tmp_path / names["0"] / "config.json").write_text(json.dumps({**config, "id2label": names}))
+        assert infer.check_model(str(tmp_path / names["0"])) == [] and not caplog.records
+    rte = tmp_path / "rte"
+    shutil.copytree(tiny_classifier_dir, rte)
+    (rte / "config.json").write_text(
+        json.dumps({**config, "id2label": {"0": "entailment", "1": "not_entailment"}})
+    )
+    with caplog.at_level(logging.WARNING, logger="bertjob.infer"):
+        assert infer.check_model(str(rte)) == []
+    assert "its labels are 'entailment' and 'not_entailment', not negative and positive" in caplog.text
+
+
 def test_a_training_checkpoint_as_the_model_names_the_exported_model_instead(
     tiny_classifier_dir, tmp_path, capsys
 ):
