@@ -79,6 +79,11 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
         raise _hub_hint(name, err) from err
     if not getattr(tok, "is_fast", False):
         raise ModelError(f"{name!r} has no fast tokenizer; bertjob needs one for throughput")
+    # The same from tokenizer files that hold only the special tokens (transformers 5 ignores an
+    # unknown argument such as BertTokenizerFast(vocab_file=...) and saves an empty vocabulary).
+    if len(tok) <= len(set(tok.all_special_ids)):
+        raise ModelError(f"the tokenizer of {name!r} has no vocabulary besides its {len(tok)} special tokens "
+                         f"({', '.join(tok.all_special_tokens)}): every word would be {tok.unk_token}")  # fmt: skip
     return tok
 
 

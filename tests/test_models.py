@@ -105,3 +105,18 @@ def test_a_classifier_of_other_labels_gets_a_fresh_two_label_head_on_its_own_enc
     )
     assert models.other_head({**config, "id2label": {"0": "NEGATIVE", "1": "POSITIVE"}}) == []
     assert models.other_head(models.model_config(tiny_model_dir)) == []  # a bare encoder has no head
+
+
+def test_tokenizer_files_of_special_tokens_only_are_refused(tmp_path, tiny_model_dir):
+    """BertTokenizerFast(vocab_file=...) (an argument transformers 5 ignores) saves a tokenizer of its
+    5 special tokens: prepare, train and infer ran on texts that were all [UNK]."""
+    import pytest
+    from transformers import BertTokenizerFast
+
+    shutil.copy(Path(tiny_model_dir) / "config.json", tmp_path / "config.json")
+    BertTokenizerFast(vocab_file=str(tmp_path / "ignored.txt")).save_pretrained(tmp_path)
+    with pytest.raises(
+        models.ModelError, match=r"no vocabulary besides its 5 special tokens .*every word would be \[UNK\]"
+    ):
+        models.tokenizer_info(str(tmp_path))
+    assert models.tokenizer_info(tiny_model_dir)["vocab_size"] > 5
