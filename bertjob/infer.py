@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -761,17 +762,22 @@ def finish(
             )
     totals: dict[str, Any] = {"scored": 0, "quarantined": Counter()}
     pairs = 0
-    positions = []
+    positions, ids = [], []
     for kind in (PREDICTIONS, QUARANTINE):
         d = join(root, kind)
         if fs.get_file_info(d).type == pafs.FileType.NotFound:
             continue
-        cols = ["unit", "row"] + (["reason", "label"] if kind == QUARANTINE else [])
+        cols = (
+            ["unit", "row"]
+            + (["id"] if cfg.id_column else [])
+            + (["reason", "label"] if kind == QUARANTINE else [])
+        )
         # The quarantine's schema given: files of a run before its `label` column read it as null.
         schema = QUARANTINE_SCHEMA if kind == QUARANTINE else None
         t = pq.read_table(d, columns=cols, filesystem=fs, schema=schema)
         pairs += t.num_rows
         positions.append(_positions(t))
+        ids += t.column("id").chunks if cfg.id_column else []
         if kind == PREDICTIONS:
             totals["scored"] = t.num_rows
         else:
@@ -795,6 +801,12 @@ def finish(
     if problem:
         fix = "" if evaluate else " (or score without labels: --label-column '')"
         raise InputError(f"input {cfg.input}: {problem}{fix}, then {stage} again with --overwrite")
+    if ids:  # a corpus's own ids (file:row ones are unique)
+        repeated, example, n = repeated_ids(pa.chunked_array(ids, pa.string()))
+        if repeated:
+            log.warning("%s: %d rows share their id (--id-column %r) with another row, e.g. %r (%d rows): each has a "
+                        "prediction of its own, so a join on id matches several; the unit and row columns tell them "
+                        "apart", stage, repeated, cfg.id_column, example, n)  # fmt: skip
     wall = time.time() - started
     manifest = {
         "format": f"bertjob-{stage}/1",
@@ -831,6 +843,17 @@ def finish(
                                join(cfg.output, QUARANTINE), manifest.get("unrecognised_labels") or {})  # fmt: skip
         log.warning("%s: %s", stage, note)
     return manifest
+
+
+def repeated_ids(ids: pa.ChunkedArray) -> tuple[int, str | None, int]:
+    """(rows whose id an earlier row has, the commonest such id, its rows). A hash of the ids: less
+    than the sort of the positions beside it (measured: 1.1 s and 5.8 s for 2M rows on 2 busy cores)."""
+    distinct = len(pc.unique(ids))
+    if distinct == len(ids):
+        return 0, None, 0
+    counts = pc.value_counts(ids)
+    top = counts[int(np.argmax(counts.field("counts").to_numpy()))]
+    return len(ids) - distinct, top["values"].as_py(), top["counts"].as_py()
 
 
 def evaluation(cfg: InferConfig, quarantined: Counter) -> dict[str, Any]:

@@ -263,12 +263,14 @@ def _corpus(path, n, bad=True, seed=0, prefix="doc"):
 
 @pytest.mark.integration
 def test_infer_scores_every_row_exactly_once_with_bad_rows_quarantined(
-    tiny_classifier_dir, tmp_path, ray_local
+    tiny_classifier_dir, tmp_path, ray_local, caplog
 ):
     d = tmp_path / "corpus"
     d.mkdir()
     rows = _corpus(d / "a.parquet", 300) + _corpus(d / "b.parquet", 200, bad=False, seed=1, prefix="other")
-    (d / "c.csv").write_bytes(b"text,label\n" + '"d\xe9j\xe0 vu, awful",neg\n'.encode("latin-1"))
+    (d / "c.csv").write_bytes(
+        b"id,text,label\n" + 'r1,"d\xe9j\xe0 vu, awful",neg\nr1,fine,pos\n'.encode("latin-1")
+    )
     out = tmp_path / "out"
     m = infer.run(InferConfig(input=str(d / "*.parquet"), model=tiny_classifier_dir, output=str(out), id_column="id",
                               batch_size=16, num_workers=2, rows_per_shard=100))  # fmt: skip
@@ -292,14 +294,18 @@ def test_infer_scores_every_row_exactly_once_with_bad_rows_quarantined(
         InferConfig(input=str(d / "*.parquet"), model=tiny_classifier_dir, output=str(out), id_column="id")
     )
     assert again == json.loads((out / "manifest.json").read_text())
+    assert "share their id" not in caplog.text
     # Latin-1 CSV: decoded with replacement, counted; one file is one read task, and Ray Data is
     # not told to run more (it would warn that it cannot)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        m2 = infer.run(
-            InferConfig(input=str(d / "c.csv"), model=tiny_classifier_dir, output=str(tmp_path / "o2"))
-        )
-    assert m2["rows_scored"] == 1 and m2["utf8_replaced_this_run"] == 1
+        m2 = infer.run(InferConfig(input=str(d / "c.csv"), model=tiny_classifier_dir, output=str(tmp_path / "o2"),
+                                   id_column="id"))  # fmt: skip
+    assert m2["rows_scored"] == 2 and m2["utf8_replaced_this_run"] == 1
+    # Two rows of one id: scored once each (one prediction per input row), and said, not silent
+    assert (
+        "infer: 1 rows share their id (--id-column 'id') with another row, e.g. 'r1' (2 rows)" in caplog.text
+    )
     assert not [w for w in caught if "concurrent tasks" in str(w.message)], [str(w.message) for w in caught]
 
 
