@@ -123,12 +123,13 @@ def commonest_labels(unrecognised: dict[str, int]) -> dict[str, int]:
     return dict(sorted(unrecognised.items(), key=lambda kv: (-kv[1], kv[0]))[:BAD_LABELS_KEPT])
 
 
-LABEL_VALUES_KEPT = 1000  # distinct unrecognised values a tally keeps (a label column of free text)
+LABEL_VALUES_KEPT = 1000  # distinct unrecognised numbers a tally keeps
 
 
 def tally_labels(labels: pa.Array | pa.ChunkedArray, into: dict[str, Any]) -> None:
     """Add a column of raw labels to a tally, `{"0": rows, "1": rows, "unrecognised": {value: rows}}`,
-    what `rating_scale` judges: each distinct value is parsed once (a few per column)."""
+    what `rating_scale` judges: each distinct value is parsed once, and of those unrecognised only
+    numbers are kept (a label column of free text stays small)."""
     counts = pc.value_counts(labels)
     bad = into.setdefault("unrecognised", {})
     for value, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()):
@@ -138,8 +139,16 @@ def tally_labels(labels: pa.Array | pa.ChunkedArray, into: dict[str, Any]) -> No
         key = str(parsed) if parsed is not None else None
         if key is not None:
             into[key] = into.get(key, 0) + n
-        elif value in bad or len(bad) < LABEL_VALUES_KEPT:
+        elif value in bad or (len(bad) < LABEL_VALUES_KEPT and _is_number(value)):
             bad[value] = bad.get(value, 0) + n
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
 
 
 def quarantine_note(

@@ -1,7 +1,16 @@
 import numpy as np
+import pyarrow as pa
 import pytest
 
-from bertjob.text import cap_chars, clean_text, decode_text, keep_spans, parse_label, rating_scale
+from bertjob.text import (
+    cap_chars,
+    clean_text,
+    decode_text,
+    keep_spans,
+    parse_label,
+    rating_scale,
+    tally_labels,
+)
 
 
 def test_clean_text_removes_imdb_breaks_tags_and_entities():
@@ -32,6 +41,14 @@ def test_labels_of_minus_one_and_one_are_an_error_not_positives_alone():
     # -1 as Hugging Face's mark of an unlabelled row, beside 0s and 1s or alone, stays quarantined.
     assert rating_scale({"-1": 5}, {"0": 10, "1": 10}, "label") is None
     assert rating_scale({"-1": 5}, {}, "label") is None
+
+
+def test_a_label_tally_counts_what_rating_scale_judges_and_keeps_only_numbers_unrecognised():
+    """The tally each input unit's reader writes to its receipt (infer and evaluate check it)."""
+    tally = {}
+    tally_labels(pa.array(["1", "5", "pos", "good", None, "-1", "0", "5"]), tally)
+    tally_labels(pa.chunked_array([["3", "a review's text, not a label " * 100]]), tally)
+    assert tally == {"0": 1, "1": 2, "unrecognised": {"5": 2, "-1": 1, "3": 1}}
 
 
 def test_decode_text_replaces_invalid_utf8_and_says_so():
