@@ -588,12 +588,8 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
         raise InputError(f"head_tokens {effective.head_tokens} leaves no tail at max_length {effective.max_length} "
                          f"with head+tail truncation (it must be under max_length - 2): give --head-tokens "
                          f"{max(1, effective.max_length // 4)}, say, or --truncation head")  # fmt: skip
-    where = models.resolve_model(cfg.model)
-    # A local model's config.json; a hub model's config would import transformers in the driver.
-    positions = models.max_positions(models.model_config(where)) if os.path.isdir(where) else None
-    if positions and effective.max_length > positions:
-        raise InputError(f"max_length {effective.max_length} is more than model {cfg.model} has positions for "
-                         f"({positions}); give --max-length {positions} or less")  # fmt: skip
+    if problem := models.max_length_problem(cfg.model, effective.max_length):
+        raise InputError(problem)
     # The run's identity: the input's content (not its path), what scoring depends on, the model.
     # mixed_precision too: its scores differ (bf16 or not), and a rerun asking for fp32 was told the
     # bf16 output was complete for its settings (or resumed it, mixing the two).

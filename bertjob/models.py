@@ -322,6 +322,18 @@ def max_positions(model_config: dict[str, Any]) -> int | None:
     return positions
 
 
+def max_length_problem(name: str, max_length: int) -> str | None:
+    """A max_length longer than a local model's positions hold (a hub model's config is not read
+    here: that would import transformers in the driver)."""
+    where = resolve_model(name)
+    config = os.path.join(where, "config.json")
+    positions = max_positions(model_config(where)) if os.path.isfile(config) else None
+    if positions and max_length > positions:
+        return (f"max_length {max_length} is more than model {name} has positions for ({positions}); "
+                f"give --max-length {positions} or less")  # fmt: skip
+    return None
+
+
 def other_head(config: dict[str, Any], num_labels: int = 2) -> list[str]:
     """The label names of the model's sequence-classification head where it has another number of
     labels than `num_labels` (a 3-class NLI head, a 5-star head); [] otherwise."""

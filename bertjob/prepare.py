@@ -504,6 +504,9 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
 
     started = time.time()
     check_access({"input": cfg.input, "output": cfg.output})
+    # Token ids longer than the model holds: train refused them only after the whole corpus was tokenized.
+    if problem := models.max_length_problem(cfg.model, cfg.max_length):
+        raise models.ModelError(problem)
     corpus = open_input(cfg)
     if not corpus.has_rows():
         raise InputError(f"input {cfg.input}: no rows found ({corpus.describe()})")

@@ -1,6 +1,7 @@
 """The prepare job end to end on a local Ray: splits, manifest, quarantine, reruns."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -247,6 +248,25 @@ def test_an_output_prepare_may_not_replace_is_refused_before_ray_starts(tmp_path
         f"bertjob: error: output {tmp_path / 'scored'} holds an infer output, which `bertjob prepare` never "
         f"replaces; choose another directory"
     ]
+
+
+def test_a_max_length_past_the_models_positions_is_refused_before_any_work(tmp_path, tiny_model_dir):
+    """`--max-length 514` for a RoBERTa (514 position embeddings, 512 usable) tokenized the whole
+    corpus, then train refused it."""
+    from bertjob.models import ModelError
+
+    roberta = tmp_path / "roberta"
+    shutil.copytree(tiny_model_dir, roberta)
+    config = json.loads((roberta / "config.json").read_text())
+    (roberta / "config.json").write_text(json.dumps({**config, "model_type": "roberta", "max_position_embeddings": 514,
+                                                     "pad_token_id": 1}))  # fmt: skip
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "great fun", "label": 1}) + "\n")
+    for model, max_length, usable in ((tiny_model_dir, 1024, 512), (str(roberta), 514, 512)):
+        with pytest.raises(ModelError, match=rf"max_length {max_length} is more than model .* has positions for "
+                                             rf"\({usable}\); give --max-length {usable} or less"):  # fmt: skip
+            prepare.run(PrepareConfig(input=str(tmp_path / "c.jsonl"), output=str(tmp_path / "o"), model=model,
+                                      max_length=max_length))  # fmt: skip
+        assert not (tmp_path / "o").exists()
 
 
 def test_empty_input_is_an_error_before_any_output(tmp_path, tiny_model_dir, ray_local):
