@@ -235,12 +235,13 @@ def _split_dotted(argv: list[str]) -> tuple[list[str], dict[str, dict[str, Any]]
     return rest, dotted
 
 
-INTERRUPTED = "bertjob: interrupted; the same command again resumes where this one stopped\n"
-# prepare keeps nothing of an interrupted run (its shards are only whole with the manifest): it said
-# that the same command resumes, and then prepared everything again.
-PREPARE_INTERRUPTED = (
-    "bertjob: interrupted; prepare does not resume: the same command again prepares from the start\n"
-)
+def _rerun(command: str) -> str:
+    """What the same command does after this one stopped short. prepare keeps nothing of a stopped
+    run (its shards are only whole with the manifest): it said that the same command resumes, and
+    then prepared everything again."""
+    if command == "prepare":
+        return "prepare does not resume: the same command again prepares from the start"
+    return "the same command again resumes where this one stopped"
 
 
 class Terminated(KeyboardInterrupt):
@@ -293,8 +294,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.exit(2, f"bertjob: error: {_own_words(err)}\n")
         except JobError as err:
             parser.exit(1, f"bertjob: error: {_own_words(err)}\n")
+        except OSError as err:  # a disk that filled, an object store gone mid-run: once it is back
+            parser.exit(1, f"bertjob: error: {_own_words(err)}\nbertjob: {_rerun(command)}\n")
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: 128 + the signal, as a shell reports it
-            said = PREPARE_INTERRUPTED if command == "prepare" else INTERRUPTED
+            said = f"bertjob: interrupted; {_rerun(command)}\n"
             parser.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT), said)
     return 0
 

@@ -508,7 +508,11 @@ def fit(cfg: Any, loop: Any, loop_config: dict[str, Any], plan: WorkerPlan, stor
             raise PlacementTimeoutError(
                 cfg, {"CPU": plan.cpus, **({"GPU": 1} if cfg.use_gpu else {})}
             ) from err
-        raise RuntimeError(f"{what} failed: {_root_message(err)}") from err
+        # Its checkpoints are kept (a worker's error, a storage endpoint gone, ...): no traceback of
+        # the driver's, Ray printed the failed process' own above.
+        raise JobError(
+            f"{what} failed: {_root_message(err)}\nbertjob: the same command again resumes from its last checkpoint"
+        ) from err
     for e in runlog.timeline(run_dir)["restarts"]:
         log.info("%s: %s at %s (%s): %s -> %s workers, resumed from step %s", what, e["event"],
                  time.strftime("%H:%M:%S", time.localtime(e["at"])), e["why"], e["workers_before"],

@@ -21,6 +21,7 @@ from bertjob import cli, infer, models, pipeline, storage
 from bertjob.config import InferConfig, PipelineConfig, build
 from bertjob.sources import InputError, open_corpus
 from tests.conftest import free_port, kill_session, make_imdb_dir, review, tar_dir
+from tests.relay import Relay
 
 PACKAGE = Path(__file__).parent.parent / "bertjob"
 STORAGE_FUNCTIONS = {"join", "filesystem", "exists", "read_json", "write_json", "copy", "remove",
@@ -208,9 +209,12 @@ def _wait_for(fs, base: str, name: str, proc, timeout_s: float = 900) -> bool:
 
 
 @pytest.mark.integration
-def test_a_killed_infer_on_s3_resumes_with_exactly_one_row_per_input(
+def test_an_infer_whose_object_store_goes_away_stops_with_one_line_and_resumes_from_the_bucket(
     s3, tiny_classifier_dir, tmp_path, ray_local
 ):
+    """The endpoint is cut once the first predictions are committed: the job stopped with ~200
+    lines of Ray's traceback, three times; now one line of error and one saying that the same
+    command resumes, which it does, with exactly one row per input."""
     import random
 
     # Six units of 3,000 rows: two predictors score and commit one unit each per wave, and the
@@ -226,16 +230,22 @@ def test_a_killed_infer_on_s3_resumes_with_exactly_one_row_per_input(
     storage.copy(tiny_classifier_dir, model)
     args = [sys.executable, "-m", "bertjob", "infer", "--input", data, "--model", model, "--output", out,
             "--id-column", "id", "--batch-size", "16", "--num-workers", "2", "--rows-per-shard", "1000"]  # fmt: skip
-    proc = subprocess.Popen(
-        args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    relay = Relay(int(s3.url.rsplit(":", 1)[1]))  # the job (and the Ray it starts) reach S3 through it
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{relay.port}"}
+    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=env)  # fmt: skip
     fs, root = storage.filesystem(out)
     try:
         committed = _wait_for(fs, f"{root}/predictions", ".parquet", proc)
+        relay.cut()
+        _, err = proc.communicate(timeout=300)
     finally:
         kill_session(proc.pid)
-        proc.wait()
     assert committed, "the run ended before it committed a file"
+    assert proc.returncode == 1, err
+    error, advice = err.strip().splitlines()[-2:]
+    assert error.startswith("bertjob: error: ") and "NETWORK_CONNECTION" in error, err
+    assert advice == "bertjob: the same command again resumes where this one stopped"
     partial = pq.read_table(f"{root}/predictions", filesystem=fs).num_rows
     assert 0 < partial < 18000 and not storage.exists(storage.join(out, "manifest.json"))
     m = infer.run(
@@ -248,9 +258,12 @@ def test_a_killed_infer_on_s3_resumes_with_exactly_one_row_per_input(
 
 
 @pytest.mark.integration
-def test_the_pipeline_on_s3_killed_in_training_resumes_from_the_bucket(
+def test_the_pipeline_on_s3_whose_object_store_goes_away_in_training_resumes_from_the_bucket(
     s3, tiny_model_dir, tmp_path, ray_local
 ):
+    """The endpoint is cut once Ray Train has registered a checkpoint in the bucket: the job ended
+    in a traceback of its driver's (RuntimeError: training failed); now one line of error and one
+    saying that the same command resumes, which it does, from the bucket's checkpoint."""
     corpus = tar_dir(make_imdb_dir(tmp_path / "data", {"train": 40, "test": 20, "unsup": 10}, seed=3),
                      tmp_path / "imdb.tar.gz")  # fmt: skip
     data, out = s3.uri("imdb.tar.gz"), s3.uri("pipeline")
@@ -263,15 +276,22 @@ def test_the_pipeline_on_s3_killed_in_training_resumes_from_the_bucket(
     }  # fmt: skip
     config = tmp_path / "pipeline.yaml"
     config.write_text(json.dumps(settings))  # JSON is YAML
+    relay = Relay(int(s3.url.rsplit(":", 1)[1]))  # the job (and the Ray it starts) reach S3 through it
     proc = subprocess.Popen([sys.executable, "-m", "bertjob", "pipeline", "--config", str(config)],
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{relay.port}"})  # fmt: skip
     fs, root = storage.filesystem(out)
-    try:  # killed once Ray Train has registered a checkpoint in the bucket
+    try:
         checkpointed = _wait_for(fs, f"{root}/checkpoints", "checkpoint_manager_snapshot.json", proc)
+        relay.cut()
+        _, err = proc.communicate(timeout=300)
     finally:
         kill_session(proc.pid)
-        proc.wait()
     assert checkpointed, "the pipeline ended before its first checkpoint"
+    assert proc.returncode == 1, err
+    error, advice = err.strip().splitlines()[-2:]
+    assert error.startswith("bertjob: error: training failed: ") and "NETWORK_CONNECTION" in error, err
+    assert advice == "bertjob: the same command again resumes from its last checkpoint"
     assert not storage.exists(storage.join(out, "train", "metrics.json"))
 
     summary = pipeline.run(build(PipelineConfig, settings))
