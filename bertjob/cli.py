@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
     command = ""
+    ray_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()  # a caller's: kept
     with _sigterm_interrupts() as terminated:
         try:
             rest, dotted = _split_dotted(argv)
@@ -282,24 +283,28 @@ def main(argv: list[str] | None = None) -> int:
             )
             args = {k: v for k, v in vars(ns).items() if k not in ("command", "log_level")}
             cfg = resolve(ns.command, args, dotted)
-            rc = run_command(ns.command, cfg)
-            if "ray" in sys.modules:  # leave Ray now: its exit hook does the same after a 0.5 s sleep
-                import ray
-
-                ray.shutdown()
-            return rc
+            rc, said = run_command(ns.command, cfg), ""
         except ConfigError as err:
-            parser.exit(2, f"bertjob: {err}\n")
+            rc, said = 2, f"bertjob: {err}\n"
         except SetupError as err:  # input, model, output or cluster problems; a reader's bad line
-            parser.exit(2, f"bertjob: error: {_own_words(err)}\n")
+            rc, said = 2, f"bertjob: error: {_own_words(err)}\n"
         except JobError as err:
-            parser.exit(1, f"bertjob: error: {_own_words(err)}\n")
+            rc, said = 1, f"bertjob: error: {_own_words(err)}\n"
         except OSError as err:  # a disk that filled, an object store gone mid-run: once it is back
-            parser.exit(1, f"bertjob: error: {_own_words(err)}\nbertjob: {_rerun(command)}\n")
+            rc, said = 1, f"bertjob: error: {_own_words(err)}\nbertjob: {_rerun(command)}\n"
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: 128 + the signal, as a shell reports it
+            rc = 128 + (signal.SIGTERM if terminated else signal.SIGINT)
             said = f"bertjob: interrupted; {_rerun(command)}\n"
-            parser.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT), said)
-    return 0
+        # Leave Ray before the last word, whatever ended the command: its exit hook does the same
+        # after a 0.5 s sleep, and after a stopped Ray Data run (a SIGTERMed prepare, on a loaded
+        # machine) it turned the exit status into 1.
+        if "ray" in sys.modules and not ray_before:
+            import ray
+
+            ray.shutdown()
+    if said:
+        parser.exit(rc, said)
+    return rc
 
 
 def _own_words(err: Exception) -> str:
