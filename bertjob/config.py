@@ -317,7 +317,9 @@ class TrainConfig(Settings):
     sample_log: bool = opt(
         False, "append each step's row indices per worker to STORAGE/NAME/samples/rank-N.jsonl (an audit)"
     )
-    max_eval_rows: int = opt(0, "cap rows of validation/test evaluated (0: all)", ge=0)
+    max_eval_rows: int = opt(
+        0, "cap rows of validation/test evaluated, taken evenly over each (0: all)", ge=0
+    )
     tracking: str = opt("none", "none | mlflow | tensorboard", choices=("none", "mlflow", "tensorboard"))
     seed: int = seed_opt("seed of initialisation and data order")
     trust_remote_code: bool = opt(False, "let transformers run code shipped with a hub model")

@@ -67,6 +67,7 @@ from bertjob.text import (
     LABEL_NAMES,
     TextSettings,
     commonest_labels,
+    first_rows_rating_scale,
     parse_label,
     quarantine_note,
     rating_scale,
@@ -78,6 +79,7 @@ log = logging.getLogger(__name__)
 PREDICTIONS = "predictions"
 QUARANTINE = "quarantine"
 RUN_FILE = "run.json"
+NO_LABELS = " (or score without labels: --label-column '')"  # infer's other way out of a rating scale
 RECEIPTS = "_read"  # per input unit, the rows its reader read (datasource.CorpusDatasource)
 TMP = "_tmp"  # a local output's files while they are written, each then renamed into place
 # A CPU predictor's default threads (one per core it takes): not measured beyond 2 cores; each
@@ -646,8 +648,12 @@ def run(cfg: InferConfig, evaluate: bool = False, replace_changed: bool = False)
     stage = "evaluate" if evaluate else "infer"
     check_access({"input": cfg.input, "model": cfg.model, "output": cfg.output})
     corpus, run_info = describe(cfg, evaluate)
-    if not corpus.has_rows():
+    first = corpus.first_rows()
+    if first is None:
         raise InputError(f"input {cfg.input}: no rows found ({corpus.describe()})")
+    others, fix = ("would be quarantined", "") if evaluate else ("would have no true_label", NO_LABELS)
+    if problem := first_rows_rating_scale(first.column("label"), cfg.label_column, others):
+        raise InputError(f"input {cfg.input}: {problem}{fix}")
     effective = run_info["settings"]
     done, already, fresh = _resume_state(cfg, run_info, stage, replace_changed)
     if done is None:
@@ -792,10 +798,9 @@ def finish(
         raise InputError(f"input {cfg.input}: no rows{f' in split {cfg.split!r}' if cfg.split else ''}")
     # Before the manifest and metrics, as prepare's: 1-star reviews scored against as positives
     # (evaluate), or recorded as true_label 1 (infer, where the other ratings were left null).
-    others = "were quarantined" if evaluate else "had no true_label"
+    others, fix = ("were quarantined", "") if evaluate else ("had no true_label", NO_LABELS)
     problem = rating_scale(labels.pop("unrecognised"), labels, cfg.label_column, others)
     if problem:
-        fix = "" if evaluate else " (or score without labels: --label-column '')"
         raise InputError(f"input {cfg.input}: {problem}{fix}, then {stage} again with --overwrite")
     if ids:  # a corpus's own ids (file:row ones are unique)
         repeated, example, n = repeated_ids(pa.chunked_array(ids, pa.string()))

@@ -44,6 +44,7 @@ from bertjob.text import (
     BAD_LABEL,
     BAD_LABELS_KEPT,
     commonest_labels,
+    first_rows_rating_scale,
     quarantine_note,
     rating_scale,
     tokenize_rows,
@@ -508,8 +509,11 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     if problem := models.max_length_problem(cfg.model, cfg.max_length):
         raise models.ModelError(problem)
     corpus = open_input(cfg)
-    if not corpus.has_rows():
+    first = corpus.first_rows()
+    if first is None:
         raise InputError(f"input {cfg.input}: no rows found ({corpus.describe()})")
+    if problem := first_rows_rating_scale(first.column("label"), cfg.label_column, "would be quarantined"):
+        raise InputError(f"input {cfg.input}: {problem}")
     if cfg.validation_fraction and VALIDATION in (corpus.splits() or ()):
         # The corpus' own validation split (split=validation/, a hub dataset's): a share of train
         # held out as well was added to it without a word.

@@ -116,16 +116,20 @@ class Corpus:
         }[self.kind]
         yield from reader(self, unit, keys_only)
 
-    def has_rows(self) -> bool:
-        """Whether any unit yields a row; reads only up to the first one."""
+    def first_rows(self, keys_only: bool = False) -> pa.Table | None:
+        """The first rows a unit yields (None: no unit yields any); reads only up to them."""
         for unit in self.units:
-            tables = self.read(unit, keys_only=True)
+            tables = self.read(unit, keys_only)
             try:
-                if any(t.num_rows for t in tables):
-                    return True
+                for t in tables:
+                    if t.num_rows:
+                        return t
             finally:
                 tables.close()
-        return False
+        return None
+
+    def has_rows(self) -> bool:
+        return self.first_rows(keys_only=True) is not None
 
     def splits(self) -> set[str] | None:
         """The splits its rows go to, when known without reading them (an IMDb tar's are not)."""

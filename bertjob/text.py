@@ -166,6 +166,9 @@ def quarantine_note(
     return f"quarantined {rows} of {read} rows ({why}) in {where}{labels}"
 
 
+MINUS_ONE = ("-1", "-1.0")
+
+
 def rating_scale(
     unrecognised: dict[str, int], labels: dict[str, int], column: str, others: str = "were quarantined"
 ) -> str | None:
@@ -176,7 +179,7 @@ def rating_scale(
     from what was left; evaluate scored the model against them. -1 is left to the quarantine:
     Hugging Face's datasets mark an unlabelled row so (GLUE's test splits), except beside 1s without
     a 0: labels of -1/+1, whose negatives were all quarantined and a model trained on positives alone."""
-    minus = {v: n for v, n in unrecognised.items() if v.strip() in ("-1", "-1.0")}
+    minus = {v: n for v, n in unrecognised.items() if v.strip() in MINUS_ONE}
     if minus and labels.get("1", 0) and not labels.get("0", 0):
         shown = ", ".join(f"{v!r} x{n}" for v, n in minus.items())
         return (
@@ -200,6 +203,16 @@ def rating_scale(
         f"and {labels.get('1', 0)}) would count as negative and positive and the others {others}. "
         f"Map the ratings to 0/1 first (IMDb's rule: <= 4 of 10 negative, >= 7 positive, the middle left out)"
     )
+
+
+def first_rows_rating_scale(labels: pa.Array | pa.ChunkedArray, column: str, others: str) -> str | None:
+    """`rating_scale` on a corpus' first rows' raw labels, before any work: a number above 1 there
+    is one in the whole corpus too, so a column of stars is refused at once, not after all of it was
+    read. The -1 rule needs every label (-1 beside 0s further on is Hugging Face's unlabelled mark)."""
+    tally: dict[str, Any] = {}
+    tally_labels(labels, tally)
+    unrecognised = {v: n for v, n in tally.pop("unrecognised").items() if v.strip() not in MINUS_ONE}
+    return rating_scale(unrecognised, tally, column, others)
 
 
 def keep_spans(

@@ -533,27 +533,41 @@ def test_evaluate_says_what_it_cannot_compute(tiny_classifier_dir, imdb_small, t
         infer.run(cfg, evaluate=True)
     assert pq.read_table(tmp_path / "stars" / "quarantine").num_rows == 12  # every row, with its reason
     # Star ratings 1-5 as the label column: the 1-star reviews were scored as positives (accuracy
-    # against them), the rest quarantined, and evaluate reported an accuracy.
-    pq.write_table(pa.Table.from_pylist([{**r, "label": 1 + i % 5} for i, r in enumerate(rows)]),
-                   tmp_path / "five.parquet")  # fmt: skip
+    # against them), the rest quarantined, and evaluate reported an accuracy; infer recorded them as
+    # true_label 1 (the others null) and reported success. Seen in the first rows: said before any
+    # work (it was after all of it).
+    stars = [{**r, "label": 1 + i % 5} for i, r in enumerate(rows)]
+    (tmp_path / "five").mkdir()
+    pq.write_table(pa.Table.from_pylist(stars), tmp_path / "five" / "stars.parquet")
+    for evaluate, others in ((True, "would be quarantined"), (False, "would have no true_label")):
+        out = tmp_path / f"five-{evaluate}"
+        with pytest.raises(InputError, match=rf"label column 'label' holds numbers above 1 \('2' x3, .*\(0 and 3\) "
+                                             rf"would count as negative and positive and the others {others}"):  # fmt: skip
+            infer.run(
+                InferConfig(input=str(tmp_path / "five"), model=tiny_classifier_dir, output=str(out)),
+                evaluate,
+            )
+        assert not out.exists()
+    # Seen only further on (a first file of 0s and 1s): after the scoring, before the manifest and
+    # metrics; and again by the same command (nothing left to score: the labels are counted from the
+    # input's receipts).
+    pq.write_table(pa.Table.from_pylist([{**r, "label": i % 2} for i, r in enumerate(rows)]),
+                   tmp_path / "five" / "0-first.parquet")  # fmt: skip
     cfg = InferConfig(
-        input=str(tmp_path / "five.parquet"), model=tiny_classifier_dir, output=str(tmp_path / "five")
+        input=str(tmp_path / "five"), model=tiny_classifier_dir, output=str(tmp_path / "five-e")
     )
-    with pytest.raises(InputError, match=r"label column 'label' holds numbers above 1 \('2' x3, .*\(0 and 3\) would "
+    with pytest.raises(InputError, match=r"label column 'label' holds numbers above 1 \('2' x3, .*\(6 and 9\) would "
                                          r"count as negative and positive.*evaluate again with --overwrite"):  # fmt: skip
         infer.run(cfg, evaluate=True)
     assert (
-        not (tmp_path / "five" / "metrics.json").exists()
-        and not (tmp_path / "five" / "manifest.json").exists()
+        not (tmp_path / "five-e" / "metrics.json").exists()
+        and not (tmp_path / "five-e" / "manifest.json").exists()
     )
-    q = pq.read_table(tmp_path / "five" / "quarantine")
+    q = pq.read_table(tmp_path / "five-e" / "quarantine")
     assert sorted(q.column("label").to_pylist()) == ["2", "2", "2", "3", "3", "4", "4", "5", "5"]  # not read
-    # infer recorded the 1-star reviews as true_label 1 (the others null) and reported success; the
-    # same command again (nothing left to score: the labels are counted from the input's receipts)
-    # says it again
     cfg = InferConfig(**{**infer.to_dict(cfg), "output": str(tmp_path / "five-infer")})
     for _ in range(2):
-        with pytest.raises(InputError, match=r"holds numbers above 1 \('2' x3, .*\(0 and 3\) would count as "
+        with pytest.raises(InputError, match=r"holds numbers above 1 \('2' x3, .*\(6 and 9\) would count as "
                            r"negative and positive and the others had no true_label.*\(or score without labels: "
                            r"--label-column ''\), then infer again with --overwrite$"):  # fmt: skip
             infer.run(cfg)

@@ -76,13 +76,22 @@ def test_bad_rows_are_quarantined_with_reasons_and_counts_balance(tmp_path, tiny
 def test_star_ratings_as_labels_are_an_error_not_ones_read_as_positive(tmp_path, tiny_model_dir, ray_local):
     """A user's reviews with 1-5 stars as the label column: the 1-star reviews were read as
     positive, the rest quarantined, and prepare reported success ('wrote train 36, validation 4')."""
+    (tmp_path / "a").mkdir()
     lines = ["id,text,stars"] + [f"{i},great awful film,{1 + i % 5}" for i in range(50)]
-    (tmp_path / "stars.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "a" / "stars.csv").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    cfg = PrepareConfig(input=str(tmp_path / "stars.csv"), output=str(out), model=tiny_model_dir,
+    cfg = PrepareConfig(input=str(tmp_path / "a"), output=str(out), model=tiny_model_dir,
                         label_column="stars", max_length=16)  # fmt: skip
+    # Seen in the first rows: said before any work (it was after all of it)
+    with pytest.raises(InputError, match=r"label column 'stars' holds numbers above 1 .*'2' x10.*rating scale.*"
+                                         r"\(0 and 10\) would count as negative and positive and the others would be "
+                                         r"quarantined.*the middle left out\)$"):  # fmt: skip
+        prepare.run(cfg)
+    assert not out.exists()
+    # Seen only further on (a first file of 0s and 1s): after the run, before the manifest
+    (tmp_path / "a" / "0-first.csv").write_text("id,text,stars\nx,great film,1\ny,awful film,0\n")
     with pytest.raises(InputError, match=r"label column 'stars' holds numbers above 1 .*'2' x10.*"
-                                         r"rating scale.*\(0 and 10\) would count as negative and positive.*then prepare again"):  # fmt: skip
+                                         r"rating scale.*\(1 and 11\) would count as negative and positive.*then prepare again"):  # fmt: skip
         prepare.run(cfg)
     assert not (out / "manifest.json").exists()  # train refuses it
 
