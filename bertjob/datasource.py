@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -77,10 +78,10 @@ class CorpusDatasource(Datasource):
                     for table in corpus.read(unit, keys_only):
                         if positions:
                             n_in = table.num_rows
-                            mine = of_split(table, split)
-                            in_split += mine.num_rows
+                            mine = split_labels(table, split)
+                            in_split += len(mine)
                             if receipts:  # what finish checks for a rating scale
-                                tally_labels(mine.column("label"), labels)
+                                tally_labels(mine, labels)
                             table = with_positions(table, index, row, split, done.get(index))
                             row += n_in
                         if last is not None:
@@ -98,11 +99,12 @@ class CorpusDatasource(Datasource):
         return [make(g) for g in groups]
 
 
-def of_split(table: pa.Table, split: str) -> pa.Table:
-    """The rows of `split` (all rows when none is given)."""
+def split_labels(table: pa.Table, split: str) -> pa.ChunkedArray:
+    """The labels of the rows of `split` (of all rows when none is given)."""
+    labels = table.column("label")
     if not split:
-        return table
-    return table.filter(pa.array(table.column("split").to_numpy(zero_copy_only=False) == split))
+        return labels
+    return labels.filter(pa.array(table.column("split").to_numpy(zero_copy_only=False) == split))
 
 
 def rows_read(receipts: str, units: int) -> tuple[int, dict[str, Any]]:
@@ -112,17 +114,14 @@ def rows_read(receipts: str, units: int) -> tuple[int, dict[str, Any]]:
     if missing:
         raise RuntimeError(f"{len(missing)} of {units} input units were never read to the end (first: unit "
                            f"{missing[0]}); rerun to complete")  # fmt: skip
-    rows, labels = 0, {"unrecognised": {}}
+    rows, labels, unrecognised = 0, Counter(), Counter()
     for i in range(units):
         receipt = read_json(join(receipts, f"unit-{i}.json"))
         rows += receipt["rows"]
-        for key, value in (receipt.get("labels") or {}).items():  # none in an earlier bertjob's receipt
-            if key == "unrecognised":
-                for v, n in value.items():
-                    labels["unrecognised"][v] = labels["unrecognised"].get(v, 0) + n
-            else:
-                labels[key] = labels.get(key, 0) + value
-    return rows, labels
+        tally = dict(receipt.get("labels") or {})  # none in an earlier bertjob's receipt
+        unrecognised.update(tally.pop("unrecognised", {}))
+        labels.update(tally)
+    return rows, {**labels, "unrecognised": dict(unrecognised)}
 
 
 def with_positions(table: pa.Table, unit: int, first_row: int, split: str, done: Any) -> pa.Table:
