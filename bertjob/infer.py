@@ -40,12 +40,15 @@ from bertjob.config import InferConfig, SetupError, to_dict
 from bertjob.identity import bertjob_version, corpus_fingerprint, digest, identity, model_fingerprint
 from bertjob.metrics import classification_metrics
 from bertjob.outputs import (
+    LEASE,
     MANIFEST,
+    MARKER,
     OutputError,
     a_or_an,
     check_replaceable,
     claim_output,
     ensure_output,
+    releasing,
     versions,
 )
 from bertjob.sources import InputError, open_corpus
@@ -638,6 +641,7 @@ def input_files(corpus: Any) -> list[str] | None:
     return [corpus.relpath(u) for u in corpus.units]
 
 
+@releasing
 def run(cfg: InferConfig, evaluate: bool = False, replace_changed: bool = False) -> dict[str, Any]:
     import ray
 
@@ -737,7 +741,12 @@ def _resume_state(
             log.info("%s: resuming: %d rows already committed in %s", stage, already, cfg.output)
             return done, already, False
         fs, root = filesystem(cfg.output)
-        if earlier is not None or len(fs.get_file_info(pafs.FileSelector(root))) > 1:  # more than the marker
+        entries = [
+            i
+            for i in fs.get_file_info(pafs.FileSelector(root))
+            if os.path.basename(i.path) not in (MARKER, LEASE)
+        ]
+        if earlier is not None or entries:
             what = f" ({changes(earlier, run_info)})" if earlier is not None else ""
             if not replace_changed:
                 raise OutputError(f"output {cfg.output} holds {a_or_an(stage)} run with other {'' if earlier else '(or unknown) '}"

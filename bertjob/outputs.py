@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
+import socket
+import sys
+import threading
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pyarrow.fs as pafs
 
 from bertjob.config import SetupError
-from bertjob.storage import filesystem, job_copy_holding, join, read_json, uri
+from bertjob.storage import filesystem, job_copy_holding, join, read_json, uri, write_json
 
 MARKER = "_bertjob_output"  # written first, naming the stage: only that stage may replace the directory
 MANIFEST = "manifest.json"  # written last: its presence means the output is complete
+LEASE = "_bertjob_running"  # while a run writes the directory: which process, and when it was last alive
+LEASE_RENEW_S = 30
+LEASE_STALE_S = 3 * LEASE_RENEW_S  # a lease not renewed for this long is a gone run's
 
 
 class OutputError(SetupError):
@@ -56,6 +65,8 @@ def _existing(path: str, stage: str, own: tuple[str, ...] = ()) -> tuple[pafs.Fi
             f"output {path} holds {a_or_an(owner)} output, which `bertjob {stage}` never replaces; "
             f"choose another directory"
         )
+    if LEASE in names:
+        refuse_if_held(path)
     return fs, where, names
 
 
@@ -124,6 +135,7 @@ def claim_output(path: str, stage: str) -> None:
         local = isinstance(fs, pafs.LocalFileSystem)
         fs.delete_dir_contents(os.path.realpath(where) if local else where, missing_dir_ok=True)
     _mark(fs, where, stage)
+    hold(path)
 
 
 def ensure_output(path: str, stage: str, own: tuple[str, ...] = ()) -> None:
@@ -131,6 +143,124 @@ def ensure_output(path: str, stage: str, own: tuple[str, ...] = ()) -> None:
     fs, where, names = _existing(path, stage, own)
     if MARKER not in names:
         _mark(fs, where, stage)
+    hold(path)
+
+
+# Leases: a directory a run writes carries LEASE, renewed every LEASE_RENEW_S by the run's process and
+# removed when its run ends, so that a second run started on it meanwhile (the same job submitted
+# twice, a retried submitter) is refused instead of replacing or mixing into what the first writes.
+# A killed run's lease is taken over at once on the same host (its process is gone), from another
+# host once it is stale. Two runs started within the same instant may both take it.
+_held: dict[str, dict[str, Any]] = {}  # path -> its lease, for this process's runs
+_held_lock = threading.Lock()  # also held while a lease is renewed: none is written once released
+_renewer: threading.Thread | None = None
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _me() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "process_start": _process_start(os.getpid())}
+
+
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (Linux: clock ticks since boot), to tell it from a later process
+    given the same pid; "zombie" for one that has exited; None where unknown (no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return "zombie" if fields[0] == "Z" else fields[19]
+
+
+def _running(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    now = _process_start(pid)
+    return now != "zombie" and (now is None or start is None or now == start)
+
+
+def refuse_if_held(path: str) -> None:
+    """An error if another run, alive, holds `path`'s lease."""
+    try:
+        lease = read_json(join(path, LEASE))
+        host, pid, seen = str(lease["host"]), int(lease["pid"]), float(lease["seen"])
+    except (OSError, ValueError, KeyError, TypeError):  # none, or torn: no run to protect
+        return
+    me = _me()
+    age = time.time() - seen
+    if (host, pid) == (me["host"], me["pid"]) or age > LEASE_STALE_S:
+        return
+    if host == me["host"] and not _running(pid, lease.get("process_start")):
+        return
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(lease.get("since", seen))))
+    gone = (
+        ""
+        if host == me["host"]
+        else f"; if it was killed, it is taken over {LEASE_STALE_S - age:.0f} s from now"
+    )
+    raise OutputError(
+        f"output {path} is being written by another run now: `{lease.get('command', '?')}` (pid {pid} on "
+        f"{host}, since {since}, alive {age:.0f} s ago); wait for it to end or stop it{gone}"
+    )
+
+
+def hold(path: str) -> None:
+    """Take `path`'s lease for this process (after `refuse_if_held`) until `releasing` ends the run."""
+    refuse_if_held(path)
+    prog = os.path.basename(sys.argv[0]) if sys.argv else "?"
+    argv = ["bertjob" if prog == "__main__.py" else prog, *sys.argv[1:]]  # `python -m bertjob`: bertjob
+    now = time.time()
+    lease = {**_me(), "command": " ".join(argv)[:300], "since": now, "seen": now}
+    write_json(join(path, LEASE), lease)  # whole or not at all: a torn lease would protect nothing
+    global _renewer
+    with _held_lock:
+        _held[path] = lease
+        if _renewer is None:
+            _renewer = threading.Thread(target=_renew, name="bertjob-lease", daemon=True)
+            _renewer.start()
+
+
+def _renew() -> None:
+    while True:
+        time.sleep(LEASE_RENEW_S)
+        with _held_lock:
+            paths = list(_held)
+        for path in paths:
+            with _held_lock:
+                if path not in _held:  # released meanwhile
+                    continue
+                try:
+                    write_json(join(path, LEASE), {**_held[path], "seen": time.time()})
+                except OSError:  # the store is away for now: the run itself says so if it stays away
+                    pass
+
+
+def releasing(run: F) -> F:
+    """Decorate a stage's run: the leases it took are removed when it ends, however it ends."""
+
+    @functools.wraps(run)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _held_lock:
+            before = set(_held)
+        try:
+            return run(*args, **kwargs)
+        finally:
+            with _held_lock:
+                mine = [p for p in _held if p not in before]
+                for p in mine:
+                    del _held[p]
+            for p in mine:
+                try:
+                    fs, where = filesystem(join(p, LEASE))
+                    fs.delete_file(where)
+                except OSError:  # gone already (a replaced directory), or the store is away: it goes stale
+                    pass
+
+    return wrapper  # type: ignore[return-value]
 
 
 def versions() -> dict[str, str]:

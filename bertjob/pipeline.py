@@ -16,7 +16,7 @@ from bertjob import infer, models, prepare, pretrain, train
 from bertjob.cluster import init_ray
 from bertjob.config import InferConfig, PipelineConfig, PrepareConfig, to_dict
 from bertjob.identity import identity, model_fingerprint
-from bertjob.outputs import MANIFEST, ensure_output
+from bertjob.outputs import MANIFEST, ensure_output, releasing
 from bertjob.sources import Corpus, InputError
 from bertjob.storage import check_access, exists, for_workers, join, read_json, write_json
 
@@ -161,6 +161,7 @@ def scoring_stages(cfg: PipelineConfig, splits: Collection[str]) -> dict[str, In
     return stages
 
 
+@releasing
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     started = time.time()
     check_access({"input": cfg.input, "output_dir": cfg.output_dir, "storage_path": cfg.storage_path,

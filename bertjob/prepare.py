@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from bertjob import models
 from bertjob.config import PrepareConfig, to_dict
 from bertjob.identity import corpus_fingerprint, identity
-from bertjob.outputs import MANIFEST, check_replaceable, claim_output, versions
+from bertjob.outputs import MANIFEST, check_replaceable, claim_output, releasing, versions
 from bertjob.sources import Corpus, InputError, open_corpus
 from bertjob.storage import check_access, filesystem, for_workers, join, uri, write_json
 from bertjob.text import (
@@ -496,6 +496,7 @@ def input_problems(cfg: PrepareConfig, corpus: Corpus) -> list[str]:
     return problems
 
 
+@releasing
 def run(cfg: PrepareConfig) -> dict[str, Any]:
     """Run the prepare job; returns the manifest."""
     import ray

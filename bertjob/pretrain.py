@@ -35,7 +35,7 @@ import torch
 from bertjob import models, runlog
 from bertjob.config import PretrainConfig, SetupError, to_dict
 from bertjob.masking import IGNORE_INDEX, MaskedLMLoss, Masker, MaskingRule, pack_sequences, sparse_targets
-from bertjob.outputs import ensure_output, versions
+from bertjob.outputs import ensure_output, hold, releasing, versions
 from bertjob.storage import exists, filesystem, for_workers, join, read_json, remove, write_json
 from bertjob.training import (
     NonFiniteLossError,
@@ -103,6 +103,7 @@ def positions_problems(cfg: PretrainConfig, model_config: dict[str, Any]) -> lis
     return []
 
 
+@releasing
 def run(cfg: PretrainConfig) -> dict[str, Any]:
     from ray.train import CheckpointConfig
 
@@ -140,6 +141,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     identity = train.run_identity(cfg, manifest, max_length=cfg.max_length, splits=splits,
                                   mlm_probability=cfg.mlm_probability, whole_word_masking=cfg.whole_word_masking)  # fmt: skip
     train.check_run_compatible(cfg, identity, run_dir)
+    hold(run_dir)  # another output may name the same checkpoints (--storage-path, --name)
     packed = pack(cfg, manifest, splits, join(run_dir, PACKED_DIR))
     n_seq, n_tokens = packed["sequences"], packed["tokens"]
     steps_per_epoch = math.ceil(n_seq / cfg.batch_size)

@@ -33,7 +33,7 @@ from bertjob import checkpoint, models, runlog
 from bertjob.checkpoint import TrainState
 from bertjob.config import JobError, SetupError, TrainConfig, to_dict
 from bertjob.metrics import classification_metrics
-from bertjob.outputs import MANIFEST, ensure_output, stage_of, versions
+from bertjob.outputs import MANIFEST, ensure_output, hold, releasing, stage_of, versions
 from bertjob.pretrain import pretrain_record
 from bertjob.storage import (
     check_access,
@@ -353,6 +353,7 @@ def plan_run(cfg: TrainConfig, model_config: dict[str, Any], max_length: int) ->
     return plan
 
 
+@releasing
 def run(cfg: TrainConfig) -> dict[str, Any]:
     from ray.train import CheckpointConfig
 
@@ -404,6 +405,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         cfg, manifest, length_grouping=cfg.length_grouping, **{k: getattr(cfg, k) for k in OPTIMISATION}
     )
     check_run_compatible(cfg, identity, run_dir, may_change=OPTIMISATION if extends else ())
+    hold(run_dir)  # another output may name the same checkpoints (--storage-path, --name)
     # Only now: a rerun the checks above refuse (a shorter or changed run under its name) was
     # refused after a local Ray had started, ~15 s.
     init_ray()

@@ -3,10 +3,14 @@
 import dataclasses
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
-from bertjob import infer
+from bertjob import infer, outputs
 from bertjob.config import InferConfig
 from bertjob.outputs import OutputError, check_replaceable, claim_output, ensure_output
 
@@ -39,7 +43,7 @@ def test_an_output_named_through_a_symlink_is_replaced_as_its_directory(tmp_path
     (tmp_path / "scored" / "predictions").mkdir()
     (tmp_path / "scored" / "predictions" / "part-old.parquet").write_bytes(b"an earlier run's")
     claim_output(str(tmp_path / "link"), "infer")
-    assert sorted(p.name for p in (tmp_path / "scored").iterdir()) == ["_bertjob_output"]
+    assert sorted(p.name for p in (tmp_path / "scored").iterdir()) == [outputs.MARKER, outputs.LEASE]
     assert (tmp_path / "link").is_symlink()
 
 
@@ -149,3 +153,77 @@ def test_a_rerun_on_an_output_of_other_inputs_or_settings_names_what_changed(tmp
     (corpus / "b.csv").unlink()
     (corpus / "a.csv").write_text("text\nA wonderful film.\nA dull movie\n")  # same size, edited
     assert f"(the content of input {corpus})" in refused(cfg)
+
+
+def _lease(path, **fields) -> None:
+    now = time.time()
+    lease = {"host": socket.gethostname(), "pid": os.getpid(), "process_start": None,
+             "command": "bertjob infer --input reviews", "since": now, "seen": now, **fields}  # fmt: skip
+    (path / outputs.LEASE).write_text(json.dumps(lease))
+
+
+def test_an_output_another_live_run_writes_is_refused_and_a_gone_runs_is_taken_over(tmp_path):
+    """A second run on an output that a running one writes (the same job submitted twice) replaced
+    or mixed into it: now it is refused, naming that run. A killed run's lease is no obstacle: on
+    this host at once (its process is gone), from another host once it has not been renewed for
+    LEASE_STALE_S. A run's leases go when it ends, however it ends."""
+    out = tmp_path / "scored"
+    claim_output(str(out), "infer")
+    _lease(out, host="other-node", pid=1)  # another host's run, alive a moment ago
+    for attempt in (lambda: claim_output(str(out), "infer"), lambda: ensure_output(str(out), "infer")):
+        with pytest.raises(OutputError, match=r"being written by another run now: `bertjob infer --input "
+                           r"reviews` \(pid 1 on other-node, .*wait for it to end or stop it; if it was "
+                           r"killed, it is taken over (89|90) s from now"):  # fmt: skip
+            attempt()
+    assert (out / outputs.MARKER).exists()  # nothing replaced
+    _lease(out, host="other-node", pid=1, seen=time.time() - outputs.LEASE_STALE_S - 1)  # not renewed
+    ensure_output(str(out), "infer")
+    assert json.loads((out / outputs.LEASE).read_text())["pid"] == os.getpid()  # this run's now
+
+    # On this host: a live process's lease holds until it ends; a later process given the same pid does not.
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        _lease(out, pid=live.pid, process_start=outputs._process_start(live.pid))
+        with pytest.raises(OutputError, match=rf"\(pid {live.pid} on {socket.gethostname()}, .*stop it$"):
+            check_replaceable(str(out), "infer")
+        _lease(out, pid=live.pid, process_start="1")  # the pid's process started at another time
+        check_replaceable(str(out), "infer")
+        _lease(out, pid=live.pid, process_start=outputs._process_start(live.pid))
+    finally:
+        live.communicate(b"")  # it ends
+    check_replaceable(str(out), "infer")
+
+    @outputs.releasing
+    def failing_run(path):
+        claim_output(str(path), "prepare")
+        assert json.loads((path / outputs.LEASE).read_text())["pid"] == os.getpid()
+        raise RuntimeError("the run fails")
+
+    with pytest.raises(RuntimeError):
+        failing_run(tmp_path / "prepared")
+    assert not (tmp_path / "prepared" / outputs.LEASE).exists()
+
+
+def test_a_running_run_renews_its_lease(tmp_path):
+    """Its process renews the lease while the run goes on (every LEASE_RENEW_S, 0.2 s here), so that
+    a run on another host is not taken for gone after LEASE_STALE_S."""
+    script = """if True:
+        import json, sys, time
+        from bertjob import outputs
+        outputs.LEASE_RENEW_S = 0.2
+        path = sys.argv[1]
+        @outputs.releasing
+        def run():
+            outputs.ensure_output(path, "infer")
+            lease = path + "/" + outputs.LEASE
+            first = json.load(open(lease))["seen"]
+            deadline = time.time() + 60
+            while json.load(open(lease))["seen"] == first:
+                assert time.time() < deadline, "not renewed"
+                time.sleep(0.05)
+        run()
+        """
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "scored")], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "scored").iterdir()) == [outputs.MARKER]  # released at its end

@@ -13,7 +13,7 @@ import pytest
 
 from bertjob import prepare
 from bertjob.config import ConfigError, PrepareConfig, build
-from bertjob.outputs import OutputError
+from bertjob.outputs import LEASE, MARKER, OutputError
 from bertjob.sources import InputError, open_corpus
 from tests.conftest import kill_session, make_imdb_dir
 
@@ -134,9 +134,11 @@ def test_shards_keep_the_corpus_order_whichever_tokenize_actor_finishes_first(
         assert ids[0] < "r01024" < ids[-1]
 
 
-def test_a_killed_run_never_leaves_a_directory_that_looks_complete(
+def test_a_second_run_meanwhile_is_refused_and_a_killed_run_never_leaves_a_directory_that_looks_complete(
     tmp_path, imdb_small, tiny_model_dir, ray_local
 ):
+    """A prepare started on the output of one that is running (the same job submitted twice) emptied
+    the directory the first was writing, and each wrote its shards into it: now it is refused."""
     out = tmp_path / "out"
     cfg = PrepareConfig(
         input=str(imdb_small), output=str(out), model=tiny_model_dir, max_length=32, head_tokens=8
@@ -157,6 +159,12 @@ def test_a_killed_run_never_leaves_a_directory_that_looks_complete(
         while time.time() < deadline and (out / "manifest.json").exists():
             time.sleep(0.2)  # the new run removes the old manifest first
         assert not (out / "manifest.json").exists(), "the rerun did not start in time"
+        while time.time() < deadline and not (out / LEASE).exists():
+            time.sleep(0.05)
+        with pytest.raises(OutputError, match=rf"being written by another run now: `bertjob prepare --input "
+                           rf"{tmp_path / 'big.jsonl'} .*\(pid {proc.pid} on "):  # fmt: skip
+            prepare.run(cfg)
+        assert proc.poll() is None and (out / MARKER).exists()  # the running one is left as it was
         time.sleep(1.0)
     finally:
         kill_session(proc.pid)
