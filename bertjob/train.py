@@ -505,11 +505,13 @@ def fit(cfg: Any, loop: Any, loop_config: dict[str, Any], plan: WorkerPlan, stor
     )
     try:
         result = trainer.fit()
-    except ray.train.TrainingFailedError as err:
+    except (ray.train.TrainingFailedError, ray.exceptions.OutOfMemoryError) as err:
         if runlog.is_placement_timeout(err):
             raise PlacementTimeoutError(
                 cfg, {"CPU": plan.cpus, **({"GPU": 1} if cfg.use_gpu else {})}
             ) from err
+        if why := _killed(err):
+            raise WorkerKilledError(what, plan, why) from err
         # Its checkpoints are kept (a worker's error, a storage endpoint gone, ...): no traceback of
         # the driver's, Ray printed the failed process' own above.
         raise JobError(
@@ -553,6 +555,46 @@ class PlacementTimeoutError(JobError):
             + ", ".join(f"{k} {v}" for k, v in have.items())
             + ". Add nodes, lower --num-workers, or give a range (--num-workers 1-N) to train on what is there; "
             "a rerun with the same --name resumes from the latest checkpoint"
+        )
+
+
+def _killed(err: BaseException) -> str | None:
+    """What killed a process of a failed fit, where it was killed: Ray's memory monitor (its
+    OutOfMemoryError: a worker's failure, or fit's own when the controller was the one), or a
+    signal from outside Ray (a worker's ActorDiedError: the kernel's OOM killer, most often)."""
+    import re
+
+    import ray
+
+    # A worker's failure is Ray Train's WorkerHealthCheckFailedError, what Ray raised inside it.
+    failures = {
+        r: getattr(c, "health_check_failure", c) for r, c in getattr(err, "worker_failures", {}).items()
+    }
+    causes = [err, *failures.values(), getattr(err, "controller_failure", None)]
+    if oom := next((c for c in causes if isinstance(c, ray.exceptions.OutOfMemoryError)), None):
+        node = re.search(r"was ([\d.]+GB used / [\d.]+GB limit)", str(oom))
+        return "Ray's memory monitor killed a process of the run: its node ran low on memory" + (
+            f" ({node.group(1)}; Ray kills above RAY_memory_usage_threshold, 0.95 of it)" if node else ""
+        )
+    died = sorted(r for r, c in failures.items() if isinstance(c, ray.exceptions.ActorDiedError))
+    if died:
+        return (f"the process of worker rank {died[0]} died without an error of its own: killed from outside Ray, "
+                "most often by the kernel's OOM killer (`dmesg` on its node says so), or its node was lost")  # fmt: skip
+    return None
+
+
+class WorkerKilledError(JobError):
+    """A process of the run was killed, most likely for memory. Ray printed its report above; the
+    job's last word ended "training failed: [Rank 0 Error Snippet]:", or was a driver traceback of
+    Ray's OutOfMemoryError when its memory monitor killed the controller."""
+
+    def __init__(self, what: str, plan: WorkerPlan, why: str):
+        planned = f"~{plan.memory_estimate / 2**30:.1f} GiB each, " if plan.memory_estimate else ""
+        super().__init__(
+            f"{what} failed: {why}. Workers were planned at {planned}micro-batches of {plan.micro_batch_size}: "
+            "where memory ran out, give a smaller --micro-batch-size (the same global batch, in more accumulated "
+            "micro-batches), fewer workers per node (--num-workers), or data prepared with a smaller --max-length, "
+            "or free the node's memory\nbertjob: the same command again resumes from its last checkpoint"
         )
 
 

@@ -199,6 +199,42 @@ def test_ctrl_c_or_sigterm_end_training_with_the_resume_line_and_a_rerun_resumes
     assert signal.getsignal(signal.SIGINT) is handler
 
 
+def test_a_process_killed_for_memory_is_one_line_saying_what_to_lower(
+    prepared_small, tiny_model_dir, tmp_path
+):
+    """Ray's memory monitor kills a worker (or the controller) when its node passes the threshold;
+    the kernel's OOM killer SIGKILLs one. The job's last word was "training failed: [Rank 0 Error
+    Snippet]:" (a worker killed either way), or a driver traceback ending in
+    ray.exceptions.OutOfMemoryError (the controller killed). A threshold below what the node uses
+    already makes the monitor kill the run's processes as they start."""
+    args = [sys.executable, "-m", "bertjob", "train", "--data", str(prepared_small), "--model", tiny_model_dir,
+            "--num-workers", "1", "--max-failures", "0", "--mixed-precision", "off", "--batch-size", "16"]  # fmt: skip
+    monitor = {**os.environ, "RAY_memory_usage_threshold": "0.01", "RAY_memory_monitor_refresh_ms": "50"}
+    for killer, env in (("monitor", monitor), ("kernel", None)):
+        out = tmp_path / killer
+        proc = subprocess.Popen([*args, "--output", str(out), "--checkpoint-every-steps", "2"], env=env,
+                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            if killer == "kernel":  # as it would: SIGKILL, once the worker trains
+                _wait_for((out / "ray_results" / "bertjob-train" / "checkpoint_manager_snapshot.json").exists)
+                for p in psutil.process_iter():
+                    if _in_session(p, proc.pid) and "RayTrainWorker" in _cmd(p):
+                        p.kill()
+            _, err = proc.communicate(timeout=300)
+        finally:
+            kill_session(proc.pid)
+        last = err.strip().splitlines()[-2:]
+        assert proc.returncode == 1 and last[0].startswith("bertjob: error: training failed: "), err[-3000:]
+        said = {"monitor": "Ray's memory monitor killed a process of the run: its node ran low on memory",
+                "kernel": "the process of worker rank 0 died without an error of its own: killed from outside Ray, "
+                          "most often by the kernel's OOM killer"}[killer]  # fmt: skip
+        assert (
+            said in last[0]
+            and "micro-batches of 16: where memory ran out, give a smaller --micro-batch-size" in last[0]
+        )
+        assert last[1] == "bertjob: the same command again resumes from its last checkpoint"
+
+
 def _in_session(p: psutil.Process, sid: int) -> bool:
     try:
         return os.getsid(p.pid) == sid
