@@ -17,8 +17,8 @@ from bertjob.cluster import init_ray
 from bertjob.config import InferConfig, PipelineConfig, PrepareConfig, to_dict
 from bertjob.identity import identity, model_fingerprint
 from bertjob.outputs import MANIFEST, ensure_output, releasing
-from bertjob.sources import Corpus, InputError
-from bertjob.storage import check_access, exists, for_workers, join, read_json, write_json
+from bertjob.sources import Corpus, InputError, prepared_files
+from bertjob.storage import check_access, exists, filesystem, for_workers, join, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,16 @@ def _prepared_is_current(cfg: PrepareConfig, corpus: Corpus) -> dict[str, Any] |
         return None
     manifest = read_json(path)
     fingerprint = models.tokenizer_info(cfg.model, cfg.trust_remote_code)["fingerprint"]
-    return manifest if manifest.get("identity") == prepare.identity_of(cfg, corpus, fingerprint) else None
+    if manifest.get("identity") != prepare.identity_of(cfg, corpus, fingerprint):
+        return None
+    fs, where = filesystem(cfg.output)
+    try:  # a shard deleted or changed since: its rows were missing from every later stage
+        for split in manifest.get("splits", {}):
+            prepared_files(fs, where, split, manifest)
+    except InputError as err:
+        log.warning("pipeline: preparing again: %s", err)
+        return None
+    return manifest
 
 
 # What the pipeline writes under output_dir: a directory holding only these is adopted as its own.

@@ -411,6 +411,19 @@ def remove_unfinished(output: str, finished: Iterable[str]) -> list[str]:
     return gone
 
 
+def shard_list(output: str, finished: dict[str, int]) -> dict[str, list[dict[str, Any]]]:
+    """Each split's shards as its manifest lists them ({split: [{name, rows, bytes}]}), in the
+    corpus' order (the order the writes reported them): what every reader of the split reads, and
+    checks the directory against (`sources.prepared_files`)."""
+    fs, root = filesystem(output)
+    paths = list(finished)
+    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for path, info in zip(paths, fs.get_file_info(paths)):
+        split = os.path.basename(os.path.dirname(path))
+        out[split].append({"name": os.path.basename(path), "rows": finished[path], "bytes": info.size})
+    return dict(out)
+
+
 def splits_written(cfg: PrepareConfig, corpus: Corpus) -> set[str] | None:
     """The splits prepare writes of the corpus, when they are known before reading it: the
     corpus' own, and validation's and test's shares of train."""
@@ -586,7 +599,8 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     split_s = time.time() - t_split
     for path in remove_unfinished(cfg.output, set(finished) - set(staged)):
         log.warning("prepare: removed %s, written by a write attempt that failed", path)
-    splits = {name: summarize(s) for name, s in sorted(stats.items())}
+    shards = shard_list(cfg.output, {p: n for p, n in finished.items() if p not in staged})
+    splits = {name: {**summarize(s), "files": shards.get(name, [])} for name, s in sorted(stats.items())}
 
     def total(key: str) -> Counter:  # a count of every split together
         return sum((Counter(s[key]) for s in splits.values()), Counter())

@@ -36,6 +36,7 @@ from bertjob import models, runlog
 from bertjob.config import PretrainConfig, SetupError, to_dict
 from bertjob.masking import IGNORE_INDEX, MaskedLMLoss, Masker, MaskingRule, pack_sequences, sparse_targets
 from bertjob.outputs import ensure_output, hold, releasing, versions
+from bertjob.sources import InputError, prepared_files
 from bertjob.storage import exists, filesystem, for_workers, join, read_json, remove, write_json
 from bertjob.training import (
     NonFiniteLossError,
@@ -91,6 +92,12 @@ def check_setup(cfg: PretrainConfig, manifest: dict[str, Any], tokenizer: Any) -
         problems.append(
             f"splits {cfg.splits!r} of {cfg.data} have no rows (the prepared splits: {sorted(splits)})"
         )
+    fs, where = filesystem(cfg.data)
+    for split in [s for s in cfg.split_names if s in splits]:
+        try:
+            prepared_files(fs, where, split, manifest)
+        except InputError as err:
+            problems.append(str(err))
     return problems
 
 
@@ -194,7 +201,6 @@ def pack(cfg: PretrainConfig, manifest: dict[str, Any], splits: list[str], where
     the data order (a function of seed and epoch over their positions) is the run's own. One shard
     per prepared shard, read and written in file order by the driver (no Ray Data: deterministic)."""
     import pyarrow as pa
-    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
     done = join(where, PACKED_FILE)
@@ -210,12 +216,9 @@ def pack(cfg: PretrainConfig, manifest: dict[str, Any], splits: list[str], where
     out_fs, out = filesystem(where)
     out_fs.create_dir(out, recursive=True)
     sequences = tokens = 0
+    in_fs, data = filesystem(cfg.data)
     for split in splits:
-        in_fs, split_dir = filesystem(join(cfg.data, split))
-        files = sorted(
-            i.path for i in in_fs.get_file_info(pafs.FileSelector(split_dir)) if i.path.endswith(".parquet")
-        )
-        for i, f in enumerate(files):
+        for i, f in enumerate(prepared_files(in_fs, data, split, manifest)):
             reader = pq.ParquetFile(f, filesystem=in_fs)
             chunks = [
                 pack_sequences(

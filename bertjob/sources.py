@@ -732,14 +732,55 @@ def _open_prepared(fs: pafs.FileSystem, where: str, split: str) -> Corpus:
         raise InputError(
             f"input {uri(fs, where)}: no split {missing[0]!r}; the splits are {sorted(manifest['splits'])}"
         )
-    units = []
-    for s in splits:
-        listing = fs.get_file_info(pafs.FileSelector(f"{where}/{s}", allow_not_found=True))
-        units += sorted(f.path for f in listing if f.path.endswith(".parquet"))
+    units = [path for s in splits for path in prepared_files(fs, where, s, manifest)]
     labelled = any(manifest["splits"][s].get("label_counts") for s in splits)
     corpus = Corpus("prepared", where, units, fs, split=split, labelled=labelled)
     corpus.manifest = manifest  # type: ignore[attr-defined]
     return corpus
+
+
+def prepared_files(fs: pafs.FileSystem, where: str, split: str, manifest: dict[str, Any]) -> list[str]:
+    """The shards of a prepared split, in the corpus' order, checked against its manifest: a shard
+    deleted, renamed, cut short or replaced by another, or a .parquet file added beside them (a
+    `part-00001 (copy).parquet`), is an error. Each was read as it was, and the rows came out
+    fewer, or twice, than the manifest counts, without a word."""
+    entry = manifest["splits"][split]
+    found = {
+        os.path.basename(f.path): f
+        for f in fs.get_file_info(pafs.FileSelector(f"{where}/{split}", allow_not_found=True))
+        if f.path.endswith(".parquet")
+    }
+    recorded = entry.get("files")
+    problems = []
+    if recorded is None:  # a manifest older than its list of shards: their rows must add up to its count
+        rows = 0
+        for name in sorted(found):
+            try:
+                rows += pq.ParquetFile(found[name].path, filesystem=fs).metadata.num_rows
+            except (OSError, pa.ArrowInvalid) as err:
+                problems.append(f"{split}/{name} cannot be read ({err})")
+        if not problems and rows != entry.get("rows_written", 0):
+            problems.append(f"{split}/ holds {rows} rows, not the {entry.get('rows_written', 0)} it records")
+        recorded = [{"name": name} for name in sorted(found)]
+    elif sum(shard["rows"] for shard in recorded) != entry.get("rows_written"):  # an edited manifest
+        problems.append(f"its {split} shards hold {sum(shard['rows'] for shard in recorded)} rows, "
+                        f"not the {entry.get('rows_written')} it counts")  # fmt: skip
+    for shard in recorded:
+        info = found.pop(shard["name"], None)
+        if info is None:
+            problems.append(f"{split}/{shard['name']} is missing")
+        elif "bytes" in shard and info.size != shard["bytes"]:
+            problems.append(
+                f"{split}/{shard['name']} has changed ({info.size} bytes; prepare wrote {shard['bytes']})"
+            )
+    problems += [f"{split}/{name} was not written by prepare" for name in sorted(found)]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise InputError(
+            f"prepared data {uri(fs, where)}: {problems[0]}{more}, so it no longer holds what its manifest.json "
+            f"describes; put the files back as prepare wrote them, or prepare it again"
+        )
+    return [f"{where}/{split}/{shard['name']}" for shard in recorded]
 
 
 def _open_hf(name: str, **opts: str) -> Corpus:

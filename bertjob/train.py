@@ -35,6 +35,7 @@ from bertjob.config import JobError, SetupError, TrainConfig, to_dict
 from bertjob.metrics import classification_metrics
 from bertjob.outputs import MANIFEST, ensure_output, hold, releasing, stage_of, versions
 from bertjob.pretrain import pretrain_record
+from bertjob.sources import InputError, prepared_files
 from bertjob.storage import (
     check_access,
     copy,
@@ -145,7 +146,21 @@ def check_setup(cfg: TrainConfig, manifest: dict[str, Any]) -> list[str]:
                 f"split {name!r} of {cfg.data}: its label counts {counts} sum to {sum(counts.values())}, "
                 f"not to its {written} rows; the manifest does not describe the data (prepare again)"
             )
+    try:
+        split_shards(cfg.data, manifest)
+    except InputError as err:
+        problems.append(str(err))
     return problems + tracking_problems(cfg)
+
+
+def split_shards(data: str, manifest: dict[str, Any]) -> dict[str, list[str]]:
+    """The shards of the splits train reads, by name, as the manifest lists them (checked against it)."""
+    fs, where = filesystem(data)
+    return {
+        s: [os.path.basename(p) for p in prepared_files(fs, where, s, manifest)]
+        for s in ("train", "validation", "test")
+        if s in manifest.get("splits", {})
+    }
 
 
 # What each --tracking imports on rank 0 (`_Tracker`): TensorBoard's writer is torch's, which needs the
@@ -439,6 +454,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         "window_rows": window,
         "pad_token_id": manifest["tokenizer"]["pad_token_id"] or 0,
         "splits": [s for s in ("validation", "test") if manifest["splits"].get(s, {}).get("label_counts")],
+        "shards": split_shards(cfg.data, manifest),
         "run_dir": join(storage, cfg.name),
         "tracking_dir": "" if is_remote(cfg.output) else os.path.abspath(join(cfg.output, "tensorboard")),
     }
@@ -843,7 +859,8 @@ class Recipe:
         if resume_from:
             self.load_checkpoint(resume_from)
         window = self.meta["window_rows"]
-        self.train_rows = SplitRows(join(cfg.data, "train"), cache_rows=2 * window if window else None)
+        self.train_rows = SplitRows(join(cfg.data, "train"), cache_rows=2 * window if window else None,
+                                    names=self.meta["shards"]["train"])  # fmt: skip
         self.windows = self.train_rows.windows(window) if window else None
         self.tracker = (
             _Tracker(cfg.tracking, self.meta["tracking_dir"], to_dict(cfg)) if self.rank == 0 else None
@@ -1020,7 +1037,7 @@ class Recipe:
     def evaluate(self, split: str) -> dict[str, Any]:
         """Metrics on a split: each worker scores its own contiguous share, the results are gathered."""
         self.check_finite()
-        rows = SplitRows(join(self.cfg.data, split), cache_rows=WINDOW_ROWS)
+        rows = SplitRows(join(self.cfg.data, split), cache_rows=WINDOW_ROWS, names=self.meta["shards"][split])
         n = min(len(rows), self.cfg.max_eval_rows or len(rows))
         # A cap takes rows spread evenly over the split: its first rows were taken, which in a corpus
         # kept in its order (IMDb's neg/ then pos/) are one class, and accuracy, F1 and AUC meant nothing.

@@ -346,18 +346,27 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 class SplitRows:
     """A prepared split's rows by index, read straight from its Parquet shards (no Ray Data):
     length and label of every row up front, token ids a shard at a time, keeping at most
-    `cache_rows` rows' worth of shards in memory (None: all). Unlabelled rows (pretrain's packed
-    sequences) have no label column."""
+    `cache_rows` rows' worth of shards in memory (None: all). `names`: the shards in `split_dir`,
+    in order (a prepared split's, as the driver checked them against its manifest); None: every
+    .parquet file there, by name. Unlabelled rows (pretrain's packed sequences) have no label column."""
 
-    def __init__(self, split_dir: str, cache_rows: int | None = None, labelled: bool = True):
+    def __init__(
+        self,
+        split_dir: str,
+        cache_rows: int | None = None,
+        labelled: bool = True,
+        names: list[str] | None = None,
+    ):
         import pyarrow.fs as pafs
         import pyarrow.parquet as pq
 
         from bertjob.storage import filesystem
 
         self._fs, where = filesystem(split_dir)
-        infos = self._fs.get_file_info(pafs.FileSelector(where))
-        self.files = sorted(i.path for i in infos if i.path.endswith(".parquet"))
+        if names is None:
+            infos = self._fs.get_file_info(pafs.FileSelector(where))
+            names = sorted(os.path.basename(i.path) for i in infos if i.path.endswith(".parquet"))
+        self.files = [f"{where}/{name}" for name in names]
         columns = ["length", "label"] if labelled else ["length"]
         tables = [pq.read_table(f, columns=columns, filesystem=self._fs) for f in self.files]
         self.offsets = np.cumsum([0] + [t.num_rows for t in tables])

@@ -57,3 +57,15 @@ def test_pipeline_redoes_prepare_when_the_corpus_is_replaced_at_the_same_path(tm
     assert pipeline._prepared_is_current(p_cfg, open_corpus(str(path))) == manifest
     _write(path, ["great film!", "awful film!"])  # same path, other reviews
     assert pipeline._prepared_is_current(p_cfg, open_corpus(str(path))) is None
+    # The same corpus, but a shard of the prepared output deleted since: it was reused, and every
+    # later stage read one row fewer than its manifest counts.
+    manifest["identity"] = prepare.identity_of(p_cfg, open_corpus(str(path)), fp)
+    shard = tmp_path / "out" / "prepared" / "train" / "part-0.parquet"
+    shard.parent.mkdir()
+    pq.write_table(pa.table({"label": [1]}), shard)
+    manifest["splits"] = {"train": {"rows_written": 1, "files": [{"name": shard.name, "rows": 1,
+                                                                 "bytes": shard.stat().st_size}]}}  # fmt: skip
+    (tmp_path / "out" / "prepared" / "manifest.json").write_text(json.dumps(manifest))
+    assert pipeline._prepared_is_current(p_cfg, open_corpus(str(path))) == manifest
+    shard.unlink()
+    assert pipeline._prepared_is_current(p_cfg, open_corpus(str(path))) is None

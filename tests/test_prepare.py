@@ -1,6 +1,7 @@
 """The prepare job end to end on a local Ray: splits, manifest, quarantine, reruns."""
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -125,11 +126,15 @@ def test_shards_keep_the_corpus_order_whichever_tokenize_actor_finishes_first(
             for i in range(2048)]  # fmt: skip
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = PrepareConfig(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out"), model=tiny_model_dir,
-                        id_column="id", batch_size=1024, max_length=512)  # fmt: skip
+                        id_column="id", batch_size=1024, max_length=512, rows_per_shard=512)  # fmt: skip
     m = prepare.run(cfg)
     assert m["splits"]["train"]["rows_written"] + m["splits"]["validation"]["rows_written"] == 2048
     for split in ("train", "validation"):
-        ids = pq.read_table(tmp_path / "out" / split, columns=["id"]).column("id").to_pylist()
+        # Each reader takes the shards in the order the manifest lists them; by name, the order of
+        # train's was random (each name starts with a random run id).
+        units = open_corpus(str(tmp_path / "out"), split=split).units
+        assert len(units) == 4
+        ids = [i for u in units for i in pq.read_table(u, columns=["id"]).column("id").to_pylist()]
         assert ids == sorted(ids), split  # each split is the corpus' rows in their order
         assert ids[0] < "r01024" < ids[-1]
 
@@ -194,6 +199,52 @@ def test_a_prepared_directory_is_refused_as_input_and_left_as_it_is(tmp_path, pr
         pipeline.run(build(PipelineConfig, {"input": str(prep), "output_dir": str(tmp_path / "p"),
                                             "model": tiny_model_dir, "max_length": 64}))  # fmt: skip
     assert not (tmp_path / "again").exists() and not (tmp_path / "p").exists()
+
+
+def test_a_prepared_directory_changed_since_is_refused_by_every_reader(
+    tmp_path, prepared_small, tiny_model_dir
+):
+    """A shard deleted, cut short, replaced by another split's or renamed, or a copy of one beside
+    them: evaluate, infer, train and pretrain read whatever .parquet files were there, fewer or
+    more rows than the manifest counts, and said nothing. Files no reader takes for a shard
+    (.DS_Store, a README) are left alone."""
+    from bertjob import pretrain, train
+    from bertjob.config import PretrainConfig, TrainConfig
+    from bertjob.models import load_tokenizer
+
+    m = json.loads((prepared_small / "manifest.json").read_text())
+    test, first = m["splits"]["test"]["files"][0]["name"], m["splits"]["train"]["files"][0]["name"]
+
+    def cut(d):
+        with open(d / "test" / test, "r+b") as f:
+            f.truncate(100)
+
+    cases = [
+        ("test", "is missing", lambda d: (d / "test" / test).unlink()),
+        ("test", r"has changed \(100 bytes; prepare wrote \d+\)", cut),
+        ("train", "has changed", lambda d: shutil.copy(d / "validation" / first, d / "train" / first)),
+        ("train", r"is missing \(and 1 more\)", lambda d: (d / "train" / first).rename(d / "train" / "part-x.parquet")),
+        ("test", r"part-00001 \(copy\).parquet was not written by prepare",
+         lambda d: shutil.copy(d / "test" / test, d / "test" / "part-00001 (copy).parquet")),
+    ]  # fmt: skip
+    for i, (split, problem, change) in enumerate(cases):
+        d = tmp_path / f"p{i}"
+        shutil.copytree(prepared_small, d)
+        change(d)
+        want = rf"prepared data .*p{i}: {split}/.*{problem}.*no longer holds what its manifest.json describes"
+        with pytest.raises(InputError, match=want):
+            open_corpus(str(d), split=split)
+        assert any(
+            re.search(want, p) for p in train.check_setup(TrainConfig(data=str(d), model=tiny_model_dir), m)
+        )
+        if split == "train":
+            cfg = PretrainConfig(data=str(d), model=tiny_model_dir)
+            assert any(
+                re.search(want, p) for p in pretrain.check_setup(cfg, m, load_tokenizer(tiny_model_dir))
+            )
+    for name in (".DS_Store", "README.txt"):
+        (tmp_path / "p0" / "train" / name).write_text("x")
+    assert len(open_corpus(str(tmp_path / "p0"), split="train").units) == len(m["splits"]["train"]["files"])
 
 
 def test_label_columns_and_splits_a_user_would_be_surprised_by_are_errors_before_ray(tmp_path):
