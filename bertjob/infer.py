@@ -159,6 +159,8 @@ def check_model(model: str, trust_remote_code: bool = False) -> list[str]:
                     f"its run exported (`bertjob train --output DIR` writes DIR/model)"]  # fmt: skip
         if not os.path.exists(os.path.join(where, "config.json")):
             return [f"model {model}: no config.json; give the train job's OUTPUT/model directory"]
+        if problem := models.weights_problem(model):
+            return [problem]
         if not models.has_classification_head(where):
             return [f"model {model}: has no sequence-classification head (architectures in config.json); "
                     f"fine-tune it first with `bertjob train`"]  # fmt: skip

@@ -272,6 +272,44 @@ def load_classifier(
         raise _hub_hint(name, err) from err
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "tf_model.h5", "flax_model.msgpack")
+
+
+def weights_problem(name: str) -> str | None:
+    """What is wrong with a local model directory's weights: none there (a file deleted, a copy
+    without them), a shard its index lists missing, a safetensors file cut short. Each failed every
+    predictor actor or training worker in turn, hundreds of lines of traceback from inside Ray."""
+    where = resolve_model(name)
+    if not os.path.isdir(where):
+        return None  # a hub id: transformers fetches what it needs
+    names = set(os.listdir(where))
+    files = sorted(names & set(WEIGHT_FILES))
+    for index in sorted(n for n in names if n.endswith(".index.json")):  # a sharded checkpoint
+        try:
+            wanted = set(json.loads(Path(where, index).read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError) as err:
+            return f"model {name}: its {index} cannot be read ({err})"
+        if missing := sorted(wanted - names):
+            return f"model {name}: no {missing[0]}, a shard of the weights its {index} lists"
+        files += sorted(wanted)
+    if not files:
+        return f"model {name}: no weights ({' or '.join(WEIGHT_FILES[:2])}); give the train job's OUTPUT/model directory"
+    for file in (f for f in files if f.endswith(".safetensors")):
+        path = Path(where, file)
+        size = path.stat().st_size
+        try:  # an 8-byte header length, the JSON header, then the tensors: the last one ends the file
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n)) if n <= size - 8 else None
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            return f"model {name}: {file} is not a readable safetensors file ({type(err).__name__}); copy it again"
+        if size != 8 + n + end:
+            return (f"model {name}: {file} holds {size} bytes, not the {8 + n + end} its header describes (cut "
+                    f"short in a copy?); copy it again")  # fmt: skip
+    return None
+
+
 def model_config(name: str, trust_remote_code: bool = False) -> dict[str, Any]:
     """The model's config.json as a dict (sizes: hidden, layers, heads, vocabulary), without torch."""
     where = resolve_model(name)

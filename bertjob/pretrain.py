@@ -82,6 +82,8 @@ def check_setup(cfg: PretrainConfig, manifest: dict[str, Any], tokenizer: Any) -
             f"the tokenizer of model {cfg.model!r} (fingerprint {fp}) does not match the one the data was "
             f"prepared with ({manifest['tokenizer']['name']!r}); prepare again with --model {cfg.model}"
         )
+    if problem := models.weights_problem(cfg.model):
+        problems.append(problem)
     if tokenizer.mask_token_id is None:
         problems.append(f"the tokenizer of {cfg.model!r} has no mask token; masked-LM needs one")
     if cfg.whole_word_masking and not any(t.startswith("##") for t in tokenizer.get_vocab()):

@@ -118,6 +118,8 @@ def check_setup(cfg: TrainConfig, manifest: dict[str, Any]) -> list[str]:
             )
     except models.ModelError as err:
         problems.append(str(err))
+    if problem := models.weights_problem(cfg.model):
+        problems.append(problem)
     splits = manifest.get("splits", {})
     if splits.get("train", {}).get("rows_written") and not splits["train"].get("label_counts"):
         return problems + [  # nothing else about the splits matters then

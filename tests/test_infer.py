@@ -76,6 +76,37 @@ def test_models_without_a_head_or_a_tokenizer_are_errors_before_any_work(
         infer.run(InferConfig(input="imdb-sample", model=tiny_model_dir, output=str(tmp_path / "o")))
 
 
+def test_a_model_directory_without_its_weights_whole_is_an_error_before_any_work(
+    tiny_classifier_dir, tmp_path
+):
+    """Weights deleted, cut short in a copy, or a shard of a sharded checkpoint missing: every
+    predictor actor (training worker) failed loading them, ~280 lines of traceback from inside Ray."""
+    from bertjob import train
+    from bertjob.config import TrainConfig
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_classifier_dir, d)
+    weights = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(weights[:-100])
+    assert infer.check_model(str(d)) == [
+        f"model {d}: model.safetensors holds {len(weights) - 100} bytes, not the {len(weights)} its header "
+        f"describes (cut short in a copy?); copy it again"
+    ]
+    (d / "model.safetensors").unlink()
+    assert infer.check_model(str(d)) == [
+        f"model {d}: no weights (model.safetensors or pytorch_model.bin); give the train job's OUTPUT/model directory"
+    ]
+    assert f"model {d}: no weights" in " ".join(
+        train.check_setup(TrainConfig(model=str(d)), {"tokenizer": {"fingerprint": "", "name": ""}})
+    )
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}})
+    )
+    assert "no model-00001-of-00002.safetensors, a shard of the weights" in infer.check_model(str(d))[0]
+    (d / "model-00001-of-00002.safetensors").write_bytes(weights)
+    assert infer.check_model(str(d)) == []
+
+
 def test_a_two_label_head_of_another_task_is_pointed_out(tiny_classifier_dir, tmp_path, caplog):
     """An RTE head (entailment / not_entailment) was scored as sentiment without a word."""
     assert infer.check_model(tiny_classifier_dir) == [] and not caplog.records  # NEGATIVE / POSITIVE
