@@ -68,6 +68,7 @@ from bertjob.text import (
     BAD_LABEL,
     CAP_CHARS_PER_TOKEN,
     LABEL_NAMES,
+    TRUNCATIONS,
     TextSettings,
     commonest_labels,
     first_rows_rating_scale,
@@ -126,10 +127,24 @@ def model_settings(model: str) -> dict[str, Any] | None:
     """The text settings the model was trained with (bertjob.json beside it), or None."""
     where = models.resolve_model(model)
     path = os.path.join(where, "bertjob.json")
-    if os.path.isdir(where) and os.path.exists(path):
+    if not (os.path.isdir(where) and os.path.exists(path)):
+        return None
+    try:  # one edited by hand (or cut short) failed with a traceback from json or int()
         with open(path) as f:
-            return json.load(f)
-    return None
+            recorded = json.load(f)
+        text = TextSettings.of(recorded)
+        if (
+            text.truncation not in TRUNCATIONS
+            or min(text.max_length, text.head_tokens, text.max_chars_per_end) < 1
+        ):
+            raise ValueError(
+                f"max_length {text.max_length}, truncation {text.truncation!r}, head_tokens {text.head_tokens}"
+            )
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        what = f"no {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
+        raise models.ModelError(f"model {model}: its bertjob.json, the text settings it was trained with, cannot be read "
+                                f"({what}); restore the one its train run wrote") from err  # fmt: skip
+    return recorded
 
 
 def text_settings(cfg: InferConfig, base: dict[str, Any] | None) -> TextSettings:

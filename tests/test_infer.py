@@ -76,11 +76,12 @@ def test_models_without_a_head_or_a_tokenizer_are_errors_before_any_work(
         infer.run(InferConfig(input="imdb-sample", model=tiny_model_dir, output=str(tmp_path / "o")))
 
 
-def test_a_model_directory_without_its_weights_whole_is_an_error_before_any_work(
+def test_a_model_directory_without_its_weights_whole_or_its_settings_readable_is_an_error_before_any_work(
     tiny_classifier_dir, tmp_path
 ):
     """Weights deleted, cut short in a copy, or a shard of a sharded checkpoint missing: every
-    predictor actor (training worker) failed loading them, ~280 lines of traceback from inside Ray."""
+    predictor actor (training worker) failed loading them, ~280 lines of traceback from inside Ray.
+    A bertjob.json edited by hand failed with a traceback from json or int()."""
     from bertjob import train
     from bertjob.config import TrainConfig
 
@@ -105,6 +106,13 @@ def test_a_model_directory_without_its_weights_whole_is_an_error_before_any_work
     assert "no model-00001-of-00002.safetensors, a shard of the weights" in infer.check_model(str(d))[0]
     (d / "model-00001-of-00002.safetensors").write_bytes(weights)
     assert infer.check_model(str(d)) == []
+    # bertjob.json edited by hand: a traceback from json or int()
+    for text, why in (('{"max_length": 64,', "JSONDecodeError"), ('{"max_length": "x"}', "ValueError"),
+                      ('[64]', "TypeError"), ('{"max_length": 64}', "no 'truncation'")):  # fmt: skip
+        (d / "bertjob.json").write_text(text)
+        with pytest.raises(ModelError, match=rf"model .*: its bertjob.json, the text settings it was trained with, "
+                           rf"cannot be read \({why}.*\); restore the one its train run wrote"):  # fmt: skip
+            infer.describe(InferConfig(input="imdb-sample", model=str(d), output=str(tmp_path / "o")))
 
 
 def test_a_two_label_head_of_another_task_is_pointed_out(tiny_classifier_dir, tmp_path, caplog):
