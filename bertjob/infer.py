@@ -481,6 +481,28 @@ def committed_positions(output: str, units: int) -> tuple[dict[int, Any], int]:
     return done, total
 
 
+def committed_files(output: str) -> dict[str, int]:
+    """The committed files ({"predictions/part-....parquet": bytes}): a finished run's manifest lists
+    them, and a rerun compares."""
+    fs, root = filesystem(output)
+    out = {}
+    for kind in (PREDICTIONS, QUARANTINE):
+        for f in fs.get_file_info(pafs.FileSelector(join(root, kind), allow_not_found=True)):
+            if f.path.endswith(".parquet"):
+                out[f"{kind}/{os.path.basename(f.path)}"] = f.size
+    return out
+
+
+def file_changes(recorded: dict[str, int], found: dict[str, int]) -> str | None:
+    """How the committed files differ from those a manifest lists, in words (None: they do not)."""
+    gone = sorted(set(recorded) - set(found))
+    added = sorted(set(found) - set(recorded))
+    changed = sorted(k for k in set(recorded) & set(found) if recorded[k] != found[k])
+    parts = [f"{len(names)} {what} (first: {names[0]})" for names, what in
+             ((gone, "removed"), (changed, "changed"), (added, "not written by it")) if names]  # fmt: skip
+    return "; ".join(parts) or None
+
+
 def settle(output: str, kind: str) -> int:
     """Leave every position committed under DIR/<kind> in exactly one file; returns the rows dropped.
 
@@ -753,7 +775,16 @@ def _resume_state(
         earlier = read_json(run_path) if exists(run_path) else None
         if earlier is not None and earlier.get("identity") == run_info["identity"]:
             if exists(join(cfg.output, MANIFEST)):
-                return None, 0, False
+                recorded = read_json(join(cfg.output, MANIFEST)).get("files")  # none from an earlier bertjob
+                if (
+                    recorded is None
+                    or (differ := file_changes(recorded, committed_files(cfg.output))) is None
+                ):
+                    return None, 0, False
+                # A file removed since (or one added): the output was called complete with rows missing.
+                log.warning("%s: %s is no longer as its manifest lists it (%s); completing it again", stage,
+                            cfg.output, differ)  # fmt: skip
+                remove(join(cfg.output, MANIFEST))
             done, already = committed_positions(cfg.output, run_info["units"])
             log.info("%s: resuming: %d rows already committed in %s", stage, already, cfg.output)
             return done, already, False
@@ -861,6 +892,7 @@ def finish(
     if evaluate:
         manifest["unrecognised_labels"] = commonest_labels(totals.get("unrecognised_labels") or {})
         manifest["metrics"] = evaluation(cfg, totals["quarantined"])
+    manifest["files"] = committed_files(cfg.output)  # a rerun checks they are all still there
     write_json(join(cfg.output, MANIFEST), manifest)
     remove(join(cfg.output, TMP))  # what writes a stop cut short left half-written, kept for ever
     log.info("%s: %d rows read, %d scored, %d quarantined, %.1f rows/s -> %s", stage, rows_read, totals["scored"],

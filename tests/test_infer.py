@@ -334,6 +334,26 @@ def test_infer_scores_every_row_exactly_once_with_bad_rows_quarantined(
     )
     assert again == json.loads((out / "manifest.json").read_text())
     assert "share their id" not in caplog.text
+    # A copy of a predictions file beside it, then the predictions removed: the rerun said "complete,
+    # nothing to do" with rows twice, then none. Now it keeps the copy's rows once, then scores
+    # exactly the missing rows again.
+    cfg = InferConfig(input=str(d / "*.parquet"), model=tiny_classifier_dir, output=str(out), id_column="id")
+    first = sorted((out / "predictions").glob("*.parquet"))[0]
+    shutil.copy(first, out / "predictions" / "part-1 (copy).parquet")
+    with caplog.at_level(logging.WARNING, logger="bertjob.infer"):
+        again = infer.run(cfg)
+    assert (
+        "is no longer as its manifest lists it (1 not written by it (first: predictions/part-1 (copy)"
+        in caplog.text
+    )
+    assert again["rows_scored"] == m["rows_scored"] and again["rows_this_run"] == 0
+    for f in (out / "predictions").glob("*.parquet"):
+        f.unlink()
+    again = infer.run(cfg)
+    assert again["rows_resumed"] == m["rows_quarantined"] and again["rows_this_run"] == m["rows_scored"]
+    ids = pq.read_table(out / "predictions").column("id").to_pylist() + q.column("id").to_pylist()
+    assert sorted(ids) == sorted(r["id"] for r in rows)
+    assert infer.run(cfg) == json.loads((out / "manifest.json").read_text())  # complete again
     # Latin-1 CSV: decoded with replacement, counted; one file is one read task, and Ray Data is
     # not told to run more (it would warn that it cannot)
     with warnings.catch_warnings(record=True) as caught:
