@@ -83,6 +83,7 @@ log = logging.getLogger(__name__)
 PREDICTIONS = "predictions"
 QUARANTINE = "quarantine"
 RUN_FILE = "run.json"
+REPORTS = ("metrics.json", "report.png")  # evaluate's, beside its manifest
 NO_LABELS = " (or score without labels: --label-column '')"  # infer's other way out of a rating scale
 RECEIPTS = "_read"  # per input unit, the rows its reader read (datasource.CorpusDatasource)
 TMP = "_tmp"  # a local output's files while they are written, each then renamed into place
@@ -482,14 +483,17 @@ def committed_positions(output: str, units: int) -> tuple[dict[int, Any], int]:
 
 
 def committed_files(output: str) -> dict[str, int]:
-    """The committed files ({"predictions/part-....parquet": bytes}): a finished run's manifest lists
-    them, and a rerun compares."""
+    """The committed files ({"predictions/part-....parquet": bytes}) and evaluate's metrics.json and
+    report.png: a finished run's manifest lists them, and a rerun compares."""
     fs, root = filesystem(output)
     out = {}
     for kind in (PREDICTIONS, QUARANTINE):
         for f in fs.get_file_info(pafs.FileSelector(join(root, kind), allow_not_found=True)):
             if f.path.endswith(".parquet"):
                 out[f"{kind}/{os.path.basename(f.path)}"] = f.size
+    for name, f in zip(REPORTS, fs.get_file_info([join(root, n) for n in REPORTS])):
+        if f.type == pafs.FileType.File:
+            out[name] = f.size
     return out
 
 

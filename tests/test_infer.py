@@ -478,6 +478,12 @@ def test_evaluate_metrics_match_a_direct_computation(tiny_classifier_dir, tmp_pa
     assert saved["roc_auc"] == pytest.approx(skm.roc_auc_score(y, p))
     assert np.array_equal(np.array(saved["confusion_matrix"]), skm.confusion_matrix(y, yhat))
     assert (out / "report.png").stat().st_size > 1000
+    # metrics.json removed since: a rerun called the output complete and left it missing
+    (out / "metrics.json").unlink()
+    again = infer.run(InferConfig(input=str(tmp_path / "labelled.parquet"), model=tiny_classifier_dir,
+                                  output=str(out), id_column="id"), evaluate=True)  # fmt: skip
+    assert json.loads((out / "metrics.json").read_text()) == saved == again["metrics"]
+    assert again["rows_this_run"] == 0 and again["rows_resumed"] == 243
 
 
 def test_what_cannot_be_scored_is_an_error_before_any_work(tiny_classifier_dir, prepared_small, tmp_path):
