@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bertjob.config import SetupError
-from bertjob.outputs import MARKER
+from bertjob.outputs import MARKER, stage_of
 from bertjob.storage import filesystem, uri
 from bertjob.text import decode_text
 
@@ -198,6 +198,11 @@ def open_corpus(
         and fs.get_file_info(where + "/manifest.json").type == pafs.FileType.File
     ):
         return _open_prepared(fs, where, split)
+    if info.type == pafs.FileType.Directory and stage_of(uri(fs, where)) == "prepare":
+        # Its shards, config.json and quarantine were read as a corpus: "mixes formats", or its
+        # token ids as rows without text
+        raise InputError(f"input {path} is a `bertjob prepare` output without its manifest.json: its prepare did "
+                         f"not finish, or the manifest was removed; run that prepare again")  # fmt: skip
     if info.type == pafs.FileType.File:
         if where.lower().endswith(IMDB_ARCHIVES):
             return _open_imdb_tar(fs, where, info.size, opts)

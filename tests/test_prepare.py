@@ -245,6 +245,12 @@ def test_a_prepared_directory_changed_since_is_refused_by_every_reader(
     for name in (".DS_Store", "README.txt"):
         (tmp_path / "p0" / "train" / name).write_text("x")
     assert len(open_corpus(str(tmp_path / "p0"), split="train").units) == len(m["splits"]["train"]["files"])
+    # Its manifest removed: infer and evaluate read the directory as a corpus ("mixes formats: jsonl
+    # (config.json), parquet")
+    (tmp_path / "p0" / "manifest.json").unlink()
+    with pytest.raises(InputError, match=r"p0 is a `bertjob prepare` output without its manifest.json: its prepare "
+                       r"did not finish, or the manifest was removed; run that prepare again"):  # fmt: skip
+        open_corpus(str(tmp_path / "p0"), split="test")
 
 
 def test_label_columns_and_splits_a_user_would_be_surprised_by_are_errors_before_ray(tmp_path):
