@@ -14,7 +14,7 @@ from typing import Any
 
 from bertjob import infer, models, prepare, pretrain, train
 from bertjob.cluster import init_ray
-from bertjob.config import InferConfig, PipelineConfig, PrepareConfig, to_dict
+from bertjob.config import InferConfig, PipelineConfig, PrepareConfig, TrainConfig, to_dict
 from bertjob.identity import identity, model_fingerprint
 from bertjob.outputs import MANIFEST, ensure_output, releasing
 from bertjob.sources import Corpus, InputError, prepared_files
@@ -122,8 +122,26 @@ def _finished(cfg: Any) -> dict[str, Any] | None:
         and metrics.get("config", {}).get("name") == cfg.name
         and exists(join(cfg.output, "model"))
     ):
+        if problem := _model_problem(join(cfg.output, "model"), classifier=isinstance(cfg, TrainConfig)):
+            # Handed on, it failed evaluate with an error naming a directory the pipeline wrote, or
+            # (bertjob.json removed) scored text at prepare's defaults, not as it was trained.
+            log.warning("pipeline: %s; exporting the run's model again", problem)
+            return None
         return metrics
     return None
+
+
+def _model_problem(model_dir: str, classifier: bool) -> str | None:
+    """What a stage's exported model has lost since it was written (a file removed or cut short)."""
+    if not exists(join(model_dir, "bertjob.json")):
+        return f"model {model_dir}: no bertjob.json"
+    if not classifier:
+        return models.weights_problem(model_dir)
+    try:
+        infer.model_settings(model_dir)
+    except models.ModelError as err:
+        return str(err)
+    return next(iter(infer.check_model(model_dir)), None)
 
 
 def scoring_stages(cfg: PipelineConfig, splits: Collection[str]) -> dict[str, InferConfig]:

@@ -49,6 +49,21 @@ def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, tiny_model_dir, ra
     assert third["stages"]["train"]["reused"] and third["stages"]["infer"]["rows_scored"] == 40
     assert pq.read_table(tmp_path / "out" / "infer" / "predictions").num_rows == 40
 
+    # The trained model's bertjob.json removed since: reused as it was, it scored text at prepare's
+    # defaults; its weights removed, evaluate refused the directory. Now it is exported again from
+    # the run's checkpoints, the same model (evaluate and infer have nothing to do).
+    (tmp_path / "out" / "train" / "model" / "bertjob.json").unlink()
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        fourth = pipeline.run(cfg)
+    assert "no bertjob.json; exporting the run's model again" in caplog.text
+    assert (
+        not fourth["stages"]["train"]["reused"]
+        and (tmp_path / "out" / "train" / "model" / "bertjob.json").exists()
+    )
+    assert caplog.text.count("nothing to do") == 2
+    assert fourth["stages"]["evaluate"]["accuracy"] == first["stages"]["evaluate"]["accuracy"]
+
 
 def test_workers_the_cluster_cannot_hold_are_an_error_before_prepare(tmp_path, tiny_model_dir, ray_local):
     """The train stage's placement check came after prepare had run (hours on a big corpus)."""
