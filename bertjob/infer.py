@@ -468,7 +468,11 @@ def committed_positions(output: str, units: int) -> tuple[dict[int, Any], int]:
         for f in listing:
             if not f.path.endswith(".parquet"):
                 continue
-            t = pq.read_table(f.path, columns=["unit", "row"], filesystem=fs)
+            try:
+                t = pq.read_table(f.path, columns=["unit", "row"], filesystem=fs)
+            except (pa.ArrowInvalid, KeyError) as err:  # a file put there since, not one a run committed
+                raise OutputError(f"output {output}: {kind}/{os.path.basename(f.path)} is no file bertjob committed "
+                                  f"({str(err).splitlines()[0]}); remove it, or pass --overwrite to score from the start") from err  # fmt: skip
             total += t.num_rows
             u, r = t.column("unit").to_numpy(), t.column("row").to_numpy()
             for unit in np.unique(u):

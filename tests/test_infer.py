@@ -354,6 +354,11 @@ def test_infer_scores_every_row_exactly_once_with_bad_rows_quarantined(
     ids = pq.read_table(out / "predictions").column("id").to_pylist() + q.column("id").to_pylist()
     assert sorted(ids) == sorted(r["id"] for r in rows)
     assert infer.run(cfg) == json.loads((out / "manifest.json").read_text())  # complete again
+    # A Parquet file of something else put there: a traceback from pyarrow
+    pq.write_table(pa.table({"x": [1]}), out / "predictions" / "other.parquet")
+    with pytest.raises(SetupError, match=r"predictions/other.parquet is no file bertjob committed \(No match for "
+                       r"FieldRef.Name\(unit\) in x: int64\); remove it, or pass --overwrite"):  # fmt: skip
+        infer.run(cfg)
     # Latin-1 CSV: decoded with replacement, counted; one file is one read task, and Ray Data is
     # not told to run more (it would warn that it cannot)
     with warnings.catch_warnings(record=True) as caught:
