@@ -128,9 +128,6 @@ class Corpus:
                 tables.close()
         return None
 
-    def has_rows(self) -> bool:
-        return self.first_rows(keys_only=True) is not None
-
     def splits(self) -> set[str] | None:
         """The splits its rows go to, when known without reading them (an IMDb tar's are not)."""
         if self.kind == "imdb-dir":

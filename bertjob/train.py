@@ -480,6 +480,11 @@ def run_storage(cfg: Any) -> str:
     return storage if is_remote(storage) else os.path.abspath(storage)
 
 
+# The last line of a fit that failed: its checkpoints are kept (a worker's error, a process killed, a
+# storage endpoint gone).
+RESUMES = "\nbertjob: the same command again resumes from its last checkpoint"
+
+
 def fit(cfg: Any, loop: Any, loop_config: dict[str, Any], plan: WorkerPlan, storage: str, checkpoints: Any,
         what: str) -> Any:  # fmt: skip
     """Ray Train's TorchTrainer for a train or pretrain run (`cfg`: their shared worker settings):
@@ -532,9 +537,7 @@ def fit(cfg: Any, loop: Any, loop_config: dict[str, Any], plan: WorkerPlan, stor
             raise WorkerKilledError(what, plan, why) from err
         # Its checkpoints are kept (a worker's error, a storage endpoint gone, ...): no traceback of
         # the driver's, Ray printed the failed process' own above.
-        raise JobError(
-            f"{what} failed: {_root_message(err)}\nbertjob: the same command again resumes from its last checkpoint"
-        ) from err
+        raise JobError(f"{what} failed: {_root_message(err)}{RESUMES}") from err
     for e in runlog.timeline(run_dir)["restarts"]:
         log.info("%s: %s at %s (%s): %s -> %s workers, resumed from step %s", what, e["event"],
                  time.strftime("%H:%M:%S", time.localtime(e["at"])), e["why"], e["workers_before"],
@@ -612,7 +615,7 @@ class WorkerKilledError(JobError):
             f"{what} failed: {why}. Workers were planned at {planned}micro-batches of {plan.micro_batch_size}: "
             "where memory ran out, give a smaller --micro-batch-size (the same global batch, in more accumulated "
             "micro-batches), fewer workers per node (--num-workers), or data prepared with a smaller --max-length, "
-            "or free the node's memory\nbertjob: the same command again resumes from its last checkpoint"
+            f"or free the node's memory{RESUMES}"
         )
 
 

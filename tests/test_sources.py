@@ -423,7 +423,7 @@ def test_a_jsonl_files_columns_are_its_first_records_keys_and_no_later_value_is_
     assert not corpus.labelled
     first_line_lacks = r"late.jsonl, line 4: has 'label', which the file's first record lacks; .*\(null where"
     with pytest.raises(InputError, match=first_line_lacks):
-        corpus.has_rows()  # what prepare and infer check before any work
+        corpus.first_rows()  # what prepare and infer read before any work
     with pytest.raises(InputError, match=first_line_lacks):
         read_all(corpus)
     (tmp_path / "notext.jsonl").write_text('{"label": 1}\n{"text": "a", "label": 0}\n')
@@ -645,7 +645,7 @@ def test_an_empty_csv_file_adds_no_rows_as_an_empty_jsonl_file(tmp_path):
         corpus = open_corpus(str(d))
         assert corpus.labelled and read_all(corpus).column("text").to_pylist() == ["good"]
         (d / f"part-0.{fmt}").write_text("")
-        assert not open_corpus(str(d)).has_rows()  # which prepare and infer refuse: "no rows found"
+        assert open_corpus(str(d)).first_rows() is None  # which prepare and infer refuse: "no rows found"
 
 
 def test_a_utf16_or_utf32_file_is_an_error_naming_its_encoding(tmp_path):
