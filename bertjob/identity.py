@@ -67,9 +67,9 @@ def corpus_fingerprint(corpus: Corpus) -> list[Any]:
 
 def model_fingerprint(model: str) -> Any:
     """The files of a local model directory (weights, config, tokenizer), or a hub id as given."""
-    where = models.resolve_model(model)
-    if not os.path.isdir(where):
+    if models.is_hub_id(model):  # as given, with the hub in reach or not (then the local cache's copy loads)
         return {"hub": model}
+    where = models.resolve_model(model)
     fs, root = filesystem(where)
     files = [i.path for i in fs.get_file_info(pafs.FileSelector(root)) if i.type == pafs.FileType.File]
     return files_fingerprint(fs, sorted(files), root)

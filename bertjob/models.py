@@ -11,6 +11,9 @@ import functools
 import hashlib
 import json
 import os
+import socket
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -39,18 +42,68 @@ def embedded_model_path() -> str:
 
 
 def resolve_model(name: str) -> str:
-    """Return what `from_pretrained` should get: a local directory or a hub id. A model on s3://
-    or gs:// becomes a local copy, downloaded once per content (storage.local_dir)."""
+    """Return what `from_pretrained` should get: a local directory or a hub id (its copy in the local
+    Hugging Face cache where the hub cannot be reached). A model on s3:// or gs:// becomes a local
+    copy, downloaded once per content (storage.local_dir)."""
     if name == EMBEDDED:
         return embedded_model_path()
     if is_remote(name):
         return local_dir(name)
-    expanded = os.path.expanduser(name)
-    if os.path.isdir(expanded):
+    if not is_hub_id(name):
+        if not os.path.isdir(expanded := os.path.expanduser(name)):
+            raise ModelError(f"model directory {name!r} does not exist")
         return os.path.abspath(expanded)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ModelError(f"model directory {name!r} does not exist")
-    return name  # a hub id such as "bert-base-uncased" or "org/name"
+    if why := hub_unreachable():
+        return _cached_snapshot(name, why)
+    return name
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether a model setting names a Hugging Face hub model ("bert-base-uncased", "org/name"),
+    not the embedded one, a URL or a directory."""
+    return (
+        name != EMBEDDED
+        and not is_remote(name)
+        and not os.path.isdir(os.path.expanduser(name))
+        and not name.startswith((".", "/", "~"))
+        and name.count("/") <= 1
+    )
+
+
+HUB_CONNECT_S = 5.0
+
+
+@functools.cache
+def hub_unreachable() -> str | None:
+    """Why this process cannot reach the Hugging Face hub (None: it can, or goes through a proxy).
+    Without this check, each of a job's loads of a hub id retried for ~25 s before failing or
+    falling back to the local cache: a minute of warnings before the error on a laptop offline."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    if urllib.request.getproxies() and not urllib.request.proxy_bypass(host):
+        return None  # the proxy decides
+    try:
+        socket.create_connection((host, port), timeout=HUB_CONNECT_S).close()
+    except OSError as err:
+        return f"{host}:{port} cannot be reached: {err}"
+    return None
+
+
+def _cached_snapshot(name: str, why: str) -> str:
+    """The local Hugging Face cache's copy of hub model `name`, for when the hub cannot be reached."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ModelError(
+            f"model {name!r} is not in the local Hugging Face cache and the hub cannot be reached ({why}); "
+            f"pass a local model directory (--model /path/to/model) or use the embedded default (--model {EMBEDDED})"
+        ) from err
 
 
 def _hub_hint(name: str, err: Exception) -> ModelError:

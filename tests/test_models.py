@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,41 @@ def test_tokenizer_files_of_special_tokens_only_are_refused(tmp_path, tiny_model
     ):
         models.tokenizer_info(str(tmp_path))
     assert models.tokenizer_info(tiny_model_dir)["vocab_size"] > 5
+
+
+HUB_PROBE = """
+import json, sys
+from bertjob import identity, models
+try:
+    tok = models.load_tokenizer(sys.argv[1])
+    print(json.dumps({"vocab": len(tok), "fingerprint": identity.model_fingerprint(sys.argv[1])}))
+except models.ModelError as err:
+    print(json.dumps({"error": str(err)}))
+"""
+
+
+def test_a_hub_model_without_the_hub_is_the_local_caches_copy_or_an_error_at_once(tmp_path, tiny_model_dir):
+    # An address where nothing listens: each load retried for ~25 s before failing (a minute per job).
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        env = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{closed.getsockname()[1]}",
+               "BERTJOB_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}  # fmt: skip
+
+        def probe_hub(name: str) -> dict:
+            out = subprocess.run([sys.executable, "-c", HUB_PROBE, name], env=env, capture_output=True, text=True,
+                                 check=True, cwd=Path(__file__).parent.parent, timeout=20)  # fmt: skip
+            return json.loads(out.stdout.strip().splitlines()[-1])
+
+        missing = probe_hub("bertjob-tests/tiny")
+        assert "not in the local Hugging Face cache and the hub cannot be reached" in missing["error"]
+        assert f"127.0.0.1:{closed.getsockname()[1]}" in missing["error"]
+        # The same id once in the cache (as an earlier download left it): loaded from there.
+        repo = tmp_path / "hf" / "hub" / "models--bertjob-tests--tiny"
+        shutil.copytree(tiny_model_dir, repo / "snapshots" / "0123abcd")
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("0123abcd")
+        cached = probe_hub("bertjob-tests/tiny")
+    assert cached == {
+        "vocab": len(models.load_tokenizer(tiny_model_dir)),
+        "fingerprint": {"hub": "bertjob-tests/tiny"},
+    }
