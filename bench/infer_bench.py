@@ -7,7 +7,8 @@ Baselines, each in one process with all threads, model loading and tokenization 
   (`text.tokenize_rows`), all texts sorted by length, dynamic padding, inference_mode, no Ray;
 - transformers.pipeline("text-classification", model, batch_size, truncation=True, max_length).
 With `--int8`, also the plain loop with its linear layers in int8 (dynamic quantization), the lever
-the issue allows only within 0.2 points of accuracy on the full test set (`--n 25000`).
+the issue allows only within 0.2 points of accuracy on the full test set (`--n 25000`); with
+`--compile`, also the plain loop under torch.compile (inductor, weights frozen), compile time included.
 Candidate: the `bertjob infer` command end to end (Python and Ray start-up included). Same model,
 texts, max_length and batch size, in the same run. Accuracy of each is computed here.
 """
@@ -58,10 +59,12 @@ def test_reviews(path: str, n: int) -> pa.Table:
 
 
 def plain_loop(
-    texts: list[str], model: str, max_length: int, batch_size: int, int8: bool = False
+    texts: list[str], model: str, max_length: int, batch_size: int, int8: bool = False, compile: bool = False
 ) -> tuple[float, list[float]]:
     """Seconds and P(positive) per text: the best loop a user would write without bertjob's job.
-    `int8`: the linear layers quantized to int8 (torch's dynamic quantization) instead of bf16."""
+    `int8`: the linear layers quantized to int8 (torch's dynamic quantization) instead of bf16.
+    `compile`: torch.compile (inductor, dynamic shapes, weights frozen: prepacked for oneDNN), its
+    compile time included."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -78,6 +81,11 @@ def plain_loop(
         net = torch.ao.quantization.quantize_dynamic(net, {torch.nn.Linear}, dtype=torch.qint8)
     else:
         net = net.to(torch.bfloat16)
+    if compile:
+        import torch._inductor.config
+
+        torch._inductor.config.freezing = True
+        net = torch.compile(net, dynamic=True)
     tokenizer = models.load_tokenizer(model)
     encoder = models.Encoder.of(tokenizer)
     cfg = InferConfig(input="-", model=model, output="-", max_length=max_length)
@@ -122,6 +130,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--skip-pipeline", action="store_true", help="only the plain loop and the job")
     ap.add_argument("--int8", action="store_true", help="also the plain loop with int8 linear layers")
+    ap.add_argument("--compile", action="store_true", help="also the plain loop under torch.compile")
     args = ap.parse_args()
     table = test_reviews(args.input, args.n)
     texts, labels = table.column("text").to_pylist(), table.column("label").to_pylist()
@@ -132,6 +141,9 @@ def main() -> None:
     if args.int8:
         int8_s, int8_prob = plain_loop(texts, args.model, args.max_length, args.batch_size, int8=True)
         rows.append(("  the same, int8 linear layers", int8_s, accuracy(int8_prob, labels)))
+    if args.compile:
+        comp_s, comp_prob = plain_loop(texts, args.model, args.max_length, args.batch_size, compile=True)
+        rows.append(("  the same, torch.compile (compile included)", comp_s, accuracy(comp_prob, labels)))
     if not args.skip_pipeline:
         pipe_s, pipe_prob = hf_pipeline(texts, args.model, args.max_length, args.batch_size)
         rows.append(("HF pipeline (1 process, all threads)", pipe_s, accuracy(pipe_prob, labels)))
