@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sys
 import threading
+import warnings
 from typing import Any
 
 from bertjob.config import SetupError
@@ -149,12 +151,82 @@ def node_cpus() -> int:
     return int(min((c for n in alive_nodes() if (c := n.get("CPU", 0)) >= 1), default=1))
 
 
-def actor_pool(least: int, most: int | None, cpus: float = 1, gpus: float = 0) -> Any:
-    """A Ray Data actor pool that follows the cluster: it starts with as many actors as the cluster
-    holds now (at least `least`, at most `most`), and Ray Data grows it onto CPUs and GPUs that join
-    later, up to `most` (None: no limit), or shrinks it when actors idle or their node dies."""
+# Ray Data hands the batch of an actor that was killed to its restarted actor, by default for ever
+# (max_task_retries=-1): a batch that cannot fit in memory was killed and retried without end. A few
+# retries still carry a batch over a lost node or a one-off kill; each takes one.
+BATCH_RETRIES = 3
+# A process of the job whose end Ray saw no cause of
+KILLED_FROM_OUTSIDE = ("died without an error of its own: killed from outside Ray, most often by the kernel's OOM "
+                       "killer (`dmesg` on its node says so), or its node was lost")  # fmt: skip
+
+
+def actor_pool_map(ds: Any, fn: Any, least: int, most: int | None, cpus: float = 1, gpus: float = 0,
+                   **kwargs: Any) -> Any:  # fmt: skip
+    """`ds.map_batches(fn, **kwargs)` on a Ray Data actor pool that follows the cluster: it starts
+    with as many actors of `cpus` CPUs and `gpus` GPUs as the cluster holds now (at least `least`,
+    at most `most`), and Ray Data grows it onto CPUs and GPUs that join later, up to `most` (None:
+    no limit), or shrinks it when actors idle or their node dies. A batch whose actor is killed is
+    retried BATCH_RETRIES times, then the run fails (`killed` says why)."""
     from ray.data import ActorPoolStrategy
 
     fits = cluster_gpus() // gpus if gpus else cluster_cpus() // cpus if cpus else least
     start = int(max(least, min(fits, most or fits)))
-    return ActorPoolStrategy(min_size=least, max_size=most, initial_size=start)
+    with warnings.catch_warnings():
+        # Ray Data 2.60 takes max_task_retries only among map_batches' **ray_remote_args, which it
+        # warns are deprecated (to go in Ray 2.64) while it names no other way to pass it.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(
+            fn, compute=ActorPoolStrategy(min_size=least, max_size=most, initial_size=start), num_cpus=cpus,
+            num_gpus=gpus, max_task_retries=BATCH_RETRIES, **kwargs,
+        )  # fmt: skip
+
+
+def killed(err: BaseException, since: float) -> str | None:
+    """Why a batch of an `actor_pool_map` ran out of retries, where its actor was killed (`err`: what
+    the run raised; `since`: when the run started, in seconds): by Ray's memory monitor, or by a
+    signal from outside Ray. None when `err` is no such failure (an actor whose __init__ raised)."""
+    import ray
+
+    if isinstance(err, ray.exceptions.RayActorError) and err.actor_init_failed:
+        return None
+    if not isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError)):
+        return None
+    detail = str(err) if isinstance(err, ray.exceptions.OutOfMemoryError) else memory_kill_detail(since)
+    if detail is not None:
+        return f"Ray's memory monitor killed it: its node ran low on memory{memory_note(detail)}"
+    return f"it {KILLED_FROM_OUTSIDE}"
+
+
+def memory_note(detail: str) -> str:
+    """' (7.99GB used / 23.54GB limit; Ray kills above 33.3% of it, RAY_memory_usage_threshold)'
+    from the words of Ray's memory monitor, or as much of it as they tell."""
+    used = re.search(r"was ([\d.]+GB used / [\d.]+GB limit)", detail)
+    threshold = re.search(r"threshold of \d+B \(([\d.]+%) of", detail)
+    if not used:
+        return ""
+    above = f"; Ray kills above {threshold.group(1)} of it, RAY_memory_usage_threshold" if threshold else ""
+    return f" ({used.group(1)}{above})"
+
+
+def memory_kill_detail(since: float) -> str | None:
+    """What Ray's memory monitor said when it last killed a worker of this job after `since`, or None.
+    An actor it killed is restarted, and the task that runs out of retries then raises only that
+    the actor "was restarted": the worker's exit is in the GCS' worker table."""
+    import ray
+
+    try:  # Ray's private API: where it has changed, the cause is not known here
+        from ray._private.state import state
+        from ray.core.generated import common_pb2, gcs_pb2
+
+        table = state._connect_and_get_accessor().get_worker_table()
+        oom = common_pb2.WorkerExitType.NODE_OUT_OF_MEMORY
+    except (ImportError, AttributeError, TypeError) as err:
+        log.debug("no worker table from Ray: %s", err)
+        return None
+    job = ray.get_runtime_context().get_job_id()
+    found = []
+    for raw in table:
+        w = gcs_pb2.WorkerTableData.FromString(raw)
+        if w.exit_type == oom and w.job_id.hex() == job and w.end_time_ms >= since * 1000:
+            found.append((w.end_time_ms, w.exit_detail))
+    return max(found)[1] if found else None

@@ -36,7 +36,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bertjob import checkpoint, models
-from bertjob.config import InferConfig, SetupError, to_dict
+from bertjob.config import InferConfig, JobError, SetupError, to_dict
 from bertjob.identity import bertjob_version, corpus_fingerprint, digest, identity, model_fingerprint
 from bertjob.metrics import classification_metrics
 from bertjob.outputs import (
@@ -692,7 +692,7 @@ def input_files(corpus: Any) -> list[str] | None:
 def run(cfg: InferConfig, evaluate: bool = False, replace_changed: bool = False) -> dict[str, Any]:
     import ray
 
-    from bertjob.cluster import actor_pool, init_ray, resource_problem
+    from bertjob.cluster import actor_pool_map, init_ray, killed, resource_problem
     from bertjob.datasource import read_corpus
 
     started = time.time()
@@ -736,20 +736,46 @@ def run(cfg: InferConfig, evaluate: bool = False, replace_changed: bool = False)
         # GPUs should only score: tokenize on CPU tasks ahead of them.
         ds = ds.map_batches(_tokenize_task, fn_kwargs={"settings": pred_kwargs, "encoder": models.load_encoder(cfg.model, cfg.trust_remote_code)},
                             batch_format="pyarrow", batch_size=1024, num_cpus=1)  # fmt: skip
-    ds = ds.map_batches(
+    ds = actor_pool_map(
+        ds,
         Predictor,
+        cfg.num_workers.min,
+        cfg.num_workers.max,
+        cpus,
+        1 if cfg.use_gpu else 0,
         fn_constructor_kwargs=pred_kwargs,
-        compute=actor_pool(cfg.num_workers.min, cfg.num_workers.max, cpus, 1 if cfg.use_gpu else 0),
         batch_size=max((cfg.batch_size or 16) * 16, 512),
         batch_format="pyarrow",
-        num_cpus=cpus,
-        num_gpus=1 if cfg.use_gpu else 0,
     )
     sink = make_sink(cfg.output, cfg.include_text, cfg.rows_per_shard)
     scoring_t0 = time.time()
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
+    try:
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
+    except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as err:
+        if why := killed(err, scoring_t0):
+            raise ScoringKilledError(stage, why, cfg, effective["max_length"], cpus) from err
+        raise
     scoring_s = time.time() - scoring_t0
     return finish(cfg, stage, run_info, sink, already, started, scoring_s, ray.cluster_resources(), evaluate)
+
+
+class ScoringKilledError(JobError):
+    """A batch whose scoring process was killed on every try, most likely for memory. Ray Data
+    retried such a batch for ever (Ray's default): the job never ended."""
+
+    def __init__(self, stage: str, why: str, cfg: InferConfig, max_length: int, cpus: float):
+        from bertjob.cluster import BATCH_RETRIES
+
+        lower = [f"--batch-size (sequences scored at once per thread, now {cfg.batch_size or '16 on CPU, 256 on GPU'})",
+                 f"--max-length (now {max_length})"]  # fmt: skip
+        if not cfg.use_gpu:
+            lower.append(f"--cpus-per-worker (threads per worker, now {max(1, int(cpus))})")
+        super().__init__(
+            f"{stage} stopped: the scoring process of a batch was killed on each of its {BATCH_RETRIES + 1} tries: "
+            f"{why}. Where memory ran out, lower {', '.join(lower[:-1])} or {lower[-1]}, score on fewer workers per "
+            f"node (--num-workers), or on nodes with more memory; the rows committed are kept: the same command "
+            f"again resumes from them"
+        )
 
 
 def predictor_cpus(cfg: InferConfig) -> int:

@@ -35,7 +35,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bertjob import models
-from bertjob.config import PrepareConfig, to_dict
+from bertjob.config import JobError, PrepareConfig, to_dict
 from bertjob.identity import corpus_fingerprint, identity
 from bertjob.outputs import MANIFEST, check_replaceable, claim_output, releasing, versions
 from bertjob.sources import Corpus, InputError, open_corpus
@@ -514,7 +514,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     """Run the prepare job; returns the manifest."""
     import ray
 
-    from bertjob.cluster import actor_pool, cluster_cpus, init_ray
+    from bertjob.cluster import BATCH_RETRIES, actor_pool_map, cluster_cpus, init_ray, killed
     from bertjob.datasource import read_corpus
 
     started = time.time()
@@ -556,8 +556,6 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
              cfg.model, cfg.max_length, cfg.truncation)  # fmt: skip
     claim_output(cfg.output, "prepare")
 
-    from ray.data import ActorPoolStrategy
-
     cpus = max(1, int(cluster_cpus()))
     # Actors, not tasks: each starts once, while the first rows are read, and never again; one per
     # CPU at start, more on nodes that join.
@@ -565,31 +563,46 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     # Rows reach the writer in the corpus' order, whichever actor tokenized them first: the same
     # input prepares to the same shards, and so trains in the same order for the same seed.
     ds.context.execution_options.preserve_order = True
-    ds = ds.map_batches(
+    ds = actor_pool_map(
+        ds,
         Tokenize,
+        1,
+        None,
         fn_constructor_kwargs={"cfg": to_dict(cfg), "encoder": encoder, "labelled": corpus.labelled},
-        compute=actor_pool(1, None),
         batch_format="pyarrow",
         batch_size=cfg.batch_size,
-        num_cpus=1,
     )
     # Writing reserves no CPU, so tokenize batches stay small and balanced across cores while each
     # write gathers a whole shard. One writer keeps up with ~30 cores of tokenizing.
-    ds = ds.map_batches(
+    writers = max(1, -(-cpus // WRITER_CPUS))
+    ds = actor_pool_map(
+        ds,
         WriteShards,
+        writers,
+        writers,
+        cpus=0,
         fn_constructor_kwargs={"output": cfg.output},
-        compute=ActorPoolStrategy(size=max(1, -(-cpus // WRITER_CPUS))),
         batch_format="pyarrow",
         batch_size=cfg.rows_per_shard,
-        num_cpus=0,
     )
     stats: dict[str, dict[str, Any]] = {}
     finished: dict[str, int] = {}
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for blob in batch.column("written").to_pylist():
-            part_stats, part_files = pickle.loads(blob)
-            merge_stats(stats, part_stats)
-            finished.update(part_files)
+    t_run = time.time()
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for blob in batch.column("written").to_pylist():
+                part_stats, part_files = pickle.loads(blob)
+                merge_stats(stats, part_stats)
+                finished.update(part_files)
+    except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as err:
+        if why := killed(err, t_run):
+            raise JobError(
+                f"prepare stopped: a tokenize or write process was killed on each of the {BATCH_RETRIES + 1} tries of "
+                f"a batch: {why}. Where memory ran out, lower --batch-size (rows tokenized at once, now {cfg.batch_size}) "
+                f"or --rows-per-shard (rows a writer holds, now {cfg.rows_per_shard}), or run on nodes with more "
+                f"memory; the same command again prepares the corpus anew"
+            ) from err
+        raise
     staging = join(filesystem(cfg.output)[1], STAGING) + "/"
     staged = {p: n for p, n in finished.items() if p.startswith(staging)}
     t_split = time.time()

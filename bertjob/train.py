@@ -583,9 +583,9 @@ def _killed(err: BaseException) -> str | None:
     """What killed a process of a failed fit, where it was killed: Ray's memory monitor (its
     OutOfMemoryError: a worker's failure, or fit's own when the controller was the one), or a
     signal from outside Ray (a worker's ActorDiedError: the kernel's OOM killer, most often)."""
-    import re
-
     import ray
+
+    from bertjob.cluster import KILLED_FROM_OUTSIDE, memory_note
 
     # A worker's failure is Ray Train's WorkerHealthCheckFailedError, what Ray raised inside it.
     failures = {
@@ -593,14 +593,11 @@ def _killed(err: BaseException) -> str | None:
     }
     causes = [err, *failures.values(), getattr(err, "controller_failure", None)]
     if oom := next((c for c in causes if isinstance(c, ray.exceptions.OutOfMemoryError)), None):
-        node = re.search(r"was ([\d.]+GB used / [\d.]+GB limit)", str(oom))
-        return "Ray's memory monitor killed a process of the run: its node ran low on memory" + (
-            f" ({node.group(1)}; Ray kills above RAY_memory_usage_threshold, 0.95 of it)" if node else ""
-        )
+        note = memory_note(str(oom))
+        return f"Ray's memory monitor killed a process of the run: its node ran low on memory{note}"
     died = sorted(r for r, c in failures.items() if isinstance(c, ray.exceptions.ActorDiedError))
     if died:
-        return (f"the process of worker rank {died[0]} died without an error of its own: killed from outside Ray, "
-                "most often by the kernel's OOM killer (`dmesg` on its node says so), or its node was lost")  # fmt: skip
+        return f"the process of worker rank {died[0]} {KILLED_FROM_OUTSIDE}"
     return None
 
 

@@ -93,6 +93,44 @@ def kill_session(pid: int) -> None:
     subprocess.run(["pkill", "-KILL", "-s", str(pid)], check=False)
 
 
+def session_processes(sid: int, title: str) -> list:
+    """The processes of session `sid` (a process started with start_new_session=True, and the local
+    Ray it started) whose command line holds `title`, such as a Ray actor's `ray::Class.method`."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid and title in " ".join(p.cmdline()):
+                found.append(p)
+        except (ProcessLookupError, PermissionError, psutil.Error):  # gone since, or another user's
+            continue
+    return found
+
+
+def kill_each_try(proc, title: str, timeout: float, stderr: Path) -> tuple[int, str, int]:
+    """SIGKILL each process of `proc`'s session (started with start_new_session=True) whose command
+    line holds `title`, such as a Ray actor while it runs a method (`ray::MapWorker(...).submit`), as
+    the kernel's OOM killer would each time it takes more memory than its node has, until `proc`
+    ends, which it must within `timeout` seconds. Returns its exit status, the last line of its
+    `stderr` (a file), and how many processes were killed."""
+    kills = 0
+    deadline = time.time() + timeout
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            for p in session_processes(proc.pid, title):
+                p.kill()
+                kills += 1
+            time.sleep(0.05)
+        rc = proc.poll()
+    finally:
+        kill_session(proc.pid)
+        proc.wait()
+    err = stderr.read_text()
+    assert rc is not None, f"it did not end in {timeout:.0f} s ({kills} kills):\n{err[-3000:]}"
+    return rc, err.strip().splitlines()[-1], kills
+
+
 def make_imdb_dir(root: Path, per_class: dict[str, int], seed: int = 0) -> Path:
     """The canonical aclImdb layout with synthetic reviews: {'train': n, 'test': n, 'unsup': n}."""
     rng = random.Random(seed)

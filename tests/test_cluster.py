@@ -60,3 +60,53 @@ print(len(ray.get(ray.remote(lambda: list_nodes(timeout=10)).remote())), "node")
         proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "RAY_TMPDIR": temp},
                               capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0 and proc.stdout.strip() == "1 node", proc.stderr[-2000:]
+
+
+def test_a_batch_that_rays_memory_monitor_kills_on_every_try_fails_naming_the_nodes_memory():
+    """Ray's memory monitor kills an actor of a pool whose batch takes more memory than its node has
+    left, Ray restarts it, and Ray Data handed it the same batch again, for ever (its default
+    max_task_retries=-1). Now the run fails after BATCH_RETRIES retries, and `killed` says the memory
+    monitor did it and what the node had: the actor raised only that it "was restarted". The
+    threshold is set 2 GiB above what the node uses as Ray starts, whatever its size; the batch
+    takes memory in steps until it is killed, up to a cap the node keeps a GiB free of. Other
+    processes that take 2 GiB more meanwhile make the monitor kill the run's other tasks instead."""
+    script = """
+import os, sys, time
+import numpy as np
+import ray
+from ray._private.utils import get_system_memory, get_used_memory
+from bertjob.cluster import actor_pool_map, killed
+
+total, used = get_system_memory(), get_used_memory()
+threshold = (used + 2 * 2**30) / total
+cap = min(3 * 2**30, total - used - 2**30)  # past the threshold, short of the node's end
+os.environ["RAY_memory_usage_threshold"] = f"{threshold:.4f}"
+os.environ["RAY_memory_monitor_refresh_ms"] = "50"
+
+
+class Grow:
+    def __call__(self, batch):
+        print("grow: a try in", os.getpid(), flush=True)  # the pid: Ray logs no line twice
+        held = []
+        while len(held) * 2**27 < cap:
+            held.append(np.ones(2**27 // 8))  # 128 MiB, written
+            time.sleep(0.02)
+        raise RuntimeError("not killed")
+
+
+ray.init(address="local", num_cpus=2, include_dashboard=False)  # its own, with the threshold
+started = time.time()
+try:
+    actor_pool_map(ray.data.range(8, override_num_blocks=1), Grow, 1, 1, batch_size=8).materialize()
+except Exception as err:
+    print(f"killed above {100 * threshold:.1f}%:", killed(err, started))
+"""
+    from bertjob.cluster import BATCH_RETRIES
+
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    said = [line for line in proc.stdout.splitlines() if line.startswith("killed above ")]
+    assert said, proc.stdout[-2000:] + proc.stderr[-3000:]
+    above, why = said[0].removeprefix("killed above ").split(": ", 1)
+    assert why.startswith("Ray's memory monitor killed it: its node ran low on memory ("), said
+    assert "GB used / " in why and f"Ray kills above {above} of it, RAY_memory_usage_threshold)" in why, said
+    assert proc.stdout.count("grow: a try in") == BATCH_RETRIES + 1, proc.stdout

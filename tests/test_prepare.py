@@ -16,7 +16,7 @@ from bertjob import prepare
 from bertjob.config import ConfigError, PrepareConfig, build
 from bertjob.outputs import LEASE, MARKER, OutputError
 from bertjob.sources import InputError, open_corpus
-from tests.conftest import kill_session, make_imdb_dir
+from tests.conftest import kill_each_try, kill_session, make_imdb_dir
 
 pytestmark = pytest.mark.integration
 
@@ -176,6 +176,34 @@ def test_a_second_run_meanwhile_is_refused_and_a_killed_run_never_leaves_a_direc
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "manifest.json").exists()
+
+
+def test_a_batch_whose_tokenizer_is_killed_on_every_try_ends_prepare_with_one_line(tmp_path, tiny_model_dir):
+    """The kernel's OOM killer SIGKILLs a tokenize actor whose batch takes more memory than its node
+    has, on every try: Ray Data restarted the actor and handed it the same batch again, for ever
+    (its default max_task_retries=-1), so the job never ended. Now it ends after a few tries, with
+    one line saying what killed it and what to lower."""
+    from bertjob.cluster import BATCH_RETRIES, KILLED_FROM_OUTSIDE
+
+    with open(tmp_path / "big.jsonl", "w") as f:
+        for i in range(20_000):
+            f.write(json.dumps({"text": f"great movie number {i} " * 20, "label": i % 2}) + "\n")
+    with open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bertjob", "prepare", "--input", str(tmp_path / "big.jsonl"), "--output",
+             str(tmp_path / "out"), "--model", tiny_model_dir, "--max-length", "32", "--batch-size", "256"],
+            start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr,
+        )  # fmt: skip
+    # without a bound on the retries the job never ended
+    rc, last, kills = kill_each_try(
+        proc, "ray::MapWorker(MapBatches(Tokenize)).submit", 150, tmp_path / "stderr"
+    )
+    assert rc == 1 and last.startswith(
+        f"bertjob: error: prepare stopped: a tokenize or write process was killed on each of the {BATCH_RETRIES + 1} "
+        f"tries of a batch: it {KILLED_FROM_OUTSIDE}. Where memory ran out, "
+    ), last
+    assert "lower --batch-size (rows tokenized at once, now 256)" in last and kills >= BATCH_RETRIES + 1
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_a_prepared_directory_is_refused_as_input_and_left_as_it_is(tmp_path, prepared_small, tiny_model_dir):

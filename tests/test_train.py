@@ -10,13 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
 from bertjob import cli, outputs, runlog, train, training
 from bertjob.config import TrainConfig
-from tests.conftest import kill_session
+from tests.conftest import kill_session, session_processes
 
 pytestmark = pytest.mark.integration
 
@@ -125,9 +124,7 @@ def test_a_killed_worker_then_a_killed_job_resume_at_the_exact_sample_with_fewer
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
     try:
         _wait_for(snapshot.exists)  # a checkpoint is registered: there is something to resume from
-        workers = [
-            p for p in psutil.process_iter() if _in_session(p, proc.pid) and "RayTrainWorker" in _cmd(p)
-        ]
+        workers = session_processes(proc.pid, "RayTrainWorker")
         assert workers, "no Ray Train worker found in the job's session"
         workers[-1].kill()  # SIGKILL one worker: Ray restarts the group from the checkpoint
         # The new group has resumed (its rank 0 records its start) and then checkpointed again; a
@@ -217,9 +214,8 @@ def test_a_process_killed_for_memory_is_one_line_saying_what_to_lower(
         try:
             if killer == "kernel":  # as it would: SIGKILL, once the worker trains
                 _wait_for((out / "ray_results" / "bertjob-train" / "checkpoint_manager_snapshot.json").exists)
-                for p in psutil.process_iter():
-                    if _in_session(p, proc.pid) and "RayTrainWorker" in _cmd(p):
-                        p.kill()
+                for p in session_processes(proc.pid, "RayTrainWorker"):
+                    p.kill()
             _, err = proc.communicate(timeout=300)
         finally:
             kill_session(proc.pid)
@@ -233,20 +229,6 @@ def test_a_process_killed_for_memory_is_one_line_saying_what_to_lower(
             and "micro-batches of 16: where memory ran out, give a smaller --micro-batch-size" in last[0]
         )
         assert last[1] == "bertjob: the same command again resumes from its last checkpoint"
-
-
-def _in_session(p: psutil.Process, sid: int) -> bool:
-    try:
-        return os.getsid(p.pid) == sid
-    except (ProcessLookupError, PermissionError):
-        return False
-
-
-def _cmd(p: psutil.Process) -> str:
-    try:
-        return " ".join(p.cmdline())
-    except psutil.Error:
-        return ""
 
 
 def test_a_non_finite_loss_stops_the_run_at_once_naming_the_step(
