@@ -14,7 +14,7 @@ from typing import Any
 
 from bertjob import infer, models, prepare, pretrain, train
 from bertjob.cluster import init_ray
-from bertjob.config import InferConfig, PipelineConfig, PrepareConfig, TrainConfig, to_dict
+from bertjob.config import STAGES, InferConfig, PipelineConfig, PrepareConfig, TrainConfig, to_dict
 from bertjob.identity import identity, model_fingerprint
 from bertjob.outputs import MANIFEST, ensure_output, releasing
 from bertjob.sources import Corpus, InputError, prepared_files
@@ -281,10 +281,21 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             "rows_per_s": out["rows_per_s"], **({"accuracy": out["metrics"]["accuracy"]} if "metrics" in out else {}),
         }  # fmt: skip
     summary["wall_s"] = round(time.time() - started, 1)
-    summary["config"] = to_dict(cfg)
+    summary["config"] = settings_record(cfg)
     write_json(join(cfg.output_dir, "summary.json"), summary)
     print_summary(summary)
     return summary
+
+
+def settings_record(cfg: PipelineConfig) -> dict[str, Any]:
+    """The pipeline's settings as summary.json keeps them: each stage section's values as its stage
+    reads them (`--train.lr 3e-5` is the number 3e-05 there, not the flag's text)."""
+    record = to_dict(cfg)
+    for name in STAGES:
+        if record.get(name):
+            typed = to_dict(cfg.stage(name))
+            record[name] = {key: typed[key] for key in record[name]}
+    return record
 
 
 def print_summary(summary: dict[str, Any]) -> None:

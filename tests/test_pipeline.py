@@ -21,10 +21,12 @@ def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, tiny_model_dir, ra
     settings = {
         "input": str(corpus), "output_dir": str(tmp_path / "out"), "model": tiny_model_dir, "max_length": 32,
         "num_workers": 1, "name": "p", "prepare": {"head_tokens": 8},
-        "train": {"epochs": 1, "batch_size": 16, "mixed_precision": "off", "lr": 5e-3},
+        # lr as a `--train.lr 5e-3` flag gives it: text, which summary.json records as the number train read
+        "train": {"epochs": 1, "batch_size": 16, "mixed_precision": "off", "lr": "5e-3"},
     }  # fmt: skip
     cfg = build(PipelineConfig, settings)
     first = pipeline.run(cfg)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["config"]["train"]["lr"] == 5e-3
     assert first["stages"]["prepare"]["rows"] == {"train": 72, "validation": 8, "test": 40, "unsup": 10}
     assert first["stages"]["evaluate"]["rows_scored"] == 40 and first["stages"]["infer"]["rows_scored"] == 10
     assert not first["stages"]["prepare"]["reused"] and not first["stages"]["train"]["reused"]
