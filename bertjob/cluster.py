@@ -153,11 +153,16 @@ def node_cpus() -> int:
 
 # Ray Data hands the batch of an actor that was killed to its restarted actor, by default for ever
 # (max_task_retries=-1): a batch that cannot fit in memory was killed and retried without end. A few
-# retries still carry a batch over a lost node or a one-off kill; each takes one.
+# retries still carry a batch over a lost node or a one-off kill; each takes one. An actor killed
+# while it starts is restarted as often (`_counting_starts`).
 BATCH_RETRIES = 3
 # A process of the job whose end Ray saw no cause of
 KILLED_FROM_OUTSIDE = ("died without an error of its own: killed from outside Ray, most often by the kernel's OOM "
                        "killer (`dmesg` on its node says so), or its node was lost")  # fmt: skip
+
+
+class KilledStartingError(RuntimeError):
+    """A pool actor's start after BATCH_RETRIES restarts whose starts were each killed."""
 
 
 def actor_pool_map(ds: Any, fn: Any, least: int, most: int | None, cpus: float = 1, gpus: float = 0,
@@ -166,7 +171,8 @@ def actor_pool_map(ds: Any, fn: Any, least: int, most: int | None, cpus: float =
     with as many actors of `cpus` CPUs and `gpus` GPUs as the cluster holds now (at least `least`,
     at most `most`), and Ray Data grows it onto CPUs and GPUs that join later, up to `most` (None:
     no limit), or shrinks it when actors idle or their node dies. A batch whose actor is killed is
-    retried BATCH_RETRIES times, then the run fails (`killed` says why)."""
+    retried BATCH_RETRIES times, and an actor killed while it starts restarted as often, then the
+    run fails (`killed` says why, `killed_starting` whether while starting)."""
     from ray.data import ActorPoolStrategy
 
     fits = cluster_gpus() // gpus if gpus else cluster_cpus() // cpus if cpus else least
@@ -176,25 +182,61 @@ def actor_pool_map(ds: Any, fn: Any, least: int, most: int | None, cpus: float =
         # warns are deprecated (to go in Ray 2.64) while it names no other way to pass it.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         return ds.map_batches(
-            fn, compute=ActorPoolStrategy(min_size=least, max_size=most, initial_size=start), num_cpus=cpus,
-            num_gpus=gpus, max_task_retries=BATCH_RETRIES, **kwargs,
+            _counting_starts(fn), compute=ActorPoolStrategy(min_size=least, max_size=most, initial_size=start),
+            num_cpus=cpus, num_gpus=gpus, max_task_retries=BATCH_RETRIES, **kwargs,
         )  # fmt: skip
 
 
+def _counting_starts(cls: type) -> type:
+    """`cls` whose actors end the run when killed while starting on each of BATCH_RETRIES + 1 tries:
+    a start that finds more restarts of its actor (Ray's count) than when it last finished starting
+    (kept in Ray's key-value store under the actor's id) raises KilledStartingError, which Ray Data
+    ends the run for (a pool whose actor's __init__ raised). Ray restarts a killed actor for ever
+    (Ray Data's max_restarts=-1), as nodes lost now and then need: one killed on every start
+    (loading a model too big for its node) kept the job waiting without a word."""
+
+    class Counted(cls):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any):
+            import ray
+            from ray.experimental import internal_kv as kv  # Ray's own libraries keep state there
+
+            actor, restarts = ray.get_runtime_context().get_actor_id(), 0
+            try:  # Ray's private API, as memory_kill_detail's; without it, no bound
+                from ray._private.state import state
+
+                restarts = state.actor_table(actor)["NumRestarts"]
+            except (ImportError, AttributeError, KeyError, TypeError) as err:
+                log.debug("no restart count from Ray: %s", err)
+            key = f"bertjob-started-at-{actor}"
+            if restarts - int(kv._internal_kv_get(key) or 0) > BATCH_RETRIES:
+                raise KilledStartingError(f"killed while starting on each of its {BATCH_RETRIES + 1} tries")
+            super().__init__(*args, **kwargs)
+            kv._internal_kv_put(key, str(restarts))
+
+    Counted.__name__ = Counted.__qualname__ = cls.__name__  # Ray names the pool and its processes after it
+    return Counted
+
+
 def killed(err: BaseException, since: float) -> str | None:
-    """Why a batch of an `actor_pool_map` ran out of retries, where its actor was killed (`err`: what
-    the run raised; `since`: when the run started, in seconds): by Ray's memory monitor, or by a
-    signal from outside Ray. None when `err` is no such failure (an actor whose __init__ raised)."""
+    """Why a batch of an `actor_pool_map` ran out of retries, or an actor of it out of starts, where
+    its actor was killed (`err`: what the run raised; `since`: when the run started, in seconds): by
+    Ray's memory monitor, or by a signal from outside Ray. None when `err` is no such failure (an
+    actor whose __init__ raised an error of its own)."""
     import ray
 
-    if isinstance(err, ray.exceptions.RayActorError) and err.actor_init_failed:
-        return None
     if not isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError)):
+        return None
+    if isinstance(err, ray.exceptions.RayActorError) and err.actor_init_failed and not killed_starting(err):
         return None
     detail = str(err) if isinstance(err, ray.exceptions.OutOfMemoryError) else memory_kill_detail(since)
     if detail is not None:
         return f"Ray's memory monitor killed it: its node ran low on memory{memory_note(detail)}"
     return f"it {KILLED_FROM_OUTSIDE}"
+
+
+def killed_starting(err: BaseException) -> bool:
+    """Whether `err` is an `actor_pool_map` actor out of starts (each killed, in its __init__)."""
+    return KilledStartingError.__name__ in str(err)
 
 
 def memory_note(detail: str) -> str:

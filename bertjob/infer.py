@@ -692,7 +692,7 @@ def input_files(corpus: Any) -> list[str] | None:
 def run(cfg: InferConfig, evaluate: bool = False, replace_changed: bool = False) -> dict[str, Any]:
     import ray
 
-    from bertjob.cluster import actor_pool_map, init_ray, killed, resource_problem
+    from bertjob.cluster import actor_pool_map, init_ray, killed, killed_starting, resource_problem
     from bertjob.datasource import read_corpus
 
     started = time.time()
@@ -753,28 +753,44 @@ def run(cfg: InferConfig, evaluate: bool = False, replace_changed: bool = False)
         ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
     except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as err:
         if why := killed(err, scoring_t0):
-            raise ScoringKilledError(stage, why, cfg, effective["max_length"], cpus) from err
+            raise ScoringKilledError(
+                stage, why, cfg, effective["max_length"], cpus, killed_starting(err)
+            ) from err
         raise
     scoring_s = time.time() - scoring_t0
     return finish(cfg, stage, run_info, sink, already, started, scoring_s, ray.cluster_resources(), evaluate)
 
 
 class ScoringKilledError(JobError):
-    """A batch whose scoring process was killed on every try, most likely for memory. Ray Data
-    retried such a batch for ever (Ray's default): the job never ended."""
+    """A batch whose scoring process was killed on every try, or a scoring process killed on every
+    try while it loaded the model (`loading`), most likely for memory. Ray Data retried either for
+    ever (Ray's defaults): the job never ended."""
 
-    def __init__(self, stage: str, why: str, cfg: InferConfig, max_length: int, cpus: float):
+    def __init__(
+        self, stage: str, why: str, cfg: InferConfig, max_length: int, cpus: float, loading: bool = False
+    ):
         from bertjob.cluster import BATCH_RETRIES
 
-        lower = [f"--batch-size (sequences scored at once per thread, now {cfg.batch_size or '16 on CPU, 256 on GPU'})",
-                 f"--max-length (now {max_length})"]  # fmt: skip
-        if not cfg.use_gpu:
-            lower.append(f"--cpus-per-worker (threads per worker, now {max(1, int(cpus))})")
+        threads, tries = max(1, int(cpus)), BATCH_RETRIES + 1
+        if loading:  # each worker holds the model: fewer of them per node, or a smaller model
+            fewer = (
+                "fewer --num-workers"
+                if cfg.use_gpu
+                else f"a higher --cpus-per-worker (now {threads}) or fewer --num-workers"
+            )
+            what = f"a scoring process was killed while loading the model on each of its {tries} tries"
+            fix = f"score on nodes with more memory, with a smaller model, or on fewer workers per node ({fewer})"
+        else:
+            lower = [f"--batch-size (sequences scored at once per thread, now {cfg.batch_size or '16 on CPU, 256 on GPU'})",
+                     f"--max-length (now {max_length})"]  # fmt: skip
+            if not cfg.use_gpu:
+                lower.append(f"--cpus-per-worker (threads per worker, now {threads})")
+            what = f"the scoring process of a batch was killed on each of its {tries} tries"
+            fix = (f"lower {', '.join(lower[:-1])} or {lower[-1]}, score on fewer workers per node (--num-workers), "
+                   f"or on nodes with more memory")  # fmt: skip
         super().__init__(
-            f"{stage} stopped: the scoring process of a batch was killed on each of its {BATCH_RETRIES + 1} tries: "
-            f"{why}. Where memory ran out, lower {', '.join(lower[:-1])} or {lower[-1]}, score on fewer workers per "
-            f"node (--num-workers), or on nodes with more memory; the rows committed are kept: the same command "
-            f"again resumes from them"
+            f"{stage} stopped: {what}: {why}. Where memory ran out, {fix}; the rows committed are kept: the same "
+            f"command again resumes from them"
         )
 
 

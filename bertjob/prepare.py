@@ -514,7 +514,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     """Run the prepare job; returns the manifest."""
     import ray
 
-    from bertjob.cluster import BATCH_RETRIES, actor_pool_map, cluster_cpus, init_ray, killed
+    from bertjob.cluster import BATCH_RETRIES, actor_pool_map, cluster_cpus, init_ray, killed, killed_starting
     from bertjob.datasource import read_corpus
 
     started = time.time()
@@ -595,7 +595,13 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
                 merge_stats(stats, part_stats)
                 finished.update(part_files)
     except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as err:
-        if why := killed(err, t_run):
+        if (why := killed(err, t_run)) and killed_starting(err):
+            raise JobError(
+                f"prepare stopped: a tokenize or write process was killed while starting on each of its "
+                f"{BATCH_RETRIES + 1} tries: {why}. Where memory ran out, run on nodes with more memory (each "
+                f"of a node's CPUs starts one); the same command again prepares the corpus anew"
+            ) from err
+        if why:
             raise JobError(
                 f"prepare stopped: a tokenize or write process was killed on each of the {BATCH_RETRIES + 1} tries of "
                 f"a batch: {why}. Where memory ran out, lower --batch-size (rows tokenized at once, now {cfg.batch_size}) "

@@ -93,32 +93,36 @@ def kill_session(pid: int) -> None:
     subprocess.run(["pkill", "-KILL", "-s", str(pid)], check=False)
 
 
-def session_processes(sid: int, title: str) -> list:
+def session_processes(sid: int, title: str, mapping: str = "") -> list:
     """The processes of session `sid` (a process started with start_new_session=True, and the local
-    Ray it started) whose command line holds `title`, such as a Ray actor's `ray::Class.method`."""
+    Ray it started) whose command line holds `title`, such as a Ray actor's `ray::Class.method`,
+    and that map a file whose path holds `mapping` (a library it loads, such as libtorch)."""
     import psutil
 
     found = []
     for p in psutil.process_iter():
         try:
             if os.getsid(p.pid) == sid and title in " ".join(p.cmdline()):
+                if mapping and not any(mapping in m.path for m in p.memory_maps()):
+                    continue
                 found.append(p)
         except (ProcessLookupError, PermissionError, psutil.Error):  # gone since, or another user's
             continue
     return found
 
 
-def kill_each_try(proc, title: str, timeout: float, stderr: Path) -> tuple[int, str, int]:
+def kill_each_try(proc, title: str, timeout: float, stderr: Path, mapping: str = "") -> tuple[int, str, int]:
     """SIGKILL each process of `proc`'s session (started with start_new_session=True) whose command
-    line holds `title`, such as a Ray actor while it runs a method (`ray::MapWorker(...).submit`), as
-    the kernel's OOM killer would each time it takes more memory than its node has, until `proc`
-    ends, which it must within `timeout` seconds. Returns its exit status, the last line of its
-    `stderr` (a file), and how many processes were killed."""
+    line holds `title`, such as a Ray actor while it runs a method (`ray::MapWorker(...).submit`),
+    once it maps `mapping` (if given: a library its work loads), as the kernel's OOM killer would
+    each time it takes more memory than its node has, until `proc` ends, which it must within
+    `timeout` seconds. Returns its exit status, the last line of its `stderr` (a file), and how many
+    processes were killed."""
     kills = 0
     deadline = time.time() + timeout
     try:
         while proc.poll() is None and time.time() < deadline:
-            for p in session_processes(proc.pid, title):
+            for p in session_processes(proc.pid, title, mapping):
                 p.kill()
                 kills += 1
             time.sleep(0.05)

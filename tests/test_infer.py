@@ -479,6 +479,37 @@ def test_a_batch_whose_scorer_is_killed_on_every_try_ends_the_job_with_one_line_
 
 
 @pytest.mark.integration
+def test_a_scorer_killed_while_loading_the_model_on_every_try_ends_the_job_with_one_line(
+    tiny_classifier_dir, tmp_path
+):
+    """The kernel's OOM killer SIGKILLs a predictor while it loads a model too big for its node's
+    memory, on every try: Ray Data restarted the actor for ever (its default max_restarts=-1) and
+    the job waited for it without a word. Now it ends after as many tries as a batch gets, with one
+    line saying so and what to change."""
+    from bertjob.cluster import BATCH_RETRIES, KILLED_FROM_OUTSIDE
+
+    d = tmp_path / "corpus"
+    d.mkdir()
+    _corpus(d / "part.parquet", 200, bad=False)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "bertjob", "infer", "--input", str(d), "--model", tiny_classifier_dir,
+            "--output", str(out), "--num-workers", "1", "--cpus-per-worker", "1"]  # fmt: skip
+    with open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
+    # without a bound on the restarts the job never ended
+    rc, last, kills = kill_each_try(  # once it loads torch: the predictor's own __init__
+        proc, "ray::MapWorker(MapBatches(Predictor)).__init__", 120, tmp_path / "stderr", mapping="libtorch"
+    )
+    assert rc == 1 and last == (
+        f"bertjob: error: infer stopped: a scoring process was killed while loading the model on each of its "
+        f"{BATCH_RETRIES + 1} tries: it {KILLED_FROM_OUTSIDE}. Where memory ran out, score on nodes with more memory, "
+        f"with a smaller model, or on fewer workers per node (a higher --cpus-per-worker (now 1) or fewer "
+        f"--num-workers); the rows committed are kept: the same command again resumes from them"
+    ), last
+    assert kills >= BATCH_RETRIES + 1 and not list(out.glob("predictions/*.parquet"))
+
+
+@pytest.mark.integration
 def test_the_driver_of_infer_never_imports_torch(tiny_classifier_dir, tmp_path, ray_local):
     """Only the predictor actors score: the driver, and the read and write tasks that unpickle this
     module's sink, skip torch's import (~1.3 s of CPU per process on a small machine), once the
