@@ -383,11 +383,19 @@ def test_a_cpu_predictor_takes_a_nodes_cpus_unless_the_worker_count_needs_fewer(
 
 
 @pytest.mark.integration
-def test_a_stopped_infer_resumes_with_exactly_one_row_per_input(tiny_classifier_dir, tmp_path, ray_local):
+def test_a_stopped_or_killed_infer_resumes_with_exactly_one_row_per_input(
+    tiny_classifier_dir, tmp_path, ray_local
+):
     """SIGTERM of the driver alone (what `kubectl delete pod`, `ray job stop` and `timeout` send) ends
     the run as Ctrl-C does: one line, exit status 143, no stack dump. The same command again resumes;
-    SIGKILLed with its local Ray (a lost node) once it has committed more, it leaves what it committed;
-    the same command once more completes the output with one row per input."""
+    SIGKILLed with its local Ray (a lost node) once it has committed more, it leaves what it committed.
+    Then the kernel's OOM killer SIGKILLs the predictor on every try of a batch (one too big for its
+    node's memory): Ray Data restarted the actor and handed it the same batch again, for ever (its
+    default max_task_retries=-1), so the job never ended. Now it ends after a few tries with one line
+    saying what killed it and what to lower, keeping what was committed before. The same command
+    once more completes the output with one row per input."""
+    from bertjob.cluster import BATCH_RETRIES, KILLED_FROM_OUTSIDE
+
     d = tmp_path / "corpus"
     d.mkdir()
     units, per_unit = 6, 4000
@@ -426,6 +434,23 @@ def test_a_stopped_infer_resumes_with_exactly_one_row_per_input(tiny_classifier_
             assert "SIGTERM received" not in err and "Traceback" not in err, err[-3000:]
         assert before < committed() < total and not (out / "manifest.json").exists()
     partial = committed()
+    one = [*args]  # one predictor, as the advice to score on fewer workers per node gives
+    one[one.index("--num-workers") + 1] = "1"
+    with open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen(one, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
+    # each time it scores; without a bound on the retries the job never ended
+    rc, last, kills = kill_each_try(
+        proc, "ray::MapWorker(MapBatches(Predictor)).submit", 150, tmp_path / "stderr"
+    )
+    assert rc == 1 and last.startswith(
+        f"bertjob: error: infer stopped: the scoring process of a batch was killed on each of its "
+        f"{BATCH_RETRIES + 1} tries: it {KILLED_FROM_OUTSIDE}. Where memory ran out, "
+    ), last
+    assert "lower --batch-size (sequences scored at once per thread, now 16), --max-length (now 64)" in last
+    assert "the same command again resumes from them" in last and kills >= BATCH_RETRIES + 1
+    assert committed() >= partial and not (out / "manifest.json").exists()  # what was committed is kept
+    partial = committed()
+    (out / "_tmp").mkdir(exist_ok=True)
     (out / "_tmp" / "cut-short.parquet").write_bytes(b"PAR1")  # a write a stop cut short
     m = infer.run(
         InferConfig(input=str(d), model=tiny_classifier_dir, output=str(out), batch_size=16, num_workers=2)
@@ -434,48 +459,6 @@ def test_a_stopped_infer_resumes_with_exactly_one_row_per_input(tiny_classifier_
     ids = pq.read_table(out / "predictions").column("id").to_pylist()
     assert len(ids) == len(set(ids)) == total
     assert not (out / "_tmp").exists()  # such files were kept for ever
-
-
-@pytest.mark.integration
-def test_a_batch_whose_scorer_is_killed_on_every_try_ends_the_job_with_one_line_and_a_rerun_resumes(
-    tiny_classifier_dir, tmp_path, ray_local
-):
-    """The kernel's OOM killer SIGKILLs a predictor that scores a batch too big for its node's
-    memory, on every try: Ray Data restarted the actor and handed it the same batch again, for
-    ever (its default max_task_retries=-1), so the job never ended. Now it ends after a few tries
-    with one line saying what killed it and what to lower; what it committed before is kept, and
-    the same command again resumes from it."""
-    from bertjob.cluster import BATCH_RETRIES, KILLED_FROM_OUTSIDE
-
-    d = tmp_path / "corpus"
-    d.mkdir()
-    units, per_unit = 2, 2500
-    for i in range(units):
-        _corpus(d / f"part{i}.parquet", per_unit, bad=False, seed=i, prefix=f"p{i}-")
-    out = tmp_path / "out"
-    args = [sys.executable, "-m", "bertjob", "infer", "--input", str(d), "--model", tiny_classifier_dir,
-            "--output", str(out), "--batch-size", "16", "--num-workers", "1", "--rows-per-shard", "200"]  # fmt: skip
-    with open(tmp_path / "stderr", "w") as stderr:
-        proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
-    deadline = time.time() + 150  # without a bound on the retries the job never ended
-    while not list(out.glob("predictions/*.parquet")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    # from now on, whenever it scores
-    rc, last, kills = kill_each_try(proc, "ray::MapWorker(MapBatches(Predictor)).submit", deadline - time.time(),
-                                    tmp_path / "stderr")  # fmt: skip
-    assert rc == 1 and last.startswith(
-        f"bertjob: error: infer stopped: the scoring process of a batch was killed on each of its "
-        f"{BATCH_RETRIES + 1} tries: it {KILLED_FROM_OUTSIDE}. Where memory ran out, "
-    ), last
-    assert "lower --batch-size (sequences scored at once per thread, now 16), --max-length (now 64)" in last
-    assert "the same command again resumes from them" in last and kills >= BATCH_RETRIES + 1
-    committed = len(pq.read_table(out / "predictions"))
-    m = infer.run(
-        InferConfig(input=str(d), model=tiny_classifier_dir, output=str(out), batch_size=16, num_workers=1)
-    )
-    assert m["rows_resumed"] == committed > 0 and m["rows_this_run"] == units * per_unit - committed
-    ids = pq.read_table(out / "predictions").column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == units * per_unit
 
 
 @pytest.mark.integration
