@@ -231,14 +231,12 @@ def check_access(locations: dict[str, str]) -> None:
 
 
 def _why(err: OSError) -> str:
+    # A failed connection first: its words may hold what reads as a refusal (port 50403's "403").
     text = str(err)
-    if any(
-        k in text
-        for k in ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")
-    ):
-        return "access denied (check the credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or the bucket's policy)"
     if any(k in text for k in ("NETWORK_CONNECTION", "Could not connect", "resolve host", "curlCode")):
         return "the endpoint cannot be reached (check AWS_ENDPOINT_URL and the network)"
+    if re.search(r"ACCESS_DENIED|AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|\b403\b", text):
+        return "access denied (check the credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or the bucket's policy)"
     return "cannot be reached"
 
 

@@ -6,6 +6,7 @@ import ast
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ import pytest
 from bertjob import cli, infer, models, pipeline, storage
 from bertjob.config import InferConfig, PipelineConfig, build
 from bertjob.sources import InputError, open_corpus
-from tests.conftest import free_port, kill_session, make_imdb_dir, review, tar_dir
+from tests.conftest import kill_session, make_imdb_dir, review, tar_dir
 from tests.relay import Relay
 
 PACKAGE = Path(__file__).parent.parent / "bertjob"
@@ -160,11 +161,18 @@ def test_storage_problems_are_one_clear_error_before_any_work(s3, tmp_path, caps
         m.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")  # the server checks signatures
         err = fails("train", "--data", data, "--output", local_out)
     assert f"data {data}: access denied" in err
+    # Nothing listens there; its number holds "403", which once read as a refusal (access denied).
+    port = next(p for p in range(40300, 40400) if _nothing_listens(p))
     with monkeypatch.context() as m:
-        m.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+        m.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
         err = fails("infer", "--input", "imdb-sample", "--model", "minilm", "--output", s3.uri("scored"))
-    assert "output s3://" in err and "the endpoint cannot be reached" in err
+    assert "output s3://" in err and "the endpoint cannot be reached" in err, err
     assert not os.path.exists(local_out)
+
+
+def _nothing_listens(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
 
 
 def _predictions(first: int, last: int) -> pa.Table:
