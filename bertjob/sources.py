@@ -436,8 +436,11 @@ def _refuse_wide_text(corpus: Corpus, path: str) -> None:
     an error saying so: read as UTF-8 it failed as a parse error or a missing column."""
     if corpus.kind not in ("csv", "jsonl"):
         return
-    with _open_text_stream(corpus.fs, path) as f:
-        head = f.read(64)
+    try:
+        with _open_text_stream(corpus.fs, path) as f:
+            head = f.read(64)
+    except OSError:  # a .gz that is not gzip: the error being raised names the file, this one did not
+        return
     zeros = tuple(i for i, b in enumerate(head[:8]) if b == 0)
     for encoding, (marks, ascii_zeros) in WIDE_TEXT.items():
         if head.startswith(marks) or zeros in ascii_zeros:
@@ -888,6 +891,23 @@ def _not_scalar_ids(where: str, column: str, holds: str) -> str:
             f"strings or numbers, or leave it out (ids are then <file>:<row>)")  # fmt: skip
 
 
+STRING_BYTES = {
+    pa.string(): pa.binary(),
+    pa.large_string(): pa.large_binary(),
+    pa.string_view(): pa.binary_view(),
+}
+
+
+def _values(column: pa.ChunkedArray) -> list[Any]:
+    """A column's values, its strings as bytes for the caller to decode with replacement: pyarrow
+    does not check that a Parquet file's strings are UTF-8 (nor do Arrow's or Impala's writers), and
+    to_pylist() of one that was not ended the job with a traceback. A dictionary column is decoded
+    first: of one of bytes, str() made the text "b'Great film'"."""
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
+    return column.cast(STRING_BYTES.get(column.type, column.type)).to_pylist()
+
+
 def _generic_table(corpus: Corpus, path: str, table: pa.Table, first_row: int, split: str) -> pa.Table:
     """Map a file's own columns onto ROW_SCHEMA."""
     n = table.num_rows
@@ -895,25 +915,17 @@ def _generic_table(corpus: Corpus, path: str, table: pa.Table, first_row: int, s
     rel = corpus.relpath(path)
     ids = [f"{rel}:{first_row + i}" for i in range(n)]
     if corpus.id_column:  # a missing id falls back to file:row, which is unique too
-        for i, v in enumerate(table.column(corpus.id_column).to_pylist()):
+        for i, v in enumerate(_values(table.column(corpus.id_column))):
             if v is not None:
                 ids[i] = _id_text(v)
     texts: list[str | None] = [None] * n
     replaced = [False] * n
     if corpus.text_column in names:
-        col = table.column(corpus.text_column)
-        if (
-            pa.types.is_binary(col.type)
-            or pa.types.is_large_binary(col.type)
-            or pa.types.is_binary_view(col.type)
-        ):
-            for i, raw in enumerate(col.to_pylist()):
-                texts[i], replaced[i] = decode_text(raw)
-        else:
-            texts = [None if v is None else str(v) for v in col.to_pylist()]
+        for i, v in enumerate(_values(table.column(corpus.text_column))):
+            texts[i], replaced[i] = decode_text(v if v is None or isinstance(v, bytes) else str(v))
     labels: list[str | None] = [None] * n
     if corpus.label_column and corpus.label_column in names:
-        labels = [_as_text(v) for v in table.column(corpus.label_column).to_pylist()]
+        labels = [_as_text(v) for v in _values(table.column(corpus.label_column))]
     elif corpus.label_column:
         labels = [_partition_keys(corpus, path).get(corpus.label_column)] * n
     return pa.Table.from_pydict(
@@ -1081,6 +1093,23 @@ def _read_csv(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table]:
             row += table.num_rows
 
 
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _replace_lone_surrogates(obj: dict[str, Any], keys: list[str]) -> bool:
+    """Replace a lone surrogate in a JSON string with U+FFFD, as invalid UTF-8 is: an escape such as
+    "\\ud83d" without its pair, half an emoji cut off by a writer that truncates (tweets at 140
+    characters). Arrow cannot hold one: the read task ended the job with a traceback. True when
+    one was replaced."""
+    found = False
+    for key in keys:
+        value = obj.get(key)
+        if isinstance(value, str) and LONE_SURROGATE.search(value):
+            obj[key] = LONE_SURROGATE.sub("\ufffd", value)
+            found = True
+    return found
+
+
 def _read_jsonl(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table]:
     """A JSONL file's columns are its first record's keys, as a CSV file's are its header: they
     decide before any work whether the corpus is labelled and has its text and id columns. A later
@@ -1110,6 +1139,7 @@ def _read_jsonl(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table
                 ) from err
             if not isinstance(obj, dict):
                 raise InputError(f"input {uri(corpus.fs, path)}, line {lineno}: not a JSON object")
+            replaced |= b"\\u" in raw_line and _replace_lone_surrogates(obj, cols)
             if first is None:
                 first = {c for c in cols if c in obj}
             late = [c for c in cols if c not in first and obj.get(c) is not None]

@@ -129,6 +129,12 @@ def test_unreadable_and_empty_inputs_are_clear_errors(tmp_path):
         open_corpus(str(tmp_path / "fifo.csv"))
     with pytest.raises(InputError, match="broken.parquet: cannot be listed"):  # a directory that is not one
         open_corpus(str(tmp_path / "broken.parquet" / "*.csv"))
+    for fmt in ("csv", "jsonl"):  # named .gz, not gzip: "zlib inflate failed", naming no file
+        (tmp_path / f"plain.{fmt}.gz").write_text("text,label\ngood,1\n")
+        with pytest.raises(
+            InputError, match=rf"plain.{fmt}.gz: cannot be read as {fmt} \(zlib inflate failed"
+        ):
+            open_corpus(str(tmp_path / f"plain.{fmt}.gz"))
 
 
 @pytest.mark.parametrize("fmt", ["gnu", "pax", "ustar-plain", "bz2"])
@@ -611,6 +617,39 @@ def test_binary_id_and_label_columns_are_read_as_text(tmp_path):
         )
         rows = read_all(open_corpus(str(tmp_path / "d.parquet"), id_column="id")).to_pylist()
         assert [r["id"] for r in rows] == ["ff" * 16, "fe" * 16]
+
+
+def test_parquet_strings_that_are_not_utf8_or_dictionary_encoded_bytes_are_read_as_text(tmp_path):
+    """pyarrow does not check a Parquet string column's UTF-8: a file whose strings were not (Arrow's
+    and Impala's writers do not check either) ended the read task with a UnicodeDecodeError
+    traceback. A dictionary column of bytes was read as the text "b'good'", without a word."""
+    invalid = pa.array([b"good \xff film", b"bad", b"k\xff"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"id": invalid[2:].take([0, 0]), "text": invalid[:2], "label": [1, 0]}),
+                   tmp_path / "latin.parquet")  # fmt: skip
+    rows = read_all(open_corpus(str(tmp_path / "latin.parquet"), id_column="id")).to_pylist()
+    assert [(r["id"], r["text"], r["utf8_replaced"]) for r in rows] == [
+        ("6bff", "good \ufffd film", True),  # an id that is not text is its hex, as one of bytes is
+        ("6bff", "bad", False),
+    ]
+    texts = pa.array([b"good", b"bad", None], pa.binary()).dictionary_encode()
+    pq.write_table(pa.table({"text": texts, "label": pa.array(["pos", "neg", "pos"]).dictionary_encode()}),
+                   tmp_path / "dict.parquet")  # fmt: skip
+    rows = read_all(open_corpus(str(tmp_path / "dict.parquet"))).to_pylist()
+    assert [(r["text"], r["label"]) for r in rows] == [("good", "pos"), ("bad", "neg"), (None, "pos")]
+
+
+def test_a_lone_surrogate_in_a_jsonl_string_is_replaced_and_counted(tmp_path):
+    """A JSON escape of half an emoji ("\\ud83d" without its pair: tweets cut at 140 characters)
+    cannot be held by Arrow: the read task ended the job with a UnicodeEncodeError traceback."""
+    (tmp_path / "cut.jsonl").write_text(
+        '{"id": "a\\udc00", "text": "Loved it \\ud83d", "label": "1"}\n'
+        '{"id": "b", "text": "Loved it \\ud83d\\ude00", "label": "\\ud83d"}\n'
+    )
+    rows = read_all(open_corpus(str(tmp_path / "cut.jsonl"), id_column="id")).to_pylist()
+    assert [(r["id"], r["text"], r["label"], r["utf8_replaced"]) for r in rows] == [
+        ("a\ufffd", "Loved it \ufffd", "1", True),
+        ("b", "Loved it \U0001f600", "\ufffd", True),  # a whole pair is the emoji it escapes
+    ]
 
 
 def test_a_review_file_the_imdb_layout_cannot_name_is_an_error(tmp_path, imdb_small):
