@@ -418,7 +418,9 @@ def _generic(fs: pafs.FileSystem, root: str, files: list[tuple[str, int]], opts:
         try:
             names = _check_columns(corpus, path)
         except InputError:
-            _refuse_wide_text(corpus, path)  # the likelier cause of a first line that makes no sense
+            # The likelier causes of a first line that makes no sense
+            _refuse_wide_text(corpus, path)
+            _refuse_other_separator(corpus, path)
             raise
         corpus.labelled |= bool(corpus.label_column) and corpus.label_column in names
         if names and not corpus.header[1]:
@@ -448,6 +450,26 @@ def _refuse_wide_text(corpus: Corpus, path: str) -> None:
                 f"input {uri(corpus.fs, path)}: the file is {encoding} text; bertjob reads UTF-8. Convert it "
                 f"first, e.g. iconv -f {encoding} -t UTF-8 {os.path.basename(path)} > utf8-{os.path.basename(path)}"
             )
+
+
+def _refuse_other_separator(corpus: Corpus, path: str) -> None:
+    """A semicolon- or tab-separated CSV file (Excel's in many locales) is an error saying so: read
+    with commas its header was one column ("text;label"), and its first review with a comma in it a
+    parse error ("Expected 1 columns, got 2"); neither said what to do."""
+    if corpus.kind != "csv":
+        return
+    try:
+        with _open_text_stream(corpus.fs, path) as f:
+            first = next(iter_lines(f, 1 << 16), b"")
+    except OSError:
+        return
+    header = decode_text(first.removeprefix(UTF8_BOM).rstrip(b"\r"))[0] or ""
+    seps = [sep for sep in (";", "\t", "|") if sep in header and "," not in header]
+    if seps:
+        raise InputError(
+            f"input {uri(corpus.fs, path)}: its first line {header[:80]!r} holds no comma: the file looks "
+            f"{seps[0]!r}-separated; bertjob reads comma-separated CSV: save it with commas"
+        )
 
 
 def columns_of(corpus: Corpus, path: str) -> list[str]:
@@ -554,19 +576,9 @@ def _check_columns(corpus: Corpus, path: str) -> list[str]:
     missing = [c for c in (corpus.text_column, corpus.id_column) if c and c not in names]
     if missing:
         columns = "its first record's keys" if corpus.kind == "jsonl" else "the columns"
-        # A semicolon- or tab-separated file (Excel's CSV in many locales) has one column named
-        # "text;label": asking for another column name would not help.
-        seps = [
-            sep for sep in (";", "\t", "|") if corpus.kind == "csv" and len(names) == 1 and sep in names[0]
-        ]
-        fix = (
-            f"The file looks {seps[0]!r}-separated; bertjob reads comma-separated CSV: save it with commas"
-            if seps
-            else "Set --text-column / --id-column (in a pipeline, per stage: --prepare.text-column, ...)."
-        )
         raise InputError(
-            f"input {uri(corpus.fs, path)}: no column {', '.join(map(repr, missing))}; "
-            f"{columns} are {names}. {fix}"
+            f"input {uri(corpus.fs, path)}: no column {', '.join(map(repr, missing))}; {columns} are {names}. "
+            f"Set --text-column / --id-column (in a pipeline, per stage: --prepare.text-column, ...)."
         )
     return names
 

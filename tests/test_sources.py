@@ -66,12 +66,14 @@ def test_missing_text_column_names_the_file_and_its_columns(tmp_path):
     with pytest.raises(InputError) as err:
         open_corpus(str(tmp_path / "a.csv"))
     assert "a.csv" in str(err.value) and "'text'" in str(err.value) and "['body', 'label']" in str(err.value)
-    # Excel's CSV in many locales: semicolons; the fix is the separator, not --text-column
-    (tmp_path / "semi.csv").write_text("text;label\nhello;1\n")
-    with pytest.raises(
-        InputError, match=r"are \['text;label'\]\. The file looks ';'-separated; bertjob reads comma-sep"
-    ):
-        open_corpus(str(tmp_path / "semi.csv"))
+    # Excel's CSV in many locales: semicolons; the fix is the separator, not --text-column. Its
+    # first review with a comma was a parse error ("Expected 1 columns, got 2") that did not say so.
+    for name, content in (("semi", "text;label\nhello;1\n"), ("tab", "id\ttext\n1\tGreat, loved it\n")):
+        (tmp_path / f"{name}.csv").write_text(content)
+        with pytest.raises(
+            InputError, match=r"holds no comma: the file looks '(;|\\t)'-separated; bertjob reads comma-sep"
+        ):
+            open_corpus(str(tmp_path / f"{name}.csv"))
 
 
 def test_a_text_column_of_lists_or_structs_is_an_error_naming_its_type(tmp_path):
