@@ -345,7 +345,8 @@ def _glob(fs: pafs.FileSystem, pattern: str) -> tuple[str, list[tuple[str, int]]
     base = _glob_base(fs, pattern)
     segments = pattern[len(base) :].strip("/").split("/")  # the segments below the base
     # Only a pattern that reaches below the base's own entries needs the slower recursive listing.
-    listing = _list(fs, base, recursive=len(segments) > 1 or "**" in segments)
+    recursive = len(segments) > 1 or "**" in segments
+    listing = _list(fs, base, recursive=recursive)
     outputs = _outputs_below(listing, base)  # corpus/**/*.parquet would reach corpus/scored/predictions/
     below = [
         (f, f.path[len(base) :].strip("/").split("/")) for f in listing if not f.path.startswith(outputs)
@@ -358,7 +359,48 @@ def _glob(fs: pafs.FileSystem, pattern: str) -> tuple[str, list[tuple[str, int]]
         if f.type == pafs.FileType.NotFound and any(_match_segments(names, segments[:k]) for k in range(1, len(segments)))
     ]  # fmt: skip
     _refuse_unreadable(fs, matches + gone)
-    return base, sorted((f.path, f.size) for f in matches if f.type == pafs.FileType.File)
+    files = sorted((f.path, f.size) for f in matches if f.type == pafs.FileType.File)
+    dirs = {f.path for f in matches if f.type == pafs.FileType.Directory and not _hidden(f.path, base)}
+    if dirs:  # a listing that is not recursive holds none of their files: they are listed now
+        entries = (
+            [f for f, _ in below]
+            if recursive
+            else [f for d in sorted(dirs) for f in _list(fs, d, recursive=True)]
+        )
+        _refuse_directories_unread(fs, pattern, base, dirs, {p for p, _ in files}, entries)
+    return base, files
+
+
+def _refuse_directories_unread(
+    fs: pafs.FileSystem,
+    pattern: str,
+    base: str,
+    dirs: set[str],
+    files: set[str],
+    entries: list[pafs.FileInfo],
+) -> None:
+    """A pattern that matches a directory holding data files it does not match is an error: Spark
+    writes a table as a directory (reviews.parquet/part-00000.parquet), and data/*.parquet left its
+    rows out without a word, reading only the files the pattern matched."""
+    outputs = _outputs_below(entries, base)
+    for f in entries:
+        if (
+            f.type != pafs.FileType.File
+            or not _format_of(f.path)
+            or f.path in files
+            or f.path.startswith(outputs)
+        ):
+            continue
+        where = os.path.dirname(f.path)
+        while where not in dirs and len(where) > len(base):
+            where = os.path.dirname(where)
+        if where in dirs and not _hidden(f.path, where):
+            reaching = f"{uri(fs, pattern).rpartition('/')[0]}/**/*{os.path.splitext(f.path)[1]}"
+            raise InputError(
+                f"input {uri(fs, pattern)} matches the directory {uri(fs, where)}, whose data files (such as "
+                f"{os.path.relpath(f.path, where)}) it does not read: Spark writes a table as such a directory. Give "
+                f"the directory itself, or a pattern that reaches its files too, such as {reaching}"
+            )
 
 
 def _match_segments(names: list[str], parts: list[str]) -> bool:

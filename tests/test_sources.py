@@ -1,6 +1,7 @@
 import gzip
 import json
 import os
+import re
 
 import pandas as pd
 import pyarrow as pa
@@ -307,6 +308,36 @@ def test_a_glob_matches_each_path_segment_like_a_shell(tmp_path):
     in_literal = open_corpus(str(literal.parent / "*.parquet"))
     assert in_literal.units == [str(literal)] and in_literal.root == str(literal.parent)
     assert read_all(in_literal).column("id").to_pylist()[0] == "reviews [1].parquet:0"
+
+
+def test_a_glob_matching_a_directory_of_data_it_does_not_read_is_an_error(tmp_path):
+    """Spark writes a table as a directory named like a file (reviews.parquet/part-00000-....parquet):
+    data/*.parquet matched it, read only the files it matched, and left its rows out without a word."""
+    rows = pa.table({"text": ["a", "b", "c"]})
+    (tmp_path / "data" / "2024.parquet" / "_temporary").mkdir(parents=True)
+    pq.write_table(rows, tmp_path / "data" / "2023.parquet")
+    pq.write_table(rows, tmp_path / "data" / "2024.parquet" / "part-00000-c0ffee.snappy.parquet")
+    pq.write_table(rows, tmp_path / "data" / "2024.parquet" / "_temporary" / "part-0.parquet")
+    for pattern in ("*.parquet", "2*"):
+        with pytest.raises(
+            InputError,
+            match=re.escape(
+                f"data/{pattern} matches the directory {tmp_path}/data/2024.parquet, whose data "
+                "files (such as part-00000-c0ffee.snappy.parquet) it does not read"
+            )
+            + r": .* such as .*data/\*\*/\*\.parquet$",
+        ):
+            open_corpus(str(tmp_path / "data" / pattern))
+    everything = open_corpus(
+        str(tmp_path / "data" / "**" / "*.parquet")
+    )  # matches the directory and its file
+    assert read_all(everything).num_rows == 6
+    # A directory of no data, or a hidden one, holds nothing a pattern could leave out
+    os.rename(tmp_path / "data" / "2024.parquet", tmp_path / "data" / "_2024.parquet")
+    (tmp_path / "data" / "notes.parquet").mkdir()
+    assert open_corpus(str(tmp_path / "data" / "*.parquet")).units == [
+        str(tmp_path / "data" / "2023.parquet")
+    ]
 
 
 def test_a_corpus_file_that_is_a_broken_symlink_is_an_error(tmp_path):
