@@ -206,6 +206,7 @@ def open_corpus(
         return _generic(fs, os.path.dirname(where), [(where, info.size)], opts)
     # A directory: the IMDb layout (possibly one level down, as in aclImdb_v1/aclImdb), else files.
     listing = _list(fs, where, recursive=True)
+    _refuse_versioned_tables(fs, listing)
     outputs = _outputs_below(listing, where)
     # A broken link of any name: one to a directory (an unmounted share, a moved folder) held files too.
     _refuse_unreadable(fs, [
@@ -302,6 +303,26 @@ def _refuse_unreadable(fs: pafs.FileSystem, entries: list[pafs.FileInfo]) -> Non
         raise InputError(f"input {uri(fs, special[0])}: neither a regular file nor a directory")
 
 
+VERSIONED_TABLES = {
+    "_delta_log": ("a Delta Lake table", "delta"),
+    ".hoodie": ("an Apache Hudi table", "hudi"),
+}
+
+
+def _refuse_versioned_tables(fs: pafs.FileSystem, listing: list[pafs.FileInfo]) -> None:
+    """A Delta Lake or Hudi table is an error: its directory also holds the Parquet files of the rows
+    its later versions updated or deleted (until a VACUUM or a clean removes them), which were read
+    as data beside the current ones without a word, as its log, a hidden directory, was not read."""
+    for f in listing:
+        if os.path.basename(f.path) in VERSIONED_TABLES and f.type == pafs.FileType.Directory:
+            kind, spark_format = VERSIONED_TABLES[os.path.basename(f.path)]
+            raise InputError(
+                f"input {uri(fs, os.path.dirname(f.path))} is {kind}: its directory also holds the files of rows "
+                f"that later versions replaced or deleted, which would be read too; export its current version to "
+                f"Parquet first (in Spark: spark.read.format('{spark_format}').load(TABLE).write.parquet(OUT))"
+            )
+
+
 def _outputs_below(listing: list[pafs.FileInfo], where: str) -> tuple[str, ...]:
     """The bertjob outputs inside a listed directory (infer --output corpus/scored), as path prefixes:
     not input, whose manifest and predictions would be read as more rows by the next run on it."""
@@ -347,6 +368,7 @@ def _glob(fs: pafs.FileSystem, pattern: str) -> tuple[str, list[tuple[str, int]]
     # Only a pattern that reaches below the base's own entries needs the slower recursive listing.
     recursive = len(segments) > 1 or "**" in segments
     listing = _list(fs, base, recursive=recursive)
+    _refuse_versioned_tables(fs, listing)
     outputs = _outputs_below(listing, base)  # corpus/**/*.parquet would reach corpus/scored/predictions/
     below = [
         (f, f.path[len(base) :].strip("/").split("/")) for f in listing if not f.path.startswith(outputs)

@@ -493,6 +493,21 @@ def test_files_in_hidden_or_underscore_directories_are_not_read(tmp_path):
     assert corpus.units == [str(d / "a.csv")] and read_all(corpus).num_rows == 2
 
 
+def test_a_delta_lake_or_hudi_table_is_an_error_not_its_files_of_every_version(tmp_path):
+    """A Delta table's directory keeps the files of replaced versions until a VACUUM: read as Parquet
+    files (its _delta_log/ skipped as hidden), an overwritten table's old rows were read beside the
+    new ones, without a word."""
+    for log, kind in (("_delta_log", "a Delta Lake table"), (".hoodie", "an Apache Hudi table")):
+        table = tmp_path / log.strip("._") / "reviews"
+        (table / log).mkdir(parents=True)
+        (table / log / "00000000000000000001.json").write_text("{}\n")
+        for version in (0, 1):  # an overwrite: version 1's file replaces version 0's, which stays
+            pq.write_table(pa.table({"text": [f"v{version}"]}), table / f"part-0000{version}.snappy.parquet")
+        for path in (table, table / "*.parquet", table.parent / "**" / "*.parquet"):
+            with pytest.raises(InputError, match=rf"input {table} is {kind}: .* export its current version"):
+                open_corpus(str(path))
+
+
 def test_files_of_no_format_we_read_beside_the_data_are_named_in_a_warning(tmp_path, caplog):
     """A .tsv or .xlsx export beside the .csv files is left out: the log says which, so its rows are
     not missing without a word."""
