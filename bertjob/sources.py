@@ -484,7 +484,7 @@ def _generic(fs: pafs.FileSystem, root: str, files: list[tuple[str, int]], opts:
         except InputError:
             # The likelier causes of a first line that makes no sense
             _refuse_wide_text(corpus, path)
-            _refuse_other_separator(corpus, path)
+            _refuse_foreign_csv(corpus, path)
             raise
         corpus.labelled |= bool(corpus.label_column) and corpus.label_column in names
         if names and not corpus.header[1]:
@@ -516,10 +516,11 @@ def _refuse_wide_text(corpus: Corpus, path: str) -> None:
             )
 
 
-def _refuse_other_separator(corpus: Corpus, path: str) -> None:
-    """A semicolon- or tab-separated CSV file (Excel's in many locales) is an error saying so: read
-    with commas its header was one column ("text;label"), and its first review with a comma in it a
-    parse error ("Expected 1 columns, got 2"); neither said what to do."""
+def _refuse_foreign_csv(corpus: Corpus, path: str) -> None:
+    """A CSV file as Excel saves one in many locales is an error saying so: separated by semicolons
+    or tabs, its header was one column ("text;label") and its first review with a comma in it a
+    parse error ("Expected 1 columns, got 2"); in Windows-1252, a header with an accent was "'utf-8'
+    codec can't decode byte 0xe9". None said what to do."""
     if corpus.kind != "csv":
         return
     try:
@@ -527,7 +528,13 @@ def _refuse_other_separator(corpus: Corpus, path: str) -> None:
             first = next(iter_lines(f, 1 << 16), b"")
     except OSError:
         return
-    header = decode_text(first.removeprefix(UTF8_BOM).rstrip(b"\r"))[0] or ""
+    header, replaced = decode_text(first.removeprefix(UTF8_BOM).rstrip(b"\r"))
+    if replaced:
+        name = os.path.basename(path)
+        raise InputError(
+            f"input {uri(corpus.fs, path)}: its header {header[:80]!r} is not UTF-8 (Windows-1252 or Latin-1?); "
+            f"bertjob reads UTF-8: convert it first, e.g. iconv -f CP1252 -t UTF-8 {name} > utf8-{name}"
+        )
     seps = [sep for sep in (";", "\t", "|") if sep in header and "," not in header]
     if seps:
         raise InputError(

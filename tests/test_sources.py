@@ -75,6 +75,13 @@ def test_missing_text_column_names_the_file_and_its_columns(tmp_path):
             InputError, match=r"holds no comma: the file looks '(;|\\t)'-separated; bertjob reads comma-sep"
         ):
             open_corpus(str(tmp_path / f"{name}.csv"))
+    # Excel's CSV in Windows-1252: a review's accents are replaced and counted, but a header's named
+    # no column and said only "'utf-8' codec can't decode byte 0xe9"
+    (tmp_path / "cp1252.csv").write_bytes("texte,\xe9valuation\nTr\xe8s bien,1\n".encode("cp1252"))
+    with pytest.raises(
+        InputError, match=r"cp1252.csv: its header .* is not UTF-8 .* iconv -f CP1252 -t UTF-8"
+    ):
+        open_corpus(str(tmp_path / "cp1252.csv"))
 
 
 def test_a_text_column_of_lists_or_structs_is_an_error_naming_its_type(tmp_path):
