@@ -1233,6 +1233,12 @@ def _read_jsonl(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table
                     f"keys: give that record the key too (null where it has no value)"
                 )
             text = obj.get(corpus.text_column)
+            if isinstance(text, dict) and text and all(key.isdigit() for key in text):
+                raise InputError(  # pandas' df.to_json() by default: told to join a review's parts
+                    f"input {uri(corpus.fs, path)}, line {lineno}: a table of columns ({{column: {{row: value}}}}, "
+                    f"as pandas' to_json() writes by default), not JSON Lines; write it with "
+                    f"df.to_json(PATH, orient='records', lines=True)"
+                )
             # An array or object was scored as its JSON, '["Great film", "loved it"]'; a number or
             # boolean (a --text-column naming the rating) as "4" or "True"
             if text is not None and not isinstance(text, str):

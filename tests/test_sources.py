@@ -105,6 +105,12 @@ def test_a_text_column_of_lists_or_structs_is_an_error_naming_its_type(tmp_path)
                                          "to the review's text$"):  # fmt: skip
         read_all(open_corpus(str(tmp_path / "n.jsonl"), text_column="stars"))
     assert read_all(open_corpus(str(tmp_path / "n.jsonl"))).column("text").to_pylist() == ["fine", "10/10"]
+    # pandas' df.to_json() (its default orient, one line) was told to join the review's parts
+    pd.DataFrame({"text": ["fine", "dull"], "label": [1, 0]}).to_json(tmp_path / "pandas.json")
+    with pytest.raises(
+        InputError, match=r"pandas.json, line 1: a table of columns .* orient='records', lines=True\)$"
+    ):
+        read_all(open_corpus(str(tmp_path / "pandas.json")))
     pq.write_table(pa.table({"text": pa.array(["a", None]).dictionary_encode()}), tmp_path / "d.parquet")
     assert read_all(open_corpus(str(tmp_path / "d.parquet"))).column("text").to_pylist() == ["a", None]
     # A --text-column naming the rating or the date was scored as "4" or "2024-05-01 00:00:00"
