@@ -114,6 +114,10 @@ def _cached_snapshot(name: str, why: str) -> str:
         ) from err
 
 
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
+
+
 def _hub_hint(name: str, err: Exception) -> ModelError:
     return ModelError(
         f"could not load {name!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
@@ -134,10 +138,17 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
         raise ModelError(f"{where} has no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
     try:
         tok = AutoTokenizer.from_pretrained(where, use_fast=True, trust_remote_code=trust_remote_code)
-    except OSError as err:
+    except Exception as err:
+        # A tokenizer file cut short or edited by hand (a JSONDecodeError, a KeyError, the Rust
+        # tokenizer's own error) was a traceback: say which directory, and that it needs copying again.
         if os.path.isdir(where):
-            raise ModelError(f"{where} has no usable tokenizer files ({err})") from err
-        raise _hub_hint(name, err) from err
+            if os.path.isfile(os.path.join(where, "config.json")):
+                model_config(where)  # transformers reads it first: where it is what failed, say so
+            raise ModelError(f"{where} has no usable tokenizer files ({type(err).__name__}: {_first_line(err)}); "
+                             f"copy the model directory again") from err  # fmt: skip
+        if isinstance(err, OSError):
+            raise _hub_hint(name, err) from err
+        raise
     if not getattr(tok, "is_fast", False):
         raise ModelError(f"{name!r} has no fast tokenizer; bertjob needs one for throughput")
     # The same from tokenizer files that hold only the special tokens (transformers 5 ignores an
@@ -376,7 +387,15 @@ def model_config(name: str, trust_remote_code: bool = False) -> dict[str, Any]:
     where = resolve_model(name)
     path = Path(where) / "config.json"
     if path.exists():
-        return with_bert_sizes(json.loads(path.read_text()))
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError) as err:  # cut short in a copy, edited by hand: a traceback
+            raise ModelError(f"model {name}: its config.json cannot be read ({_first_line(err)}); copy the model "
+                             f"directory again") from err  # fmt: skip
+        if not isinstance(config, dict):
+            raise ModelError(f"model {name}: its config.json holds {type(config).__name__}, not the model's "
+                             f"settings; copy the model directory again")  # fmt: skip
+        return with_bert_sizes(config)
     from transformers import AutoConfig
 
     try:
@@ -445,7 +464,6 @@ def other_head(config: dict[str, Any], num_labels: int = 2) -> list[str]:
 
 def has_classification_head(model_dir: str) -> bool:
     """True when the directory's weights include a sequence-classification head."""
-    path = Path(model_dir)
-    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+    cfg = model_config(model_dir) if (Path(model_dir) / "config.json").exists() else {}
     archs = cfg.get("architectures") or []
     return any(a.endswith("ForSequenceClassification") for a in archs)

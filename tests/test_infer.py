@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -113,6 +114,34 @@ def test_a_model_directory_without_its_weights_whole_or_its_settings_readable_is
         with pytest.raises(ModelError, match=rf"model .*: its bertjob.json, the text settings it was trained with, "
                            rf"cannot be read \({why}.*\); restore the one its train run wrote"):  # fmt: skip
             infer.describe(InferConfig(input="imdb-sample", model=str(d), output=str(tmp_path / "o")))
+
+
+def test_a_config_or_tokenizer_file_cut_short_is_one_line_of_error_before_any_work(
+    tiny_classifier_dir, tmp_path, capsys
+):
+    """A model directory whose config.json or tokenizer.json is not what transformers reads (cut
+    short in a copy, edited by hand) failed infer, evaluate, prepare and train with a traceback from
+    json (or a KeyError from transformers); now one line naming the file."""
+    from bertjob import cli, train
+    from bertjob.config import TrainConfig
+
+    manifest = {"tokenizer": {"fingerprint": "", "name": ""}}
+    for name, text, why in (("config.json", '{"model_type": "bert",', "its config.json cannot be read"),
+                            ("config.json", "[1]", "its config.json holds list"),
+                            ("tokenizer.json", '{"version":', "no usable tokenizer files \\(JSONDecodeError"),
+                            ("tokenizer.json", "{}", "no usable tokenizer files \\(KeyError")):  # fmt: skip
+        d = tmp_path / f"m-{name}-{len(text)}"
+        shutil.copytree(tiny_classifier_dir, d)
+        (d / name).write_text(text)
+        with pytest.raises(ModelError, match=why):
+            infer.describe(InferConfig(input="imdb-sample", model=str(d), output=str(tmp_path / "o")))
+        assert any(re.search(why, p) for p in train.check_setup(TrainConfig(model=str(d)), manifest))
+        args = ["infer", "--input", "imdb-sample", "--model", str(d), "--output", str(tmp_path / "o")]
+        with pytest.raises(SystemExit) as stop:
+            cli.main(args)
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and len(err.splitlines()) == 1 and re.search(why, err), err
+        assert err.endswith("copy the model directory again"), err
 
 
 def test_a_two_label_head_of_another_task_is_pointed_out(tiny_classifier_dir, tmp_path, caplog):
