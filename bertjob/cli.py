@@ -310,9 +310,14 @@ def main(argv: list[str] | None = None) -> int:
 def _own_words(err: Exception) -> str:
     """The error's own message. One raised in a Ray task (a reader meeting a bad line) reaches the
     driver as Ray's RayTaskError, an instance of its cause's class too, whose text is the remote
-    traceback; Ray Data also appends its retry advice to the cause's message."""
+    traceback; Ray Data also appends its retry advice to the cause's message, or, to an OSError with
+    an errno (a disk that filled: ENOSPC), as its file name, which printed after the message."""
     cause = getattr(err, "cause", None)
-    return str(cause).split("\nFailed to ")[0] if isinstance(cause, Exception) else str(err)
+    if not isinstance(cause, Exception):
+        return str(err)
+    if isinstance(cause, OSError) and cause.errno and str(cause.filename).startswith("Failed to "):
+        return f"[Errno {cause.errno}] {cause.strerror}"
+    return str(cause).split("\nFailed to ")[0]
 
 
 def run_command(command: str, cfg: Any) -> int:

@@ -760,6 +760,30 @@ def test_a_bad_line_found_by_a_reader_is_one_line_of_error(tmp_path, tiny_classi
     ), last
 
 
+def test_a_disk_that_fills_under_a_write_is_said_in_its_own_words(ray_local):
+    """A write that met a full disk (ENOSPC) reaches the driver as an OSError to which Ray Data
+    appended its retry advice as the file name: the line read "[Errno 28] ...: 'Failed to apply UDF
+    transform after 1/1 attempts (total backoff 0.0s).\\nTo change retry attempts, ...
+    `ray.data.DataContext.get_current()` ...'"; now the error alone."""
+    import errno
+
+    from ray.data.datasource import Datasink
+
+    from bertjob.cli import _own_words
+
+    class FullDisk(Datasink):  # pyarrow's error on a full disk, as infer's sink met it on a tmpfs
+        def write(self, blocks, ctx):
+            raise OSError(
+                errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device"
+            )
+
+    with pytest.raises(OSError) as stop:
+        ray_local.data.range(4).write_datasink(FullDisk())
+    assert _own_words(stop.value) == (
+        "[Errno 28] Error writing bytes to file. Detail: [errno 28] No space left on device"
+    )
+
+
 def test_relative_paths_name_the_drivers_directory_when_ray_workers_start_elsewhere(
     tmp_path, monkeypatch, tiny_model_dir, tiny_classifier_dir, ray_local
 ):
