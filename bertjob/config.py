@@ -820,7 +820,12 @@ def read_yaml(path: str) -> dict[str, Any]:
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
-        raise ConfigError([f"config file {path}: not valid YAML ({err})"]) from err
+        # PyYAML's text spans five lines (the context, the line quoted, a caret, the problem): say
+        # where and what on one, as every other error
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError([f"config file {path}{where}: not valid YAML ({what})"]) from err
     if not isinstance(data, dict):
         raise ConfigError([f"config file {path}: expected a mapping of settings at the top level"])
     return data

@@ -82,7 +82,9 @@ def test_a_setting_given_twice_in_a_config_file_is_an_error(tmp_path):
     """PyYAML kept the last `epochs:` and dropped the first without a word."""
     f = tmp_path / "c.yaml"
     f.write_text("data: d\noutput: o\nepochs: 3\ntrain:\n  lr: 1.0e-4\nepochs: 1\n")
-    with pytest.raises(ConfigError, match=r"(?s)setting 'epochs' given twice.*line 6"):
+    with pytest.raises(
+        ConfigError, match=r"line 6 column 1: not valid YAML \(setting 'epochs' given twice\)"
+    ):
         read_yaml(str(f))
     f.write_text("train:\n  lr: 1.0e-4\n  lr: 2.0e-4\n")  # in a stage section too
     with pytest.raises(ConfigError, match="setting 'lr' given twice"):
@@ -144,6 +146,20 @@ def test_a_config_file_that_is_not_text_is_one_clear_error(tmp_path):
     f.write_bytes(b"epochs: 1\n\xd0\xff\x00binary")
     with pytest.raises(ConfigError, match="not a YAML text file"):
         read_yaml(str(f))
+
+
+def test_a_config_file_that_is_not_yaml_is_one_line_saying_where(tmp_path, capsys):
+    """PyYAML's error was printed whole: five lines, the last a caret under the quoted line."""
+    f = tmp_path / "c.yaml"
+    for text, where, what in (("input: [a.csv\n", "line 2 column 1", "expected ',' or ']', but got '<stream end>'"),
+                              ("epochs: 1\n\tlr: 2\n", "line 2 column 1", "found character '\\t' that cannot start any token")):  # fmt: skip
+        f.write_text(text)
+        with pytest.raises(SystemExit) as exit_:
+            main(["train", "--config", str(f)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and err[1:] == [
+            f"  - config file {f}, {where}: not valid YAML ({what})"
+        ], err
 
 
 def test_a_stage_section_cannot_unlink_the_stages():
