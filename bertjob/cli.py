@@ -235,12 +235,17 @@ def _split_dotted(argv: list[str]) -> tuple[list[str], dict[str, dict[str, Any]]
     return rest, dotted
 
 
-def _rerun(command: str) -> str:
+def _rerun(command: str, cfg: Any = None) -> str:
     """What the same command does after this one stopped short. prepare keeps nothing of a stopped
     run (its shards are only whole with the manifest): it said that the same command resumes, and
-    then prepared everything again."""
+    then prepared everything again. Nor does infer or evaluate with --overwrite, which replaces
+    what the stopped run committed: it said so too, and the same command scored from the start."""
     if command == "prepare":
         return "prepare does not resume: the same command again prepares from the start"
+    if getattr(cfg, "overwrite", False):
+        return (
+            "the same command without --overwrite resumes where this one stopped (with it, it starts again)"
+        )
     return "the same command again resumes where this one stopped"
 
 
@@ -270,7 +275,7 @@ def _sigterm_interrupts() -> Iterator[list[int]]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
-    command = ""
+    command, cfg = "", None
     ray_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()  # a caller's: kept
     with _sigterm_interrupts() as terminated:
         try:
@@ -291,10 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         except JobError as err:
             rc, said = 1, f"bertjob: error: {_own_words(err)}\n"
         except OSError as err:  # a disk that filled, an object store gone mid-run: once it is back
-            rc, said = 1, f"bertjob: error: {_own_words(err)}\nbertjob: {_rerun(command)}\n"
+            rc, said = 1, f"bertjob: error: {_own_words(err)}\nbertjob: {_rerun(command, cfg)}\n"
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: 128 + the signal, as a shell reports it
             rc = 128 + (signal.SIGTERM if terminated else signal.SIGINT)
-            said = f"bertjob: interrupted; {_rerun(command)}\n"
+            said = f"bertjob: interrupted; {_rerun(command, cfg)}\n"
         # Leave Ray before the last word, whatever ended the command: its exit hook does the same
         # after a 0.5 s sleep, and after a stopped Ray Data run (a SIGTERMed prepare, on a loaded
         # machine) it turned the exit status into 1.

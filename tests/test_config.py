@@ -494,7 +494,8 @@ def test_version_names_bertjob_and_what_it_runs_on(capsys):
 
 
 def test_an_interrupt_says_what_the_same_command_again_does(capsys, monkeypatch, tmp_path):
-    """An interrupted prepare said that the same command resumes; it prepares everything again."""
+    """An interrupted prepare said that the same command resumes; it prepares everything again. So
+    did infer and evaluate with --overwrite, whose rerun replaced the rows the stopped run committed."""
 
     def interrupted(command, cfg):
         raise KeyboardInterrupt
@@ -503,6 +504,9 @@ def test_an_interrupt_says_what_the_same_command_again_does(capsys, monkeypatch,
     for argv, said in (
         (["--log-level", "WARNING", "prepare", "--output", str(tmp_path)], "prepare does not resume: the same command again prepares from the start"),
         (["infer", "--input", "x", "--model", "m", "--output", str(tmp_path)], "the same command again resumes where this one stopped"),
+        # --overwrite replaces what the stopped run committed: the same command scored from the start
+        (["evaluate", "--input", "x", "--model", "m", "--output", str(tmp_path), "--overwrite"],
+         "the same command without --overwrite resumes where this one stopped (with it, it starts again)"),
     ):  # fmt: skip
         with pytest.raises(SystemExit) as exit_:
             main(argv)
