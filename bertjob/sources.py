@@ -157,6 +157,22 @@ class Corpus:
 # Opening an input: detect the format, list the units, check columns before any work.
 
 
+def _refuse_part_of_prepared(fs: pafs.FileSystem, where: str, path: str) -> None:
+    """A split directory of a prepared output, or a shard in one (`--input prepared/test`), was read
+    as a corpus of its own: its token ids were refused as a corpus without a text column, with the
+    advice to set --text-column. Name the prepared directory and the split to give instead."""
+    below, root = [], where
+    for _ in range(2):  # prepared/SPLIT, prepared/SPLIT/part-N.parquet
+        below, root = [os.path.basename(root), *below], os.path.dirname(root)
+        if root and fs.get_file_info(root + "/manifest.json").type == pafs.FileType.File:
+            if stage_of(uri(fs, root)) != "prepare":
+                return
+            prepared = uri(fs, root)
+            give = f"--input {prepared} --split {below[0]}" if below[0] in SPLITS else f"--input {prepared}"
+            raise InputError(f"input {path} is part of the `bertjob prepare` output {prepared}, not a corpus of its "
+                             f"own; give {give}")  # fmt: skip
+
+
 def open_corpus(
     path: str,
     text_column: str = "text",
@@ -195,6 +211,7 @@ def open_corpus(
         and fs.get_file_info(where + "/manifest.json").type == pafs.FileType.File
     ):
         return _open_prepared(fs, where, split)
+    _refuse_part_of_prepared(fs, where, path)
     if info.type == pafs.FileType.Directory and stage_of(uri(fs, where)) == "prepare":
         # Its shards, config.json and quarantine were read as a corpus: "mixes formats", or its
         # token ids as rows without text

@@ -630,6 +630,12 @@ def test_what_cannot_be_scored_is_an_error_before_any_work(tiny_classifier_dir, 
             InferConfig(**{**infer.to_dict(on_prepared), "include_text": True})
         )  # its text: all null
     assert len(splits) > 1 and {os.path.basename(os.path.dirname(u)) for u in corpus.units} == set(splits)
+    # A split of it, or a shard of one, given as the input: its token ids were refused as a corpus
+    # without a text column, with the advice to set --text-column
+    for part in (prepared_small / "test", sorted((prepared_small / "test").glob("*.parquet"))[0]):
+        with pytest.raises(InputError, match=re.escape(f"input {part} is part of the `bertjob prepare` output "
+                           f"{prepared_small}, not a corpus of its own; give --input {prepared_small} --split test")):  # fmt: skip
+            infer.describe(InferConfig(**{**infer.to_dict(base), "input": str(part)}))
 
 
 @pytest.mark.integration
