@@ -9,6 +9,7 @@ credentials.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -141,9 +142,14 @@ def write_json(path: str, obj: Any) -> None:
     if isinstance(fs, pafs.LocalFileSystem):
         os.makedirs(os.path.dirname(where), exist_ok=True)
         tmp = f"{where}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, where)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, where)
+        except BaseException:  # a full disk, Ctrl-C: the half-written file stayed beside `where` for ever
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
         return
     with fs.open_output_stream(where) as f:
         f.write(data)

@@ -81,6 +81,26 @@ def test_json_files_and_directory_trees_round_trip_through_the_bucket(s3, tmp_pa
     )
 
 
+def test_a_json_file_whose_write_fails_leaves_nothing_beside_it(tmp_path):
+    """A write that met a full disk left its temporary file for ever (`_bertjob_running.tmp-...` in an
+    output, `events/....json.tmp-...` in a train run's directory: a train run on a 2 MB tmpfs left
+    six), and an output holding one read as a run of unknown settings, refused without --overwrite.
+    The kernel's file size limit fails the write as a full disk does."""
+    import resource
+    import signal
+
+    before = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of killing us
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64, before[1]))
+    try:
+        with pytest.raises(OSError):
+            storage.write_json(str(tmp_path / "run.json"), {"rows": list(range(100))})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, before)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_model_in_the_bucket_is_downloaded_once_per_content(s3, tiny_classifier_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("BERTJOB_CACHE", str(tmp_path / "cache"))
     uri = s3.uri("model")
