@@ -45,9 +45,11 @@ from bertjob.text import (
     BAD_LABELS_KEPT,
     commonest_labels,
     first_rows_rating_scale,
+    first_rows_unread_labels,
     quarantine_note,
     rating_scale,
     tokenize_rows,
+    unread_labels,
 )
 
 log = logging.getLogger(__name__)
@@ -526,7 +528,10 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     first = corpus.first_rows()
     if first is None:
         raise InputError(f"input {cfg.input}: no rows found ({corpus.describe()})")
-    if problem := first_rows_rating_scale(first.column("label"), cfg.label_column, "would be quarantined"):
+    labels = first.column("label")
+    if problem := first_rows_rating_scale(labels, cfg.label_column, "would be quarantined") or (
+        first_rows_unread_labels(labels, cfg.label_column)
+    ):
         raise InputError(f"input {cfg.input}: {problem}")
     if cfg.validation_fraction and VALIDATION in (corpus.splits() or ()):
         # The corpus' own validation split (split=validation/, a hub dataset's): a share of train
@@ -625,7 +630,10 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
         return sum((Counter(s[key]) for s in splits.values()), Counter())
 
     bad_labels = total("unrecognised_labels")
-    problem = rating_scale(bad_labels, total("label_counts"), cfg.label_column)
+    labels = total("label_counts")
+    problem = rating_scale(bad_labels, labels, cfg.label_column) or unread_labels(
+        bad_labels, labels, cfg.label_column
+    )
     if problem:  # before the manifest: nothing downstream takes the output as complete
         raise InputError(f"input {cfg.input}: {problem}, then prepare again")
     read_total = sum(s["rows_read"] for s in splits.values())

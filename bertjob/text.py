@@ -215,6 +215,37 @@ def first_rows_rating_scale(labels: pa.Array | pa.ChunkedArray, column: str, oth
     return rating_scale(unrecognised, tally, column, others)
 
 
+def unread_labels(unrecognised: dict[str, int], labels: dict[str, int], column: str) -> str | None:
+    """An error when a labelled corpus holds none of bertjob's labels, only another vocabulary's
+    (good/bad, yes/no, spam/ham): every row was quarantined, prepare reported success with empty
+    splits, and the pipeline then said there was no test split and to hold one out with the
+    --prepare.test-fraction its user had given. -1 alone stays quarantined (Hugging Face's mark of
+    an unlabelled split)."""
+    other = {v: n for v, n in unrecognised.items() if v.strip() not in MINUS_ONE}
+    if not other or labels.get("0") or labels.get("1"):
+        return None
+    shown = ", ".join(f"{v!r} x{n}" for v, n in commonest_labels(other).items())
+    return (
+        f"label column {column!r} holds none of bertjob's labels ({shown}): bertjob's are 0/1 (also neg/pos, "
+        f"negative/positive, false/true), so every row would be quarantined. Map yours to 0/1 first, or name the "
+        f"column that holds them with --label-column"
+    )
+
+
+def first_rows_unread_labels(labels: pa.Array | pa.ChunkedArray, column: str) -> str | None:
+    """`unread_labels` on a corpus' first rows, before any work: words are counted here, where the
+    tally of a whole corpus keeps only numbers."""
+    known: dict[str, int] = {}
+    other: dict[str, int] = {}
+    counts = pc.value_counts(labels)
+    for value, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()):
+        parsed = parse_label(value)
+        into, key = (other, str(value)) if parsed is None else (known, str(parsed))
+        if value is not None:
+            into[key] = into.get(key, 0) + n
+    return unread_labels(other, known, column)
+
+
 def keep_spans(
     lengths: np.ndarray, max_length: int, truncation: str, head_tokens: int = 128
 ) -> tuple[np.ndarray, np.ndarray]:

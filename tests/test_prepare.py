@@ -97,6 +97,32 @@ def test_star_ratings_as_labels_are_an_error_not_ones_read_as_positive(tmp_path,
     assert not (out / "manifest.json").exists()  # train refuses it
 
 
+def test_labels_of_another_vocabulary_are_an_error_not_every_row_quarantined(
+    tmp_path, tiny_model_dir, ray_local
+):
+    """A user's reviews labelled good/bad: every row was quarantined, prepare reported success
+    ('wrote train 0'), and the pipeline said there was no test split to hold out, with the
+    --prepare.test-fraction 0.2 it had been given."""
+    (tmp_path / "a").mkdir()
+    lines = ["id,text,opinion"] + [f"{i},great awful film,{('good', 'bad')[i % 2]}" for i in range(40)]
+    (tmp_path / "a" / "reviews.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    cfg = PrepareConfig(input=str(tmp_path / "a"), output=str(out), model=tiny_model_dir,
+                        label_column="opinion", max_length=16, test_fraction=0.2)  # fmt: skip
+    # Seen in the first rows: said before any work
+    with pytest.raises(InputError, match=r"label column 'opinion' holds none of bertjob's labels \('bad' x20, "
+                                         r"'good' x20\).*every row would be quarantined. Map yours to 0/1 first"):  # fmt: skip
+        prepare.run(cfg)
+    assert not out.exists()
+    # Seen only further on (a first file of Hugging Face's unlabelled -1s): before the manifest
+    (tmp_path / "a" / "0-first.csv").write_text("id,text,opinion\nx,great film,-1\n")
+    with pytest.raises(
+        InputError, match=r"holds none of bertjob's labels \('bad' x20, 'good' x20\).*then prepare again"
+    ):
+        prepare.run(cfg)
+    assert not (out / "manifest.json").exists()
+
+
 def test_rerun_replaces_the_output_and_refuses_foreign_directories(
     tmp_path, imdb_small, tiny_model_dir, ray_local
 ):
