@@ -20,6 +20,7 @@ from typing import Any
 
 from bertjob.config import (
     STAGE_CLASSES,
+    STAGE_LINKS,
     STAGE_SHARED,
     STAGES,
     ConfigError,
@@ -218,6 +219,22 @@ def _belongs(key: str, command: str) -> str:
     return f"{key}: not a `bertjob {command}` setting; it belongs to {where}{hint}"
 
 
+def _undotted(unknown: list[str]) -> list[str]:
+    """Stage settings given to the pipeline without their stage (`--epochs 1`, `--test-fraction 0.2`):
+    argparse said only "unrecognized arguments", not that they go as --train.epochs."""
+    problems = []
+    for arg in unknown:
+        flag = arg.split("=", 1)[0]
+        key = flag[2:].replace("-", "_") if flag.startswith("--") else ""
+        stages = [s for s in STAGES if key and key in {f.name for f in dataclasses.fields(STAGE_CLASSES[s])}
+                  and key not in STAGE_LINKS[s]]  # fmt: skip
+        if stages:
+            dotted = [f"--{s}.{flag[2:]}" for s in stages]
+            either = ", ".join(dotted[:-1]) + f" or {dotted[-1]}" if len(dotted) > 1 else dotted[0]
+            problems.append(f"{flag}: a stage setting, not the pipeline's; give it with its stage: {either}")
+    return problems
+
+
 def _split_dotted(argv: list[str]) -> tuple[list[str], dict[str, dict[str, Any]]]:
     """Take --stage.key value pairs (pipeline stage settings) out of argv."""
     rest, dotted = [], {}
@@ -280,7 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     with _sigterm_interrupts() as terminated:
         try:
             rest, dotted = _split_dotted(argv)
-            ns = parser.parse_args(rest)
+            ns, unknown = parser.parse_known_args(rest)
+            if unknown and ns.command == "pipeline" and (problems := _undotted(unknown)):
+                raise ConfigError(problems)
+            if unknown:
+                parser.error(f"unrecognized arguments: {' '.join(unknown)}")
             command = ns.command
             logging.basicConfig(
                 level=ns.log_level,

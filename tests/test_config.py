@@ -337,6 +337,40 @@ def test_help_offers_only_the_pipeline_flags_the_stage_reads(capsys):
     assert exit_.value.code == 2 and "belongs to `bertjob prepare`" in capsys.readouterr().err
 
 
+def test_a_stage_setting_given_to_the_pipeline_without_its_stage_names_the_flag_to_use(capsys):
+    """`bertjob pipeline --input r.csv --test-fraction 0.2 --epochs 1` said only "unrecognized arguments"."""
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            [
+                "pipeline",
+                "--input",
+                "r.csv",
+                "--test-fraction",
+                "0.2",
+                "--epochs=1",
+                "--text-column",
+                "review",
+            ]
+        )
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert (
+        "--test-fraction: a stage setting, not the pipeline's; give it with its stage: --prepare.test-fraction\n"
+        in err
+    )
+    assert (
+        "--epochs: a stage setting, not the pipeline's; give it with its stage: --pretrain.epochs or --train.epochs"
+        in err
+    )
+    assert "--text-column: a stage setting" in err and "--evaluate.text-column or --infer.text-column" in err
+    with pytest.raises(SystemExit) as exit_:  # a flag of no stage, and another command's, as before
+        main(["pipeline", "--input", "r.csv", "--bogus", "1"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --bogus 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--data", "d", "--output", "o", "--bogus", "1"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --bogus 1" in capsys.readouterr().err
+
+
 CONFIGS = (PrepareConfig, PretrainConfig, TrainConfig, InferConfig, PipelineConfig)
 REQUIRED = {"data": "d", "output": "o", "input": "i", "model": "m"}  # the settings with no usable default
 
