@@ -182,6 +182,22 @@ def test_a_corpus_with_nothing_to_evaluate_or_score_fails_before_any_work(
     assert {k: v.split for k, v in pipeline.scoring_stages(unsup, splits).items()} == {"infer": "unsup"}
 
 
+def test_a_corpus_whose_every_row_is_quarantined_says_so_not_that_it_lacks_a_test_split(
+    tmp_path, tiny_model_dir, ray_local
+):
+    """Texts all empty or labels all missing: prepare quarantined every row, and the pipeline said
+    there was no test split and to hold one out with --prepare.test-fraction 0.2, the flag it had."""
+    lines = ["text,label"] + [" ,1" if i % 2 else "great fun," for i in range(10)]
+    (tmp_path / "r.csv").write_text("\n".join(lines) + "\n")
+    cfg = build(PipelineConfig, {"input": str(tmp_path / "r.csv"), "output_dir": str(tmp_path / "out"),
+                                 "model": tiny_model_dir, "max_length": 32, "prepare": {"test_fraction": 0.2}})  # fmt: skip
+    with pytest.raises(InputError, match=r"input .*r.csv: nothing to train on: prepare quarantined all 10 train rows "
+                       r"\(empty_text 5, missing_label 5; they are in .*out/prepared/quarantine\)\. Give each row a "
+                       r"text and a label"):  # fmt: skip
+        pipeline.run(cfg)
+    assert not (tmp_path / "out" / "train").exists()
+
+
 def test_the_summary_counts_the_rows_prepare_quarantined(capsys):
     """The summary's prepare line gave the rows each split holds, and nothing of those it left out."""
     summary = {
