@@ -228,7 +228,7 @@ def unread_labels(unrecognised: dict[str, int], labels: dict[str, int], column: 
     return (
         f"label column {column!r} holds none of bertjob's labels ({shown}): bertjob's are 0/1 (also neg/pos, "
         f"negative/positive, false/true), so every row would be quarantined. Map yours to 0/1 first, or name the "
-        f"column that holds them with --label-column"
+        f"column that holds them with --label-column (in a pipeline: --prepare.label-column)"
     )
 
 
