@@ -45,7 +45,6 @@ from bertjob.text import (
     BAD_LABELS_KEPT,
     commonest_labels,
     first_rows_rating_scale,
-    first_rows_unread_labels,
     quarantine_note,
     rating_scale,
     tokenize_rows,
@@ -528,10 +527,9 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     first = corpus.first_rows()
     if first is None:
         raise InputError(f"input {cfg.input}: no rows found ({corpus.describe()})")
-    labels = first.column("label")
-    if problem := first_rows_rating_scale(labels, cfg.label_column, "would be quarantined") or (
-        first_rows_unread_labels(labels, cfg.label_column)
-    ):
+    # Not labels of another vocabulary (unread_labels): first rows of only those (a corpus sorted by
+    # label, "mixed" first) say nothing of the rest
+    if problem := first_rows_rating_scale(first.column("label"), cfg.label_column, "would be quarantined"):
         raise InputError(f"input {cfg.input}: {problem}")
     if cfg.validation_fraction and VALIDATION in (corpus.splits() or ()):
         # The corpus' own validation split (split=validation/, a hub dataset's): a share of train

@@ -232,20 +232,6 @@ def unread_labels(unrecognised: dict[str, int], labels: dict[str, int], column: 
     )
 
 
-def first_rows_unread_labels(labels: pa.Array | pa.ChunkedArray, column: str) -> str | None:
-    """`unread_labels` on a corpus' first rows, before any work: words are counted here, where the
-    tally of a whole corpus keeps only numbers."""
-    known: dict[str, int] = {}
-    other: dict[str, int] = {}
-    counts = pc.value_counts(labels)
-    for value, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()):
-        parsed = parse_label(value)
-        into, key = (other, str(value)) if parsed is None else (known, str(parsed))
-        if value is not None:
-            into[key] = into.get(key, 0) + n
-    return unread_labels(other, known, column)
-
-
 def keep_spans(
     lengths: np.ndarray, max_length: int, truncation: str, head_tokens: int = 128
 ) -> tuple[np.ndarray, np.ndarray]:

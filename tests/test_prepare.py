@@ -109,18 +109,18 @@ def test_labels_of_another_vocabulary_are_an_error_not_every_row_quarantined(
     out = tmp_path / "out"
     cfg = PrepareConfig(input=str(tmp_path / "a"), output=str(out), model=tiny_model_dir,
                         label_column="opinion", max_length=16, test_fraction=0.2)  # fmt: skip
-    # Seen in the first rows: said before any work
     with pytest.raises(InputError, match=r"label column 'opinion' holds none of bertjob's labels \('bad' x20, "
-                                         r"'good' x20\).*every row would be quarantined. Map yours to 0/1 first"):  # fmt: skip
-        prepare.run(cfg)
-    assert not out.exists()
-    # Seen only further on (a first file of Hugging Face's unlabelled -1s): before the manifest
-    (tmp_path / "a" / "0-first.csv").write_text("id,text,opinion\nx,great film,-1\n")
-    with pytest.raises(
-        InputError, match=r"holds none of bertjob's labels \('bad' x20, 'good' x20\).*then prepare again"
-    ):
+                                         r"'good' x20\).*every row would be quarantined. Map yours to 0/1 first.*"
+                                         r"then prepare again"):  # fmt: skip
         prepare.run(cfg)
     assert not (out / "manifest.json").exists()
+    # Only the whole corpus tells: a first file of other labels before files of 0s and 1s is prepared
+    (tmp_path / "a" / "reviews.csv").write_text(
+        "\n".join(["id,text,opinion"] + [f"{i},great awful film,{i % 2}" for i in range(40)]) + "\n"
+    )
+    (tmp_path / "a" / "0-first.csv").write_text("id,text,opinion\nx,great film,mixed\ny,fine film,mixed\n")
+    m = prepare.run(cfg)
+    assert m["rows_written"] == 40 and m["rows_quarantined"] == 2
 
 
 def test_rerun_replaces_the_output_and_refuses_foreign_directories(
