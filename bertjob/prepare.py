@@ -5,7 +5,8 @@
     statistics) -> split_train (train rows -> train / validation / test by hash, exact per label)
 
 Validation (and, for a corpus without a test split, test) is carved out of the corpus' `train` split
-in one pass: train rows are staged with a 64-bit hash of their id, the driver reads back only
+in one pass: train rows are staged with a 64-bit hash of their cleaned text (so a review repeated
+under another id never lands in train and held out at once), the driver reads back only
 (label, hash) to find per-label thresholds that put exactly round(fraction * n_label) rows in each,
 and the staged files are rewritten, in the order their rows were read (with no validation or test
 fraction too: whichever writer wrote a batch, the train split keeps the input's order).
@@ -58,6 +59,9 @@ QUARANTINE = "quarantine"
 LOCAL_SPLIT_ROWS = 250_000  # up to this many staged train rows, the driver splits them itself
 STAGING = "_staging"  # train rows waiting for the validation split; gone once the job finishes
 WRITER_CPUS = 32  # one write actor per this many CPUs of tokenizing
+# What held-out rows are chosen by, in each output's identity: outputs held out by id (before it) let
+# a review repeated under another id be trained on and scored as held out, and are not reused.
+HELD_OUT_BY = "text"
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
 SPLIT_WORDS = ("train", "test", "validation", "valid", "val", "dev", "unsupervised", "unsup")  # as file names
 
@@ -85,11 +89,13 @@ def identity_of(cfg: PrepareConfig, corpus: Corpus, tokenizer_fingerprint: str) 
     """What a prepared output is made from: the corpus' content (not its path), the settings, the
     tokenizer. The pipeline reuses an output whose manifest records the same."""
     settings = {k: v for k, v in to_dict(cfg).items() if k not in ("input", "output")}
+    settings["held_out_by"] = HELD_OUT_BY
     return identity(corpus_fingerprint(corpus), settings, tokenizer_fingerprint)
 
 
-def row_hash(seed: int, row_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{row_id}".encode(), digest_size=8).digest(), "little")
+def text_hash(seed: int, text: str) -> int:
+    """A cleaned text's split hash: rows of the same text, whatever their ids, share it."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{text}".encode(), digest_size=8).digest(), "little")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +104,7 @@ def row_hash(seed: int, row_id: str) -> int:
 
 def tokenize_batch(batch: pa.Table, c: PrepareConfig, encoder: models.Encoder, labelled: bool) -> pa.Table:
     """Clean, quarantine and tokenize one batch of source rows (`labelled`: the corpus has labels,
-    so a row without one is quarantined); train rows get their split hash `h`."""
+    so a row without one is quarantined); labelled train rows kept get their text's split hash `h`."""
     ids = batch.column("id").to_pylist()
     raw_labels = batch.column("label").to_pylist()
     splits = batch.column("split").to_pylist()
@@ -106,9 +112,9 @@ def tokenize_batch(batch: pa.Table, c: PrepareConfig, encoder: models.Encoder, l
         batch.column("text").to_pylist(), raw_labels, splits, encoder, c.text_settings(), labelled
     )
     hashes = np.zeros(len(ids), dtype=np.uint64)
-    for i, (row_id, split, label) in enumerate(zip(ids, splits, t.labels)):
-        if split == TRAIN and label is not None:
-            hashes[i] = row_hash(c.seed, row_id)
+    for i, (text, split, label) in enumerate(zip(t.cleaned, splits, t.labels)):
+        if split == TRAIN and label is not None and text is not None:
+            hashes[i] = text_hash(c.seed, text)
     return pa.table(
         {
             "id": pa.array(ids, pa.string()),
@@ -346,17 +352,17 @@ def split_train(
         for value in np.unique(lab):
             per_label[int(value)].append(h[lab == value])
     thresholds = {}  # label: (hashes below the first go to test, below the second to validation)
-    shared = 0  # rows whose id another row of the label has: they share its hash, and so its split
+    shared = 0  # rows whose text another row of the label has: they share its hash, and so its split
     for label, parts in per_label.items():
         h = np.sort(np.concatenate(parts))
         shared += int(np.count_nonzero(h[1:] == h[:-1]))
         to_test = int(round(test * len(h)))
         to_val = to_test + int(round(validation * len(h)))
         thresholds[label] = tuple(int(h[k]) if k < len(h) else 2**64 for k in (to_test, to_val))
-    if shared:  # the splits' sizes were said to be exact; ids repeated (--id-column) were not mentioned
-        log.warning("prepare: %d train rows repeat the id of another row; each id's rows go to one split together, "
-                    "so validation and test may hold up to that many rows fewer than their fractions, and "
-                    "predictions of them share their id (is --id-column unique per review?)", shared)  # fmt: skip
+    if shared:  # the splits' sizes were said to be exact; repeated reviews were not mentioned
+        log.warning("prepare: %d train rows repeat the text of another row of their label; each text's rows go "
+                    "to one split together, so validation and test may hold up to that many rows fewer than "
+                    "their fractions", shared)  # fmt: skip
     args = [(output, p, i, thresholds) for i, p in enumerate(paths)]
     if sum(staged.values()) <= LOCAL_SPLIT_ROWS:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -387,7 +393,8 @@ def _split_staged(
     def blocks() -> Iterable[pa.Table]:
         for batch in pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=8192):
             t = pa.Table.from_batches([batch])
-            lab = t.column("label").fill_null(-1).to_numpy()
+            # A quarantined row (no text to hash) stays in train, where it was read.
+            lab = pc.if_else(t.column("reason").is_valid(), -1, t.column("label").fill_null(-1)).to_numpy()
             h = t.column("h").to_numpy()
             split = np.full(t.num_rows, TRAIN, dtype=object)
             for label, (to_test, to_val) in thresholds.items():
@@ -635,6 +642,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     if problem:  # before the manifest: nothing downstream takes the output as complete
         raise InputError(f"input {cfg.input}: {problem}, then prepare again")
     read_total = sum(s["rows_read"] for s in splits.values())
+    held_out = {"seed": cfg.seed, "stratified": True, "by": HELD_OUT_BY}
     manifest = {
         "format": "bertjob-prepared/1",
         "identity": key,
@@ -646,8 +654,8 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
         "rows_quarantined": sum(s["rows_quarantined"] for s in splits.values()),
         "tokenizer": tok_info,
         **cfg.text_settings().as_dict(),  # max_length, truncation, head_tokens, strip_html, the cap
-        "validation": {"fraction": cfg.validation_fraction, "seed": cfg.seed, "stratified": True},
-        "test_from_train": {"fraction": cfg.test_fraction, "seed": cfg.seed, "stratified": True},
+        "validation": {"fraction": cfg.validation_fraction, **held_out},
+        "test_from_train": {"fraction": cfg.test_fraction, **held_out},
         "config": to_dict(cfg),
         "versions": versions(),
         "wall_s": round(time.time() - started, 2),

@@ -8,7 +8,7 @@ import pyarrow as pa
 from bertjob import models
 from bertjob.config import PrepareConfig
 from bertjob.infer import tokenize_table
-from bertjob.prepare import row_hash, tokenize_batch
+from bertjob.prepare import text_hash, tokenize_batch
 from bertjob.text import TextSettings, encode_texts
 
 LETTERS = " ".join("abcdefghijklmnopqrst")  # 20 one-token words in the tiny vocabulary
@@ -57,15 +57,8 @@ def test_tokenize_batch_quarantines_bad_rows_and_hashes_labelled_train_rows(tiny
     tok = models.load_tokenizer(tiny_model_dir)
     assert _words(tok, out.column("input_ids")[0].as_py()) == ["[CLS]", "a", "b", "&", "c", "[SEP]"]
     assert out.column("length").to_pylist() == [6, 0, 0, 0, 4]
-    # train rows with a label carry their split hash; others 0
-    seed = cfg.seed
-    assert out.column("h").to_pylist() == [
-        row_hash(seed, "r1"),
-        row_hash(seed, "r2"),
-        row_hash(seed, "r3"),
-        0,
-        0,
-    ]
+    # kept train rows with a label carry their cleaned text's split hash; others 0
+    assert out.column("h").to_pylist() == [text_hash(cfg.seed, "a b & c"), 0, 0, 0, 0]
 
 
 # null, empty, whitespace-only, HTML-only, huge, unrecognised label, null text with a bad label,

@@ -55,6 +55,12 @@ def test_pipeline_redoes_prepare_when_the_corpus_is_replaced_at_the_same_path(tm
     os.makedirs(p_cfg.output)
     (tmp_path / "out" / "prepared" / "manifest.json").write_text(json.dumps(manifest))
     assert pipeline._prepared_is_current(p_cfg, open_corpus(str(path))) == manifest
+    # One prepared before held-out rows were chosen by text is not current either: chosen by id, a
+    # review repeated under another id could be trained on and held out at once.
+    settings = {k: v for k, v in to_dict(p_cfg).items() if k not in ("input", "output")}
+    by_id = identity.identity(identity.corpus_fingerprint(open_corpus(str(path))), settings, fp)
+    (tmp_path / "out" / "prepared" / "manifest.json").write_text(json.dumps({**manifest, "identity": by_id}))
+    assert pipeline._prepared_is_current(p_cfg, open_corpus(str(path))) is None
     _write(path, ["great film!", "awful film!"])  # same path, other reviews
     assert pipeline._prepared_is_current(p_cfg, open_corpus(str(path))) is None
     # The same corpus, but a shard of the prepared output deleted since: it was reused, and every
