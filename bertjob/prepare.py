@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import itertools
 import logging
 import os
 import pickle
@@ -104,7 +105,7 @@ def text_hash(seed: int, text: str) -> int:
 
 def tokenize_batch(batch: pa.Table, c: PrepareConfig, encoder: models.Encoder, labelled: bool) -> pa.Table:
     """Clean, quarantine and tokenize one batch of source rows (`labelled`: the corpus has labels,
-    so a row without one is quarantined); labelled train rows kept get their text's split hash `h`."""
+    so a row without one is quarantined); every row kept gets its text's hash `h` (train's split by it)."""
     ids = batch.column("id").to_pylist()
     raw_labels = batch.column("label").to_pylist()
     splits = batch.column("split").to_pylist()
@@ -112,8 +113,8 @@ def tokenize_batch(batch: pa.Table, c: PrepareConfig, encoder: models.Encoder, l
         batch.column("text").to_pylist(), raw_labels, splits, encoder, c.text_settings(), labelled
     )
     hashes = np.zeros(len(ids), dtype=np.uint64)
-    for i, (text, split, label) in enumerate(zip(t.cleaned, splits, t.labels)):
-        if split == TRAIN and label is not None and text is not None:
+    for i, text in enumerate(t.cleaned):
+        if text is not None:
             hashes[i] = text_hash(c.seed, text)
     return pa.table(
         {
@@ -164,6 +165,7 @@ def new_split_stats() -> dict[str, Any]:
         "hist": np.zeros(LENGTH_HIST_MAX + 1, dtype=np.int64),
         "max_length": 0,
         "sum_length": 0,
+        "text_hashes": [],  # of the rows written, one array a block: 8 bytes a row, for shared_texts
     }
 
 
@@ -174,6 +176,7 @@ def merge_stats(into: dict[str, dict[str, Any]], other: dict[str, dict[str, Any]
             t[k] += s[k]
         t["max_length"] = max(t["max_length"], s["max_length"])
         t["hist"] = t["hist"] + s["hist"]
+        t["text_hashes"] += s["text_hashes"]
         for k in ("quarantined", "labels", "bad_labels"):
             for key, v in s[k].items():
                 t[k][key] += v
@@ -300,6 +303,7 @@ class PreparedSink:
             for value, count in zip(*np.unique(labels.drop_null().to_numpy(), return_counts=True)):
                 s["labels"][int(value)] += int(count)
             full = good.column("full_length").to_numpy()
+            s["text_hashes"].append(good.column("h").to_numpy())
             s["hist"] += np.bincount(np.minimum(full, LENGTH_HIST_MAX), minlength=LENGTH_HIST_MAX + 1)
             s["max_length"] = max(s["max_length"], int(full.max()))
             s["sum_length"] += int(full.sum())
@@ -404,6 +408,17 @@ def _split_staged(
             yield t.set_column(t.schema.get_field_index("split"), "split", pa.array(split, pa.string()))
 
     return PreparedSink(output).write_blocks(blocks(), index)
+
+
+def shared_texts(stats: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """How many texts each pair of splits both hold ({"test/train": n}): a review in train and in
+    test (as a corpus' own splits can have it) is scored as held out although it was trained on."""
+    texts = {
+        split: np.unique(np.concatenate(s["text_hashes"])) if s["text_hashes"] else np.empty(0, np.uint64)
+        for split, s in stats.items()
+    }
+    pairs = itertools.combinations(sorted(texts), 2)
+    return {f"{a}/{b}": len(np.intersect1d(texts[a], texts[b], assume_unique=True)) for a, b in pairs}
 
 
 def remove_unfinished(output: str, finished: Iterable[str]) -> list[str]:
@@ -642,6 +657,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     if problem:  # before the manifest: nothing downstream takes the output as complete
         raise InputError(f"input {cfg.input}: {problem}, then prepare again")
     read_total = sum(s["rows_read"] for s in splits.values())
+    shared = shared_texts(stats)
     held_out = {"seed": cfg.seed, "stratified": True, "by": HELD_OUT_BY}
     manifest = {
         "format": "bertjob-prepared/1",
@@ -652,6 +668,7 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
         "rows_read": read_total,
         "rows_written": sum(s["rows_written"] for s in splits.values()),
         "rows_quarantined": sum(s["rows_quarantined"] for s in splits.values()),
+        "shared_texts": shared,
         "tokenizer": tok_info,
         **cfg.text_settings().as_dict(),  # max_length, truncation, head_tokens, strip_html, the cap
         "validation": {"fraction": cfg.validation_fraction, **held_out},
@@ -666,6 +683,10 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     write_json(join(cfg.output, "config.json"), to_dict(cfg))
     write_json(join(cfg.output, MANIFEST), manifest)  # last: marks the output complete
     log.info("prepare: wrote %s", ", ".join(f"{k} {v['rows_written']}" for k, v in splits.items()))
+    if counts := ", ".join(f"{pair} {n}" for pair, n in shared.items() if n):
+        log.warning("prepare: splits hold the same texts (%s, in manifest.json's shared_texts): a review trained "
+                    "on is scored as unseen where validation or test holds it too; drop the copies from one "
+                    "split", counts)  # fmt: skip
     if manifest["rows_quarantined"]:
         note = quarantine_note(manifest["rows_quarantined"], read_total, total("quarantined_by_reason"),
                                join(cfg.output, QUARANTINE), bad_labels)  # fmt: skip

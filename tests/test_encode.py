@@ -57,8 +57,10 @@ def test_tokenize_batch_quarantines_bad_rows_and_hashes_labelled_train_rows(tiny
     tok = models.load_tokenizer(tiny_model_dir)
     assert _words(tok, out.column("input_ids")[0].as_py()) == ["[CLS]", "a", "b", "&", "c", "[SEP]"]
     assert out.column("length").to_pylist() == [6, 0, 0, 0, 4]
-    # kept train rows with a label carry their cleaned text's split hash; others 0
-    assert out.column("h").to_pylist() == [text_hash(cfg.seed, "a b & c"), 0, 0, 0, 0]
+    # kept rows carry their cleaned text's hash (train's split by it); quarantined ones 0
+    assert out.column("h").to_pylist() == [
+        text_hash(cfg.seed, t) if t else 0 for t in ("a b & c", 0, 0, 0, "a b")
+    ]
 
 
 # null, empty, whitespace-only, HTML-only, huge, unrecognised label, null text with a bad label,

@@ -461,24 +461,32 @@ def test_a_review_repeated_under_another_id_is_never_trained_on_and_held_out_at_
 ):
     """Held-out rows are chosen by a hash of the cleaned text. Chosen by id, a review repeated under
     another id (Kaggle's IMDB Dataset.csv repeats 418, scraped corpora many more) landed in train
-    and its twin in validation or test, and the held-out accuracy counted reviews trained on."""
-    rows = []
-    for i in range(200):
-        n = i % 100  # each review twice, the second copy with markup that cleaning removes
-        words = f"{'great fun' if n % 2 else 'awful bore'} {chr(97 + n // 10)} {chr(97 + n % 10)}"
-        rows.append({"rid": f"r{i}", "text": words if i < 100 else f" {words} <br /><br />", "label": n % 2})
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "reviews.parquet")
+    and its twin in validation or test, and the held-out accuracy counted reviews trained on. A
+    corpus' own test split holding train's reviews is counted and said."""
+
+    def review(n: int) -> str:
+        return f"{'great fun' if n % 2 else 'awful bore'} {chr(97 + n // 10)} {chr(97 + n % 10)}"
+
+    rows = [  # each train review twice, the second copy with markup that cleaning removes
+        {"rid": f"r{i}", "text": review(i % 100) if i < 100 else f" {review(i % 100)} <br /><br />",
+         "label": i % 2, "split": "train"} for i in range(200)
+    ] + [{"rid": f"t{n}", "text": review(n), "label": n % 2, "split": "test"} for n in range(97, 120)]  # fmt: skip
+    pq.write_to_dataset(pa.Table.from_pylist(rows), tmp_path / "parts", partition_cols=["split"])
     with caplog.at_level("WARNING"):
-        m = prepare.run(PrepareConfig(input=str(tmp_path / "reviews.parquet"), output=str(tmp_path / "out"),
-                                      model=tiny_model_dir, max_length=16, id_column="rid", validation_fraction=0.2,
-                                      test_fraction=0.1))  # fmt: skip
+        m = prepare.run(PrepareConfig(input=str(tmp_path / "parts"), output=str(tmp_path / "out"),
+                                      model=tiny_model_dir, max_length=16, id_column="rid", validation_fraction=0.3))  # fmt: skip
     counts = {k: v["label_counts"] for k, v in m["splits"].items()}
-    assert counts == {"test": {"0": 10, "1": 10}, "validation": {"0": 20, "1": 20}, "train": {"0": 70, "1": 70}}  # fmt: skip
+    assert counts == {"test": {"0": 11, "1": 12}, "validation": {"0": 30, "1": 30}, "train": {"0": 70, "1": 70}}  # fmt: skip
     texts = {s: {tuple(ids) for ids in pq.read_table(tmp_path / "out" / s).column("input_ids").to_pylist()}
              for s in counts}  # fmt: skip
-    assert sum(len(t) for t in texts.values()) == 100  # each review in one split only, both its copies there
+    # each review in one split, both its copies there
+    assert len(texts["train"]) + len(texts["validation"]) == 100
     assert m["validation"]["by"] == "text"
     assert "100 train rows repeat the text of another row of their label" in caplog.text
+    # test's 3 reviews of train's are counted, wherever train's copies went
+    shared = m["shared_texts"]
+    assert shared["train/validation"] == 0 and shared["test/train"] + shared["test/validation"] == 3
+    assert "splits hold the same texts (test/" in caplog.text
 
 
 def test_driver_and_ray_tasks_give_the_same_validation_split(
