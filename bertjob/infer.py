@@ -459,8 +459,9 @@ def make_sink(output: str, include_text: bool, rows_per_file: int) -> Any:
     return _Sink()
 
 
-def committed_positions(output: str, units: int) -> tuple[dict[int, Any], int]:
-    """Read back what earlier runs committed: {unit: True (finished) | bool mask of done rows}."""
+def committed_positions(output: str, units: int, redo: str) -> tuple[dict[int, Any], int]:
+    """Read back what earlier runs committed: {unit: True (finished) | bool mask of done rows}.
+    `redo`: the flag that scores from the start (`overwrite_flag`)."""
     fs, root = filesystem(output)
     masks: dict[int, list[np.ndarray]] = {}
     total = 0
@@ -473,7 +474,7 @@ def committed_positions(output: str, units: int) -> tuple[dict[int, Any], int]:
                 t = pq.read_table(f.path, columns=["unit", "row"], filesystem=fs)
             except (pa.ArrowInvalid, KeyError) as err:  # a file put there since, not one a run committed
                 raise OutputError(f"output {output}: {kind}/{os.path.basename(f.path)} is no file bertjob committed "
-                                  f"({str(err).splitlines()[0]}); remove it, or pass --overwrite to score from the start") from err  # fmt: skip
+                                  f"({str(err).splitlines()[0]}); remove it, or pass {redo} to score from the start") from err  # fmt: skip
             total += t.num_rows
             u, r = t.column("unit").to_numpy(), t.column("row").to_numpy()
             for unit in np.unique(u):
@@ -707,13 +708,11 @@ def run(cfg: InferConfig, evaluate: bool = False, replace_changed: bool = False)
     if problem := first_rows_rating_scale(first.column("label"), cfg.label_column, others):
         raise InputError(f"input {cfg.input}: {problem}{fix}")
     effective = run_info["settings"]
+    redo = overwrite_flag(stage, replace_changed)
     done, already, fresh = _resume_state(cfg, run_info, stage, replace_changed)
     if done is None:
-        log.info(
-            "%s: %s is complete for these inputs and settings; nothing to do (use --overwrite to redo)",
-            stage,
-            cfg.output,
-        )
+        log.info("%s: %s is complete for these inputs and settings; nothing to do (use %s to redo)", stage,
+                 cfg.output, redo)  # fmt: skip
         return read_json(join(cfg.output, MANIFEST))
     # The paths the actors are handed: on a running cluster they start where their node was started.
     cfg = dataclasses.replace(cfg, model=for_workers(cfg.model), output=for_workers(cfg.output, output=True))
@@ -759,7 +758,16 @@ def run(cfg: InferConfig, evaluate: bool = False, replace_changed: bool = False)
             ) from err
         raise
     scoring_s = time.time() - scoring_t0
-    return finish(cfg, stage, run_info, sink, already, started, scoring_s, ray.cluster_resources(), evaluate)
+    return finish(
+        cfg, stage, run_info, sink, already, started, scoring_s, ray.cluster_resources(), evaluate, redo
+    )
+
+
+def overwrite_flag(stage: str, in_pipeline: bool) -> str:
+    """The flag that has `stage` score from the start, as the command being run takes it: the
+    pipeline's advice named --overwrite, which `bertjob pipeline` does not take (its stage settings
+    are --STAGE.KEY VALUE, a bool's value too)."""
+    return f"--{stage}.overwrite true" if in_pipeline else "--overwrite"
 
 
 class ScoringKilledError(JobError):
@@ -836,7 +844,9 @@ def _resume_state(
                 log.warning("%s: %s is no longer as its manifest lists it (%s); completing it again", stage,
                             cfg.output, differ)  # fmt: skip
                 remove(join(cfg.output, MANIFEST))
-            done, already = committed_positions(cfg.output, run_info["units"])
+            done, already = committed_positions(
+                cfg.output, run_info["units"], overwrite_flag(stage, replace_changed)
+            )
             log.info("%s: resuming: %d rows already committed in %s", stage, already, cfg.output)
             return done, already, False
         fs, root = filesystem(cfg.output)
@@ -859,9 +869,10 @@ def _resume_state(
 
 def finish(
     cfg: InferConfig, stage: str, run_info: dict[str, Any], sink: Any, already: int, started: float,
-    scoring_s: float, resources: dict[str, float], evaluate: bool,
+    scoring_s: float, resources: dict[str, float], evaluate: bool, redo: str,
 ) -> dict[str, Any]:  # fmt: skip
-    """Count what is committed (all runs), check it, then write metrics (evaluate) and the manifest."""
+    """Count what is committed (all runs), check it, then write metrics (evaluate) and the manifest.
+    `redo`: the flag that scores from the start (`overwrite_flag`)."""
     scored, quarantined = sink.scored, sink.quarantined
     fs, root = filesystem(cfg.output)
     for kind in (PREDICTIONS, QUARANTINE):
@@ -895,7 +906,7 @@ def finish(
             totals["unrecognised_labels"] = Counter(v for v in t.column("label").to_pylist() if v is not None)
     unique = len(np.unique(np.concatenate(positions))) if positions else 0
     if unique != pairs:
-        raise RuntimeError(f"{cfg.output}: {pairs - unique} rows are committed twice; rerun with --overwrite")
+        raise RuntimeError(f"{cfg.output}: {pairs - unique} rows are committed twice; rerun with {redo}")
     # Counted from the input (each unit's reader wrote how many rows it read), not from the output.
     from bertjob.datasource import rows_read as input_rows
 
@@ -909,7 +920,7 @@ def finish(
     others, fix = ("were quarantined", "") if evaluate else ("had no true_label", NO_LABELS)
     problem = rating_scale(labels.pop("unrecognised"), labels, cfg.label_column, others)
     if problem:
-        raise InputError(f"input {cfg.input}: {problem}{fix}, then {stage} again with --overwrite")
+        raise InputError(f"input {cfg.input}: {problem}{fix}, then {stage} again with {redo}")
     if ids:  # a corpus's own ids (file:row ones are unique)
         repeated, example, n = repeated_ids(pa.chunked_array(ids, pa.string()))
         if repeated:

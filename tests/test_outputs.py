@@ -2,12 +2,15 @@
 
 import dataclasses
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
 import time
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from bertjob import infer, outputs
@@ -153,6 +156,30 @@ def test_a_rerun_on_an_output_of_other_inputs_or_settings_names_what_changed(tmp
     (corpus / "b.csv").unlink()
     (corpus / "a.csv").write_text("text\nA wonderful film.\nA dull movie\n")  # same size, edited
     assert f"(the content of input {corpus})" in refused(cfg)
+
+
+def test_in_the_pipeline_the_advice_names_the_flag_the_pipeline_takes(tmp_path, tiny_classifier_dir, caplog):
+    """The infer and evaluate stages of `bertjob pipeline` said to use --overwrite, a flag the pipeline
+    does not take: its own are --infer.overwrite true and --evaluate.overwrite true."""
+    (tmp_path / "a.csv").write_text("text,label\nA wonderful film.,1\nA dull film.,0\n")
+    for stage in ("infer", "evaluate"):
+        evaluate, out = stage == "evaluate", tmp_path / stage
+        cfg = InferConfig(input=str(tmp_path / "a.csv"), model=tiny_classifier_dir, output=str(out))
+        claim_output(str(out), stage)
+        (out / "run.json").write_text(json.dumps(infer.describe(cfg, evaluate)[1]))
+        (out / "manifest.json").write_text("{}")  # complete (listing no files, as an earlier bertjob's)
+        with caplog.at_level(logging.INFO, logger="bertjob.infer"):
+            infer.run(cfg, evaluate=evaluate, replace_changed=True)  # as the pipeline runs it
+        assert f"{stage}: {out} is complete for these inputs and settings; nothing to do (use --{stage}.overwrite " \
+               f"true to redo)" in caplog.text  # fmt: skip
+        (out / "manifest.json").unlink()
+        (out / "predictions").mkdir()
+        pq.write_table(pa.table({"x": [1]}), out / "predictions" / "other.parquet")
+        with pytest.raises(OutputError, match=rf"no file bertjob committed .*; remove it, or pass --{stage}\.overwrite "
+                           rf"true to score from the start$"):  # fmt: skip
+            infer.run(cfg, evaluate=evaluate, replace_changed=True)
+        with pytest.raises(OutputError, match=r"remove it, or pass --overwrite to score from the start$"):
+            infer.run(cfg, evaluate=evaluate)  # `bertjob infer`, `bertjob evaluate`: their own flag
 
 
 def _lease(path, **fields) -> None:
