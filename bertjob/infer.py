@@ -690,8 +690,18 @@ def input_files(corpus: Any) -> list[str] | None:
     return [corpus.relpath(u) for u in corpus.units]
 
 
-@releasing
 def run(cfg: InferConfig, evaluate: bool = False, replace_changed: bool = False) -> dict[str, Any]:
+    """Score cfg.input into cfg.output (see `score`); the output's manifest."""
+    return score(cfg, evaluate, replace_changed)[0]
+
+
+@releasing
+def score(
+    cfg: InferConfig, evaluate: bool = False, replace_changed: bool = False
+) -> tuple[dict[str, Any], bool]:
+    """Score cfg.input into cfg.output, completing an interrupted run; `replace_changed` (the
+    pipeline) redoes an output of other inputs or settings. (The output's manifest, whether the
+    output was already complete for these inputs and settings and kept as it was.)"""
     import ray
 
     from bertjob.cluster import actor_pool_map, init_ray, killed, killed_starting, resource_problem
@@ -713,7 +723,7 @@ def run(cfg: InferConfig, evaluate: bool = False, replace_changed: bool = False)
     if done is None:
         log.info("%s: %s is complete for these inputs and settings; nothing to do (use %s to redo)", stage,
                  cfg.output, redo)  # fmt: skip
-        return read_json(join(cfg.output, MANIFEST))
+        return read_json(join(cfg.output, MANIFEST)), True
     # The paths the actors are handed: on a running cluster they start where their node was started.
     cfg = dataclasses.replace(cfg, model=for_workers(cfg.model), output=for_workers(cfg.output, output=True))
     init_ray(dashboard=False)
@@ -758,9 +768,8 @@ def run(cfg: InferConfig, evaluate: bool = False, replace_changed: bool = False)
             ) from err
         raise
     scoring_s = time.time() - scoring_t0
-    return finish(
-        cfg, stage, run_info, sink, already, started, scoring_s, ray.cluster_resources(), evaluate, redo
-    )
+    resources = ray.cluster_resources()
+    return finish(cfg, stage, run_info, sink, already, started, scoring_s, resources, evaluate, redo), False
 
 
 def overwrite_flag(stage: str, in_pipeline: bool) -> str:

@@ -245,12 +245,11 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         if pt_cfg and (problems := pretrain.positions_problems(pt_cfg, shape)):
             raise pretrain.PretrainSetupError("cannot pretrain:\n  - " + "\n  - ".join(problems))
         manifest = prepare.run(p_cfg)
-    summary["stages"]["prepare"] = {
-        "output": p_cfg.output, "reused": reused,
-        "rows": {k: v["rows_written"] for k, v in manifest["splits"].items()},
-        "rows_quarantined": manifest["rows_quarantined"],
-        "rows_per_s": round(manifest["rows_read"] / manifest["wall_s"], 1) if manifest.get("wall_s") else None,
-    }  # fmt: skip
+    summary["stages"]["prepare"] = stage_summary(
+        p_cfg.output, reused, rows={k: v["rows_written"] for k, v in manifest["splits"].items()},
+        rows_quarantined=manifest["rows_quarantined"],
+        rows_per_s=round(manifest["rows_read"] / manifest["wall_s"], 1) if manifest.get("wall_s") else None,
+    )  # fmt: skip
     if problem := _nothing_to_train(cfg.input, p_cfg.output, manifest):
         raise InputError(problem)
     scoring = scoring_stages(cfg, manifest["splits"])  # an IMDb tar's splits are known from here on
@@ -266,10 +265,10 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             pt_metrics, reused = pretrain.run(pt_cfg), False
         else:
             log.info("pipeline: pretrain: reusing %s (same data and settings)", pt_cfg.output)
-        summary["stages"]["pretrain"] = {
-            "output": pt_cfg.output, "reused": reused, "mlm_loss": pt_metrics["final_mlm_loss"],
-            "perplexity": pt_metrics["final_perplexity"], "samples_per_s": pt_metrics["train_samples_per_s"],
-        }  # fmt: skip
+        summary["stages"]["pretrain"] = stage_summary(
+            pt_cfg.output, reused, mlm_loss=pt_metrics["final_mlm_loss"],
+            perplexity=pt_metrics["final_perplexity"], samples_per_s=pt_metrics["train_samples_per_s"],
+        )  # fmt: skip
 
     # 2. train: the run name carries its identity (the prepared data's, the settings, the starting
     #    weights: a new pre-trained model is a new run), so changed data or settings start a new
@@ -283,26 +282,33 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         if note := _new_run_note(t_cfg, "train", t_cfg.storage_path):
             log.info("pipeline: %s", note)
         metrics, reused = train.run(t_cfg), False
-    summary["stages"]["train"] = {
-        "output": t_cfg.output, "reused": reused, "best_val_accuracy": metrics["best_val_accuracy"],
-        "test_accuracy": (metrics.get("test") or {}).get("accuracy"), "samples_per_s": metrics["train_samples_per_s"],
-    }  # fmt: skip
+    summary["stages"]["train"] = stage_summary(
+        t_cfg.output, reused, best_val_accuracy=metrics["best_val_accuracy"],
+        test_accuracy=(metrics.get("test") or {}).get("accuracy"), samples_per_s=metrics["train_samples_per_s"],
+    )  # fmt: skip
 
     # 3. evaluate on the test split, 4. infer on the corpus to score (completed runs are reused).
     if "evaluate" not in scoring:
         log.info("pipeline: evaluate: the prepared data has no test split; skipped")
     for stage, s_cfg in scoring.items():
         # An output from other inputs or settings (a retrained model, include_text...) is redone.
-        out = infer.run(s_cfg, evaluate=stage == "evaluate", replace_changed=True)
-        summary["stages"][stage] = {
-            "output": s_cfg.output, "rows_scored": out["rows_scored"], "rows_quarantined": out["rows_quarantined"],
-            "rows_per_s": out["rows_per_s"], **({"accuracy": out["metrics"]["accuracy"]} if "metrics" in out else {}),
-        }  # fmt: skip
+        out, reused = infer.score(s_cfg, evaluate=stage == "evaluate", replace_changed=True)
+        summary["stages"][stage] = stage_summary(
+            s_cfg.output, reused, rows_scored=out["rows_scored"], rows_quarantined=out["rows_quarantined"],
+            rows_per_s=out["rows_per_s"], **({"accuracy": out["metrics"]["accuracy"]} if "metrics" in out else {}),
+        )  # fmt: skip
     summary["wall_s"] = round(time.time() - started, 1)
     summary["config"] = settings_record(cfg)
     write_json(join(cfg.output_dir, "summary.json"), summary)
     print_summary(summary)
     return summary
+
+
+def stage_summary(output: str, reused: bool, **numbers: Any) -> dict[str, Any]:
+    """A stage's section of summary.json: its output, whether this run kept it as it was (same inputs
+    and settings) or ran the stage, and its numbers. Evaluate's and infer's said nothing of reuse: a
+    script could not tell whether they had been redone."""
+    return {"output": output, "reused": reused, **numbers}
 
 
 def settings_record(cfg: PipelineConfig) -> dict[str, Any]:

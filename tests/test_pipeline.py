@@ -16,6 +16,11 @@ from tests.conftest import make_imdb_dir
 pytestmark = pytest.mark.integration
 
 
+def reused(summary: dict) -> dict[str, bool]:
+    """What summary.json says of each stage: kept as it was, or run (evaluate and infer said nothing)."""
+    return {stage: section["reused"] for stage, section in summary["stages"].items()}
+
+
 def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, tiny_model_dir, ray_local, caplog):
     corpus = make_imdb_dir(tmp_path / "data", {"train": 40, "test": 20, "unsup": 10}, seed=3)
     settings = {
@@ -29,16 +34,16 @@ def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, tiny_model_dir, ra
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["config"]["train"]["lr"] == 5e-3
     assert first["stages"]["prepare"]["rows"] == {"train": 72, "validation": 8, "test": 40, "unsup": 10}
     assert first["stages"]["evaluate"]["rows_scored"] == 40 and first["stages"]["infer"]["rows_scored"] == 10
-    assert not first["stages"]["prepare"]["reused"] and not first["stages"]["train"]["reused"]
+    assert reused(first) == {"prepare": False, "train": False, "evaluate": False, "infer": False}
     model_mtime = (tmp_path / "out" / "train" / "model" / "model.safetensors").stat().st_mtime
     caplog.clear()
     with caplog.at_level("INFO"):
         second = pipeline.run(cfg)
-    assert second["stages"]["prepare"]["reused"] and second["stages"]["train"]["reused"]
+    assert reused(second) == {"prepare": True, "train": True, "evaluate": True, "infer": True}
     assert "reusing" in caplog.text and "nothing to do" in caplog.text
     assert (tmp_path / "out" / "train" / "model" / "model.safetensors").stat().st_mtime == model_mtime
     assert second["stages"]["evaluate"]["accuracy"] == first["stages"]["evaluate"]["accuracy"]
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["stages"]["train"]["reused"] is True
+    assert reused(json.loads((tmp_path / "out" / "summary.json").read_text())) == reused(second)
 
     # A changed infer setting redoes that stage only (the others are still reused); so do settings of
     # how training runs, not of what it learns (they made a new run, trained from step 0).
@@ -48,7 +53,8 @@ def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, tiny_model_dir, ra
     with caplog.at_level("INFO"):
         third = pipeline.run(cfg)
     assert "infer: inputs or settings changed" in caplog.text
-    assert third["stages"]["train"]["reused"] and third["stages"]["infer"]["rows_scored"] == 40
+    assert reused(third) == {"prepare": True, "train": True, "evaluate": True, "infer": False}
+    assert third["stages"]["infer"]["rows_scored"] == 40
     assert pq.read_table(tmp_path / "out" / "infer" / "predictions").num_rows == 40
 
     # The trained model's bertjob.json removed since: reused as it was, it scored text at prepare's
@@ -59,10 +65,8 @@ def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, tiny_model_dir, ra
     with caplog.at_level("INFO"):
         fourth = pipeline.run(cfg)
     assert "no bertjob.json; exporting the run's model again" in caplog.text
-    assert (
-        not fourth["stages"]["train"]["reused"]
-        and (tmp_path / "out" / "train" / "model" / "bertjob.json").exists()
-    )
+    assert reused(fourth) == {"prepare": True, "train": False, "evaluate": True, "infer": True}
+    assert (tmp_path / "out" / "train" / "model" / "bertjob.json").exists()
     assert caplog.text.count("nothing to do") == 2
     assert fourth["stages"]["evaluate"]["accuracy"] == first["stages"]["evaluate"]["accuracy"]
 
