@@ -439,12 +439,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         cfg.torch_threads or max(1, int(plan.cpus)),
         f", ~{plan.memory_estimate / 2**30:.1f} of {plan.memory_budget / 2**30:.1f} GiB memory each" if plan.memory_budget else "",
     )  # fmt: skip
-    if total_steps < MIN_STEPS and not cfg.max_steps:
-        log.warning(
-            "train: only %d optimizer steps (%d rows / batch_size %d x %d epochs): fine-tuning a BERT usually "
-            "needs at least ~%d; the model may learn little. Use more data, more --epochs or a smaller --batch-size",
-            total_steps, n_train, cfg.batch_size, cfg.epochs, MIN_STEPS,
-        )  # fmt: skip
+    if few := few_steps(cfg, n_train, total_steps):
+        log.warning("train: %s", few)
     mean_tokens = min(manifest["max_length"], manifest["splits"]["train"].get("tokens", {}).get("mean", 1e9))
     token_bytes = mean_tokens * n_train * 4  # int32 token ids
     window = shuffle_window(token_bytes, cfg.shuffle_window_rows)
@@ -472,6 +468,20 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         raise RuntimeError("training finished without a checkpoint")
     return export(cfg, manifest, result.checkpoint, wall_s=time.time() - started, storage=storage, plan=plan,
                   events=runlog.timeline(meta["run_dir"]))  # fmt: skip
+
+
+def few_steps(cfg: TrainConfig, n_train: int, total_steps: int) -> str | None:
+    """A warning when the epochs schedule too few optimizer steps to fine-tune well. None where
+    --max-steps cut the run to its length: the user asked for it. Any --max-steps silenced it, also
+    one the epochs never reach (--max-steps 30 trained 21 steps without a word)."""
+    if total_steps >= MIN_STEPS or total_steps == cfg.max_steps:
+        return None
+    unreached = f"; --max-steps {cfg.max_steps} is never reached" if cfg.max_steps else ""
+    return (
+        f"only {total_steps} optimizer steps ({n_train} rows / batch_size {cfg.batch_size} x {cfg.epochs} "
+        f"epochs{unreached}): fine-tuning a BERT usually needs at least ~{MIN_STEPS}; the model may learn "
+        f"little. Use more data, more --epochs or a smaller --batch-size"
+    )
 
 
 def run_storage(cfg: Any) -> str:

@@ -134,3 +134,17 @@ def test_a_distilbert_is_planned_by_its_own_sizes(tmp_path):
     config = models.model_config(str(tmp_path))
     assert train.default_lr(config) == train.default_lr(MINILM) == 2e-4
     assert train.memory_estimate(config, 512, 8) == train.memory_estimate(MINILM, 512, 8)
+
+
+def test_too_few_steps_are_warned_of_unless_max_steps_cut_the_run():
+    """Any --max-steps silenced the warning, also one the epochs never reach: --max-steps 30 trained
+    21 steps without a word. A --max-steps that cuts the run short is the user's choice."""
+    cfg = TrainConfig(data="d", output="o", epochs=1)  # 648 rows in global batches of 32: 21 steps
+    assert train.few_steps(cfg, 648, 21).startswith(
+        "only 21 optimizer steps (648 rows / batch_size 32 x 1 epochs): "
+    )
+    unreached = train.few_steps(TrainConfig(data="d", output="o", epochs=1, max_steps=30), 648, 21)
+    assert unreached.startswith("only 21 optimizer steps (648 rows / batch_size 32 x 1 epochs; --max-steps 30 is "
+                                "never reached): fine-tuning a BERT usually needs at least ~100")  # fmt: skip
+    assert train.few_steps(TrainConfig(data="d", output="o", epochs=1, max_steps=5), 648, 5) is None
+    assert train.few_steps(TrainConfig(data="d", output="o", epochs=5, max_steps=500), 648, 105) is None
