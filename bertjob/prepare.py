@@ -421,6 +421,13 @@ def shared_texts(stats: dict[str, dict[str, Any]]) -> dict[str, int]:
     return {f"{a}/{b}": len(np.intersect1d(texts[a], texts[b], assume_unique=True)) for a, b in pairs}
 
 
+def _leaks(pair: str) -> bool:
+    """Whether texts both splits of a `shared_texts` pair hold are trained on and scored as held out
+    (train or unsup beside validation or test), not only held out twice or trained on twice."""
+    held_out = [split in (VALIDATION, TEST) for split in pair.split("/")]
+    return any(held_out) and not all(held_out)
+
+
 def remove_unfinished(output: str, finished: Iterable[str]) -> list[str]:
     """Delete the Parquet files under `output` that no successful write reported: those of a write
     attempt that failed and was retried. Returns what it removed."""
@@ -683,10 +690,10 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     write_json(join(cfg.output, "config.json"), to_dict(cfg))
     write_json(join(cfg.output, MANIFEST), manifest)  # last: marks the output complete
     log.info("prepare: wrote %s", ", ".join(f"{k} {v['rows_written']}" for k, v in splits.items()))
-    if counts := ", ".join(f"{pair} {n}" for pair, n in shared.items() if n):
-        log.warning("prepare: splits hold the same texts (%s, in manifest.json's shared_texts): a review trained "
-                    "on is scored as unseen where validation or test holds it too; drop the copies from one "
-                    "split", counts)  # fmt: skip
+    if counts := ", ".join(f"{pair} {n}" for pair, n in shared.items() if n and _leaks(pair)):
+        log.warning("prepare: held-out splits hold texts of the splits trained on (%s; every pair in manifest.json's "
+                    "shared_texts): such a review is scored as unseen though it was trained on (unsup: by "
+                    "pretrain); drop the copies from one split", counts)  # fmt: skip
     if manifest["rows_quarantined"]:
         note = quarantine_note(manifest["rows_quarantined"], read_total, total("quarantined_by_reason"),
                                join(cfg.output, QUARANTINE), bad_labels)  # fmt: skip

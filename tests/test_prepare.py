@@ -486,7 +486,10 @@ def test_a_review_repeated_under_another_id_is_never_trained_on_and_held_out_at_
     # test's 3 reviews of train's are counted, wherever train's copies went
     shared = m["shared_texts"]
     assert shared["train/validation"] == 0 and shared["test/train"] + shared["test/validation"] == 3
-    assert "splits hold the same texts (test/" in caplog.text
+    assert "held-out splits hold texts of the splits trained on (test/train 3; " in caplog.text
+    # said of a review trained on and held out, not of one held out twice or trained on twice
+    pairs = ("test/train", "test/validation", "train/unsup", "test/unsup", "unsup/validation")
+    assert [p for p in pairs if prepare._leaks(p)] == ["test/train", "test/unsup", "unsup/validation"]
 
 
 def test_driver_and_ray_tasks_give_the_same_validation_split(
