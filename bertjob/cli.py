@@ -255,13 +255,21 @@ def _split_dotted(argv: list[str]) -> tuple[list[str], dict[str, dict[str, Any]]
 def _rerun(command: str, cfg: Any = None) -> str:
     """What the same command does after this one stopped short. prepare keeps nothing of a stopped
     run (its shards are only whole with the manifest): it said that the same command resumes, and
-    then prepared everything again. Nor does infer or evaluate with --overwrite, which replaces
-    what the stopped run committed: it said so too, and the same command scored from the start."""
+    then prepared everything again. Nor does infer or evaluate with --overwrite (the pipeline with
+    --infer.overwrite true), which replaces what the stopped run committed: it said so too, and the
+    same command scored from the start."""
     if command == "prepare":
         return "prepare does not resume: the same command again prepares from the start"
-    if getattr(cfg, "overwrite", False):
+    from bertjob.infer import overwrite_flag
+
+    if command == "pipeline" and cfg is not None:  # its scoring stages' own --STAGE.overwrite
+        redo = [overwrite_flag(s, True) for s in ("evaluate", "infer") if cfg.stage(s).overwrite]
+    else:
+        redo = [overwrite_flag(command, False)] if getattr(cfg, "overwrite", False) else []
+    if redo:
         return (
-            "the same command without --overwrite resumes where this one stopped (with it, it starts again)"
+            f"the same command without {' and '.join(redo)} resumes where this one stopped (with it, it starts "
+            f"again)"
         )
     return "the same command again resumes where this one stopped"
 

@@ -541,6 +541,8 @@ def test_an_interrupt_says_what_the_same_command_again_does(capsys, monkeypatch,
         # --overwrite replaces what the stopped run committed: the same command scored from the start
         (["evaluate", "--input", "x", "--model", "m", "--output", str(tmp_path), "--overwrite"],
          "the same command without --overwrite resumes where this one stopped (with it, it starts again)"),
+        (["pipeline", "--output-dir", str(tmp_path), "--infer.overwrite", "true"],
+         "the same command without --infer.overwrite true resumes where this one stopped (with it, it starts again)"),
     ):  # fmt: skip
         with pytest.raises(SystemExit) as exit_:
             main(argv)
