@@ -42,8 +42,8 @@ def embedded_model_path() -> str:
 
 
 def no_progress_bars() -> None:
-    """transformers' progress bars off in this process, a Ray worker: each bar reached the job's log
-    as lines of its own ('Loading weights: 0%', then 100%) for every model a worker loaded or saved."""
+    """transformers' progress bars off in this process (a Ray worker, or the driver): each bar reached
+    the job's log as lines of its own ('Loading weights: 0%', then 100%) for every model loaded or saved."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -325,6 +325,7 @@ def keep_pooler(base: str, model_dir: str, trust_remote_code: bool = False) -> N
     prefix = next((k[: -len(anchor)] for k in weights if k.endswith(anchor)), None)  # "bert." for BERT
     if prefix is None or any(".pooler." in k for k in weights):
         return
+    models.no_progress_bars()  # this runs in the driver: its bar would be lines of the job's log
     base_model = AutoModel.from_pretrained(models.resolve_model(base), trust_remote_code=trust_remote_code)
     pooler = getattr(base_model, "pooler", None)
     if pooler is None:

@@ -121,6 +121,20 @@ def test_train_fine_tunes_the_pretrained_model_and_records_where_it_came_from(
     )
 
 
+def test_the_export_carries_the_pooler_without_a_progress_bar_in_the_jobs_log(
+    tiny_model_dir, tmp_path, capfd
+):
+    """The driver loads the base model to copy its pooler into the exported masked-LM weights; that
+    load put transformers' 'Loading weights' bar into the job's log, as workers' loads did once."""
+    from transformers import AutoModelForMaskedLM
+
+    AutoModelForMaskedLM.from_pretrained(tiny_model_dir).save_pretrained(tmp_path)  # no pooler
+    capfd.readouterr()
+    pretrain.keep_pooler(tiny_model_dir, str(tmp_path))
+    assert any(".pooler." in k for k in load_file(tmp_path / "model.safetensors"))
+    assert "Loading weights" not in capfd.readouterr().err
+
+
 def test_setup_problems_are_one_clear_error_before_any_worker_starts(
     prepared_small, tiny_model_dir, tmp_path
 ):
