@@ -892,11 +892,17 @@ def _open_hf(name: str, **opts: str) -> Corpus:
     """A Hugging Face dataset: downloaded (or found in the cache), then read from its Arrow files."""
     import datasets
 
+    from bertjob.models import hub_unreachable
+
+    if offline := hub_unreachable():
+        # Its cached copy or an error at once: datasets' own retries took ~30 s of warnings to fail.
+        datasets.config.HF_HUB_OFFLINE = True
     try:
         dd = datasets.load_dataset(name)
     except Exception as err:  # noqa: BLE001 - datasets raises many types for "unreachable"
+        why = f"; the hub cannot be reached ({offline})" if offline else ""
         raise InputError(
-            f"input hf://{name}: could not load the dataset ({type(err).__name__}: {err}). Without network "
+            f"input hf://{name}: could not load the dataset ({type(err).__name__}: {err}){why}. Without network "
             f"access, export it to Parquet and pass that path."
         ) from err
     units, split_of = [], {}

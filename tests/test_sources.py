@@ -2,6 +2,10 @@ import gzip
 import json
 import os
 import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -762,3 +766,30 @@ def test_a_utf16_or_utf32_file_is_an_error_naming_its_encoding(tmp_path):
             open_corpus(str(path))
         path.write_text(content[fmt], encoding="utf-8")
         assert read_all(open_corpus(str(path))).column("text").to_pylist() == ["good film"]
+
+
+HF_PROBE = """
+import sys
+from bertjob.sources import InputError, open_corpus
+try:
+    open_corpus(sys.argv[1])
+except InputError as err:
+    print(err)
+"""
+
+
+def test_a_hub_dataset_without_the_hub_is_an_error_at_once(tmp_path):
+    """As a hub model: datasets retried for ~30 s, ten warnings, before the same error."""
+    with socket.socket() as closed:  # an address where nothing listens
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        env = {
+            "HF_HOME": str(tmp_path / "hf"),
+            "HF_ENDPOINT": f"http://127.0.0.1:{port}",
+            "PATH": "/usr/bin:/bin",
+        }
+        out = subprocess.run([sys.executable, "-c", HF_PROBE, "hf://bertjob-tests/reviews"], env=env, text=True,
+                             capture_output=True, cwd=Path(__file__).parent.parent, timeout=20)  # fmt: skip
+    assert out.stdout.startswith("input hf://bertjob-tests/reviews: could not load the dataset"), out
+    assert f"the hub cannot be reached (127.0.0.1:{port} cannot be reached" in out.stdout
+    assert "Retrying" not in out.stderr
