@@ -205,7 +205,11 @@ def local_dir(uri: str) -> str:
     if os.path.isdir(dest):
         return dest
     tmp = f"{dest}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-    os.makedirs(tmp)
+    try:
+        os.makedirs(tmp)
+    except OSError as err:  # else "[Errno 20] ...", and the advice that the same command resumes
+        raise StorageError(f"model {uri}: no place for its local copy in {os.path.dirname(dest)} ({err.strerror}); "
+                           f"set BERTJOB_CACHE to a writable directory") from err  # fmt: skip
     pafs.copy_files(where, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     try:
         os.rename(tmp, dest)

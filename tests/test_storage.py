@@ -116,6 +116,22 @@ def test_a_model_in_the_bucket_is_downloaded_once_per_content(s3, tiny_classifie
     assert changed != first and json.loads(Path(changed, "bertjob.json").read_text())["max_length"] == 32
 
 
+def test_a_model_in_the_bucket_with_no_place_for_its_copy_is_an_error_naming_bertjob_cache(
+    s3, tiny_classifier_dir, tmp_path, monkeypatch
+):
+    # Was "[Errno 20] Not a directory: ..." and "the same command again resumes", which failed the same.
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("BERTJOB_CACHE", str(tmp_path / "a-file" / "cache"))
+    uri = s3.uri("model")
+    storage.copy(tiny_classifier_dir, uri)
+    with pytest.raises(storage.StorageError) as err:
+        models.resolve_model(uri)
+    assert str(err.value) == (
+        f"model {uri}: no place for its local copy in {tmp_path}/a-file/cache/remote (Not a directory); "
+        f"set BERTJOB_CACHE to a writable directory"
+    )
+
+
 def _rows(corpus):
     out = []
     for unit in corpus.units:
