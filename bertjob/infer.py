@@ -629,11 +629,16 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
         # Its rows are already tokenized: they must be as the model (or the command line) wants them.
         effective = text_settings(cfg, recorded or manifest)
         want, have = effective.as_dict(), TextSettings.of(manifest).as_dict()
-        differ = [f"{k} {have[k]!r} (model: {want[k]!r})" for k in want if want[k] != have[k]]
+        # A text flag on the command line (--max-length 128) changes what this command scores with:
+        # its values were reported as the model's.
+        changed = effective != TextSettings.of(recorded or manifest)
+        whose, scorer = ("this command", f"this command scores with (model {cfg.model}'s, changed by its flags)") \
+            if changed else ("model", f"model {cfg.model} was trained with")  # fmt: skip
+        differ = [f"{k} {have[k]!r} ({whose}: {want[k]!r})" for k in want if want[k] != have[k]]
         if differ:
-            raise InputError(f"input {cfg.input} was prepared with other text settings than model {cfg.model} "
-                             f"was trained with: {', '.join(differ)}; give the raw corpus, or prepare it again "
-                             f"with these settings")  # fmt: skip
+            raise InputError(f"input {cfg.input} was prepared with other text settings than {scorer}: "
+                             f"{', '.join(differ)}; give the raw corpus, or prepare it again with these "
+                             f"settings")  # fmt: skip
     else:
         effective = text_settings(cfg, recorded)
     if effective.truncation == "head+tail" and not effective.head_tokens < effective.max_length - 2:

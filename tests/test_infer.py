@@ -294,6 +294,14 @@ def test_a_prepared_input_with_other_text_settings_than_the_model_is_an_error(ti
     manifest["max_length"] = 64
     (prepared / "manifest.json").write_text(json.dumps(manifest))
     assert infer.describe(cfg, evaluate=True)[1]["settings"]["max_length"] == 64
+    # A flag's value is this command's, not the model's (it read "max_length 64 (model: 32)").
+    with pytest.raises(InputError) as err:
+        infer.describe(InferConfig(**{**infer.to_dict(cfg), "max_length": 32}), evaluate=True)
+    assert str(err.value) == (
+        f"input {prepared} was prepared with other text settings than this command scores with (model {model}'s, "
+        f"changed by its flags): max_length 64 (this command: 32); give the raw corpus, or prepare it again with "
+        f"these settings"
+    )
 
 
 def test_an_id_column_left_unnamed_is_pointed_out(tiny_classifier_dir, tmp_path, caplog):
