@@ -330,28 +330,34 @@ def print_summary(summary: dict[str, Any]) -> None:
         rows = ", ".join(f"{k} {v}" for k, v in p["rows"].items())
         if p.get("rows_quarantined"):  # left out of every split: the count, as infer's line gives it
             rows += f"; {p['rows_quarantined']} quarantined"
-        lines.append(f"prepare   {rows}  ({p['rows_per_s']} rows/s)  -> {p['output']}")
+        lines.append(f"prepare   {rows}  ({_speed(p, 'rows_per_s', 'rows/s')})  -> {p['output']}")
     if "pretrain" in st:
         p = st["pretrain"]
         lines.append(
-            f"pretrain  MLM loss {p['mlm_loss']:.4f}, perplexity {p['perplexity']:.2f}  ({p['samples_per_s']} sequences/s)  -> {p['output']}/model"
+            f"pretrain  MLM loss {p['mlm_loss']:.4f}, perplexity {p['perplexity']:.2f}  ({_speed(p, 'samples_per_s', 'sequences/s')})  -> {p['output']}/model"
         )
     if "train" in st:
         t = st["train"]
         test = f"{t['test_accuracy']:.4f}" if t["test_accuracy"] is not None else "n/a"
         val = f"{t['best_val_accuracy']:.4f}" if t["best_val_accuracy"] is not None else "n/a"
         lines.append(
-            f"train     val acc {val}, test acc {test}  ({t['samples_per_s']} samples/s)  -> {t['output']}/model"
+            f"train     val acc {val}, test acc {test}  ({_speed(t, 'samples_per_s', 'samples/s')})  -> {t['output']}/model"
         )
     if "evaluate" in st:
         e = st["evaluate"]
         lines.append(
-            f"evaluate  accuracy {e['accuracy']:.4f} on {e['rows_scored']} test reviews  ({e['rows_per_s']} rows/s)  -> {e['output']}"
+            f"evaluate  accuracy {e['accuracy']:.4f} on {e['rows_scored']} test reviews  ({_speed(e, 'rows_per_s', 'rows/s')})  -> {e['output']}"
         )
     if "infer" in st:
         i = st["infer"]
         lines.append(
-            f"infer     {i['rows_scored']} reviews scored, {i['rows_quarantined']} quarantined  ({i['rows_per_s']} rows/s)  -> {i['output']}"
+            f"infer     {i['rows_scored']} reviews scored, {i['rows_quarantined']} quarantined  ({_speed(i, 'rows_per_s', 'rows/s')})  -> {i['output']}"
         )
     lines.append(f"total {summary['wall_s']} s; summary in {join(summary['output_dir'], 'summary.json')}")
     print("\n".join(lines), flush=True)
+
+
+def _speed(stage: dict[str, Any], key: str, unit: str) -> str:
+    """A stage's speed, or that it was reused: a rerun's summary gave the earlier run's speed beside
+    a total of 0.2 s, as if this run had measured it."""
+    return f"reused, {stage[key]} {unit} when it ran" if stage["reused"] else f"{stage[key]} {unit}"

@@ -207,12 +207,19 @@ def test_the_summary_counts_the_rows_prepare_quarantined(capsys):
     summary = {
         "output_dir": "out/", "wall_s": 1.0,
         "stages": {"prepare": {"output": "out/prepared", "rows": {"train": 36, "validation": 4},
-                               "rows_quarantined": 160, "rows_per_s": 9.0}},
+                               "rows_quarantined": 160, "rows_per_s": 9.0, "reused": False},
+                   "train": {"output": "out/train", "best_val_accuracy": 0.5, "test_accuracy": 0.75,
+                             "samples_per_s": 12.5, "reused": True}},
     }  # fmt: skip
     pipeline.print_summary(summary)
     out = capsys.readouterr().out
     assert "prepare   train 36, validation 4; 160 quarantined  (9.0 rows/s)" in out
     assert "summary in out/summary.json" in out  # --output-dir out/ gave out//summary.json
+    # A reused stage's speed is the earlier run's, which read as this run's
+    assert (
+        "train     val acc 0.5000, test acc 0.7500  (reused, 12.5 samples/s when it ran)  -> out/train/model"
+        in out
+    )
 
 
 def test_a_changed_train_setting_says_it_starts_a_new_run_and_what_happens_to_the_old(tmp_path, monkeypatch):
