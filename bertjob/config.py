@@ -153,7 +153,8 @@ class PrepareConfig(Settings):
         if not self.output:
             p.append("output: required (--output DIR)")
         if self.truncation == "head+tail" and not self.head_tokens < self.max_length - 2:
-            p.append(f"head_tokens: {self.head_tokens} must be between 0 (auto) and max_length - 3")
+            p.append(f"head_tokens: {self.head_tokens} must be between 0 (auto) and max_length - 3 "
+                     f"({self.max_length - 3} at max_length {self.max_length})")  # fmt: skip
         if not self.split or "/" in self.split:
             p.append(f"split: {self.split!r} must be a plain name such as train")
         if not self.text_column:  # no text read: every row quarantined as null_text

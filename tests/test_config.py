@@ -206,6 +206,12 @@ def test_head_tokens_default_to_a_quarter_of_max_length():
     assert build(PrepareConfig, {"output": "x", "max_length": 128, "head_tokens": 50}).head_n == 50
     with pytest.raises(ConfigError, match="head_tokens"):
         build(PrepareConfig, {"output": "x", "max_length": 128, "head_tokens": 126})
+    # The quickstart's head_tokens 64 under a shorter --max-length: the error gave no number to compare.
+    with pytest.raises(ConfigError) as err:
+        resolve("pipeline", {"config": str(ROOT / "configs" / "quickstart.yaml"), "max_length": 64}, {})
+    assert err.value.problems == [
+        "prepare: head_tokens: 64 must be between 0 (auto) and max_length - 3 (61 at max_length 64)"
+    ]
 
 
 def test_flags_override_yaml(tmp_path):
