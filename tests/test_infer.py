@@ -21,7 +21,7 @@ from bertjob import infer, models
 from bertjob.config import InferConfig, SetupError, Workers
 from bertjob.models import ModelError
 from bertjob.sources import InputError
-from tests.conftest import kill_each_try, kill_session, review
+from tests.conftest import kill_each_try, kill_session, make_imdb_dir, review
 
 
 def test_predictor_scores_in_input_order_and_flags_bad_rows(tiny_classifier_dir):
@@ -302,6 +302,19 @@ def test_a_prepared_input_with_other_text_settings_than_the_model_is_an_error(ti
         f"changed by its flags): max_length 64 (this command: 32); give the raw corpus, or prepare it again with "
         f"these settings"
     )
+
+
+def test_evaluating_the_unlabelled_split_is_an_error_before_any_work(tiny_classifier_dir, tmp_path):
+    """`evaluate --input aclImdb --split unsup` scored every review, then said there were no labelled rows."""
+    imdb = make_imdb_dir(tmp_path, {"test": 2, "unsup": 3})
+    cfg = InferConfig(input=str(imdb), split="unsup", model=tiny_classifier_dir, output=str(tmp_path / "o"))
+    with pytest.raises(InputError) as err:
+        infer.describe(cfg, evaluate=True)
+    assert str(err.value) == (
+        f"input {imdb}: split unsup holds unlabelled reviews, nothing to evaluate against; evaluate a labelled "
+        f"split (--split test), or score it with `bertjob infer`"
+    )
+    assert infer.describe(cfg)[0].kind == "imdb-dir"  # infer scores it
 
 
 def test_an_id_column_left_unnamed_is_pointed_out(tiny_classifier_dir, tmp_path, caplog):
