@@ -971,8 +971,12 @@ def _read_imdb_files(corpus: Corpus, unit: list[str], keys_only: bool) -> Iterat
 
 def _as_text(value: Any) -> str | None:
     """An id or label as text. Bytes are decoded: a Parquet string column written without its UTF-8
-    annotation (older Spark, Hive) is read as binary, and str() made b'pos' of its 'pos'."""
-    return decode_text(value)[0] if isinstance(value, bytes) else None if value is None else str(value)
+    annotation (older Spark, Hive) is read as binary, and str() made b'pos' of its 'pos'. A float NaN
+    (a float label column's missing value, as pandas and Polars keep it) is a missing one: it was the
+    label "nan", quarantined as unrecognised_label, not as missing_label."""
+    if isinstance(value, bytes):
+        return decode_text(value)[0]
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
 def _id_text(value: Any) -> str | None:
@@ -1283,13 +1287,7 @@ def _read_jsonl(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table
                 if c == corpus.id_column:  # 7.0 and true as Parquet's: "7", "true" (not "7.0", "True")
                     buf[c].append(_id_text(v))
                     continue
-                buf[c].append(
-                    None
-                    if v is None
-                    else (
-                        v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v)
-                    )
-                )
+                buf[c].append(json.dumps(v) if isinstance(v, (dict, list)) else _as_text(v))
             bad_utf8.append(replaced)
             if len(bad_utf8) >= ROWS_PER_TABLE:
                 yield flush()

@@ -12,6 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from bertjob import models
+from bertjob.config import PrepareConfig
+from bertjob.prepare import tokenize_batch
 from bertjob.sources import InputError, open_corpus
 from tests.conftest import make_imdb_dir, tar_dir
 
@@ -581,6 +584,20 @@ def test_a_blank_csv_id_or_label_is_a_missing_one(tmp_path):
         ("8", None),
         ("a.csv:3", None),
     ]
+
+
+def test_a_nan_label_is_a_missing_one(tmp_path, tiny_model_dir):
+    """A float label column keeps a missing label as NaN (Polars' Parquet, pyarrow's from NaN, JSON's
+    NaN): it was the label "nan", quarantined as unrecognised_label, not as missing_label."""
+    pq.write_table(pa.table({"text": ["good", "bad", "fine"], "label": pa.array([1.0, float("nan"), 0.0])}),
+                   tmp_path / "a.parquet")  # fmt: skip
+    (tmp_path / "b.jsonl").write_text('{"text": "good", "label": 1}\n{"text": "bad", "label": NaN}\n')
+    cfg = PrepareConfig(input="unused", output="unused", model=tiny_model_dir, max_length=8)
+    for name, labels in (("a.parquet", ["1.0", None, "0.0"]), ("b.jsonl", ["1", None])):
+        rows = read_all(open_corpus(str(tmp_path / name)))
+        assert rows.column("label").to_pylist() == labels
+        out = tokenize_batch(rows, cfg, models.load_encoder(tiny_model_dir), labelled=True)
+        assert [r for r in out.column("reason").to_pylist() if r] == ["missing_label"]
 
 
 def test_a_float_id_column_of_pandas_reads_as_its_integers(tmp_path):
