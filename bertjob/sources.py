@@ -357,12 +357,30 @@ def _hidden(path: str, root: str) -> bool:
     return any(part.startswith(("_", ".")) for part in path[len(root) :].strip("/").split("/"))
 
 
-def _format_of(path: str) -> str | None:
-    name = path.lower()
+def _uncompressed(path: str) -> str:
+    """A file's path without its compression suffixes (a.csv of a.csv.gz)."""
     for suffix in COMPRESSIONS:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    return GENERIC_FORMATS.get(os.path.splitext(name)[1])
+        if path.lower().endswith(suffix):
+            path = path[: -len(suffix)]
+    return path
+
+
+def _format_of(path: str) -> str | None:
+    return GENERIC_FORMATS.get(os.path.splitext(_uncompressed(path).lower())[1])
+
+
+def _refuse_compressed_twins(fs: pafs.FileSystem, paths: list[str]) -> None:
+    """A file beside its compressed copy (a.csv and a.csv.gz, as `gzip -k` leaves them) is an error:
+    both were read, every row likely twice, without a word."""
+    seen: dict[str, str] = {}
+    for path in paths:
+        first = seen.setdefault(_uncompressed(path), path)
+        if first != path:
+            raise InputError(
+                f"input {uri(fs, first)} and {os.path.basename(path)}: the same data twice (as `gzip -k` leaves a file "
+                f"beside its .gz)? both would be read, every row likely twice; remove or move one of them (or rename "
+                f"one, if they hold other rows)"
+            )
 
 
 def _glob_base(fs: pafs.FileSystem, pattern: str) -> str:
@@ -483,6 +501,7 @@ def _generic(fs: pafs.FileSystem, root: str, files: list[tuple[str, int]], opts:
         )
     kind = kinds.pop()
     _refuse_read_twice(fs, [p for p, _ in files])
+    _refuse_compressed_twins(fs, [p for p, _ in files])
     corpus = Corpus(kind, root, [p for p, _ in files], fs, size_bytes=sum(s for _, s in files), **opts)
     for path, _ in files:
         # A corpus partitioned by split (Hive's layout: reviews/split=test/part-0.parquet) keeps its

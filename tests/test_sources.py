@@ -418,6 +418,25 @@ def test_a_file_reached_twice_through_a_link_is_an_error(tmp_path):
         open_corpus(str(imdb))
 
 
+def test_a_file_beside_its_compressed_copy_is_an_error(tmp_path):
+    """a.csv beside a.csv.gz (`gzip -k` keeps both), or a.jsonl.gz beside a.jsonl.zst: the directory
+    or a glob matching both read every row twice without a word."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.csv").write_text("text\ngood\n")
+    (tmp_path / "d" / "a.csv.gz").write_bytes(gzip.compress(b"text\ngood\n"))
+    (tmp_path / "d" / "b.csv").write_text("text\nfine\n")
+    for path in (tmp_path / "d", tmp_path / "d" / "a*"):
+        with pytest.raises(InputError, match=r"^input .*d/a\.csv and a\.csv\.gz: the same data twice \(as `gzip -k` "
+                           r"leaves a file beside its \.gz\)\? both would be read, every row likely twice; remove or "
+                           r"move one of them"):  # fmt: skip
+            open_corpus(str(path))
+    assert len(open_corpus(str(tmp_path / "d" / "*.csv")).units) == 2  # a pattern that matches one: read
+    (tmp_path / "d" / "a.csv").unlink()
+    (tmp_path / "d" / "a.csv.BZ2").write_bytes(b"")
+    with pytest.raises(InputError, match=r"d/a\.csv\.BZ2 and a\.csv\.gz: the same data twice"):
+        open_corpus(str(tmp_path / "d"))
+
+
 def test_a_byte_order_mark_opening_a_jsonl_file_is_skipped(tmp_path):
     bom = b"\xef\xbb\xbf"
     (tmp_path / "bom.jsonl").write_bytes(
