@@ -479,6 +479,16 @@ class InferConfig(Settings):
 
 
 STAGES = ("prepare", "pretrain", "train", "evaluate", "infer")
+
+
+def stage_flag(stage: str, key: str, in_pipeline: bool) -> str:
+    """A stage setting's flag as the command being run takes it: `--epochs` in `bertjob train`,
+    `--train.epochs` in `bertjob pipeline`, whose stage settings are --STAGE.KEY VALUE (advice
+    that named --epochs there was an unrecognized argument)."""
+    flag = key.replace("_", "-")
+    return f"--{stage}.{flag}" if in_pipeline else f"--{flag}"
+
+
 STAGE_CLASSES = {"prepare": PrepareConfig, "pretrain": PretrainConfig, "train": TrainConfig, "infer": InferConfig,
                  "evaluate": InferConfig}  # fmt: skip
 # The shared pipeline settings each stage's config is derived from (see PipelineConfig.stage); a

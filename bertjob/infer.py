@@ -36,7 +36,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bertjob import checkpoint, models
-from bertjob.config import InferConfig, JobError, SetupError, to_dict
+from bertjob.config import InferConfig, JobError, SetupError, stage_flag, to_dict
 from bertjob.identity import bertjob_version, corpus_fingerprint, digest, identity, model_fingerprint
 from bertjob.metrics import classification_metrics
 from bertjob.outputs import (
@@ -784,7 +784,7 @@ def overwrite_flag(stage: str, in_pipeline: bool) -> str:
     """The flag that has `stage` score from the start, as the command being run takes it: the
     pipeline's advice named --overwrite, which `bertjob pipeline` does not take (its stage settings
     are --STAGE.KEY VALUE, a bool's value too)."""
-    return f"--{stage}.overwrite true" if in_pipeline else "--overwrite"
+    return stage_flag(stage, "overwrite", in_pipeline) + (" true" if in_pipeline else "")
 
 
 class ScoringKilledError(JobError):

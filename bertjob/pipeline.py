@@ -281,7 +281,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     else:
         if note := _new_run_note(t_cfg, "train", t_cfg.storage_path):
             log.info("pipeline: %s", note)
-        metrics, reused = train.run(t_cfg), False
+        metrics, reused = train.run(t_cfg, in_pipeline=True), False
     summary["stages"]["train"] = stage_summary(
         t_cfg.output, reused, best_val_accuracy=metrics["best_val_accuracy"],
         test_accuracy=(metrics.get("test") or {}).get("accuracy"), samples_per_s=metrics["train_samples_per_s"],

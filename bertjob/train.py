@@ -31,7 +31,7 @@ import torch
 
 from bertjob import checkpoint, models, runlog
 from bertjob.checkpoint import TrainState
-from bertjob.config import JobError, SetupError, TrainConfig, to_dict
+from bertjob.config import JobError, SetupError, TrainConfig, stage_flag, to_dict
 from bertjob.metrics import classification_metrics
 from bertjob.outputs import MANIFEST, ensure_output, hold, releasing, stage_of, versions
 from bertjob.pretrain import pretrain_record
@@ -371,7 +371,9 @@ def plan_run(cfg: TrainConfig, model_config: dict[str, Any], max_length: int) ->
 
 
 @releasing
-def run(cfg: TrainConfig) -> dict[str, Any]:
+def run(cfg: TrainConfig, in_pipeline: bool = False) -> dict[str, Any]:
+    """Run the train job; returns its metrics. `in_pipeline`: as `bertjob pipeline`'s train stage,
+    whose advice names its flags as --train.KEY."""
     from ray.train import CheckpointConfig
 
     from bertjob.cluster import init_ray
@@ -439,7 +441,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         cfg.torch_threads or max(1, int(plan.cpus)),
         f", ~{plan.memory_estimate / 2**30:.1f} of {plan.memory_budget / 2**30:.1f} GiB memory each" if plan.memory_budget else "",
     )  # fmt: skip
-    if few := few_steps(cfg, n_train, total_steps):
+    if few := few_steps(cfg, f"{n_train} rows", total_steps, in_pipeline):
         log.warning("train: %s", few)
     mean_tokens = min(manifest["max_length"], manifest["splits"]["train"].get("tokens", {}).get("mean", 1e9))
     token_bytes = mean_tokens * n_train * 4  # int32 token ids
@@ -470,17 +472,22 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                   events=runlog.timeline(meta["run_dir"]))  # fmt: skip
 
 
-def few_steps(cfg: TrainConfig, n_train: int, total_steps: int) -> str | None:
-    """A warning when the epochs schedule too few optimizer steps to fine-tune well. None where
-    --max-steps cut the run to its length: the user asked for it. Any --max-steps silenced it, also
-    one the epochs never reach (--max-steps 30 trained 21 steps without a word)."""
+def few_steps(cfg: TrainConfig, examples: str, total_steps: int, in_pipeline: bool) -> str | None:
+    """A warning when the epochs of a train run (`examples`: "648 rows") schedule too few
+    optimizer steps to fine-tune well. None where --max-steps cut the run to its length: the user
+    asked for it. Any --max-steps silenced it, also one the epochs never reach (--max-steps 30 trained
+    21 steps without a word). Its flags as the command takes them (`stage_flag`)."""
     if total_steps >= MIN_STEPS or total_steps == cfg.max_steps:
         return None
-    unreached = f"; --max-steps {cfg.max_steps} is never reached" if cfg.max_steps else ""
+
+    def flag(key: str) -> str:
+        return stage_flag("train", key, in_pipeline)
+
+    unreached = f"; {flag('max_steps')} {cfg.max_steps} is never reached" if cfg.max_steps else ""
     return (
-        f"only {total_steps} optimizer steps ({n_train} rows / batch_size {cfg.batch_size} x {cfg.epochs} "
+        f"only {total_steps} optimizer steps ({examples} / batch_size {cfg.batch_size} x {cfg.epochs} "
         f"epochs{unreached}): fine-tuning a BERT usually needs at least ~{MIN_STEPS}; the model may learn "
-        f"little. Use more data, more --epochs or a smaller --batch-size"
+        f"little. Use more data, more {flag('epochs')} or a smaller {flag('batch_size')}"
     )
 
 

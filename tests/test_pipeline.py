@@ -31,6 +31,8 @@ def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, tiny_model_dir, ra
     }  # fmt: skip
     cfg = build(PipelineConfig, settings)
     first = pipeline.run(cfg)
+    # 72 rows in batches of 16: 5 steps, and the advice in the pipeline's flags (it named --epochs)
+    assert "Use more data, more --train.epochs or a smaller --train.batch-size" in caplog.text
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["config"]["train"]["lr"] == 5e-3
     assert first["stages"]["prepare"]["rows"] == {"train": 72, "validation": 8, "test": 40, "unsup": 10}
     assert first["stages"]["evaluate"]["rows_scored"] == 40 and first["stages"]["infer"]["rows_scored"] == 10

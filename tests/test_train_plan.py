@@ -140,11 +140,25 @@ def test_too_few_steps_are_warned_of_unless_max_steps_cut_the_run():
     """Any --max-steps silenced the warning, also one the epochs never reach: --max-steps 30 trained
     21 steps without a word. A --max-steps that cuts the run short is the user's choice."""
     cfg = TrainConfig(data="d", output="o", epochs=1)  # 648 rows in global batches of 32: 21 steps
-    assert train.few_steps(cfg, 648, 21).startswith(
+    assert train.few_steps(cfg, "648 rows", 21, False).startswith(
         "only 21 optimizer steps (648 rows / batch_size 32 x 1 epochs): "
     )
-    unreached = train.few_steps(TrainConfig(data="d", output="o", epochs=1, max_steps=30), 648, 21)
-    assert unreached.startswith("only 21 optimizer steps (648 rows / batch_size 32 x 1 epochs; --max-steps 30 is "
-                                "never reached): fine-tuning a BERT usually needs at least ~100")  # fmt: skip
-    assert train.few_steps(TrainConfig(data="d", output="o", epochs=1, max_steps=5), 648, 5) is None
-    assert train.few_steps(TrainConfig(data="d", output="o", epochs=5, max_steps=500), 648, 105) is None
+    capped = TrainConfig(data="d", output="o", epochs=1, max_steps=30)
+    unreached = train.few_steps(capped, "648 rows", 21, False)
+    assert unreached == ("only 21 optimizer steps (648 rows / batch_size 32 x 1 epochs; --max-steps 30 is never "
+                         "reached): fine-tuning a BERT usually needs at least ~100; the model may learn little. Use "
+                         "more data, more --epochs or a smaller --batch-size")  # fmt: skip
+    for epochs, max_steps, steps in ((1, 5, 5), (5, 500, 105)):
+        run = TrainConfig(data="d", output="o", epochs=epochs, max_steps=max_steps)
+        assert train.few_steps(run, "648 rows", steps, False) is None
+
+
+def test_the_few_steps_advice_names_the_pipeline_s_flags_in_the_pipeline():
+    """Inside `bertjob pipeline` the advice named --epochs, --batch-size and --max-steps, which the
+    pipeline refuses (its flags are --train.epochs ...)."""
+    capped = TrainConfig(data="d", output="o", epochs=1, max_steps=30)
+    assert train.few_steps(capped, "648 rows", 21, True) == (
+        "only 21 optimizer steps (648 rows / batch_size 32 x 1 epochs; --train.max-steps 30 is never reached): "
+        "fine-tuning a BERT usually needs at least ~100; the model may learn little. Use more data, more "
+        "--train.epochs or a smaller --train.batch-size"
+    )
