@@ -144,22 +144,6 @@ def _model_problem(model_dir: str, classifier: bool) -> str | None:
     return next(iter(infer.check_model(model_dir)), None)
 
 
-def _nothing_to_train(corpus: str, prepared: str, manifest: dict[str, Any]) -> str | None:
-    """An error when prepare quarantined every train row (each text empty, each label missing): the
-    pipeline said there was no test split and to hold one out with the --prepare.test-fraction its
-    user had given, or train that its train split was empty."""
-    split = manifest["splits"].get("train") or {}
-    if split.get("rows_written") or not split.get("rows_read"):
-        return None
-    why = ", ".join(f"{r} {n}" for r, n in sorted(split["quarantined_by_reason"].items()))
-    return (
-        f"input {corpus}: nothing to train on: prepare quarantined all {split['rows_read']} train rows ({why}; "
-        f"they are in {join(prepared, prepare.QUARANTINE)}). Give each row a text and a label (0/1, neg/pos, "
-        f"negative/positive, false/true), or name the columns that hold them (--prepare.text-column, "
-        f"--prepare.label-column)"
-    )
-
-
 def scoring_stages(cfg: PipelineConfig, splits: Collection[str]) -> dict[str, InferConfig]:
     """The evaluate and infer runs, given the splits of the prepared data: evaluate reads its test
     split (skipped without one), infer the corpus to score, else the unsup split, else test. A
@@ -244,13 +228,14 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         # A pretrain stage's max_length is its own, that of the sequences it packs.
         if pt_cfg and (problems := pretrain.positions_problems(pt_cfg, shape)):
             raise pretrain.PretrainSetupError("cannot pretrain:\n  - " + "\n  - ".join(problems))
-        manifest = prepare.run(p_cfg)
+        manifest = prepare.run(p_cfg, in_pipeline=True)
     summary["stages"]["prepare"] = stage_summary(
         p_cfg.output, reused, rows={k: v["rows_written"] for k, v in manifest["splits"].items()},
         rows_quarantined=manifest["rows_quarantined"],
         rows_per_s=round(manifest["rows_read"] / manifest["wall_s"], 1) if manifest.get("wall_s") else None,
     )  # fmt: skip
-    if problem := _nothing_to_train(cfg.input, p_cfg.output, manifest):
+    # A reused output's: prepare.run said the same of its own
+    if problem := prepare.nothing_kept(cfg.input, p_cfg.output, manifest, "train", True):
         raise InputError(problem)
     scoring = scoring_stages(cfg, manifest["splits"])  # an IMDb tar's splits are known from here on
 

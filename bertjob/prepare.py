@@ -37,7 +37,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bertjob import models
-from bertjob.config import JobError, PrepareConfig, to_dict
+from bertjob.config import JobError, PrepareConfig, stage_flag, to_dict
 from bertjob.identity import corpus_fingerprint, identity
 from bertjob.outputs import MANIFEST, check_replaceable, claim_output, releasing, versions
 from bertjob.sources import Corpus, InputError, open_corpus
@@ -45,6 +45,7 @@ from bertjob.storage import check_access, filesystem, for_workers, join, uri, wr
 from bertjob.text import (
     BAD_LABEL,
     BAD_LABELS_KEPT,
+    MISSING_LABEL,
     commonest_labels,
     first_rows_rating_scale,
     quarantine_note,
@@ -539,9 +540,37 @@ def input_problems(cfg: PrepareConfig, corpus: Corpus) -> list[str]:
     return problems
 
 
+def nothing_kept(
+    corpus: str, output: str, manifest: dict[str, Any], split: str | None, in_pipeline: bool
+) -> str | None:
+    """An error when prepare quarantined every row it read of `split` (of every split: None), as when
+    each text is empty or each label missing: `bertjob prepare` reported success (train 0), and the
+    pipeline said there was no test split and to hold one out with the --prepare.test-fraction its
+    user had given. `in_pipeline`: its flags as the pipeline takes them (`stage_flag`)."""
+    splits = [s for name, s in manifest["splits"].items() if split in (None, name)]
+    read = sum(s["rows_read"] for s in splits)
+    if not read or any(s["rows_written"] for s in splits):
+        return None
+    reasons = sum((Counter(s["quarantined_by_reason"]) for s in splits), Counter())
+    why = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items()))
+    if reasons.keys() & {MISSING_LABEL, BAD_LABEL}:
+        give = "a text and a label (0/1, neg/pos, negative/positive, false/true), or name the columns that hold them"
+        keys = ("text_column", "label_column")
+    else:  # an unlabelled corpus needs texts alone
+        give, keys = "a text, or name the column that holds it", ("text_column",)
+    flags = ", ".join(stage_flag("prepare", key, in_pipeline) for key in keys)
+    lead, rows = ("nothing to train on", f"{split} rows") if split else ("nothing prepared", "rows")
+    return (
+        f"input {corpus}: {lead}: prepare quarantined all {read} {rows} ({why}; they are in "
+        f"{join(output, QUARANTINE)}). Give each row {give} ({flags})"
+    )
+
+
 @releasing
-def run(cfg: PrepareConfig) -> dict[str, Any]:
-    """Run the prepare job; returns the manifest."""
+def run(cfg: PrepareConfig, in_pipeline: bool = False) -> dict[str, Any]:
+    """Run the prepare job; returns the manifest. `in_pipeline`: as `bertjob pipeline`'s prepare
+    stage, which trains next: a corpus whose train rows were all quarantined is an error there,
+    worded with its --prepare.KEY flags (on its own, one whose every row was)."""
     import ray
 
     from bertjob.cluster import BATCH_RETRIES, actor_pool_map, cluster_cpus, init_ray, killed, killed_starting
@@ -689,6 +718,10 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     }
     write_json(join(cfg.output, "config.json"), to_dict(cfg))
     write_json(join(cfg.output, MANIFEST), manifest)  # last: marks the output complete
+    # After the manifest: the quarantine and counts stay to be looked at, and a pipeline rerun that
+    # reuses them says the same
+    if problem := nothing_kept(cfg.input, cfg.output, manifest, TRAIN if in_pipeline else None, in_pipeline):
+        raise InputError(problem)
     log.info("prepare: wrote %s", ", ".join(f"{k} {v['rows_written']}" for k, v in splits.items()))
     if counts := ", ".join(f"{pair} {n}" for pair, n in shared.items() if n and _leaks(pair)):
         log.warning("prepare: held-out splits hold texts of the splits trained on (%s; every pair in manifest.json's "

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bertjob import prepare
+from bertjob import cli, prepare
 from bertjob.config import ConfigError, PrepareConfig, build
 from bertjob.outputs import LEASE, MARKER, OutputError
 from bertjob.sources import InputError, open_corpus
@@ -405,6 +405,51 @@ def test_empty_input_is_an_error_before_any_output(tmp_path, tiny_model_dir, ray
             )
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_corpus_whose_every_row_is_quarantined_is_an_error_its_outputs_kept(
+    tmp_path, tiny_model_dir, ray_local, capsys
+):
+    """Texts all blank or labels all missing: `bertjob prepare` logged 'wrote train 0' and a warning,
+    and exited 0; only the pipeline or train said more. Now one line and exit 2, the quarantine and
+    manifest kept to look at."""
+    lines = ["text,label"] + [" ,1" if i % 2 else "great fun," for i in range(10)]
+    (tmp_path / "r.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["prepare", "--input", str(tmp_path / "r.csv"), "--output", str(out), "--model", tiny_model_dir,
+                  "--max-length", "32"])  # fmt: skip
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        f"bertjob: error: input {tmp_path / 'r.csv'}: nothing prepared: prepare quarantined all 10 rows (empty_text "
+        f"5, missing_label 5; they are in {out / 'quarantine'}). Give each row a text and a label (0/1, neg/pos, "
+        f"negative/positive, false/true), or name the columns that hold them (--text-column, --label-column)\n"
+    )
+    assert pq.read_table(out / "quarantine").num_rows == 10
+    assert json.loads((out / "manifest.json").read_text())["rows_quarantined"] == 10
+
+
+def test_only_a_corpus_with_no_row_kept_is_nothing_prepared():
+    """Which corpus is nothing to prepare, and which nothing to train on (the pipeline's): not one of
+    unlabelled or test rows alone, which prepare keeps (none of them train rows)."""
+
+    def manifest(**splits):
+        return {"splits": {name: {"rows_read": read, "rows_written": kept, "quarantined_by_reason": {"empty_text":
+                read - kept}} for name, (read, kept) in splits.items()}}  # fmt: skip
+
+    def problem(m, split=None, in_pipeline=False):
+        return prepare.nothing_kept("r.csv", "out", m, split, in_pipeline)
+
+    for kept in (manifest(unsup=(5, 5)), manifest(test=(5, 4)), manifest(train=(5, 0), test=(5, 5))):
+        assert problem(kept) is None
+    assert problem(manifest(test=(5, 5)), "train", True) is None  # train's own check: no train rows
+    assert problem(manifest(train=(5, 0), test=(5, 5)), "train", True) == (
+        "input r.csv: nothing to train on: prepare quarantined all 5 train rows (empty_text 5; they are in "
+        "out/quarantine). Give each row a text, or name the column that holds it (--prepare.text-column)"
+    )
+    assert problem(manifest(train=(3, 0), unsup=(2, 0))).startswith(
+        "input r.csv: nothing prepared: prepare quarantined all 5 rows (empty_text 5; they are in out/quarantine)"
+    )
 
 
 def test_a_corpus_without_train_rows_needs_no_validation_split(tmp_path, tiny_model_dir, ray_local):
