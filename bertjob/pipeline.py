@@ -247,7 +247,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         if pt_metrics is None:
             if note := _new_run_note(pt_cfg, "pretrain", pt_cfg.storage_path):
                 log.info("pipeline: %s", note)
-            pt_metrics, reused = pretrain.run(pt_cfg), False
+            pt_metrics, reused = pretrain.run(pt_cfg, in_pipeline=True), False
         else:
             log.info("pipeline: pretrain: reusing %s (same data and settings)", pt_cfg.output)
         summary["stages"]["pretrain"] = stage_summary(

@@ -113,7 +113,9 @@ def positions_problems(cfg: PretrainConfig, model_config: dict[str, Any]) -> lis
 
 
 @releasing
-def run(cfg: PretrainConfig) -> dict[str, Any]:
+def run(cfg: PretrainConfig, in_pipeline: bool = False) -> dict[str, Any]:
+    """Run the pretrain job; returns its metrics. `in_pipeline`: as `bertjob pipeline`'s pretrain
+    stage, whose advice names its flags as --pretrain.KEY."""
     from ray.train import CheckpointConfig
 
     from bertjob import train
@@ -183,6 +185,8 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         "+".join(splits), rows, n_seq, cfg.max_length, n_tokens, 100 * min(kept, 1.0), manifest["max_length"],
         cfg.batch_size, cfg.num_workers, share, plan.micro_batch_size, steps_per_epoch, total_steps, plan.cpus,
     )  # fmt: skip
+    if few := train.few_steps(cfg, f"{n_seq} packed sequences", total_steps, in_pipeline):
+        log.warning("pretrain: %s", few)
     result = train.fit(cfg, pretrain_loop, {"cfg": to_dict(cfg), "meta": meta}, plan, storage,
                        CheckpointConfig(num_to_keep=cfg.keep_checkpoints), "pre-training")  # the latest N  # fmt: skip
     if result.checkpoint is None:

@@ -31,7 +31,7 @@ import torch
 
 from bertjob import checkpoint, models, runlog
 from bertjob.checkpoint import TrainState
-from bertjob.config import JobError, SetupError, TrainConfig, stage_flag, to_dict
+from bertjob.config import JobError, PretrainConfig, SetupError, TrainConfig, stage_flag, to_dict
 from bertjob.metrics import classification_metrics
 from bertjob.outputs import MANIFEST, ensure_output, hold, releasing, stage_of, versions
 from bertjob.pretrain import pretrain_record
@@ -472,21 +472,28 @@ def run(cfg: TrainConfig, in_pipeline: bool = False) -> dict[str, Any]:
                   events=runlog.timeline(meta["run_dir"]))  # fmt: skip
 
 
-def few_steps(cfg: TrainConfig, examples: str, total_steps: int, in_pipeline: bool) -> str | None:
-    """A warning when the epochs of a train run (`examples`: "648 rows") schedule too few
-    optimizer steps to fine-tune well. None where --max-steps cut the run to its length: the user
+def few_steps(
+    cfg: TrainConfig | PretrainConfig, examples: str, total_steps: int, in_pipeline: bool
+) -> str | None:
+    """A warning when the epochs of a train or pretrain run (`examples`: "648 rows") schedule too
+    few optimizer steps to learn much. None where --max-steps cut the run to its length: the user
     asked for it. Any --max-steps silenced it, also one the epochs never reach (--max-steps 30 trained
     21 steps without a word). Its flags as the command takes them (`stage_flag`)."""
     if total_steps >= MIN_STEPS or total_steps == cfg.max_steps:
         return None
+    stage, what = (
+        ("pretrain", "masked-LM pre-training")
+        if isinstance(cfg, PretrainConfig)
+        else ("train", "fine-tuning")
+    )
 
     def flag(key: str) -> str:
-        return stage_flag("train", key, in_pipeline)
+        return stage_flag(stage, key, in_pipeline)
 
     unreached = f"; {flag('max_steps')} {cfg.max_steps} is never reached" if cfg.max_steps else ""
     return (
         f"only {total_steps} optimizer steps ({examples} / batch_size {cfg.batch_size} x {cfg.epochs} "
-        f"epochs{unreached}): fine-tuning a BERT usually needs at least ~{MIN_STEPS}; the model may learn "
+        f"epochs{unreached}): {what} a BERT usually needs at least ~{MIN_STEPS}; the model may learn "
         f"little. Use more data, more {flag('epochs')} or a smaller {flag('batch_size')}"
     )
 

@@ -1,7 +1,9 @@
 """The pretrain job on a local Ray with 2 CPU workers and a tiny BERT: masked-LM on unsup + train only,
 a run stopped by max_steps resumes from its checkpoint, and train -> evaluate start from its model."""
 
+import contextlib
 import json
+import logging
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -24,6 +26,19 @@ def cfg(prepared, out, model, **kw):
     return PretrainConfig(**{**base, **kw})
 
 
+@contextlib.contextmanager
+def warnings_of(logger: str):
+    """The warnings `logger` gives meanwhile (caplog sees a test's, not a module fixture's)."""
+    said: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger(logger).addHandler(handler)
+    try:
+        yield said
+    finally:
+        logging.getLogger(logger).removeHandler(handler)
+
+
 @pytest.fixture(scope="module")
 def pretrained(prepared_small, tiny_model_dir, ray_local, tmp_path_factory):
     """A 2-worker run stopped after 3 steps by max_steps (a checkpoint at step 2, its last at step
@@ -33,16 +48,17 @@ def pretrained(prepared_small, tiny_model_dir, ray_local, tmp_path_factory):
     model = _no_dropout(tiny_model_dir, root)
     out, same = root / "out", root / "same-workers"
     first = pretrain.run(cfg(prepared_small, out, model, max_steps=3))
-    second = pretrain.run(cfg(prepared_small, out, model, num_workers=1, checkpoint_every_steps=0))
+    with warnings_of("bertjob.pretrain") as warned:
+        second = pretrain.run(cfg(prepared_small, out, model, num_workers=1, checkpoint_every_steps=0))
     pretrain.run(cfg(prepared_small, same, model, max_steps=3, checkpoint_every_steps=0))
     reference = pretrain.run(cfg(prepared_small, same, model, num_workers="1-2", checkpoint_every_steps=0))
-    return out, first, second, reference
+    return out, first, second, reference, warned
 
 
 def test_a_stopped_pretrain_run_resumes_on_fewer_workers_as_if_never_stopped_and_its_loss_falls(
     pretrained, prepared_small
 ):
-    out, first, second, reference = pretrained
+    out, first, second, reference, warned = pretrained
     assert first["steps"] == 3 and first["resumed_at_steps"] == []
     assert second["resumed_at_steps"] == [3]  # not from scratch
     assert [w["workers"] for w in second["workers_over_time"]] == [2, 1]
@@ -50,6 +66,10 @@ def test_a_stopped_pretrain_run_resumes_on_fewer_workers_as_if_never_stopped_and
     assert reference["config"]["num_workers"] == [1, 2]
     # every sequence once per epoch: global batches of 16, however many workers
     assert second["steps"] == reference["steps"] == -(-second["sequences"] // 16)
+    # so few steps are warned of, as in train (pretrain said nothing)
+    assert warned == [f"pretrain: only {second['steps']} optimizer steps ({second['sequences']} packed sequences / "
+                      f"batch_size 16 x 1 epochs): masked-LM pre-training a BERT usually needs at least ~100; the "
+                      f"model may learn little. Use more data, more --epochs or a smaller --batch-size"]  # fmt: skip
     # The same masked global batches in the same steps on 1 worker as on 2: the same weights.
     a, b = (load_file(d / "model" / "model.safetensors") for d in (out, out.parent / "same-workers"))
     assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)  # float rounding only
@@ -64,7 +84,7 @@ def test_a_stopped_pretrain_run_resumes_on_fewer_workers_as_if_never_stopped_and
 
 
 def test_pretrain_reads_the_unsup_and_train_splits_only(pretrained, prepared_small):
-    _, _, m, _ = pretrained
+    _, _, m, _, _ = pretrained
     assert m["splits"] == {"unsup": 30, "train": 180}  # validation (20) and test (80) stay unseen
     # The packed stream (all tokens but each sequence's [CLS]) is exactly that of unsup + train.
     rows = pq.read_table(
@@ -92,7 +112,7 @@ def test_train_fine_tunes_the_pretrained_model_and_records_where_it_came_from(
         AutoTokenizer,
     )
 
-    out, _, m, _ = pretrained
+    out, _, m, _, _ = pretrained
     model_dir = out / "model"
     AutoModelForMaskedLM.from_pretrained(model_dir)  # a Hugging Face masked-LM directory ...
     assert AutoTokenizer.from_pretrained(model_dir).mask_token == "[MASK]"  # ... with its tokenizer
@@ -151,6 +171,6 @@ def test_setup_problems_are_one_clear_error_before_any_worker_starts(
 
 
 def test_a_rerun_of_a_run_with_other_masking_settings_is_refused(pretrained, prepared_small):
-    out, _, m, _ = pretrained
+    out, _, m, _, _ = pretrained
     with pytest.raises(train.TrainSetupError, match=r"different run \(mlm_probability: 0.15 -> 0.2\)"):
         pretrain.run(cfg(prepared_small, out, m["config"]["model"], mlm_probability=0.2))

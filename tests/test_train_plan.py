@@ -3,7 +3,7 @@
 import pytest
 
 from bertjob import train
-from bertjob.config import TrainConfig
+from bertjob.config import PretrainConfig, TrainConfig
 
 MINILM = {"hidden_size": 384, "num_hidden_layers": 6, "intermediate_size": 1536, "num_attention_heads": 12,
           "vocab_size": 30522}  # fmt: skip
@@ -161,4 +161,18 @@ def test_the_few_steps_advice_names_the_pipeline_s_flags_in_the_pipeline():
         "only 21 optimizer steps (648 rows / batch_size 32 x 1 epochs; --train.max-steps 30 is never reached): "
         "fine-tuning a BERT usually needs at least ~100; the model may learn little. Use more data, more "
         "--train.epochs or a smaller --train.batch-size"
+    )
+
+
+def test_a_pretrain_run_of_too_few_steps_is_warned_of_in_its_own_flags():
+    """Pretrain said nothing of too few steps: 600 packed sequences, 1 epoch, batches of 32 is 19."""
+    cfg = PretrainConfig(data="d", output="o")
+    assert train.few_steps(cfg, "600 packed sequences", 19, True) == (
+        "only 19 optimizer steps (600 packed sequences / batch_size 32 x 1 epochs): masked-LM pre-training a "
+        "BERT usually needs at least ~100; the model may learn little. Use more data, more --pretrain.epochs or "
+        "a smaller --pretrain.batch-size"
+    )
+    assert (
+        train.few_steps(PretrainConfig(data="d", output="o", max_steps=19), "600 packed sequences", 19, True)
+        is None
     )
