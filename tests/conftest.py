@@ -8,6 +8,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import tarfile
 import tempfile
 import time
@@ -88,9 +89,21 @@ def tiny_classifier_dir(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFa
 def kill_session(pid: int) -> None:
     """SIGKILL a process started with start_new_session=True and everything in its session: the
     driver, and the local Ray it started (Ray workers get process groups of their own)."""
-    import subprocess
-
     subprocess.run(["pkill", "-KILL", "-s", str(pid)], check=False)
+
+
+def run_in_session(args: list[str], timeout: float, **kw) -> subprocess.CompletedProcess[str]:
+    """subprocess.run(args, capture_output=True, text=True) in a session of its own, which is killed
+    as the command ends or times out: subprocess.run's timeout killed the command alone, and the
+    local Ray it had started lived on, orphaned (its agents under pid 1)."""
+    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        kill_session(proc.pid)
+        proc.wait()
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
 def session_processes(sid: int, title: str, mapping: str = "") -> list:
@@ -188,7 +201,6 @@ def s3() -> Iterator[S3Endpoint]:
     AWS_* variables, which are set for the whole session before Ray starts so its workers inherit
     them. The server checks credentials: an IAM user with an S3 policy owns the key pair the tests
     use; from then on a wrong key is refused, as on AWS."""
-    import subprocess
     import sys
     import urllib.request
 

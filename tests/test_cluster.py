@@ -3,13 +3,13 @@
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import run_in_session
 from tests.multinode import free_port
 
 
@@ -34,9 +34,7 @@ def test_a_ray_address_where_no_cluster_answers_is_one_error_at_once(
     address = address.format(port=free_port())
     cmd = [sys.executable, "-m", "bertjob", "infer", "--input", str(tmp_path / "c.jsonl"), "--model", tiny_classifier_dir,
            "--output", str(tmp_path / "scored")]  # fmt: skip
-    proc = subprocess.run(
-        cmd, env={**os.environ, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=60
-    )
+    proc = run_in_session(cmd, env={**os.environ, "RAY_ADDRESS": address}, timeout=60)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("bertjob: error: RAY_ADDRESS=") and address in last and says in last, last
@@ -58,8 +56,9 @@ print(len(ray.get(ray.remote(lambda: list_nodes(timeout=10)).remote())), "node")
     with tempfile.TemporaryDirectory(dir="/tmp") as temp:  # short: Ray's sockets are made under it
         (Path(temp) / "ray").mkdir()
         (Path(temp) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}\n")
-        proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "RAY_TMPDIR": temp},
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        proc = run_in_session(
+            [sys.executable, "-c", script], env={**os.environ, "RAY_TMPDIR": temp}, timeout=120
+        )
     assert proc.returncode == 0 and proc.stdout.strip() == "1 node", proc.stderr[-2000:]
 
 
@@ -118,7 +117,7 @@ except Exception as err:
 """.replace("GROWS_IN", grows_in)
     from bertjob.cluster import BATCH_RETRIES
 
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    proc = run_in_session([sys.executable, "-c", script], timeout=120)
     said = [line for line in proc.stdout.splitlines() if line.startswith("killed above ")]
     assert said, proc.stdout[-2000:] + proc.stderr[-3000:]
     above, why = said[0].removeprefix("killed above ").split(": ", 1)

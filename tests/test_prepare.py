@@ -16,7 +16,7 @@ from bertjob import cli, prepare
 from bertjob.config import ConfigError, PrepareConfig, build
 from bertjob.outputs import LEASE, MARKER, OutputError
 from bertjob.sources import InputError, open_corpus
-from tests.conftest import kill_each_try, kill_session, make_imdb_dir
+from tests.conftest import kill_each_try, kill_session, make_imdb_dir, run_in_session
 
 pytestmark = pytest.mark.integration
 
@@ -367,9 +367,8 @@ def test_an_output_prepare_may_not_replace_is_refused_before_ray_starts(tmp_path
     claim_output(str(tmp_path / "scored"), "infer")
     (tmp_path / "c.jsonl").write_text(json.dumps({"text": "great fun", "label": 1}) + "\n")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-m", "bertjob", "prepare", "--input", str(tmp_path / "c.jsonl"),
-                           "--output", str(tmp_path / "scored"), "--model", tiny_model_dir],
-                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    proc = run_in_session([sys.executable, "-m", "bertjob", "prepare", "--input", str(tmp_path / "c.jsonl"),
+                           "--output", str(tmp_path / "scored"), "--model", tiny_model_dir], env=env, timeout=120)  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"bertjob: error: output {tmp_path / 'scored'} holds an infer output, which `bertjob prepare` never "

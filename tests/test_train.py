@@ -15,7 +15,7 @@ import torch
 
 from bertjob import cli, outputs, runlog, train, training
 from bertjob.config import TrainConfig
-from tests.conftest import kill_session, session_processes
+from tests.conftest import kill_session, run_in_session, session_processes
 
 pytestmark = pytest.mark.integration
 
@@ -291,10 +291,10 @@ def test_a_shorter_rerun_of_a_finished_run_is_refused_before_ray_starts(
     before saying the run had trained longer: now the command ends at once, with one line."""
     out, _ = trained
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-m", "bertjob", "train", "--data", str(prepared_small), "--output", str(out),
+    proc = run_in_session([sys.executable, "-m", "bertjob", "train", "--data", str(prepared_small), "--output", str(out),
                            "--model", tiny_model_dir, "--num-workers", "2", "--batch-size", "16", "--lr", "5e-3",
                            "--name", "t", "--storage-path", str(out / "ckpt"), "--mixed-precision", "off",
-                           "--max-steps", "3"], capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+                           "--max-steps", "3"], env=env, timeout=120)  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # no Ray started
     assert "a longer run than the 3 steps this one asks for" in proc.stderr
