@@ -315,8 +315,11 @@ def test_the_pipeline_on_s3_whose_object_store_goes_away_in_training_resumes_fro
     settings = {
         "input": data, "output_dir": out, "model": tiny_model_dir, "max_length": 32, "num_workers": 1, "name": "p",
         "prepare": {"head_tokens": 8},
+        # One restart, not the default two: the first failure comes in training (seen: the next
+        # checkpoint's upload), the restart's in its resume from the bucket; a second restart only
+        # repeated that resume (a worker group's start, ~10 s).
         "train": {"epochs": 1, "batch_size": 8, "mixed_precision": "off", "lr": 5e-3,
-                  "checkpoint_every_steps": 3},
+                  "checkpoint_every_steps": 3, "max_failures": 1},
     }  # fmt: skip
     config = tmp_path / "pipeline.yaml"
     config.write_text(json.dumps(settings))  # JSON is YAML
