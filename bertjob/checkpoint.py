@@ -102,6 +102,46 @@ def load(
     return state, best
 
 
+def problem(path: str, final: bool, state_file: str = STATE_FILE) -> str | None:
+    """What is missing or cut short in the checkpoint `save` (or pretrain's, with its `state_file`)
+    wrote to `path` (local or a URI; `final`: a finished train run's last one), None when it is
+    whole. A checkpoint Ray Train registered can still lose its files: deleted by hand, or left empty
+    by a node that crashed before its disk caught up."""
+    import zipfile
+
+    import pyarrow.fs as pafs
+
+    from bertjob.models import safetensors_problem
+    from bertjob.storage import filesystem
+
+    fs, where = filesystem(path)
+    found = fs.get_file_info(pafs.FileSelector(where, recursive=True, allow_not_found=True))
+    sizes = {i.path[len(where) + 1 :]: i.size for i in found if i.type == pafs.FileType.File}
+    if not sizes:
+        return "it is missing"
+    best = f"{BEST_DIR}/model.safetensors"
+    wanted = ["config.json", "model.safetensors", state_file, *([FINAL_FILE, best] if final else [])]
+    if missing := [name for name in wanted if name not in sizes]:
+        return f"it has no {missing[0]}"
+    for name in ("model.safetensors", best):
+        if name in sizes:
+            with fs.open_input_file(f"{where}/{name}") as f:
+                if why := safetensors_problem(f, sizes[name]):
+                    return f"its {name} {why} (cut short?)"
+    try:  # torch.save writes a zip archive, whose directory ends the file
+        with fs.open_input_file(f"{where}/{state_file}") as f, zipfile.ZipFile(f):
+            pass
+    except zipfile.BadZipFile as err:
+        return f"its {state_file} is cut short or damaged ({err})"
+    for name in (n for n in ("config.json", FINAL_FILE) if n in sizes):
+        try:
+            with fs.open_input_stream(f"{where}/{name}") as f:
+                json.loads(f.read())
+        except ValueError as err:
+            return f"its {name} is cut short or damaged ({err})"
+    return None
+
+
 def read_final(path: str) -> dict[str, Any]:
     with open(os.path.join(path, FINAL_FILE)) as f:
         return json.load(f)

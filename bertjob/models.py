@@ -15,7 +15,7 @@ import socket
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from bertjob.config import SetupError
 from bertjob.storage import cache_root, is_remote, local_dir
@@ -368,17 +368,25 @@ def weights_problem(name: str) -> str | None:
         return f"model {name}: no weights ({' or '.join(WEIGHT_FILES[:2])}); give the train job's OUTPUT/model directory"
     for file in (f for f in files if f.endswith(".safetensors")):
         path = Path(where, file)
-        size = path.stat().st_size
-        try:  # an 8-byte header length, the JSON header, then the tensors: the last one ends the file
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n)) if n <= size - 8 else None
-            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            return f"model {name}: {file} is not a readable safetensors file ({type(err).__name__}); copy it again"
-        if size != 8 + n + end:
-            return (f"model {name}: {file} holds {size} bytes, not the {8 + n + end} its header describes (cut "
-                    f"short in a copy?); copy it again")  # fmt: skip
+        with open(path, "rb") as f:
+            if problem := safetensors_problem(f, path.stat().st_size):
+                return f"model {name}: {file} {problem} (cut short in a copy?); copy it again"
+    return None
+
+
+def safetensors_problem(f: BinaryIO, size: int) -> str | None:
+    """What is wrong with the safetensors file open as `f`, of `size` bytes (None: whole): an 8-byte
+    header length, the JSON header, then the tensors, the last of which ends the file."""
+    try:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 + n:
+            return f"holds {size} bytes, fewer than its header alone"
+        header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"is not a readable safetensors file ({type(err).__name__})"
+    if size != 8 + n + end:
+        return f"holds {size} bytes, not the {8 + n + end} its header describes"
     return None
 
 

@@ -153,6 +153,7 @@ def run(cfg: PretrainConfig, in_pipeline: bool = False) -> dict[str, Any]:
                                   mlm_probability=cfg.mlm_probability, whole_word_masking=cfg.whole_word_masking)  # fmt: skip
     train.check_run_compatible(cfg, identity, run_dir)
     hold(run_dir)  # another output may name the same checkpoints (--storage-path, --name)
+    train.settle_checkpoints(run_dir, "pretrain", STATE_FILE)
     packed = pack(cfg, manifest, splits, join(run_dir, PACKED_DIR))
     n_seq, n_tokens = packed["sequences"], packed["tokens"]
     steps_per_epoch = math.ceil(n_seq / cfg.batch_size)

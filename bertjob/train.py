@@ -323,9 +323,53 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's reg
 
 def latest_checkpoint(run_dir: str) -> dict[str, Any]:
     """The metrics reported with a run's latest registered checkpoint (step, final), {} if none."""
+    return (read_snapshot(run_dir).get("latest_checkpoint_result") or {}).get("metrics") or {}
+
+
+def read_snapshot(run_dir: str) -> dict[str, Any]:
+    """Ray Train's record of a run's registered checkpoints, {} if none. Ray rewrites it in place:
+    one cut short (a crash as it wrote) ended the job in a JSONDecodeError traceback."""
     path = join(run_dir, SNAPSHOT)
-    latest = read_json(path).get("latest_checkpoint_result") if exists(path) else None
-    return (latest or {}).get("metrics") or {}
+    try:
+        return read_json(path) if exists(path) else {}
+    except ValueError as err:
+        raise TrainSetupError(
+            f"{path}, Ray Train's list of the checkpoints of run {os.path.basename(run_dir)!r}, cannot be read "
+            f"({err}: cut short by a crash as it was written?). Delete it to train that run again from step 0 "
+            f"(its checkpoints are then left unused), or start a new run with another --name"
+        ) from err
+
+
+def settle_checkpoints(run_dir: str, what: str, state_file: str = checkpoint.STATE_FILE) -> None:
+    """Resume from the newest whole checkpoint: drop from Ray Train's snapshot the registered ones
+    that are missing or damaged (`checkpoint.problem`), saying so. Ray refused a snapshot that named
+    a deleted checkpoint with its traceback ("corrupted run directory"), and resumed from a damaged
+    one, failing each worker group in turn, after which the job said that a rerun resumes."""
+    snapshot = read_snapshot(run_dir)
+    results = snapshot.get("checkpoint_results") or []
+    damaged = {}
+    for r in results:
+        name = r["checkpoint_dir_name"]
+        if why := checkpoint.problem(join(run_dir, name), bool(r["metrics"].get("final")), state_file):
+            damaged[name] = f"{name} (step {r['metrics'].get('step')}): {why}"
+    if not damaged:
+        return
+    run, said = os.path.basename(run_dir), "; ".join(damaged.values())
+    kept = [(r, i) for r, i in zip(results, snapshot["checkpoint_report_indices"])
+            if r["checkpoint_dir_name"] not in damaged]  # fmt: skip
+    if not kept:
+        raise TrainSetupError(
+            f"run {run!r} in {os.path.dirname(run_dir)} has no whole checkpoint to resume from: {said}. "
+            f"Delete {run_dir} to train that run again from step 0, or start a new run with another --name"
+        )
+    snapshot["checkpoint_results"] = [r for r, _ in kept]
+    snapshot["checkpoint_report_indices"] = [i for _, i in kept]
+    if (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name") in damaged:
+        snapshot["latest_checkpoint_result"] = max(kept, key=lambda pair: pair[1])[0]
+    write_json(join(run_dir, SNAPSHOT), snapshot)
+    latest = snapshot["latest_checkpoint_result"]
+    log.warning("%s: run %s has damaged checkpoints, left in %s but not resumed from: %s; resuming from %s (step %s)",
+                what, run, run_dir, said, latest["checkpoint_dir_name"], latest["metrics"].get("step"))  # fmt: skip
 
 
 def check_run_compatible(
@@ -406,6 +450,8 @@ def run(cfg: TrainConfig, in_pipeline: bool = False) -> dict[str, Any]:
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or math.inf)
     run_dir = join(storage, cfg.name)
+    hold(run_dir)  # another output may name the same checkpoints (--storage-path, --name)
+    settle_checkpoints(run_dir, "train")
     done = latest_checkpoint(run_dir)
     trained = done.get("step", 0)
     planned = done.get("planned_steps", trained)  # a finished run's plan: an early-stopped one trained fewer
@@ -424,7 +470,6 @@ def run(cfg: TrainConfig, in_pipeline: bool = False) -> dict[str, Any]:
         cfg, manifest, length_grouping=cfg.length_grouping, **{k: getattr(cfg, k) for k in OPTIMISATION}
     )
     check_run_compatible(cfg, identity, run_dir, may_change=OPTIMISATION if extends else ())
-    hold(run_dir)  # another output may name the same checkpoints (--storage-path, --name)
     # Only now: a rerun the checks above refuse (a shorter or changed run under its name) was
     # refused after a local Ray had started, ~15 s.
     init_ray()

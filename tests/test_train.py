@@ -254,6 +254,41 @@ def test_a_non_finite_loss_stops_the_run_at_once_naming_the_step(
     assert sorted(r["step"] for r in lines if r["step"] == 0) == [0, 0]
 
 
+def test_a_damaged_checkpoint_is_passed_over_and_none_whole_or_a_cut_snapshot_is_one_line(
+    prepared_small, tiny_model_dir, tmp_path, caplog
+):
+    """A checkpoint Ray Train had registered, left empty by a node that crashed before its disk
+    caught up (or deleted by hand): Ray resumed from it, every worker group failed loading it, and
+    the job said that the same command resumes, which failed the same way (one deleted: Ray's
+    traceback, "corrupted run directory"). Now the run resumes from the whole checkpoint before it,
+    saying so, to the same model. No whole checkpoint left (Ray's traceback), or Ray's snapshot cut
+    short as Ray rewrote it (a JSONDecodeError traceback): one line each, saying what to do."""
+    out = tmp_path / "run"
+    run = cfg(prepared_small, out, tiny_model_dir, num_workers=1, epochs=1)  # its epoch's end and final kept
+    train.run(run)
+    first = (out / "model" / "model.safetensors").read_bytes()
+    run_dir = out / "ckpt" / "t"
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
+    (run_dir / latest / "model.safetensors").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="bertjob.train"):
+        m = train.run(run)
+    assert (
+        f"{latest} (step 12): its model.safetensors holds 0 bytes, fewer than its header alone" in caplog.text
+    )
+    assert m["steps"] == 12 and m["resumed_at_steps"] == [12]
+    assert (out / "model" / "model.safetensors").read_bytes() == first
+    for d in run_dir.glob("checkpoint_*/"):
+        shutil.rmtree(d)
+    with pytest.raises(train.TrainSetupError, match=r"run 't' in .* has no whole checkpoint to resume from: "
+                       r"checkpoint_.*\(step \d+\): it is missing.* Delete .* or start a new run with another --name"):  # fmt: skip
+        train.run(run)
+    snapshot.write_text(snapshot.read_text()[:100])
+    with pytest.raises(train.TrainSetupError, match=r"checkpoint_manager_snapshot.json, Ray Train's list of the "
+                       r"checkpoints of run 't', cannot be read \(.*cut short by a crash"):  # fmt: skip
+        train.run(run)
+
+
 def test_extending_a_finished_run_schedules_the_added_steps_and_a_changed_run_is_refused(
     trained, prepared_small, tiny_model_dir, tmp_path
 ):
