@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -11,6 +12,7 @@ import socket
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from bertjob.config import SetupError
@@ -156,6 +158,9 @@ def node_cpus() -> int:
 # retries still carry a batch over a lost node or a one-off kill; each takes one. An actor killed
 # while it starts is restarted as often (`_counting_starts`).
 BATCH_RETRIES = 3
+# Ray Data retries its plain tasks (reads, writes, a GPU run's tokenizing) as often by default
+# (max_retries=-1): one whose process was killed on every try kept the job waiting without a word.
+# They get the batches' bound: `ray_remote_args={"max_retries": BATCH_RETRIES}`.
 # A process of the job whose end Ray saw no cause of
 KILLED_FROM_OUTSIDE = ("died without an error of its own: killed from outside Ray, most often by the kernel's OOM "
                        "killer (`dmesg` on its node says so), or its node was lost")  # fmt: skip
@@ -177,14 +182,21 @@ def actor_pool_map(ds: Any, fn: Any, least: int, most: int | None, cpus: float =
 
     fits = cluster_gpus() // gpus if gpus else cluster_cpus() // cpus if cpus else least
     start = int(max(least, min(fits, most or fits)))
-    with warnings.catch_warnings():
-        # Ray Data 2.60 takes max_task_retries only among map_batches' **ray_remote_args, which it
-        # warns are deprecated (to go in Ray 2.64) while it names no other way to pass it.
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+    with retries_allowed():
         return ds.map_batches(
             _counting_starts(fn), compute=ActorPoolStrategy(min_size=least, max_size=most, initial_size=start),
             num_cpus=cpus, num_gpus=gpus, max_task_retries=BATCH_RETRIES, **kwargs,
         )  # fmt: skip
+
+
+@contextlib.contextmanager
+def retries_allowed() -> Iterator[None]:
+    """Ray Data 2.60 takes max_retries and max_task_retries only among the (**)ray_remote_args of
+    its reads and maps, which it warns are deprecated (to go in Ray 2.64) while it names no other
+    way to pass them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        yield
 
 
 def _counting_starts(cls: type) -> type:
@@ -218,13 +230,17 @@ def _counting_starts(cls: type) -> type:
 
 
 def killed(err: BaseException, since: float) -> str | None:
-    """Why a batch of an `actor_pool_map` ran out of retries, or an actor of it out of starts, where
-    its actor was killed (`err`: what the run raised; `since`: when the run started, in seconds): by
-    Ray's memory monitor, or by a signal from outside Ray. None when `err` is no such failure (an
-    actor whose __init__ raised an error of its own)."""
+    """Why a batch of an `actor_pool_map` ran out of retries, an actor of it out of starts, or a
+    plain task (a read, a write: `killed_task`) out of retries, where its process was killed (`err`:
+    what the run raised; `since`: when the run started, in seconds): by Ray's memory monitor, or by
+    a signal from outside Ray. None when `err` is no such failure (an actor whose __init__ raised
+    an error of its own)."""
     import ray
 
-    if not isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError)):
+    if not isinstance(
+        err,
+        (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError, ray.exceptions.WorkerCrashedError),
+    ):
         return None
     if isinstance(err, ray.exceptions.RayActorError) and err.actor_init_failed and not killed_starting(err):
         return None
@@ -232,6 +248,13 @@ def killed(err: BaseException, since: float) -> str | None:
     if detail is not None:
         return f"Ray's memory monitor killed it: its node ran low on memory{memory_note(detail)}"
     return f"it {KILLED_FROM_OUTSIDE}"
+
+
+def killed_task(err: BaseException) -> bool:
+    """Whether `err` is a plain task of Ray Data's (a read, a write) out of retries, each killed."""
+    import ray
+
+    return isinstance(err, ray.exceptions.WorkerCrashedError)
 
 
 def killed_starting(err: BaseException) -> bool:

@@ -11,7 +11,7 @@ import ray
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
-from bertjob.cluster import cluster_cpus
+from bertjob.cluster import BATCH_RETRIES, cluster_cpus, retries_allowed
 from bertjob.sources import ROW_SCHEMA, Corpus
 from bertjob.storage import exists, join, read_json, write_json
 from bertjob.text import tally_labels
@@ -152,4 +152,6 @@ def read_corpus(
     source = CorpusDatasource(corpus, keys_only, positions, split, done, receipts)
     # No more than there are read tasks (one per unit at most): Ray Data warns of a cap it cannot use.
     readers = max(1, min(READ_CONCURRENCY, int(cluster_cpus()) // CPUS_PER_READER, len(source.pending())))
-    return ray.data.read_datasource(source, num_cpus=num_cpus, concurrency=readers)
+    with retries_allowed():
+        return ray.data.read_datasource(source, num_cpus=num_cpus, concurrency=readers,
+                                        ray_remote_args={"max_retries": BATCH_RETRIES})  # fmt: skip

@@ -712,7 +712,16 @@ def score(
     output was already complete for these inputs and settings and kept as it was.)"""
     import ray
 
-    from bertjob.cluster import actor_pool_map, init_ray, killed, killed_starting, resource_problem
+    from bertjob.cluster import (
+        BATCH_RETRIES,
+        actor_pool_map,
+        init_ray,
+        killed,
+        killed_starting,
+        killed_task,
+        resource_problem,
+        retries_allowed,
+    )
     from bertjob.datasource import read_corpus
 
     started = time.time()
@@ -752,8 +761,9 @@ def score(
     )  # fmt: skip
     if use_tasks_for_tokens:
         # GPUs should only score: tokenize on CPU tasks ahead of them.
-        ds = ds.map_batches(_tokenize_task, fn_kwargs={"settings": pred_kwargs, "encoder": models.load_encoder(cfg.model, cfg.trust_remote_code)},
-                            batch_format="pyarrow", batch_size=1024, num_cpus=1)  # fmt: skip
+        with retries_allowed():
+            ds = ds.map_batches(_tokenize_task, fn_kwargs={"settings": pred_kwargs, "encoder": models.load_encoder(cfg.model, cfg.trust_remote_code)},
+                                batch_format="pyarrow", batch_size=1024, num_cpus=1, max_retries=BATCH_RETRIES)  # fmt: skip
     ds = actor_pool_map(
         ds,
         Predictor,
@@ -768,12 +778,11 @@ def score(
     sink = make_sink(cfg.output, cfg.include_text, cfg.rows_per_shard)
     scoring_t0 = time.time()
     try:
-        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
-    except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as err:
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0, "max_retries": BATCH_RETRIES})
+    except ray.exceptions.RayError as err:  # `killed` tells those it knows; the others are raised again
         if why := killed(err, scoring_t0):
-            raise ScoringKilledError(
-                stage, why, cfg, effective["max_length"], cpus, killed_starting(err)
-            ) from err
+            kind = "loading" if killed_starting(err) else "task" if killed_task(err) else "batch"
+            raise ScoringKilledError(stage, why, cfg, effective["max_length"], cpus, kind) from err
         raise
     scoring_s = time.time() - scoring_t0
     resources = ray.cluster_resources()
@@ -788,17 +797,23 @@ def overwrite_flag(stage: str, in_pipeline: bool) -> str:
 
 
 class ScoringKilledError(JobError):
-    """A batch whose scoring process was killed on every try, or a scoring process killed on every
-    try while it loaded the model (`loading`), most likely for memory. Ray Data retried either for
-    ever (Ray's defaults): the job never ended."""
+    """A batch whose scoring process was killed on every try (`kind` "batch"), a scoring process
+    killed on every try while it loaded the model ("loading"), or a read or write task killed on
+    every try ("task"), most likely for memory. Ray Data retried each for ever (Ray's defaults):
+    the job never ended."""
 
     def __init__(
-        self, stage: str, why: str, cfg: InferConfig, max_length: int, cpus: float, loading: bool = False
+        self, stage: str, why: str, cfg: InferConfig, max_length: int, cpus: float, kind: str = "batch"
     ):
         from bertjob.cluster import BATCH_RETRIES
 
         threads, tries = max(1, int(cpus)), BATCH_RETRIES + 1
-        if loading:  # each worker holds the model: fewer of them per node, or a smaller model
+        if kind == "task":  # the input's reads and the output's writes: Ray Data's plain tasks
+            what = (
+                f"a process reading the input or writing predictions was killed on each of its {tries} tries"
+            )
+            fix = "score on nodes with more memory, or split the input into smaller files"
+        elif kind == "loading":  # each worker holds the model: fewer of them per node, or a smaller model
             fewer = (
                 "fewer --num-workers"
                 if cfg.use_gpu

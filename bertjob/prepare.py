@@ -573,7 +573,15 @@ def run(cfg: PrepareConfig, in_pipeline: bool = False) -> dict[str, Any]:
     worded with its --prepare.KEY flags (on its own, one whose every row was)."""
     import ray
 
-    from bertjob.cluster import BATCH_RETRIES, actor_pool_map, cluster_cpus, init_ray, killed, killed_starting
+    from bertjob.cluster import (
+        BATCH_RETRIES,
+        actor_pool_map,
+        cluster_cpus,
+        init_ray,
+        killed,
+        killed_starting,
+        killed_task,
+    )
     from bertjob.datasource import read_corpus
 
     started = time.time()
@@ -655,8 +663,14 @@ def run(cfg: PrepareConfig, in_pipeline: bool = False) -> dict[str, Any]:
                 part_stats, part_files = pickle.loads(blob)
                 merge_stats(stats, part_stats)
                 finished.update(part_files)
-    except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as err:
-        if (why := killed(err, t_run)) and killed_starting(err):
+    except ray.exceptions.RayError as err:  # `killed` tells those it knows; the others are raised again
+        if (why := killed(err, t_run)) and killed_task(err):  # the plain tasks here are the reads
+            raise JobError(
+                f"prepare stopped: a process reading the corpus was killed on each of its {BATCH_RETRIES + 1} tries: "
+                f"{why}. Where memory ran out, run on nodes with more memory, or split the corpus into smaller "
+                f"files; the same command again prepares the corpus anew"
+            ) from err
+        if why and killed_starting(err):
             raise JobError(
                 f"prepare stopped: a tokenize or write process was killed while starting on each of its "
                 f"{BATCH_RETRIES + 1} tries: {why}. Where memory ran out, run on nodes with more memory (each "

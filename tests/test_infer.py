@@ -543,6 +543,32 @@ def test_a_scorer_killed_while_loading_the_model_on_every_try_ends_the_job_with_
 
 
 @pytest.mark.integration
+def test_a_read_killed_on_every_try_ends_the_job_with_one_line(tiny_classifier_dir, tmp_path):
+    """The kernel's OOM killer SIGKILLs the process reading the input (a plain task of Ray Data's,
+    as the writes are, not an actor of the scoring pool) on every try: Ray Data retried it for ever
+    (its default max_retries=-1) and the job never ended. Now it ends after as many tries as a batch
+    gets, with one line saying so and what to change."""
+    from bertjob.cluster import BATCH_RETRIES, KILLED_FROM_OUTSIDE
+
+    with open(tmp_path / "big.jsonl", "w") as f:  # a read that lasts long enough to be killed each try
+        for i in range(20_000):
+            f.write(json.dumps({"text": f"great movie number {i} " * 5, "label": i % 2}) + "\n")
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "bertjob", "infer", "--input", str(tmp_path / "big.jsonl"), "--model",
+            tiny_classifier_dir, "--output", str(out)]  # fmt: skip
+    with open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
+    rc, last, kills = kill_each_try(proc, "ray::ReadRead", 150, tmp_path / "stderr")  # ReadJsonl's tasks
+    assert rc == 1 and last == (
+        f"bertjob: error: infer stopped: a process reading the input or writing predictions was killed on each of "
+        f"its {BATCH_RETRIES + 1} tries: it {KILLED_FROM_OUTSIDE}. Where memory ran out, score on nodes with more "
+        f"memory, or split the input into smaller files; the rows committed are kept: the same command again "
+        f"resumes from them"
+    ), last
+    assert kills >= BATCH_RETRIES + 1 and not (out / "manifest.json").exists()
+
+
+@pytest.mark.integration
 def test_the_driver_of_infer_never_imports_torch(tiny_classifier_dir, tmp_path, ray_local):
     """Only the predictor actors score: the driver, and the read and write tasks that unpickle this
     module's sink, skip torch's import (~1.3 s of CPU per process on a small machine), once the

@@ -203,11 +203,13 @@ def test_a_second_run_meanwhile_is_refused_and_a_killed_run_never_leaves_a_direc
     assert not (out / "manifest.json").exists()
 
 
-def test_a_batch_whose_tokenizer_is_killed_on_every_try_ends_prepare_with_one_line(tmp_path, tiny_model_dir):
+def test_a_batch_whose_tokenizer_or_reader_is_killed_on_every_try_ends_prepare_with_one_line(
+    tmp_path, tiny_model_dir
+):
     """The kernel's OOM killer SIGKILLs a tokenize actor whose batch takes more memory than its node
     has, on every try: Ray Data restarted the actor and handed it the same batch again, for ever
     (its default max_task_retries=-1), so the job never ended. Now it ends after a few tries, with
-    one line saying what killed it and what to lower."""
+    one line saying what killed it and what to lower. So does a read killed on every try."""
     from bertjob.cluster import BATCH_RETRIES, KILLED_FROM_OUTSIDE
 
     with open(tmp_path / "big.jsonl", "w") as f:
@@ -229,6 +231,21 @@ def test_a_batch_whose_tokenizer_is_killed_on_every_try_ends_prepare_with_one_li
     ), last
     assert "lower --batch-size (rows tokenized at once, now 256)" in last and kills >= BATCH_RETRIES + 1
     assert not (tmp_path / "out" / "manifest.json").exists()
+    # The process reading the corpus, a plain task of Ray Data's: retried for ever too (its default
+    # max_retries=-1), once the bound above held for the actors.
+    with open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bertjob", "prepare", "--input", str(tmp_path / "big.jsonl"), "--output",
+             str(tmp_path / "out"), "--model", tiny_model_dir, "--max-length", "32"],
+            start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr,
+        )  # fmt: skip
+    rc, last, kills = kill_each_try(proc, "ray::ReadRead", 150, tmp_path / "stderr")  # ReadJsonl's tasks
+    assert rc == 1 and last == (
+        f"bertjob: error: prepare stopped: a process reading the corpus was killed on each of its {BATCH_RETRIES + 1} "
+        f"tries: it {KILLED_FROM_OUTSIDE}. Where memory ran out, run on nodes with more memory, or split the corpus "
+        f"into smaller files; the same command again prepares the corpus anew"
+    ), last
+    assert kills >= BATCH_RETRIES + 1 and not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_a_prepared_directory_is_refused_as_input_and_left_as_it_is(tmp_path, prepared_small, tiny_model_dir):
