@@ -60,8 +60,17 @@ def init_ray(dashboard: bool = True) -> None:
             port = free_port()
             api = {"dashboard_port": port,
                    "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}  # fmt: skip
-        ray.init(address="local", log_to_driver=True, include_dashboard=None if dashboard else False,
-                 _system_config={"num_workers_soft_limit": cpus + 4}, **api)  # fmt: skip
+        try:
+            ray.init(address="local", log_to_driver=True, include_dashboard=None if dashboard else False,
+                     _system_config={"num_workers_soft_limit": cpus + 4}, **api)  # fmt: skip
+        except Exception as err:  # Ray raises a plain Exception, and its traceback was the job's last word
+            if "timed out during startup" not in str(err):
+                raise
+            raise SetupError(
+                f"the local Ray did not start within the 30 s Ray gives its processes (load average "
+                f"{os.getloadavg()[0]:.1f} on {cpus} CPUs): run the command again when the machine is less busy, "
+                f"or start a Ray once (`ray start --head`) and run with RAY_ADDRESS=auto"
+            ) from err
         log.info("started a local Ray with %s CPUs", int(ray.cluster_resources().get("CPU", 0)))
     # ray.init handles SIGTERM itself: in Python by exiting, then in C, installed after that, by
     # abseil's failure handler, which prints a stack dump and kills the process. The process's own
