@@ -608,9 +608,6 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
     if cfg.include_text and corpus.kind == "prepared":  # its text column came out all null, without a word
         raise InputError(f"input {cfg.input} is a prepared directory, which keeps token ids, not text; "
                          f"--include-text needs the raw corpus as --input")  # fmt: skip
-    if evaluate and cfg.split == "unsup":  # every review was scored, then "no labelled rows to evaluate"
-        raise InputError(f"input {cfg.input}: split unsup holds unlabelled reviews, nothing to evaluate against; "
-                         f"evaluate a labelled split (--split test), or score it with `bertjob infer`")  # fmt: skip
     if evaluate and not corpus.labelled:
         fix = "Set --label-column"
         if corpus.kind == "prepared":  # its labels were read by prepare: only a split can have them
@@ -621,6 +618,11 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
             f"input {cfg.input}: no labels to evaluate against: {corpus.describe()}. {fix}, or score it with "
             f"`bertjob infer`"
         )
+    # A raw corpus labelled elsewhere (IMDb's unsup): every review was scored, then "no labelled rows
+    # to evaluate". A prepared split without labels was refused just above.
+    if evaluate and cfg.split == "unsup":
+        raise InputError(f"input {cfg.input}: split unsup holds unlabelled reviews, nothing to evaluate against; "
+                         f"evaluate a labelled split (--split test), or score it with `bertjob infer`")  # fmt: skip
     recorded = model_settings(cfg.model)
     fingerprint = models.tokenizer_info(cfg.model, cfg.trust_remote_code)["fingerprint"]
     if corpus.kind == "prepared":
