@@ -470,6 +470,10 @@ def run(cfg: TrainConfig, in_pipeline: bool = False) -> dict[str, Any]:
         cfg, manifest, length_grouping=cfg.length_grouping, **{k: getattr(cfg, k) for k in OPTIMISATION}
     )
     check_run_compatible(cfg, identity, run_dir, may_change=OPTIMISATION if extends else ())
+    finished = bool(done.get("final")) and not extends
+    if finished:  # the log read as a run training again, with its warnings
+        log.info("train: run %r has finished its %d steps; exporting its model again, nothing to train",
+                 cfg.name, trained)  # fmt: skip
     # Only now: a rerun the checks above refuse (a shorter or changed run under its name) was
     # refused after a local Ray had started, ~15 s.
     init_ray()
@@ -486,7 +490,7 @@ def run(cfg: TrainConfig, in_pipeline: bool = False) -> dict[str, Any]:
         cfg.torch_threads or max(1, int(plan.cpus)),
         f", ~{plan.memory_estimate / 2**30:.1f} of {plan.memory_budget / 2**30:.1f} GiB memory each" if plan.memory_budget else "",
     )  # fmt: skip
-    if few := few_steps(cfg, f"{n_train} rows", total_steps, in_pipeline):
+    if not finished and (few := few_steps(cfg, f"{n_train} rows", total_steps, in_pipeline)):
         log.warning("train: %s", few)
     mean_tokens = min(manifest["max_length"], manifest["splits"]["train"].get("tokens", {}).get("mean", 1e9))
     token_bytes = mean_tokens * n_train * 4  # int32 token ids

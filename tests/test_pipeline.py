@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import shutil
 
 import pyarrow as pa
@@ -67,6 +68,9 @@ def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, tiny_model_dir, ra
     with caplog.at_level("INFO"):
         fourth = pipeline.run(cfg)
     assert "no bertjob.json; exporting the run's model again" in caplog.text
+    assert re.search(r"train: run 'p-\w+' has finished its 5 steps; exporting its model again, nothing to train",
+                     caplog.text)  # fmt: skip
+    assert "optimizer steps" not in caplog.text  # the few-steps warning is for runs that train
     assert reused(fourth) == {"prepare": True, "train": False, "evaluate": True, "infer": True}
     assert (tmp_path / "out" / "train" / "model" / "bertjob.json").exists()
     assert caplog.text.count("nothing to do") == 2
