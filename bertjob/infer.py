@@ -249,6 +249,7 @@ class Predictor:
         self.model = AutoModelForSequenceClassification.from_pretrained(
             where, trust_remote_code=trust_remote_code
         )
+        models.classify_from_cls(self.model)
         self.model.to(self.device).eval()
         if self.precision == "bf16":
             # Inference only: bf16 weights outright instead of autocast, which re-casts every weight

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import socket
+import types
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -337,11 +338,57 @@ def load_classifier(
         # worker, after Ray Train had started.
         kwargs["ignore_mismatched_sizes"] = True
     try:
-        return AutoModelForSequenceClassification.from_pretrained(where, **kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(where, **kwargs)
     except OSError as err:
         if os.path.isdir(where):
             raise ModelError(f"cannot load a model from {where}: {err}") from err
         raise _hub_hint(name, err) from err
+    classify_from_cls(model)
+    return model
+
+
+def classify_from_cls(model: Any) -> bool:
+    """Makes a BERT sequence classifier's last layer compute its [CLS] position alone, the only
+    one its pooler and head read: the other positions' query, attention output and feed-forward
+    are skipped (keys and values still come from every position). Exact (logits agree to float
+    rounding) and ~1.2x the sequences/s of MiniLM-L6 at 512 on CPU, in training as in scoring.
+    Patches the layer object's forward: weights, state_dict and the saved model are unchanged.
+    False, and nothing changed, for other architectures and attention kernels."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    cfg = model.config
+    if (
+        not isinstance(model, BertForSequenceClassification)
+        or cfg.is_decoder
+        or getattr(cfg, "position_embedding_type", "absolute") != "absolute"
+        or cfg._attn_implementation not in ("sdpa", "eager")  # flash kernels take 2-D masks
+    ):
+        return False
+    layer = model.bert.encoder.layer[-1]
+    with torch.no_grad():  # transformers before 5 returns a tuple from a layer, 5 a tensor
+        probe = layer(torch.zeros(1, 1, cfg.hidden_size, dtype=model.dtype, device=model.device))
+    layer.cls_as_tuple = isinstance(probe, tuple)
+    layer.forward = types.MethodType(_cls_layer_forward, layer)  # bound: deepcopy and pickle follow
+    return True
+
+
+def _cls_layer_forward(layer: Any, hidden: Any, mask: Any = None, *args: Any, **kwargs: Any) -> Any:
+    import torch
+
+    att = layer.attention.self
+    b, n, _ = hidden.shape
+    heads, size = att.num_attention_heads, att.attention_head_size
+    cls = hidden[:, :1]
+    q = att.query(cls).view(b, 1, heads, size).transpose(1, 2)
+    k = att.key(hidden).view(b, n, heads, size).transpose(1, 2)
+    v = att.value(hidden).view(b, n, heads, size).transpose(1, 2)
+    if mask is not None and mask.dim() == 4:  # the [CLS] query's row (bool or additive)
+        mask = mask[..., :1, :]
+    dropout = att.dropout.p if layer.training else 0.0
+    ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    out = layer.feed_forward_chunk(layer.attention.output(ctx.transpose(1, 2).reshape(b, 1, -1), cls))
+    return (out,) if layer.cls_as_tuple else out
 
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "tf_model.h5", "flax_model.msgpack")

@@ -159,3 +159,50 @@ def test_a_hub_model_without_the_hub_is_the_local_caches_copy_or_an_error_at_onc
         "vocab": len(models.load_tokenizer(tiny_model_dir)),
         "fingerprint": {"hub": "bertjob-tests/tiny"},
     }
+
+
+def test_classifying_from_cls_alone_gives_the_whole_models_logits_and_gradients(tiny_model_dir):
+    """The last layer computes only the [CLS] position its head reads: the same logits and the
+    same gradients as the whole model, padded or not, under sdpa and eager attention."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    ids = torch.randint(5, 60, (3, 9))
+    ids[:, 0] = 2
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 3:] = 0
+    labels = torch.tensor([0, 1, 1])
+    for kernel in ("sdpa", "eager"):
+        whole = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, attn_implementation=kernel)
+        whole.eval()  # no dropout: the two must agree to rounding
+        cls = copy.deepcopy(whole)
+        assert models.classify_from_cls(cls)
+        for m in (None, mask):
+            out_whole = whole(input_ids=ids, attention_mask=m, labels=labels)
+            out_cls = cls(input_ids=ids, attention_mask=m, labels=labels)
+            torch.testing.assert_close(out_cls.logits, out_whole.logits, rtol=1e-5, atol=1e-5)
+            whole.zero_grad(), cls.zero_grad()
+            out_whole.loss.backward(), out_cls.loss.backward()
+            for (name, p), q in zip(whole.named_parameters(), cls.parameters()):
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        assert cls.state_dict().keys() == whole.state_dict().keys()
+        # A copy of the patched model computes with its own weights, not the original's
+        twin = copy.deepcopy(cls)
+        torch.nn.init.zeros_(twin.bert.encoder.layer[-1].output.dense.weight)
+        assert not torch.allclose(twin(input_ids=ids).logits, cls(input_ids=ids).logits)
+
+
+def test_classifying_from_cls_leaves_other_architectures_alone():
+    import torch
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    model = DistilBertForSequenceClassification(
+        DistilBertConfig(dim=32, hidden_dim=64, n_layers=1, n_heads=2)
+    )
+    before = model.distilbert.transformer.layer[-1].forward
+    assert not models.classify_from_cls(model)
+    assert model.distilbert.transformer.layer[-1].forward == before
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 2)
