@@ -391,6 +391,42 @@ def _cls_layer_forward(layer: Any, hidden: Any, mask: Any = None, *args: Any, **
     return (out,) if layer.cls_as_tuple else out
 
 
+def fuse_feed_forward(model: Any) -> bool:
+    """Scoring on CPU: each BERT layer's first feed-forward linear layer and its GELU as one oneDNN
+    call (`mkldnn._linear_pointwise`, the kernel torch.compile emits on CPU), not two passes over
+    the widest activation: ~1.15x the sequences/s of MiniLM-L6 at 512, bf16 or fp32 (in bf16 the
+    GELU reads the fp32 sum, not its bf16 rounding). Inference only: the op has no gradient. Kept
+    where the op exists and agrees with the two steps on a probe; False, nothing changed, otherwise."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    if (
+        not isinstance(model, BertForSequenceClassification)
+        or model.config.hidden_act != "gelu"  # exact GELU, oneDNN's "gelu" with algorithm "none"
+        or model.device.type != "cpu"
+    ):
+        return False
+    blocks = [layer.intermediate for layer in model.bert.encoder.layer]
+    probe = torch.randn(2, 3, model.config.hidden_size, dtype=model.dtype)
+    try:
+        with torch.inference_mode():
+            fused, steps = _fused_feed_forward(blocks[0], probe), blocks[0](probe)
+    except (AttributeError, NotImplementedError, RuntimeError):  # no such op here, or not for this dtype
+        return False
+    agree = torch.allclose(fused.float(), steps.float(), rtol=1.6e-2, atol=1e-2)
+    for block in blocks if agree else []:
+        block.forward = types.MethodType(_fused_feed_forward, block)
+    return agree
+
+
+def _fused_feed_forward(block: Any, hidden: Any) -> Any:
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(
+        hidden, block.dense.weight, block.dense.bias, "gelu", [], "none"
+    )
+
+
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "tf_model.h5", "flax_model.msgpack")
 
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bertjob import models
 
 PROBE = """
@@ -206,3 +208,28 @@ def test_classifying_from_cls_leaves_other_architectures_alone():
     assert not models.classify_from_cls(model)
     assert model.distilbert.transformer.layer[-1].forward == before
     assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 2)
+
+
+def test_the_fused_feed_forward_scores_as_its_two_steps(tiny_model_dir):
+    """Linear layer and GELU as one oneDNN call on CPU: the same logits as the two steps, in fp32
+    to rounding and in bf16 to bf16's; other activations are left as they are."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    ids = torch.randint(5, 60, (4, 11))
+    steps = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).eval()
+    fused = copy.deepcopy(steps)
+    assert models.fuse_feed_forward(fused)
+    assert all("forward" in vars(layer.intermediate) for layer in fused.bert.encoder.layer)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
+        with torch.inference_mode():
+            want = steps.to(dtype)(input_ids=ids).logits.float()
+            got = fused.to(dtype)(input_ids=ids).logits.float()
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    relu = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, hidden_act="relu")
+    assert not models.fuse_feed_forward(relu)
+    assert "forward" not in vars(relu.bert.encoder.layer[0].intermediate)
