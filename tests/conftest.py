@@ -265,9 +265,9 @@ def ray_local(s3: S3Endpoint):
     port = free_port()
     # Idle workers are kept as bertjob keeps them on the local Ray it starts (cluster.init_ray: one per
     # CPU and 4 more), so that the zero-CPU read and write tasks beside the actors do not start a
-    # fresh Python each time.
+    # fresh Python each time; the workers run at the driver's priority, as there.
     ray.init(address="local", num_cpus=2, log_to_driver=False, dashboard_port=port,
-             _system_config={"num_workers_soft_limit": 2 + 4},
+             _system_config={"num_workers_soft_limit": 2 + 4, "worker_niceness": 0},
              runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})  # fmt: skip
     from ray.data import DataContext
 
