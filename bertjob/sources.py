@@ -681,6 +681,8 @@ def _check_columns(corpus: Corpus, path: str) -> list[str]:
     ):
         names = [*names, corpus.label_column]
     missing = [c for c in (corpus.text_column, corpus.id_column) if c and c not in names]
+    if missing and corpus.kind == "csv" and _looks_like_a_row(names):
+        raise InputError(_headerless_csv(uri(corpus.fs, path), names, missing))
     if missing:
         columns = "its first record's keys" if corpus.kind == "jsonl" else "the columns"
         raise InputError(
@@ -688,6 +690,29 @@ def _check_columns(corpus: Corpus, path: str) -> list[str]:
             f"Set --text-column / --id-column (in a pipeline, per stage: --prepare.text-column, ...)."
         )
     return names
+
+
+def _looks_like_a_row(names: list[str]) -> bool:
+    """Whether a CSV's first line reads as data, not column names: a number ("1", "2": Yelp's and
+    Amazon's polarity files have no header) or a name as long as a sentence."""
+    return any(re.fullmatch(r"\s*[-+]?\d+(\.\d*)?\s*", n) or len(n) > 60 for n in names)
+
+
+def _headerless_csv(where: str, names: list[str], missing: list[str]) -> str:
+    """The error for a CSV file without a header line: its first review was listed as a column
+    name, hundreds of characters of it, and nothing said that bertjob wants a header."""
+    shown = ", ".join(repr(n if len(n) <= 40 else n[:40] + "...") for n in names)
+    longest = max(range(len(names)), key=lambda i: len(names[i]))
+    header = ",".join(
+        "text" if i == longest else "label" if _looks_like_a_row([n]) else f"column{i + 1}"
+        for i, n in enumerate(names)
+    )
+    name = os.path.basename(where)
+    return (
+        f"input {where}: no column {', '.join(map(repr, missing))}; its first line ({shown}) looks like a row, "
+        f"not a header: bertjob takes a CSV file's column names from its first line. Add a header line first, "
+        f"e.g. (echo '{header}'; cat {name}) > header-{name}"
+    )
 
 
 def iter_lines(f: Any, chunk_size: int = 1 << 20) -> Iterator[bytes]:

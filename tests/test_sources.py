@@ -91,6 +91,23 @@ def test_missing_text_column_names_the_file_and_its_columns(tmp_path):
         open_corpus(str(tmp_path / "cp1252.csv"))
 
 
+def test_a_csv_file_without_a_header_is_an_error_saying_so(tmp_path):
+    """Yelp's and Amazon's polarity CSVs have no header: the error listed the first review as a
+    column name, hundreds of characters of it, and did not say that a header was wanted."""
+    review = "This movie was so horrible, " * 20
+    (tmp_path / "yelp.csv").write_text(f'"1","{review}"\n"2","Loved it, every minute."\n')
+    with pytest.raises(InputError) as err:
+        open_corpus(str(tmp_path / "yelp.csv"))
+    message = str(err.value)
+    assert (
+        "its first line ('1', 'This movie was so horrible, This movie w...') looks like a row, not a header"
+        in message
+    )
+    assert message.endswith("(echo 'label,text'; cat yelp.csv) > header-yelp.csv") and review not in message
+    (tmp_path / "h.csv").write_text(f'label,text\n"1","{review}"\n')  # the header that message suggests
+    assert read_all(open_corpus(str(tmp_path / "h.csv"))).num_rows == 1
+
+
 def test_a_text_column_of_lists_or_structs_is_an_error_naming_its_type(tmp_path):
     """Such a column (or a JSONL value) was scored as its Python repr ("['Great film', 'loved it']") without a word."""
     sentences = pa.array([["Great film", "loved it"], ["dull"]])
