@@ -197,6 +197,15 @@ def rating_scale(
     if not numeric:
         return None
     shown = ", ".join(f"{v!r} x{n}" for v, n in sorted(numeric.items(), key=lambda kv: -kv[1]))
+    if all(float(v) == 2 for v in numeric) and not labels.get("0", 0):
+        # Yelp's and Amazon's polarity files: 1 negative, 2 positive. "A rating scale?" and IMDb's
+        # rule of 10 stars did not fit them; their 1s, the negatives, would have been positives.
+        return (
+            f"label column {column!r} holds 2 ({shown}), 1 ({labels.get('1', 0)}) and no 0: labels of 1 "
+            f"negative and 2 positive, as Yelp's and Amazon's polarity files have? bertjob's labels are 0/1 (also "
+            f"neg/pos, negative/positive, false/true), so the 1s would count as positive and the 2s {others}. Map "
+            f"1 to 0 and 2 to 1 first"
+        )
     return (
         f"label column {column!r} holds numbers above 1 ({shown}): a rating scale? bertjob's labels are 0/1 "
         f"(also neg/pos, negative/positive, false/true), so the rows labelled 0 or 1 ({labels.get('0', 0)} "
