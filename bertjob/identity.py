@@ -58,7 +58,7 @@ def corpus_fingerprint(corpus: Corpus) -> list[Any]:
         paths, root = [p for unit in corpus.units for p in unit], corpus.root
     elif corpus.kind == "prepared":
         paths, root = [*corpus.units, corpus.root + "/manifest.json"], corpus.root
-    elif corpus.kind == "arrow":  # hf://: the dataset cache's Arrow files
+    elif corpus.root.startswith("hf://"):  # the dataset cache's Arrow files
         paths, root = list(corpus.units), ""
     else:
         paths, root = list(corpus.units), corpus.root

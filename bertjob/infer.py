@@ -589,7 +589,7 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
                          f"evaluate with --split (such as --split test)")  # fmt: skip
     plain = (
         [u for u in corpus.units if u not in corpus.split_of_unit]
-        if corpus.kind in ("parquet", "csv", "jsonl")
+        if corpus.kind in ("parquet", "csv", "jsonl", "arrow")
         else []
     )
     if cfg.split and plain:

@@ -217,6 +217,8 @@ def open_corpus(
         # token ids as rows without text
         raise InputError(f"input {path} is a `bertjob prepare` output without its manifest.json: its prepare did "
                          f"not finish, or the manifest was removed; run that prepare again")  # fmt: skip
+    if info.type == pafs.FileType.Directory and (saved := _saved_dataset_files(fs, where)) is not None:
+        return _open_saved_dataset(fs, where, saved, opts)
     if info.type == pafs.FileType.File:
         if where.lower().endswith(IMDB_ARCHIVES):
             return _open_imdb_tar(fs, where, info.size, opts)
@@ -515,16 +517,56 @@ def _generic(fs: pafs.FileSystem, root: str, files: list[tuple[str, int]], opts:
             )
         if own is not None:
             corpus.split_of_unit[path] = own
-        try:
-            names = _check_columns(corpus, path)
-        except InputError:
-            # The likelier causes of a first line that makes no sense
-            _refuse_wide_text(corpus, path)
-            _refuse_foreign_csv(corpus, path)
-            raise
-        corpus.labelled |= bool(corpus.label_column) and corpus.label_column in names
-        if names and not corpus.header[1]:
-            corpus.header = (path, names)
+        _add_columns(corpus, path)
+    return corpus
+
+
+def _add_columns(corpus: Corpus, path: str) -> None:
+    """Check a file's columns (`_check_columns`) and note them: whether the corpus is labelled, and
+    its first file with columns."""
+    try:
+        names = _check_columns(corpus, path)
+    except InputError:
+        # The likelier causes of a first line that makes no sense
+        _refuse_wide_text(corpus, path)
+        _refuse_foreign_csv(corpus, path)
+        raise
+    corpus.labelled |= bool(corpus.label_column) and corpus.label_column in names
+    if names and not corpus.header[1]:
+        corpus.header = (path, names)
+
+
+def _saved_dataset_files(fs: pafs.FileSystem, where: str) -> dict[str, str] | None:
+    """The Arrow files of a Hugging Face dataset saved with `save_to_disk` ({path: its split; "" for
+    a Dataset's, which go to --split}), None for another directory. A DatasetDict's directory has
+    dataset_dict.json and one directory per split, a Dataset's state.json naming its files."""
+    as_dict, as_dataset = fs.get_file_info([f"{where}/dataset_dict.json", f"{where}/state.json"])
+    if as_dict.type == pafs.FileType.File:
+        with fs.open_input_stream(as_dict.path) as f:
+            splits = json.loads(f.read())["splits"]
+        return {p: _split_name(s) for s in splits for p in _saved_dataset_files(fs, f"{where}/{s}") or ()}
+    if as_dataset.type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(as_dataset.path) as f:
+        return {f"{where}/{d['filename']}": "" for d in json.loads(f.read())["_data_files"]}
+
+
+def _open_saved_dataset(
+    fs: pafs.FileSystem, where: str, files: dict[str, str], opts: dict[str, str]
+) -> Corpus:
+    """A `save_to_disk` directory, read from its Arrow files: read as files, its dataset_info.json was
+    refused as a JSON array (with advice to convert it) and its Arrow files were left out."""
+    for split in set(files.values()) - {"", *SPLITS}:
+        raise InputError(
+            f"input {uri(fs, where)}: its split {split!r} is not a split bertjob reads ({', '.join(SPLITS)}); "
+            f"rename it (validation for a dev set), e.g. DatasetDict(...).save_to_disk again"
+        )
+    units = list(files)
+    sizes = fs.get_file_info(units)
+    corpus = Corpus("arrow", where, units, fs, split_of_unit={p: s for p, s in files.items() if s},
+                    size_bytes=sum(i.size or 0 for i in sizes), **opts)  # fmt: skip
+    for path in units:
+        _add_columns(corpus, path)
     return corpus
 
 
@@ -628,6 +670,15 @@ def parquet_schema(corpus: Corpus, path: str) -> pa.Schema:
         return pq.ParquetFile(f).schema_arrow
 
 
+def arrow_schema(corpus: Corpus, path: str) -> pa.Schema:
+    with _file_errors(corpus, path), _open_arrow(corpus, path) as reader:
+        return reader.schema
+
+
+def _no_schema(corpus: Corpus, path: str) -> None:
+    return None  # CSV and JSONL: their names only (columns_of)
+
+
 def _is_text_type(kind: pa.DataType) -> bool:
     """Strings, or bytes (decoded as UTF-8: older writers store strings without the annotation);
     a column of nulls only is text that is missing."""
@@ -641,7 +692,7 @@ def _is_text_type(kind: pa.DataType) -> bool:
 def _check_columns(corpus: Corpus, path: str) -> list[str]:
     """The file's columns (a JSONL file's: those of its first object), checked for text and id, and
     for a name we read given to two columns."""
-    schema = parquet_schema(corpus, path) if corpus.kind == "parquet" else None
+    schema = {"parquet": parquet_schema, "arrow": arrow_schema}.get(corpus.kind, _no_schema)(corpus, path)
     names = schema.names if schema is not None else columns_of(corpus, path)
     # A list or struct column (sentences, tokens, {"title": ..., "body": ...}) was scored as its
     # Python repr, "['Great film', 'loved it']", and a column of numbers, booleans or dates (a
@@ -1152,12 +1203,21 @@ def _read_prepared(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Ta
             )
 
 
-def _read_arrow(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table]:
-    with pa.memory_map(path) as source:
+@contextmanager
+def _open_arrow(corpus: Corpus, path: str) -> Iterator[Any]:
+    """An Arrow IPC file's reader: the stream format, as `datasets` writes, or the file format."""
+    local = isinstance(corpus.fs, pafs.LocalFileSystem)
+    with pa.memory_map(path) if local else corpus.fs.open_input_file(path) as source:
         try:
             reader = pa.ipc.open_stream(source)
         except pa.ArrowInvalid:
-            reader = pa.ipc.open_file(source)  # type: ignore[assignment]
+            source.seek(0)
+            reader = pa.ipc.open_file(source)
+        yield reader
+
+
+def _read_arrow(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table]:
+    with _open_arrow(corpus, path) as reader:
         row = 0
         batches = (
             reader

@@ -108,6 +108,34 @@ def test_a_csv_file_without_a_header_is_an_error_saying_so(tmp_path):
     assert read_all(open_corpus(str(tmp_path / "h.csv"))).num_rows == 1
 
 
+def test_a_dataset_saved_with_save_to_disk_is_read_with_its_splits(tmp_path):
+    """A `datasets` save_to_disk directory was read as files: its dataset_info.json was refused as a
+    JSON array, with advice to convert it with jq, and its Arrow files were left out."""
+    import datasets
+
+    rows = {"sentence": ["great", "awful", "fine"], "label": [1, 0, 1]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "one"))
+    corpus = open_corpus(str(tmp_path / "one"), text_column="sentence")
+    t = read_all(corpus)
+    assert corpus.labelled and t.column("text").to_pylist() == rows["sentence"]
+    assert set(t.column("split").to_pylist()) == {"train"}  # a Dataset's rows go to --split
+    parts = {
+        "train": datasets.Dataset.from_dict(rows),
+        "test": datasets.Dataset.from_dict({"sentence": ["meh"]}),
+    }
+    datasets.DatasetDict(parts).save_to_disk(str(tmp_path / "dict"))
+    corpus = open_corpus(str(tmp_path / "dict"), text_column="sentence")
+    t = read_all(corpus)
+    assert corpus.splits() == {"train", "test"} and t.column("split").to_pylist() == ["train"] * 3 + ["test"]
+    assert t.column("label").to_pylist() == ["1", "0", "1", None]
+    with pytest.raises(InputError, match=r"dict/train/data-00000-of-00001.arrow: no column 'text'; the columns are "
+                                         r"\['sentence', 'label'\]"):  # fmt: skip
+        open_corpus(str(tmp_path / "dict"))
+    datasets.DatasetDict({"dev": parts["test"]}).save_to_disk(str(tmp_path / "dev"))
+    with pytest.raises(InputError, match="its split 'dev' is not a split bertjob reads"):
+        open_corpus(str(tmp_path / "dev"), text_column="sentence")
+
+
 def test_a_text_column_of_lists_or_structs_is_an_error_naming_its_type(tmp_path):
     """Such a column (or a JSONL value) was scored as its Python repr ("['Great film', 'loved it']") without a word."""
     sentences = pa.array([["Great film", "loved it"], ["dull"]])
