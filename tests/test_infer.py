@@ -416,6 +416,9 @@ def test_infer_scores_every_row_exactly_once_with_bad_rows_quarantined(
         m2 = infer.run(InferConfig(input=str(d / "c.csv"), model=tiny_classifier_dir, output=str(tmp_path / "o2"),
                                    id_column="id"))  # fmt: skip
     assert m2["rows_scored"] == 2 and m2["utf8_replaced_this_run"] == 1
+    assert (
+        "infer: 1 of 2 rows held text that is not valid UTF-8, read with U+FFFD" in caplog.text
+    )  # not silent
     # Two rows of one id: scored once each (one prediction per input row), and said, not silent
     assert (
         "infer: 1 rows share their id (--id-column 'id') with another row, e.g. 'r1' (2 rows)" in caplog.text

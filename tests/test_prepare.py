@@ -1,6 +1,7 @@
 """The prepare job end to end on a local Ray: splits, manifest, quarantine, reruns."""
 
 import json
+import logging
 import re
 import shutil
 import signal
@@ -44,7 +45,9 @@ def test_imdb_layout_gives_exact_stratified_splits_and_a_balanced_manifest(prepa
     assert not val_ids & set(train.column("id").to_pylist())
 
 
-def test_bad_rows_are_quarantined_with_reasons_and_counts_balance(tmp_path, tiny_model_dir, ray_local):
+def test_bad_rows_are_quarantined_with_reasons_and_counts_balance(
+    tmp_path, tiny_model_dir, ray_local, caplog
+):
     rows = [
         ("good one great", "pos"), ("bad one awful", "negative"), (None, "pos"), ("", "neg"), ("   \n\t ", "1"),
         ("fine movie", "maybe"), ("<br /><br />", "0"), ("great " * 2_000_000, "POS"), ("\u200b\u200b", "pos"),
@@ -57,8 +60,11 @@ def test_bad_rows_are_quarantined_with_reasons_and_counts_balance(tmp_path, tiny
     lines.append(b'{"text": "awful fun", "rid": "nokey"}')
     (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     out = tmp_path / "out"
-    m = prepare.run(PrepareConfig(input=str(tmp_path / "in.jsonl"), output=str(out), model=tiny_model_dir,
-                                  max_length=32, head_tokens=8, id_column="rid", validation_fraction=0.0))  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="bertjob.prepare"):
+        m = prepare.run(PrepareConfig(input=str(tmp_path / "in.jsonl"), output=str(out), model=tiny_model_dir,
+                                      max_length=32, head_tokens=8, id_column="rid", validation_fraction=0.0))  # fmt: skip
+    # The Latin-1 row's accent became U+FFFD: counted in the manifest alone, without a word
+    assert "prepare: 1 of 12 rows held text that is not valid UTF-8, read with U+FFFD" in caplog.text
     train = m["splits"]["train"]
     assert train["rows_read"] == 12 == train["rows_written"] + train["rows_quarantined"]
     assert sum(train["label_counts"].values()) == train["rows_written"]
