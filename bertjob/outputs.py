@@ -96,8 +96,7 @@ def check_replaceable(path: str, stage: str) -> tuple[pafs.FileSystem, str, set[
     """What `claim_output` checks, changing nothing: a stage that replaces its output calls it before
     any work, so that a wrong `--output` fails at once, not after Ray has started."""
     fs, where, names = _existing(path, stage)
-    if isinstance(fs, pafs.LocalFileSystem):
-        _check_writable(path, where)
+    check_writable(path)
     if names:
         listing = fs.get_file_info(pafs.FileSelector(where, recursive=True))
         top = join(where, MARKER)
@@ -110,16 +109,20 @@ def check_replaceable(path: str, stage: str) -> tuple[pafs.FileSystem, str, set[
     return fs, where, names
 
 
-def _check_writable(path: str, where: str) -> None:
-    """A local output that cannot be created or written (no permission, read-only, under a file)
-    is refused here: `_mark` found it only once Ray had started, seconds later."""
+def check_writable(path: str, role: str = "output") -> None:
+    """A local directory that cannot be created or written (no permission, read-only, under a file)
+    is refused here: `_mark` found an output only once Ray had started, seconds later, and a train
+    run's checkpoints (`role` storage_path) failed as an OSError that said the same command resumes."""
+    fs, where = filesystem(path)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return
     probe = where
     while not os.path.exists(probe) and os.path.dirname(probe) != probe:
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
-        raise OutputError(f"output {path}: cannot write there ({probe} is a file, not a directory)")
+        raise OutputError(f"{role} {path}: cannot write there ({probe} is a file, not a directory)")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputError(f"output {path}: cannot write there (no permission to write in {probe})")
+        raise OutputError(f"{role} {path}: cannot write there (no permission to write in {probe})")
 
 
 def claim_output(path: str, stage: str) -> None:

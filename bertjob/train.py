@@ -33,7 +33,7 @@ from bertjob import checkpoint, models, runlog
 from bertjob.checkpoint import TrainState
 from bertjob.config import JobError, PretrainConfig, SetupError, TrainConfig, stage_flag, to_dict
 from bertjob.metrics import classification_metrics
-from bertjob.outputs import MANIFEST, ensure_output, hold, releasing, stage_of, versions
+from bertjob.outputs import MANIFEST, check_writable, ensure_output, hold, releasing, stage_of, versions
 from bertjob.pretrain import pretrain_record
 from bertjob.sources import InputError, prepared_files
 from bertjob.storage import (
@@ -548,8 +548,10 @@ def few_steps(
 
 
 def run_storage(cfg: Any) -> str:
-    """Where a run's checkpoints go: storage_path or OUTPUT/ray_results, absolute when local."""
+    """Where a run's checkpoints go: storage_path or OUTPUT/ray_results, absolute when local; one
+    that cannot be written is an error before any work."""
     storage = cfg.storage_path or join(cfg.output, "ray_results")
+    check_writable(storage, "storage_path" if cfg.storage_path else "output")
     return storage if is_remote(storage) else os.path.abspath(storage)
 
 

@@ -357,6 +357,24 @@ def test_data_that_is_not_prepared_says_what_to_run(imdb_small, tmp_path, capsys
     assert not (tmp_path / "run").exists()
 
 
+def test_a_storage_path_that_cannot_be_written_is_one_error_before_any_work(
+    prepared_small, tiny_model_dir, tmp_path, capsys
+):
+    """A --storage-path on a read-only disk (or under a file) failed after setup as an OSError,
+    exit status 1, followed by 'the same command again resumes where this one stopped'."""
+    (tmp_path / "notes.txt").write_text("not a directory")
+    for job in ("train", "pretrain"):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([job, "--data", str(prepared_small), "--output", str(tmp_path / job), "--model", tiny_model_dir,
+                      "--storage-path", str(tmp_path / "notes.txt" / "ckpt")])  # fmt: skip
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2, err
+        assert err == (
+            f"bertjob: error: storage_path {tmp_path}/notes.txt/ckpt: cannot write there ({tmp_path}/notes.txt is "
+            f"a file, not a directory)\n"
+        )
+
+
 def test_a_rerun_of_an_early_stopped_run_trains_no_further(prepared_small, tiny_model_dir, tmp_path):
     """Stopped early, a run is finished: run again as it was, it exports its model again. It used to
     count as an extension (fewer steps trained than the epochs make) and trained on, with a new
