@@ -68,6 +68,7 @@ from bertjob.text import (
     BAD_LABEL,
     CAP_CHARS_PER_TOKEN,
     LABEL_NAMES,
+    MINUS_ONE,
     TRUNCATIONS,
     TextSettings,
     commonest_labels,
@@ -989,7 +990,7 @@ def finish(
     }
     if evaluate:
         manifest["unrecognised_labels"] = commonest_labels(totals.get("unrecognised_labels") or {})
-        manifest["metrics"] = evaluation(cfg, totals["quarantined"])
+        manifest["metrics"] = evaluation(cfg, totals["quarantined"], manifest["unrecognised_labels"])
     manifest["files"] = committed_files(cfg.output)  # a rerun checks they are all still there
     write_json(join(cfg.output, MANIFEST), manifest)
     remove(join(cfg.output, TMP))  # what writes a stop cut short left half-written, kept for ever
@@ -1013,7 +1014,7 @@ def repeated_ids(ids: pa.ChunkedArray) -> tuple[int, str | None, int]:
     return len(ids) - distinct, top["values"].as_py(), top["counts"].as_py()
 
 
-def evaluation(cfg: InferConfig, quarantined: Counter) -> dict[str, Any]:
+def evaluation(cfg: InferConfig, quarantined: Counter, unrecognised: dict[str, int]) -> dict[str, Any]:
     """metrics.json and report.png from the committed predictions (labelled rows only)."""
     fs, root = filesystem(cfg.output)
     if fs.get_file_info(join(root, PREDICTIONS)).type == pafs.FileType.NotFound:
@@ -1022,6 +1023,10 @@ def evaluation(cfg: InferConfig, quarantined: Counter) -> dict[str, Any]:
         reasons = ", ".join(f"{n} {reason}" for reason, n in quarantined.most_common())
         hint = ("; labels are read as 0/1, neg/pos or negative/positive (any case): map yours to these, or "
                 "name the label column with --label-column") if BAD_LABEL in quarantined else ""  # fmt: skip
+        if unrecognised and all(v.strip() in MINUS_ONE for v in unrecognised):
+            # GLUE's test splits: told to map its labels to 0/1, there were none to map.
+            hint = ("; every label is -1, Hugging Face's mark of a row without one (GLUE's test splits): there are "
+                    "no labels to evaluate against; score it with `bertjob infer`")  # fmt: skip
         raise InputError(f"input {cfg.input}: no row could be scored, nothing to evaluate: every row was "
                          f"quarantined ({reasons}){hint}; the rows are in {join(cfg.output, QUARANTINE)}")  # fmt: skip
     t = pq.read_table(join(root, PREDICTIONS), columns=["prob_positive", "true_label"], filesystem=fs)

@@ -747,6 +747,14 @@ def test_evaluate_says_what_it_cannot_compute(tiny_classifier_dir, imdb_small, t
                        r"\(12 unrecognised_label\); labels are read as 0/1, neg/pos or negative/positive"):  # fmt: skip
         infer.run(cfg, evaluate=True)
     assert pq.read_table(tmp_path / "stars" / "quarantine").num_rows == 12  # every row, with its reason
+    # GLUE's test splits label every row -1 (none known): it was told to map its labels to 0/1
+    pq.write_table(pa.Table.from_pylist([{**r, "label": -1} for r in rows]), tmp_path / "glue-test.parquet")
+    cfg = InferConfig(input=str(tmp_path / "glue-test.parquet"), model=tiny_classifier_dir,
+                      output=str(tmp_path / "glue"))  # fmt: skip
+    with pytest.raises(InputError, match=r"\(12 unrecognised_label\); every label is -1, Hugging Face's mark of a row "
+                                         r"without one \(GLUE's test splits\): there are no labels to evaluate against; "
+                                         r"score it with `bertjob infer`; the rows are in"):  # fmt: skip
+        infer.run(cfg, evaluate=True)
     # Star ratings 1-5 as the label column: the 1-star reviews were scored as positives (accuracy
     # against them), the rest quarantined, and evaluate reported an accuracy; infer recorded them as
     # true_label 1 (the others null) and reported success. Seen in the first rows: said before any
