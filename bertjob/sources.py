@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bertjob.config import SetupError
-from bertjob.outputs import MARKER, stage_of
+from bertjob.outputs import MARKER, a_or_an, stage_of
 from bertjob.storage import filesystem, uri
 from bertjob.text import decode_text
 
@@ -209,8 +209,9 @@ def open_corpus(
     if (
         info.type == pafs.FileType.Directory
         and fs.get_file_info(where + "/manifest.json").type == pafs.FileType.File
+        and (prepared := _open_prepared(fs, where, split))
     ):
-        return _open_prepared(fs, where, split)
+        return prepared
     _refuse_part_of_prepared(fs, where, path)
     if info.type == pafs.FileType.Directory and stage_of(uri(fs, where)) == "prepare":
         # Its shards, config.json and quarantine were read as a corpus: "mixes formats", or its
@@ -920,12 +921,17 @@ def _open_imdb_tar(fs: pafs.FileSystem, path: str, size: int, opts: dict[str, st
     return Corpus("imdb-tar", path, units, fs, size_bytes=size * 3, labelled=True, **opts)
 
 
-def _open_prepared(fs: pafs.FileSystem, where: str, split: str) -> Corpus:
-    """A directory written by `bertjob prepare`: already tokenized rows, one split or all."""
+def _open_prepared(fs: pafs.FileSystem, where: str, split: str) -> Corpus | None:
+    """A directory written by `bertjob prepare`: already tokenized rows, one split or all. None for a
+    directory of files with another tool's manifest.json among them, which is read as files: it was
+    refused as 'manifest.json is not a bertjob prepared manifest', as was another stage's output."""
     with fs.open_input_stream(where + "/manifest.json") as f:
         manifest = json.loads(f.read())
     if manifest.get("format") != PREPARED_FORMAT:
-        raise InputError(f"input {uri(fs, where)}: manifest.json is not a bertjob prepared manifest")
+        if (stage := stage_of(uri(fs, where))) == "unknown":
+            return None
+        raise InputError(f"input {uri(fs, where)} is {a_or_an(stage)} output of bertjob, not a corpus; give the "
+                         f"corpus it came from, or a `bertjob prepare` output")  # fmt: skip
     splits = [split] if split else sorted(manifest["splits"])
     missing = [s for s in splits if s not in manifest["splits"]]
     if missing:

@@ -136,6 +136,27 @@ def test_a_dataset_saved_with_save_to_disk_is_read_with_its_splits(tmp_path):
         open_corpus(str(tmp_path / "dev"), text_column="sentence")
 
 
+def test_a_manifest_json_of_another_tool_or_stage_is_not_taken_for_a_prepared_one(tmp_path):
+    """A corpus directory with its own manifest.json (a download's list of files), or an infer
+    output given as input, was refused as 'manifest.json is not a bertjob prepared manifest'."""
+    d = tmp_path / "download"
+    d.mkdir()
+    pq.write_table(pa.table({"text": ["good", "bad"]}), d / "reviews.parquet")
+    (d / "manifest.json").write_text('{"files": ["reviews.parquet"]}')
+    with pytest.raises(
+        InputError, match=r"mixes formats: jsonl \(manifest.json\), parquet \(reviews.parquet\)"
+    ):
+        open_corpus(str(d))
+    assert read_all(open_corpus(str(d / "*.parquet"))).num_rows == 2
+    scored = tmp_path / "scored"
+    scored.mkdir()
+    (scored / "_bertjob_output").write_text('{"stage": "infer"}')
+    (scored / "manifest.json").write_text('{"format": "bertjob-infer/1"}')
+    with pytest.raises(InputError, match=r"scored is an infer output of bertjob, not a corpus; give the corpus it "
+                                         r"came from, or a `bertjob prepare` output$"):  # fmt: skip
+        open_corpus(str(scored))
+
+
 def test_a_text_column_of_lists_or_structs_is_an_error_naming_its_type(tmp_path):
     """Such a column (or a JSONL value) was scored as its Python repr ("['Great film', 'loved it']") without a word."""
     sentences = pa.array([["Great film", "loved it"], ["dull"]])
