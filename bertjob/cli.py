@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import logging
 import os
 import signal
@@ -247,9 +248,27 @@ def _split_dotted(argv: list[str]) -> tuple[list[str], dict[str, dict[str, Any]]
             if value is None:
                 raise ConfigError([f"{arg}: needs a value"])
             dotted.setdefault(stage, {})[key.replace("-", "_")] = value
+        elif "_" in head:  # --max_length, as the key is spelled in a config file: unrecognized
+            rest.append("--" + head.replace("_", "-") + arg[2 + len(head) :])
         else:
             rest.append(arg)
     return rest, dotted
+
+
+def _nearest(command: str, unknown: list[str]) -> str:
+    """A hint for flags argparse did not recognise: the nearest flag of the command (`--max-lenght`,
+    `--epoch`), and where every flag is listed; a value without a flag (`bertjob prepare FILE`), the flag."""
+    known = [_flag(f.name) for f in dataclasses.fields(COMMANDS[command])] + ["--config", "--log-level"]
+    for before, arg in zip(["", *unknown], unknown):
+        if not arg.startswith("-") and not (
+            before.startswith("-") and "=" not in before
+        ):  # not a flag's value
+            return (
+                f"; bertjob takes no positional arguments: give each value after its flag (--input {arg} ...)"
+            )
+        if near := difflib.get_close_matches(arg.split("=", 1)[0], known, n=1):
+            return f"; did you mean {near[0]}? (`bertjob {command} --help` lists every setting)"
+    return f" (`bertjob {command} --help` lists every setting)"
 
 
 def _rerun(command: str, cfg: Any = None) -> str:
@@ -309,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             if unknown and ns.command == "pipeline" and (problems := _undotted(unknown)):
                 raise ConfigError(problems)
             if unknown:
-                parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+                parser.error(f"unrecognized arguments: {' '.join(unknown)}{_nearest(ns.command, unknown)}")
             command = ns.command
             logging.basicConfig(
                 level=ns.log_level,

@@ -377,6 +377,33 @@ def test_a_stage_setting_given_to_the_pipeline_without_its_stage_names_the_flag_
     assert exit_.value.code == 2 and "unrecognized arguments: --bogus 1" in capsys.readouterr().err
 
 
+def test_a_mistyped_flag_is_answered_with_the_nearest_and_underscores_are_read(capsys):
+    """`--max-lenght 32`, `bertjob prepare reviews.csv` and `--max_length 32` (the key as a config
+    file spells it) were each 'unrecognized arguments' beside the usage of `bertjob` itself."""
+
+    def error(*argv: str) -> str:
+        with pytest.raises(SystemExit) as exit_:
+            main(list(argv))
+        assert exit_.value.code == 2
+        return capsys.readouterr().err.splitlines()[-1]
+
+    assert error("prepare", "--input", "r.csv", "--output", "o", "--max-lenght", "32").endswith(
+        "--max-lenght 32; did you mean --max-length? (`bertjob prepare --help` lists every setting)"
+    )
+    assert error("prepare", "r.csv").endswith(
+        "r.csv; bertjob takes no positional arguments: give each value after its flag (--input r.csv ...)"
+    )
+    assert error("train", "--bogus", "1").endswith("--bogus 1 (`bertjob train --help` lists every setting)")
+    # read as --max-length and --validation-fraction: their values are what is wrong
+    with pytest.raises(SystemExit):
+        main(["prepare", "--max_length", "abc", "--validation_fraction=2"])
+    err = capsys.readouterr().err
+    assert (
+        "  - max_length: expected an integer, got 'abc'\n  - validation_fraction: 2.0 must be less than 1"
+        in err
+    )
+
+
 CONFIGS = (PrepareConfig, PretrainConfig, TrainConfig, InferConfig, PipelineConfig)
 REQUIRED = {"data": "d", "output": "o", "input": "i", "model": "m"}  # the settings with no usable default
 
