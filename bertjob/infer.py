@@ -77,6 +77,7 @@ from bertjob.text import (
     quarantine_note,
     rating_scale,
     tokenize_rows,
+    utf8_note,
 )
 
 log = logging.getLogger(__name__)
@@ -996,6 +997,8 @@ def finish(
     remove(join(cfg.output, TMP))  # what writes a stop cut short left half-written, kept for ever
     log.info("%s: %d rows read, %d scored, %d quarantined, %.1f rows/s -> %s", stage, rows_read, totals["scored"],
              manifest["rows_quarantined"], manifest["rows_per_s"] or 0, cfg.output)  # fmt: skip
+    if sink.utf8_replaced:
+        log.warning("%s: %s", stage, utf8_note(sink.utf8_replaced, manifest["rows_this_run"]))
     if manifest["rows_quarantined"]:  # rows without a prediction (evaluate: left out of the metrics)
         note = quarantine_note(manifest["rows_quarantined"], rows_read, totals["quarantined"],
                                join(cfg.output, QUARANTINE), manifest.get("unrecognised_labels") or {})  # fmt: skip

@@ -52,6 +52,7 @@ from bertjob.text import (
     rating_scale,
     tokenize_rows,
     unread_labels,
+    utf8_note,
 )
 
 log = logging.getLogger(__name__)
@@ -741,6 +742,8 @@ def run(cfg: PrepareConfig, in_pipeline: bool = False) -> dict[str, Any]:
         log.warning("prepare: held-out splits hold texts of the splits trained on (%s; every pair in manifest.json's "
                     "shared_texts): such a review is scored as unseen though it was trained on (unsup: by "
                     "pretrain); drop the copies from one split", counts)  # fmt: skip
+    if replaced := sum(s["utf8_replaced"] for s in splits.values()):
+        log.warning("prepare: %s", utf8_note(replaced, read_total))
     if manifest["rows_quarantined"]:
         note = quarantine_note(manifest["rows_quarantined"], read_total, total("quarantined_by_reason"),
                                join(cfg.output, QUARANTINE), bad_labels)  # fmt: skip

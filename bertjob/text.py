@@ -166,6 +166,16 @@ def quarantine_note(
     return f"quarantined {rows} of {read} rows ({why}) in {where}{labels}"
 
 
+def utf8_note(replaced: int, read: int) -> str:
+    """The warning of a job that read text that is not UTF-8 (a Windows-1252 or Latin-1 file): each
+    accent became U+FFFD, counted in the manifest alone, and nothing said so."""
+    return (
+        f"{replaced} of {read} rows held text that is not valid UTF-8, read with U+FFFD (\ufffd) in its place: "
+        f"a file in Windows-1252 or Latin-1? bertjob reads UTF-8; to keep those characters, convert it first "
+        f"(iconv -f CP1252 -t UTF-8 FILE > utf8-FILE)"
+    )
+
+
 MINUS_ONE = ("-1", "-1.0")
 
 
