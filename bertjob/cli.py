@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import errno
 import logging
 import os
 import signal
@@ -344,7 +345,10 @@ def main(argv: list[str] | None = None) -> int:
         except JobError as err:
             rc, said = 1, f"bertjob: error: {_own_words(err)}\n"
         except OSError as err:  # a disk that filled, an object store gone mid-run: once it is back
-            rc, said = 1, f"bertjob: error: {_own_words(err)}\nbertjob: {_rerun(command, cfg)}\n"
+            rc, said = (
+                1,
+                f"bertjob: error: {_own_words(err)}{_full_disk(err, cfg)}\nbertjob: {_rerun(command, cfg)}\n",
+            )
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: 128 + the signal, as a shell reports it
             rc = 128 + (signal.SIGTERM if terminated else signal.SIGINT)
             said = f"bertjob: interrupted; {_rerun(command, cfg)}\n"
@@ -371,6 +375,24 @@ def _own_words(err: Exception) -> str:
     if isinstance(cause, OSError) and cause.errno and str(cause.filename).startswith("Failed to "):
         return f"[Errno {cause.errno}] {cause.strerror}"
     return str(cause).split("\nFailed to ")[0]
+
+
+def _full_disk(err: OSError, cfg: Any) -> str:
+    """Where a disk that filled (ENOSPC) is: the error named no path ("[Errno 28] Error writing bytes
+    to file"), and a job writes under its output and, training, its checkpoints' storage_path."""
+    cause = getattr(err, "cause", None)
+    if errno.ENOSPC not in (err.errno, getattr(cause, "errno", None)):
+        return ""
+    places = [
+        f"{key} {getattr(cfg, key)}"
+        for key in ("output", "output_dir", "storage_path")
+        if getattr(cfg, key, "")
+    ]
+    return (
+        f"; free space where the job writes ({', '.join(places)}), or give it another directory"
+        if places
+        else ""
+    )
 
 
 def run_command(command: str, cfg: Any) -> int:

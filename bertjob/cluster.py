@@ -196,6 +196,10 @@ def actor_pool_map(ds: Any, fn: Any, least: int, most: int | None, cpus: float =
 
     fits = cluster_gpus() // gpus if gpus else cluster_cpus() // cpus if cpus else least
     start = int(max(least, min(fits, most or fits)))
+    # An error of fn's own (a disk that filled under prepare's writers) reaches the driver as itself,
+    # RayTaskError(OSError), which the CLI says in one line, not as a UserCodeException holding it only
+    # as text: prepare on a full disk ended in a traceback.
+    ds.context.raise_original_map_exception = True
     with retries_allowed():
         return ds.map_batches(
             _counting_starts(fn), compute=ActorPoolStrategy(min_size=least, max_size=most, initial_size=start),

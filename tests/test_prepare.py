@@ -605,3 +605,29 @@ def test_files_no_write_reported_are_removed(tmp_path):
     assert len(list((tmp_path / "test").glob("*.parquet"))) == 2
     assert prepare.remove_unfinished(str(tmp_path), kept) == list(failed)
     assert pq.read_table(tmp_path / "test").num_rows == 2
+
+
+def test_a_disk_that_fills_under_the_writers_is_one_line_naming_the_output(
+    tmp_path, tiny_model_dir, ray_local, capsys
+):
+    """A full disk met by the shard writers (Ray Data actors) ended prepare with a traceback: Ray
+    Data wrapped the OSError in a UserCodeException that held it only as text."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(disk)], capture_output=True
+    ).returncode:
+        pytest.skip("needs a small tmpfs (mount as root)")
+    try:
+        rows = [f"{i},great awful film number {i} " + "and more words " * 20 for i in range(600)]
+        (tmp_path / "r.csv").write_text("id,text\n" + "\n".join(rows) + "\n")
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["prepare", "--input", str(tmp_path / "r.csv"), "--output", str(disk / "p"), "--model",
+                      tiny_model_dir, "--max-length", "64", "--rows-per-shard", "50"])  # fmt: skip
+        assert exit_.value.code == 1
+        assert capsys.readouterr().err.endswith(
+            f"No space left on device; free space where the job writes (output {disk}/p), or give it another "
+            f"directory\nbertjob: prepare does not resume: the same command again prepares from the start\n"
+        )
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)  # a writer may hold a file open
