@@ -326,6 +326,16 @@ def latest_checkpoint(run_dir: str) -> dict[str, Any]:
     return (read_snapshot(run_dir).get("latest_checkpoint_result") or {}).get("metrics") or {}
 
 
+def saved_checkpoint(run_dir: str) -> Any:
+    """The run's latest registered checkpoint, as Ray Train's Result of a fit gives it (local or in
+    object storage); no Ray needs to run."""
+    from ray.train import Checkpoint
+
+    name = read_snapshot(run_dir)["latest_checkpoint_result"]["checkpoint_dir_name"]
+    fs, where = filesystem(join(run_dir, name))
+    return Checkpoint(where, filesystem=fs)
+
+
 def read_snapshot(run_dir: str) -> dict[str, Any]:
     """Ray Train's record of a run's registered checkpoints, {} if none. Ray rewrites it in place:
     one cut short (a crash as it wrote) ended the job in a JSONDecodeError traceback."""
@@ -470,10 +480,13 @@ def run(cfg: TrainConfig, in_pipeline: bool = False) -> dict[str, Any]:
         cfg, manifest, length_grouping=cfg.length_grouping, **{k: getattr(cfg, k) for k in OPTIMISATION}
     )
     check_run_compatible(cfg, identity, run_dir, may_change=OPTIMISATION if extends else ())
-    finished = bool(done.get("final")) and not extends
-    if finished:  # the log read as a run training again, with its warnings
+    if done.get("final") and not extends:
+        # Its last checkpoint holds the model and its results: exported here, with no Ray. A worker
+        # group started only to hand the checkpoint back, ~30 s (and a local Ray's start, ~15 s).
         log.info("train: run %r has finished its %d steps; exporting its model again, nothing to train",
                  cfg.name, trained)  # fmt: skip
+        return export(cfg, manifest, saved_checkpoint(run_dir), wall_s=time.time() - started, storage=storage,
+                      events=runlog.timeline(run_dir))  # fmt: skip
     # Only now: a rerun the checks above refuse (a shorter or changed run under its name) was
     # refused after a local Ray had started, ~15 s.
     init_ray()
@@ -490,7 +503,7 @@ def run(cfg: TrainConfig, in_pipeline: bool = False) -> dict[str, Any]:
         cfg.torch_threads or max(1, int(plan.cpus)),
         f", ~{plan.memory_estimate / 2**30:.1f} of {plan.memory_budget / 2**30:.1f} GiB memory each" if plan.memory_budget else "",
     )  # fmt: skip
-    if not finished and (few := few_steps(cfg, f"{n_train} rows", total_steps, in_pipeline)):
+    if few := few_steps(cfg, f"{n_train} rows", total_steps, in_pipeline):
         log.warning("train: %s", few)
     mean_tokens = min(manifest["max_length"], manifest["splits"]["train"].get("tokens", {}).get("mean", 1e9))
     token_bytes = mean_tokens * n_train * 4  # int32 token ids
@@ -499,6 +512,7 @@ def run(cfg: TrainConfig, in_pipeline: bool = False) -> dict[str, Any]:
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
         "micro_batch_size": plan.micro_batch_size,
+        "cpus": plan.cpus,
         "threads": cfg.torch_threads or max(1, int(plan.cpus)),
         "window_rows": window,
         "pad_token_id": manifest["tokenizer"]["pad_token_id"] or 0,
@@ -517,7 +531,7 @@ def run(cfg: TrainConfig, in_pipeline: bool = False) -> dict[str, Any]:
         raise NonFiniteLossError(read_json(nonfinite)["step"])
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
-    return export(cfg, manifest, result.checkpoint, wall_s=time.time() - started, storage=storage, plan=plan,
+    return export(cfg, manifest, result.checkpoint, wall_s=time.time() - started, storage=storage,
                   events=runlog.timeline(meta["run_dir"]))  # fmt: skip
 
 
@@ -705,16 +719,15 @@ def export(
     result_checkpoint: Any,
     wall_s: float,
     storage: str,
-    plan: WorkerPlan,
     events: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """OUTPUT/model (the best model, HF format, loadable by transformers.pipeline), metrics.json, curves."""
     if not is_remote(cfg.output):
-        return _export_to(cfg.output, cfg, manifest, result_checkpoint, wall_s, storage, plan, events)
+        return _export_to(cfg.output, cfg, manifest, result_checkpoint, wall_s, storage, events)
     # Object stores take whole objects: build the outputs locally, then upload them, metrics.json
     # last (the pipeline takes a train output with metrics.json and a model as complete).
     with tempfile.TemporaryDirectory(prefix="bertjob-export-") as local:
-        metrics = _export_to(local, cfg, manifest, result_checkpoint, wall_s, storage, plan, events)
+        metrics = _export_to(local, cfg, manifest, result_checkpoint, wall_s, storage, events)
         remove(join(cfg.output, "model"))
         for name in ("model", "training_curves.png", "metrics.json"):
             copy(os.path.join(local, name), join(cfg.output, name))
@@ -728,7 +741,6 @@ def _export_to(
     result_checkpoint: Any,
     wall_s: float,
     storage: str,
-    plan: WorkerPlan,
     events: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     model_dir = os.path.join(out, "model")
@@ -776,8 +788,9 @@ def _export_to(
         else None,
         "wall_s": round(wall_s, 1),
         "global_batch_size": cfg.batch_size,
-        "micro_batch_size": plan.micro_batch_size,
-        "cpus_per_worker": plan.cpus,
+        # The workers' that trained it (a rerun that exports a finished run's model starts none).
+        "micro_batch_size": final.get("micro_batch_size"),
+        "cpus_per_worker": final.get("cpus_per_worker"),
         "worker_threads": final.get("threads"),
         "precision": final.get("precision"),
         "worker_glibc_tunables": final.get("glibc_tunables", ""),
@@ -1184,6 +1197,7 @@ class Recipe:
         if self.best is not None:
             _unwrap(self.model).load_state_dict(self.best)
         final = {"best_validation": self.evaluate("validation"), "precision": self.precision,
+                 "micro_batch_size": self.meta["micro_batch_size"], "cpus_per_worker": self.meta["cpus"],
                  "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "threads": torch.get_num_threads(),
                  "compiled_graphs": _compiled_graphs() if self.cfg.compile else None}  # fmt: skip
         if "test" in self.meta["splits"]:

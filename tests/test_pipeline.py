@@ -62,7 +62,10 @@ def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, tiny_model_dir, ra
 
     # The trained model's bertjob.json removed since: reused as it was, it scored text at prepare's
     # defaults; its weights removed, evaluate refused the directory. Now it is exported again from
-    # the run's checkpoints, the same model (evaluate and infer have nothing to do).
+    # the run's checkpoints, the same model (evaluate and infer have nothing to do), in the driver:
+    # it started a worker group (and a local Ray) only to export the last checkpoint, ~45 s.
+    model = {f.name: f.read_bytes() for f in (tmp_path / "out" / "train" / "model").iterdir()}
+    trained = json.loads((tmp_path / "out" / "train" / "metrics.json").read_text())
     (tmp_path / "out" / "train" / "model" / "bertjob.json").unlink()
     caplog.clear()
     with caplog.at_level("INFO"):
@@ -72,7 +75,15 @@ def test_pipeline_runs_every_stage_then_reuses_them(tmp_path, tiny_model_dir, ra
                      caplog.text)  # fmt: skip
     assert "optimizer steps" not in caplog.text  # the few-steps warning is for runs that train
     assert reused(fourth) == {"prepare": True, "train": False, "evaluate": True, "infer": True}
-    assert (tmp_path / "out" / "train" / "model" / "bertjob.json").exists()
+    assert {f.name: f.read_bytes() for f in (tmp_path / "out" / "train" / "model").iterdir()} == model
+    exported = json.loads((tmp_path / "out" / "train" / "metrics.json").read_text())
+    # The record of the run that trained it: no worker group, no resume (nor the micro-batch of the
+    # third run's settings, which trained nothing); the config is this command's, as it was.
+    assert len(exported["workers_over_time"]) == 1 and exported["micro_batch_size"] == 16
+    assert {k: v for k, v in exported.items() if k not in ("wall_s", "config")} == {
+        k: v for k, v in trained.items() if k not in ("wall_s", "config")
+    }
+    assert fourth["stages"]["train"] == first["stages"]["train"]  # the summary's numbers, not reused
     assert caplog.text.count("nothing to do") == 2
     assert fourth["stages"]["evaluate"]["accuracy"] == first["stages"]["evaluate"]["accuracy"]
 
