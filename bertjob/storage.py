@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import uuid
 from typing import Any
@@ -163,6 +164,16 @@ def copy(src: str, dst: str) -> None:
         is_dir = src_fs.get_file_info(src_where).type == pafs.FileType.Directory
         os.makedirs(dst_where if is_dir else os.path.dirname(dst_where), exist_ok=True)
     pafs.copy_files(src_where, dst_where, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
+# How a user deletes a directory at each kind of remote location (warnings that name one say how).
+DELETE_TOOLS = {"s3": "aws s3 rm --recursive", "gs": "gcloud storage rm -r", "hdfs": "hdfs dfs -rm -r"}
+
+
+def delete_command(paths: list[str]) -> str:
+    """The shell command that deletes the directories `paths` (all local, or all at one kind of URI)."""
+    tool = DELETE_TOOLS.get(paths[0].split("://", 1)[0], "rm -r") if is_remote(paths[0]) else "rm -r"
+    return " && ".join(f"{tool} {shlex.quote(p)}" for p in paths)
 
 
 def remove(path: str) -> None:

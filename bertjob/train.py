@@ -39,6 +39,7 @@ from bertjob.sources import InputError, prepared_files
 from bertjob.storage import (
     check_access,
     copy,
+    delete_command,
     exists,
     filesystem,
     for_workers,
@@ -362,8 +363,14 @@ def settle_checkpoints(run_dir: str, what: str, state_file: str = checkpoint.STA
         name = r["checkpoint_dir_name"]
         if why := checkpoint.problem(join(run_dir, name), bool(r["metrics"].get("final")), state_file):
             damaged[name] = f"{name} (step {r['metrics'].get('step')}): {why}"
-    if not damaged:
-        return
+    if damaged:
+        _pass_over(run_dir, what, snapshot, damaged)
+    note_unused(run_dir, what, snapshot)
+
+
+def _pass_over(run_dir: str, what: str, snapshot: dict[str, Any], damaged: dict[str, str]) -> None:
+    """Drop the `damaged` checkpoints (name: why) from Ray Train's `snapshot`, saying so."""
+    results = snapshot["checkpoint_results"]
     run, said = os.path.basename(run_dir), "; ".join(damaged.values())
     kept = [(r, i) for r, i in zip(results, snapshot["checkpoint_report_indices"])
             if r["checkpoint_dir_name"] not in damaged]  # fmt: skip
@@ -378,8 +385,34 @@ def settle_checkpoints(run_dir: str, what: str, state_file: str = checkpoint.STA
         snapshot["latest_checkpoint_result"] = max(kept, key=lambda pair: pair[1])[0]
     write_json(join(run_dir, SNAPSHOT), snapshot)
     latest = snapshot["latest_checkpoint_result"]
-    log.warning("%s: run %s has damaged checkpoints, left in %s but not resumed from: %s; resuming from %s (step %s)",
-                what, run, run_dir, said, latest["checkpoint_dir_name"], latest["metrics"].get("step"))  # fmt: skip
+    log.warning("%s: run %s has damaged checkpoints, not resumed from: %s; resuming from %s (step %s)",
+                what, run, said, latest["checkpoint_dir_name"], latest["metrics"].get("step"))  # fmt: skip
+
+
+UNUSED_FILE = "bertjob_unused.json"  # the checkpoint directories a warning has named: each is named once
+
+
+def note_unused(run_dir: str, what: str, snapshot: dict[str, Any]) -> None:
+    """Name once, with the command that deletes them, a run's checkpoint directories that Ray Train's
+    snapshot does not list: passed over as damaged, or written by a process that stopped before Ray
+    registered them. No run resumes from them and nothing deleted them: they took their space for
+    ever, unsaid. Never deleted here: they may be what is left to find out what went wrong."""
+    import pyarrow.fs as pafs
+
+    listed = {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results") or []}
+    listed.add((snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name"))
+    fs, where = filesystem(run_dir)
+    names = [os.path.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(where, allow_not_found=True))
+             if i.type == pafs.FileType.Directory]  # fmt: skip
+    unused = sorted(n for n in names if n.startswith("checkpoint_") and n not in listed)
+    said = join(run_dir, UNUSED_FILE)
+    if set(unused) <= set(read_json(said) if exists(said) else []):
+        return
+    log.warning("%s: run %s has checkpoint directories that no run resumes from (passed over as damaged, or "
+                "written by a process that stopped before Ray Train registered them): %s. They are kept; to free "
+                "their space: %s", what, os.path.basename(run_dir), ", ".join(unused),
+                delete_command([join(run_dir, n) for n in unused]))  # fmt: skip
+    write_json(said, unused)
 
 
 def check_run_compatible(

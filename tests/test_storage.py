@@ -377,6 +377,14 @@ def test_the_pipeline_on_s3_whose_object_store_goes_away_in_training_resumes_fro
     assert {f.name: f.read_bytes() for f in local.iterdir()} == model
 
 
+def test_a_warning_that_names_directories_gives_the_command_that_deletes_them():
+    assert storage.delete_command(["/runs/t/checkpoint_1", "/runs/my run/checkpoint_2"]) == (
+        "rm -r /runs/t/checkpoint_1 && rm -r '/runs/my run/checkpoint_2'"
+    )
+    assert storage.delete_command(["s3://b/t/checkpoint_1"]) == "aws s3 rm --recursive s3://b/t/checkpoint_1"
+    assert storage.delete_command(["gs://b/t/checkpoint_1"]) == "gcloud storage rm -r gs://b/t/checkpoint_1"
+
+
 def test_local_paths_reach_ray_workers_absolute(tmp_path, monkeypatch):
     # Ray Train runs its workers in a directory of its own: `--data prepared/` must arrive absolute.
     monkeypatch.chdir(tmp_path)

@@ -278,6 +278,25 @@ def test_a_damaged_checkpoint_is_passed_over_and_none_whole_or_a_cut_snapshot_is
     )
     assert m["steps"] == 12 and m["resumed_at_steps"] == [12]
     assert (out / "model" / "model.safetensors").read_bytes() == first
+    # Kept (never deleted for the user), it stayed on disk for ever without a word: now it is named
+    # once with the command that deletes it, and so is a checkpoint that a crash kept Ray Train from
+    # registering (written, never listed in its snapshot).
+    unused = "checkpoint directories that no run resumes from (passed over as damaged, or written by a process that stopped before Ray Train registered them)"  # fmt: skip
+    assert (
+        f"{unused}: {latest}. They are kept; to free their space: rm -r {run_dir / latest}\n" in caplog.text
+    )
+    orphan = run_dir / "checkpoint_2000-01-01_00-00-00.000000"
+    shutil.copytree(run_dir / latest, orphan)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bertjob.train"):
+        train.run(run)  # a finished run: exported again
+    assert (f"{unused}: {orphan.name}, {latest}. They are kept; to free their space: rm -r {orphan} && "
+            f"rm -r {run_dir / latest}\n") in caplog.text  # fmt: skip
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bertjob.train"):
+        train.run(run)
+    assert unused not in caplog.text  # named once
+    assert (run_dir / latest).is_dir() and orphan.is_dir()
     for d in run_dir.glob("checkpoint_*/"):
         shutil.rmtree(d)
     with pytest.raises(train.TrainSetupError, match=r"run 't' in .* has no whole checkpoint to resume from: "
