@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import socket
 import types
@@ -48,6 +49,13 @@ def no_progress_bars() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+
+
+def load_report_on_rank_zero(rank: int) -> None:
+    """transformers' LOAD REPORT (the table of a newly initialised head, ~9 lines) from rank 0 only:
+    every training worker loads the same model, and each printed it into the job's log."""
+    if rank:
+        logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
 
 
 def resolve_model(name: str) -> str:

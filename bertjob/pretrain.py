@@ -422,6 +422,7 @@ class PretrainRecipe:
         cfg = self.cfg
         torch_threads(self.meta["threads"])
         models.no_progress_bars()
+        models.load_report_on_rank_zero(self.rank)
         torch.manual_seed(cfg.seed)  # a fresh masked-LM head's initialisation
         # A base model without an MLM head (the embedded MiniLM is a bare BertModel) gets a freshly
         # initialised head; its decoder is tied to the word embeddings, so only the small transform

@@ -962,6 +962,7 @@ class Recipe:
         cfg = self.cfg
         torch_threads(self.meta["threads"])
         models.no_progress_bars()
+        models.load_report_on_rank_zero(self.rank)
         torch.manual_seed(cfg.seed)  # the classifier head's initialisation
         self.precision = resolve_precision(cfg.mixed_precision, self.device)
         self.multiple_of = cfg.pad_to_multiple_of or (8 if self.device.type == "cuda" else 1)

@@ -354,6 +354,19 @@ def test_a_shorter_rerun_of_a_finished_run_is_refused_before_ray_starts(
     assert "a longer run than the 3 steps this one asks for" in proc.stderr
 
 
+def test_only_rank_zero_logs_transformers_load_report(prepared_small, tiny_model_dir, tmp_path):
+    """Every training worker loads the model, and transformers' LOAD REPORT (the newly initialised
+    classifier's table, ~9 lines) reached the job's log once per worker: now from rank 0 alone."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = run_in_session([sys.executable, "-m", "bertjob", "train", "--data", str(prepared_small),
+                           "--output", str(tmp_path / "run"), "--model", tiny_model_dir, "--num-workers", "2",
+                           "--batch-size", "16", "--max-steps", "1", "--mixed-precision", "off"],
+                          env=env, timeout=240)  # fmt: skip
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert log.count("BertForSequenceClassification LOAD REPORT") == 1, log[-3000:]
+
+
 def test_data_that_is_not_prepared_says_what_to_run(imdb_small, tmp_path, capsys):
     """`bertjob train --data imdb-sample`, a corpus where prepared data goes, was told to run
     `bertjob prepare --output imdb-sample`, as for an interrupted prepare."""
