@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from bertjob.config import SetupError
 from bertjob.outputs import MARKER, a_or_an, stage_of
 from bertjob.storage import filesystem, uri
-from bertjob.text import decode_text
+from bertjob.text import MISSING_LABEL_TEXTS, decode_text
 
 log = logging.getLogger(__name__)
 
@@ -1080,6 +1080,13 @@ def _as_text(value: Any) -> str | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
+def _label_text(value: Any) -> str | None:
+    """A label as text; one of MISSING_LABEL_TEXTS ("NA", "null", "None", ...) is no label, as a
+    float NaN is."""
+    text = _as_text(value)
+    return None if text is not None and text.strip().lower() in MISSING_LABEL_TEXTS else text
+
+
 def _id_text(value: Any) -> str | None:
     """An id as text; bytes that are not UTF-8 (a digest, a UUID's 16 bytes) as hex: decoded with
     replacement, every byte outside ASCII became U+FFFD, so that distinct ids came out as one string
@@ -1136,9 +1143,9 @@ def _generic_table(corpus: Corpus, path: str, table: pa.Table, first_row: int, s
             texts[i], replaced[i] = decode_text(v if v is None or isinstance(v, bytes) else str(v))
     labels: list[str | None] = [None] * n
     if corpus.label_column and corpus.label_column in names:
-        labels = [_as_text(v) for v in _values(table.column(corpus.label_column))]
+        labels = [_label_text(v) for v in _values(table.column(corpus.label_column))]
     elif corpus.label_column:
-        labels = [_partition_keys(corpus, path).get(corpus.label_column)] * n
+        labels = [_label_text(_partition_keys(corpus, path).get(corpus.label_column))] * n
     return pa.Table.from_pydict(
         {"id": ids, "text": texts, "label": labels, "split": [split] * n, "utf8_replaced": replaced},
         schema=ROW_SCHEMA,

@@ -29,6 +29,9 @@ _LABELS = {
     "0": 0, "0.0": 0, "neg": 0, "negative": 0, "false": 0,
     "1": 1, "1.0": 1, "+1": 1, "pos": 1, "positive": 1, "true": 1,
 }  # fmt: skip
+# What writers put where a label is missing (pandas' and R's NA, a NULL or None printed as text),
+# any case: these were unrecognised labels, not missing ones.
+MISSING_LABEL_TEXTS = frozenset({"", "nan", "na", "n/a", "<na>", "null", "none"})
 
 # Quarantine reasons: one place, so manifests and tests agree on the spelling.
 EMPTY_TEXT = "empty_text"

@@ -685,6 +685,20 @@ def test_a_nan_label_is_a_missing_one(tmp_path, tiny_model_dir):
         assert [r for r in out.column("reason").to_pylist() if r] == ["missing_label"]
 
 
+def test_a_label_written_as_missing_text_is_a_missing_one(tmp_path, tiny_model_dir):
+    """A label column with "NaN", "NA", "null", "None" (any case) or "" where a label is missing (a
+    pandas or R export, NULL printed as text): each was an unrecognised label, named as one of the
+    labels not read; now a missing label, as a float NaN is."""
+    missing = ["NaN", "NA", "null", "None", "", "nan", "NULL", " none "]
+    pq.write_table(pa.table({"text": ["good", *["fine"] * len(missing)], "label": ["pos", *missing]}),
+                   tmp_path / "a.parquet")  # fmt: skip
+    cfg = PrepareConfig(input="unused", output="unused", model=tiny_model_dir, max_length=8)
+    rows = read_all(open_corpus(str(tmp_path / "a.parquet")))
+    assert rows.column("label").to_pylist() == ["pos"] + [None] * len(missing)
+    out = tokenize_batch(rows, cfg, models.load_encoder(tiny_model_dir), labelled=True)
+    assert out.column("reason").to_pylist() == [None] + ["missing_label"] * len(missing)
+
+
 def test_a_float_id_column_of_pandas_reads_as_its_integers(tmp_path):
     """pandas stores an integer id column with a missing value as floats: the ids were "7.0" (joined
     to no row's 7) and "nan" for every row without one; a missing one falls back to file:row."""
