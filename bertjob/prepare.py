@@ -376,7 +376,9 @@ def split_train(
     else:
         import ray
 
-        task = ray.remote(num_cpus=1)(_split_staged)
+        from bertjob.cluster import BATCH_RETRIES
+
+        task = ray.remote(num_cpus=1, max_retries=BATCH_RETRIES)(_split_staged)
         parts = ray.get([task.remote(*a) for a in args])
     stats: dict[str, dict[str, Any]] = {}
     files: dict[str, int] = {}
@@ -688,7 +690,16 @@ def run(cfg: PrepareConfig, in_pipeline: bool = False) -> dict[str, Any]:
     staging = join(filesystem(cfg.output)[1], STAGING) + "/"
     staged = {p: n for p, n in finished.items() if p.startswith(staging)}
     t_split = time.time()
-    split_stats, split_files = split_train(cfg.output, staged, cfg.validation_fraction, cfg.test_fraction)
+    try:
+        split_stats, split_files = split_train(cfg.output, staged, cfg.validation_fraction, cfg.test_fraction)
+    except ray.exceptions.RayError as err:  # the tasks splitting over LOCAL_SPLIT_ROWS staged rows
+        if why := killed(err, t_split):
+            raise JobError(
+                f"prepare stopped: a process splitting the staged train rows was killed on each of its "
+                f"{BATCH_RETRIES + 1} tries: {why}. Where memory ran out, run on nodes with more memory; the same "
+                f"command again prepares the corpus anew"
+            ) from err
+        raise
     merge_stats(stats, split_stats)
     finished.update(split_files)
     split_s = time.time() - t_split

@@ -223,6 +223,31 @@ def test_a_second_run_meanwhile_is_refused_and_a_killed_run_never_leaves_a_direc
     assert not (out / "manifest.json").exists()
 
 
+def _big_jsonl(tmp_path, rows: int, repeats: int = 20) -> None:
+    with open(tmp_path / "big.jsonl", "w") as f:
+        for i in range(rows):
+            f.write(json.dumps({"text": f"great movie number {i} " * repeats, "label": i % 2}) + "\n")
+
+
+def _prepare_killed(
+    tmp_path, model: str, title: str, flags=("--max-length", "32"), python=("-m", "bertjob")
+) -> str:
+    """The last line of `bertjob prepare` of tmp_path/big.jsonl whose processes titled `title` are
+    killed on every try (kill_each_try), which ends it as an error, with no manifest."""
+    from bertjob.cluster import BATCH_RETRIES
+
+    with open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, *python, "prepare", "--input", str(tmp_path / "big.jsonl"), "--output",
+             str(tmp_path / "out"), "--model", model, *flags],
+            start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr,
+        )  # fmt: skip
+    rc, last, kills = kill_each_try(proc, title, 150, tmp_path / "stderr")
+    assert rc == 1 and kills >= BATCH_RETRIES + 1, (rc, kills, last)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    return last
+
+
 def test_a_batch_whose_tokenizer_or_reader_is_killed_on_every_try_ends_prepare_with_one_line(
     tmp_path, tiny_model_dir
 ):
@@ -232,40 +257,43 @@ def test_a_batch_whose_tokenizer_or_reader_is_killed_on_every_try_ends_prepare_w
     one line saying what killed it and what to lower. So does a read killed on every try."""
     from bertjob.cluster import BATCH_RETRIES, KILLED_FROM_OUTSIDE
 
-    with open(tmp_path / "big.jsonl", "w") as f:
-        for i in range(20_000):
-            f.write(json.dumps({"text": f"great movie number {i} " * 20, "label": i % 2}) + "\n")
-    with open(tmp_path / "stderr", "w") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bertjob", "prepare", "--input", str(tmp_path / "big.jsonl"), "--output",
-             str(tmp_path / "out"), "--model", tiny_model_dir, "--max-length", "32", "--batch-size", "256"],
-            start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr,
-        )  # fmt: skip
+    _big_jsonl(tmp_path, 20_000)
     # without a bound on the retries the job never ended
-    rc, last, kills = kill_each_try(
-        proc, "ray::MapWorker(MapBatches(Tokenize)).submit", 150, tmp_path / "stderr"
-    )
-    assert rc == 1 and last.startswith(
+    last = _prepare_killed(tmp_path, tiny_model_dir, "ray::MapWorker(MapBatches(Tokenize)).submit",
+                           ["--max-length", "32", "--batch-size", "256"])  # fmt: skip
+    assert last.startswith(
         f"bertjob: error: prepare stopped: a tokenize or write process was killed on each of the {BATCH_RETRIES + 1} "
         f"tries of a batch: it {KILLED_FROM_OUTSIDE}. Where memory ran out, "
     ), last
-    assert "lower --batch-size (rows tokenized at once, now 256)" in last and kills >= BATCH_RETRIES + 1
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert "lower --batch-size (rows tokenized at once, now 256)" in last
     # The process reading the corpus, a plain task of Ray Data's: retried for ever too (its default
     # max_retries=-1), once the bound above held for the actors.
-    with open(tmp_path / "stderr", "w") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bertjob", "prepare", "--input", str(tmp_path / "big.jsonl"), "--output",
-             str(tmp_path / "out"), "--model", tiny_model_dir, "--max-length", "32"],
-            start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr,
-        )  # fmt: skip
-    rc, last, kills = kill_each_try(proc, "ray::ReadRead", 150, tmp_path / "stderr")  # ReadJsonl's tasks
-    assert rc == 1 and last == (
+    last = _prepare_killed(tmp_path, tiny_model_dir, "ray::ReadRead")  # ReadJsonl's tasks
+    assert last == (
         f"bertjob: error: prepare stopped: a process reading the corpus was killed on each of its {BATCH_RETRIES + 1} "
         f"tries: it {KILLED_FROM_OUTSIDE}. Where memory ran out, run on nodes with more memory, or split the corpus "
         f"into smaller files; the same command again prepares the corpus anew"
     ), last
-    assert kills >= BATCH_RETRIES + 1 and not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_split_task_killed_on_every_try_ends_prepare_with_one_line(tmp_path, tiny_model_dir):
+    """Over LOCAL_SPLIT_ROWS staged train rows, Ray tasks split them into train, validation and
+    test. One whose process was killed on every try (the kernel's OOM killer) ended the job in a
+    traceback (WorkerCrashedError); now in one line, after as many tries as the other tasks get.
+    The command runs with the threshold at 0 so that a small corpus is split in tasks; its rows of
+    512 tokens take each try long enough (~0.4 s) to be caught."""
+    from bertjob.cluster import BATCH_RETRIES, KILLED_FROM_OUTSIDE
+
+    _big_jsonl(tmp_path, 5_000, repeats=150)
+    code = "import sys; from bertjob import cli, prepare; prepare.LOCAL_SPLIT_ROWS = 0; sys.exit(cli.main())"
+    last = _prepare_killed(
+        tmp_path, tiny_model_dir, "ray::_split_staged", ["--max-length", "512"], ["-c", code]
+    )
+    assert last == (
+        f"bertjob: error: prepare stopped: a process splitting the staged train rows was killed on each of its "
+        f"{BATCH_RETRIES + 1} tries: it {KILLED_FROM_OUTSIDE}. Where memory ran out, run on nodes with more memory; "
+        f"the same command again prepares the corpus anew"
+    ), last
 
 
 def test_a_prepared_directory_is_refused_as_input_and_left_as_it_is(tmp_path, prepared_small, tiny_model_dir):
