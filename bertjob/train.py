@@ -420,8 +420,16 @@ def check_run_compatible(
 ) -> None:
     """A rerun with the same name resumes; one whose model, data or order changed is an error
     (`may_change`: identity keys a rerun may change, those that only shape the steps it adds)."""
-    if exists(join(run_dir, SNAPSHOT)) and exists(join(run_dir, RUN_FILE)):
-        before = read_json(join(run_dir, RUN_FILE))
+    path = join(run_dir, RUN_FILE)
+    if exists(join(run_dir, SNAPSHOT)) and exists(path):
+        try:
+            if not isinstance(before := read_json(path), dict):
+                raise ValueError(f"it holds {json.dumps(before)[:40]}, not a JSON object")
+        except ValueError as err:  # cut short or edited by hand: a JSONDecodeError traceback
+            raise TrainSetupError(
+                f"{path}, the record of what run {cfg.name!r} trains on, cannot be read ({err}). Delete it to "
+                f"resume that run unchecked (it is written again), or start a new run with another --name"
+            ) from err
         changed = [k for k in identity if before.get(k) != identity[k] and k not in may_change]
         if changed and not cfg.resume_changed:
             details = "; ".join(f"{k}: {before.get(k)} -> {identity[k]}" for k in changed)
@@ -429,7 +437,7 @@ def check_run_compatible(
                 f"run {cfg.name!r} in {os.path.dirname(run_dir)} has checkpoints of a different run ({details}). "
                 f"Start a new run with another --name, or pass --resume-changed true to continue those weights anyway"
             )
-    write_json(join(run_dir, RUN_FILE), identity)
+    write_json(path, identity)
 
 
 def plan_run(cfg: TrainConfig, model_config: dict[str, Any], max_length: int) -> WorkerPlan:

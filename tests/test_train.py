@@ -308,6 +308,31 @@ def test_a_damaged_checkpoint_is_passed_over_and_none_whole_or_a_cut_snapshot_is
         train.run(run)
 
 
+def test_a_damaged_run_record_is_one_line_saying_what_to_do(
+    trained, prepared_small, tiny_model_dir, tmp_path, capsys
+):
+    """A run's bertjob_run.json (what it trains on) cut short or edited into something else: a
+    JSONDecodeError traceback (an AttributeError one for JSON that is not an object)."""
+    out, _ = trained
+    shutil.copytree(out / "ckpt" / "t", tmp_path / "ckpt" / "t")
+    record = tmp_path / "ckpt" / "t" / train.RUN_FILE
+    args = ["train", "--data", str(prepared_small), "--output", str(tmp_path / "run"), "--model", tiny_model_dir,
+            "--num-workers", "2", "--batch-size", "16", "--lr", "5e-3", "--name", "t", "--storage-path",
+            str(tmp_path / "ckpt"), "--mixed-precision", "off", "--epochs", "3"]  # fmt: skip
+    for damaged, why in (
+        (record.read_text()[:40], "Unterminated string"),
+        ("[]", "it holds [], not a JSON object"),
+    ):
+        record.write_text(damaged)
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(args)
+        err = capsys.readouterr().err
+        said = f"bertjob: error: {record}, the record of what run 't' trains on, cannot be read ({why}"
+        assert exit_.value.code == 2 and err.startswith(said) and err.count("\n") == 1, err
+        assert err.endswith("). Delete it to resume that run unchecked (it is written again), or start a new run "
+                            "with another --name\n")  # fmt: skip
+
+
 def test_extending_a_finished_run_schedules_the_added_steps_and_a_changed_run_is_refused(
     trained, prepared_small, tiny_model_dir, tmp_path
 ):
