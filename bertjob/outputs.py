@@ -10,6 +10,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -110,11 +111,19 @@ def check_replaceable(path: str, stage: str) -> tuple[pafs.FileSystem, str, set[
 
 
 def check_writable(path: str, role: str = "output") -> None:
-    """A local directory that cannot be created or written (no permission, read-only, under a file)
-    is refused here: `_mark` found an output only once Ray had started, seconds later, and a train
-    run's checkpoints (`role` storage_path) failed as an OSError that said the same command resumes."""
+    """A directory that cannot be created or written (no permission, read-only, under a file; in an
+    object store, credentials that may only read) is refused here: `_mark` found an output only once
+    Ray had started, seconds later, and a train run's checkpoints (`role` storage_path) failed as an
+    OSError that said the same command resumes. In an object store a probe object is written and
+    deleted (pyarrow then leaves an empty directory object at a new path, as claiming it makes)."""
     fs, where = filesystem(path)
     if not isinstance(fs, pafs.LocalFileSystem):
+        probe = join(where, f"_bertjob_write_probe_{uuid.uuid4().hex[:8]}")
+        try:
+            fs.open_output_stream(probe).close()
+            fs.delete_file(probe)
+        except OSError as err:
+            raise OutputError(f"{role} {path}: cannot write there ({err})") from err
         return
     probe = where
     while not os.path.exists(probe) and os.path.dirname(probe) != probe:

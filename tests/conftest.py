@@ -185,8 +185,9 @@ class S3Endpoint:
 
     bucket = "bertjob-test"
 
-    def __init__(self, url: str, key: str, secret: str):
+    def __init__(self, url: str, key: str, secret: str, reader: dict[str, str]):
         self.url, self.key, self.secret = url, key, secret
+        self.reader = reader  # AWS_* variables of a user who may read the bucket, not write to it
 
     def uri(self, *parts: str) -> str:
         """A fresh prefix in the bucket per call, so tests never see each other's objects."""
@@ -232,13 +233,20 @@ def s3() -> Iterator[S3Endpoint]:
         }
         iam.put_user_policy(UserName="bertjob", PolicyName="s3", PolicyDocument=json.dumps(policy))
         key = iam.create_access_key(UserName="bertjob")["AccessKey"]
+        iam.create_user(UserName="reader")
+        read_only = ["s3:Get*", "s3:List*", "s3:Head*"]  # moto's action for HeadBucket: s3:HeadBucket
+        reads = {**policy, "Statement": [{**policy["Statement"][0], "Action": read_only}]}
+        iam.put_user_policy(UserName="reader", PolicyName="s3-read", PolicyDocument=json.dumps(reads))
+        reader = iam.create_access_key(UserName="reader")["AccessKey"]
         boto3.client("s3", **admin).create_bucket(Bucket=S3Endpoint.bucket)
         # From here on every request must be signed by a known key with a policy that allows it.
         urllib.request.urlopen(
             urllib.request.Request(f"{url}/moto-api/reset-auth", data=b"0", method="POST",
                                    headers={"Content-Type": "text/plain"})
         )  # fmt: skip
-        endpoint = S3Endpoint(url, key["AccessKeyId"], key["SecretAccessKey"])
+        endpoint = S3Endpoint(url, key["AccessKeyId"], key["SecretAccessKey"],
+                              {"AWS_ACCESS_KEY_ID": reader["AccessKeyId"],
+                               "AWS_SECRET_ACCESS_KEY": reader["SecretAccessKey"]})  # fmt: skip
         with pytest.MonkeyPatch.context() as mp:
             for name, value in (("AWS_ENDPOINT_URL", url), ("AWS_ACCESS_KEY_ID", endpoint.key),
                                 ("AWS_SECRET_ACCESS_KEY", endpoint.secret), ("AWS_REGION", "us-east-1")):  # fmt: skip

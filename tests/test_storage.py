@@ -21,7 +21,7 @@ import pytest
 from bertjob import cli, infer, models, pipeline, storage
 from bertjob.config import InferConfig, PipelineConfig, build
 from bertjob.sources import InputError, open_corpus
-from tests.conftest import kill_session, make_imdb_dir, review, tar_dir
+from tests.conftest import kill_session, make_imdb_dir, review, run_in_session, tar_dir
 from tests.relay import Relay
 
 PACKAGE = Path(__file__).parent.parent / "bertjob"
@@ -204,6 +204,23 @@ def test_storage_problems_are_one_clear_error_before_any_work(s3, tmp_path, caps
         err = fails("infer", "--input", "imdb-sample", "--model", "minilm", "--output", s3.uri("scored"))
     assert "output s3://" in err and "the endpoint cannot be reached" in err, err
     assert not os.path.exists(local_out)
+
+
+def test_an_s3_output_that_cannot_be_written_is_refused_before_ray_starts(s3, imdb_small, tiny_model_dir):
+    """Credentials that may read the bucket but not write to it: `bertjob prepare --output s3://...`
+    (and infer's --overwrite) were refused only once the local Ray had started, ~15 s; local outputs
+    already were at once."""
+    out = s3.uri("prepared")
+    proc = run_in_session([sys.executable, "-m", "bertjob", "prepare", "--input", str(imdb_small), "--output", out,
+                           "--model", tiny_model_dir, "--max-length", "32"],
+                          env={**os.environ, **s3.reader}, timeout=120)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]  # no Ray started
+    line = lines[0]
+    assert (
+        line.startswith(f"bertjob: error: output {out}: cannot write there (") and "ACCESS_DENIED" in line
+    ), line
 
 
 def _nothing_listens(port: int) -> bool:
