@@ -374,10 +374,12 @@ def _format_of(path: str) -> str | None:
 
 def _refuse_compressed_twins(fs: pafs.FileSystem, paths: list[str]) -> None:
     """A file beside its compressed copy (a.csv and a.csv.gz, as `gzip -k` leaves them) is an error:
-    both were read, every row likely twice, without a word."""
-    seen: dict[str, str] = {}
+    both were read, every row likely twice, without a word. Suffixes in any case, as they are read
+    (a.CSV beside a.csv.gz)."""
+    seen: dict[tuple[str, str], str] = {}
     for path in paths:
-        first = seen.setdefault(_uncompressed(path), path)
+        stem, suffix = os.path.splitext(_uncompressed(path))
+        first = seen.setdefault((stem, suffix.lower()), path)
         if first != path:
             raise InputError(
                 f"input {uri(fs, first)} and {os.path.basename(path)}: the same data twice (as `gzip -k` leaves a file "

@@ -485,7 +485,7 @@ def test_a_file_reached_twice_through_a_link_is_an_error(tmp_path):
 
 
 def test_a_file_beside_its_compressed_copy_is_an_error(tmp_path):
-    """a.csv beside a.csv.gz (`gzip -k` keeps both), or a.jsonl.gz beside a.jsonl.zst: the directory
+    """a.csv beside a.csv.gz (`gzip -k` keeps both; a.CSV too), or a.jsonl.gz beside a.jsonl.zst: the directory
     or a glob matching both read every row twice without a word."""
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "a.csv").write_text("text\ngood\n")
@@ -500,6 +500,9 @@ def test_a_file_beside_its_compressed_copy_is_an_error(tmp_path):
     (tmp_path / "d" / "a.csv").unlink()
     (tmp_path / "d" / "a.csv.BZ2").write_bytes(b"")
     with pytest.raises(InputError, match=r"d/a\.csv\.BZ2 and a\.csv\.gz: the same data twice"):
+        open_corpus(str(tmp_path / "d"))
+    (tmp_path / "d" / "a.csv.BZ2").rename(tmp_path / "d" / "a.CSV")  # its format's suffix in another case too
+    with pytest.raises(InputError, match=r"d/a\.CSV and a\.csv\.gz: the same data twice"):
         open_corpus(str(tmp_path / "d"))
 
 
