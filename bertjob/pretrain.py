@@ -330,7 +330,7 @@ def keep_pooler(base: str, model_dir: str, trust_remote_code: bool = False) -> N
     prefix = next((k[: -len(anchor)] for k in weights if k.endswith(anchor)), None)  # "bert." for BERT
     if prefix is None or any(".pooler." in k for k in weights):
         return
-    models.no_progress_bars()  # this runs in the driver: its bar would be lines of the job's log
+    models.quiet_transformers()  # this runs in the driver: its bar would be lines of the job's log
     base_model = AutoModel.from_pretrained(models.resolve_model(base), trust_remote_code=trust_remote_code)
     pooler = getattr(base_model, "pooler", None)
     if pooler is None:
@@ -421,7 +421,7 @@ class PretrainRecipe:
 
         cfg = self.cfg
         torch_threads(self.meta["threads"])
-        models.no_progress_bars()
+        models.quiet_transformers()
         models.load_report_on_rank_zero(self.rank)
         torch.manual_seed(cfg.seed)  # a fresh masked-LM head's initialisation
         # A base model without an MLM head (the embedded MiniLM is a bare BertModel) gets a freshly

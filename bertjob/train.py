@@ -969,7 +969,7 @@ class Recipe:
     def setup(self, resume_from: str | None) -> None:
         cfg = self.cfg
         torch_threads(self.meta["threads"])
-        models.no_progress_bars()
+        models.quiet_transformers()
         models.load_report_on_rank_zero(self.rank)
         torch.manual_seed(cfg.seed)  # the classifier head's initialisation
         self.precision = resolve_precision(cfg.mixed_precision, self.device)
