@@ -150,3 +150,29 @@ def test_only_word_by_word_tokenizers_are_cut_before_tokenizing():
         ("added_tokens", [{"content": "new york", "special": False}]),
     ]:  # fmt: skip
         assert not models.is_word_local({**spec, key: value}), key
+
+
+def test_printable_ascii_texts_take_a_faster_tokenizer_to_the_same_ids():
+    """BERT's normalizer took 30% of tokenizing; a text of printable ASCII alone skips it for its
+    lowercasing alone (Encoder.plain). The ids must be the tokenizer's own, uncased and cased, for
+    every such character, and texts that must not take the shortcut keep the normalizer."""
+    import json
+
+    from bertjob.sources import open_corpus
+
+    uncased = models.load_encoder(models.EMBEDDED)
+    spec = json.loads(uncased.spec)
+    spec["normalizer"] = {**spec["normalizer"], "lowercase": False}
+    cased = models.Encoder(json.dumps(spec), uncased.cls_id, uncased.sep_id)
+    every = "".join(map(chr, range(32, 127)))
+    corpus = open_corpus("imdb-sample")
+    tables = [b for u in corpus.units for b in corpus.read(u, False)]
+    reviews = [t for b in tables for t in b.column("text").to_pylist()][:300]
+    texts = [every, every.upper(), "Hello WORLD [MASK] [CLS] It's 10:30 p.m., #1!", "", " ", "tab\there",
+             "line\nbreak", "bell\x07 esc\x1b del\x7f", "Naïve CAFÉ", "東京 Tokyo", "e\u0301", "nb\u00a0sp", *reviews]  # fmt: skip
+    shortcut = [models.is_plain(t) for t in texts]
+    assert 200 < sum(shortcut) < len(texts) - 8  # IMDb reviews mostly take it; the odd texts do not
+    for enc in (uncased, cased, pickle.loads(pickle.dumps(cased))):
+        assert enc.plain is not None
+        assert enc.ids(texts) == [e.ids for e in enc.backend.encode_batch(texts, add_special_tokens=False)]
+    assert models.Encoder(json.dumps({**spec, "normalizer": None}), 1, 2).plain is None
