@@ -189,7 +189,7 @@ def run(cfg: PretrainConfig, in_pipeline: bool = False) -> dict[str, Any]:
     if few := train.few_steps(cfg, f"{n_seq} packed sequences", total_steps, in_pipeline):
         log.warning("pretrain: %s", few)
     result = train.fit(cfg, pretrain_loop, {"cfg": to_dict(cfg), "meta": meta}, plan, storage,
-                       CheckpointConfig(num_to_keep=cfg.keep_checkpoints), "pre-training")  # the latest N  # fmt: skip
+                       CheckpointConfig(num_to_keep=cfg.keep_checkpoints), "pre-training", in_pipeline)  # the latest N  # fmt: skip
     if result.checkpoint is None:
         raise RuntimeError("pre-training finished without a checkpoint")
     data_stats = {

@@ -567,9 +567,10 @@ def run(cfg: TrainConfig, in_pipeline: bool = False) -> dict[str, Any]:
         checkpoint_score_attribute="val_accuracy",
         checkpoint_score_order="max",
     )
-    result = fit(cfg, train_loop, {"cfg": to_dict(cfg), "meta": meta}, plan, storage, checkpoints, "training")
+    result = fit(cfg, train_loop, {"cfg": to_dict(cfg), "meta": meta}, plan, storage, checkpoints, "training",
+                 in_pipeline)  # fmt: skip
     if exists(nonfinite):
-        raise NonFiniteLossError(read_json(nonfinite)["step"])
+        raise NonFiniteLossError(read_json(nonfinite)["step"], "train", in_pipeline)
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     return export(cfg, manifest, result.checkpoint, wall_s=time.time() - started, storage=storage,
@@ -616,10 +617,11 @@ RESUMES = "\nbertjob: the same command again resumes from its last checkpoint"
 
 
 def fit(cfg: Any, loop: Any, loop_config: dict[str, Any], plan: WorkerPlan, storage: str, checkpoints: Any,
-        what: str) -> Any:  # fmt: skip
+        what: str, in_pipeline: bool) -> Any:  # fmt: skip
     """Ray Train's TorchTrainer for a train or pretrain run (`cfg`: their shared worker settings):
     a fixed or elastic worker group, a bounded wait for placement, restarts recorded under
-    STORAGE/NAME/events and logged. Returns Ray's Result."""
+    STORAGE/NAME/events and logged. Returns Ray's Result. `in_pipeline`: its advice in the
+    pipeline's flags (`stage_flag`)."""
     import ray.train
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -664,7 +666,10 @@ def fit(cfg: Any, loop: Any, loop_config: dict[str, Any], plan: WorkerPlan, stor
                 cfg, {"CPU": plan.cpus, **({"GPU": 1} if cfg.use_gpu else {})}
             ) from err
         if why := _killed(err):
-            raise WorkerKilledError(what, plan, why) from err
+            stage = "pretrain" if isinstance(cfg, PretrainConfig) else "train"
+            raise WorkerKilledError(
+                what, plan, why, stage_flag(stage, "micro_batch_size", in_pipeline)
+            ) from err
         # Its checkpoints are kept (a worker's error, a storage endpoint gone, ...): no traceback of
         # the driver's, Ray printed the failed process' own above.
         raise JobError(f"{what} failed: {_root_message(err)}{RESUMES}") from err
@@ -736,11 +741,11 @@ class WorkerKilledError(JobError):
     job's last word ended "training failed: [Rank 0 Error Snippet]:", or was a driver traceback of
     Ray's OutOfMemoryError when its memory monitor killed the controller."""
 
-    def __init__(self, what: str, plan: WorkerPlan, why: str):
+    def __init__(self, what: str, plan: WorkerPlan, why: str, micro_batch_flag: str):
         planned = f"~{plan.memory_estimate / 2**30:.1f} GiB each, " if plan.memory_estimate else ""
         super().__init__(
             f"{what} failed: {why}. Workers were planned at {planned}micro-batches of {plan.micro_batch_size}: "
-            "where memory ran out, give a smaller --micro-batch-size (the same global batch, in more accumulated "
+            f"where memory ran out, give a smaller {micro_batch_flag} (the same global batch, in more accumulated "
             "micro-batches), fewer workers per node (--num-workers), or data prepared with a smaller --max-length, "
             f"or free the node's memory{RESUMES}"
         )

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from bertjob.config import JobError
+from bertjob.config import JobError, stage_flag
 
 # ---------------------------------------------------------------------------------------------
 # Batches
@@ -192,11 +192,12 @@ class NonFiniteLossError(JobError):
     """The loss or the gradients became NaN/inf: a problem with the data or the settings, not a
     fault to retry."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, stage: str = "train", in_pipeline: bool = False):
         self.step = step
+        lr, precision = (stage_flag(stage, key, in_pipeline) for key in ("lr", "mixed_precision"))
         super().__init__(
             f"the loss or the gradient norm became NaN/inf at optimizer step {step}; "
-            "lower --lr, check the data, or try --mixed-precision off"
+            f"lower {lr}, check the data, or try {precision} off"
         )
 
 

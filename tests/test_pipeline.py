@@ -2,17 +2,19 @@
 
 import dataclasses
 import json
+import os
 import re
 import shutil
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bertjob import pipeline, prepare, pretrain, train
+from bertjob import pipeline, prepare, pretrain, train, training
 from bertjob.config import PipelineConfig, Workers, build, to_dict
 from bertjob.sources import InputError, open_corpus
-from tests.conftest import make_imdb_dir
+from tests.conftest import make_imdb_dir, run_in_session
 
 pytestmark = pytest.mark.integration
 
@@ -117,6 +119,27 @@ def test_workers_the_cluster_cannot_hold_are_an_error_before_prepare(tmp_path, t
     ):
         pipeline.run(cfg)
     assert not (tmp_path / "out" / "prepared").exists()
+
+
+def test_train_s_advice_names_the_flags_the_pipeline_takes(tmp_path, tiny_model_dir, ray_local):
+    """A non-finite loss said to lower --lr, a worker killed for memory to give a smaller
+    --micro-batch-size: in the pipeline flags it refuses (its are --train.lr, --train.micro-batch-size)."""
+    corpus = make_imdb_dir(tmp_path / "data", {"train": 20, "test": 4}, seed=3)
+    shared = {"input": str(corpus), "output_dir": str(tmp_path / "out"), "model": tiny_model_dir,
+              "max_length": 32, "num_workers": 1, "name": "p"}  # fmt: skip
+    huge_lr = {"epochs": 1, "batch_size": 16, "mixed_precision": "off", "lr": 1e20, "warmup_ratio": 0.0}
+    with pytest.raises(training.NonFiniteLossError, match=r"step 1; lower --train\.lr, check the data, or try "
+                       r"--train\.mixed-precision off$"):  # fmt: skip
+        pipeline.run(build(PipelineConfig, {**shared, "train": huge_lr}))
+    # As test_train's memory test: a threshold below what the node uses kills the workers as they
+    # start (prepare, done above, is reused: no Ray Data task to kill).
+    args = [sys.executable, "-m", "bertjob", "pipeline", *(f"--{k.replace('_', '-')}={v}" for k, v in shared.items()),
+            "--train.max-failures", "0", "--train.mixed-precision", "off", "--train.batch-size", "16"]  # fmt: skip
+    env = {**os.environ, "RAY_memory_usage_threshold": "0.01", "RAY_memory_monitor_refresh_ms": "50"}
+    proc = run_in_session(args, timeout=300, env=env)
+    last = proc.stderr.strip().splitlines()[-2]
+    assert proc.returncode == 1 and last.startswith("bertjob: error: training failed: "), proc.stderr[-3000:]
+    assert "where memory ran out, give a smaller --train.micro-batch-size (the same global batch" in last
 
 
 def test_a_corpus_with_nothing_to_evaluate_or_score_fails_before_any_work(
