@@ -141,19 +141,13 @@ def run(cfg: PretrainConfig, in_pipeline: bool = False) -> dict[str, Any]:
     ensure_output(cfg.output, "pretrain")  # never wiped: it may hold the checkpoints a rerun resumes from
     storage = train.run_storage(cfg)
     run_dir = join(storage, cfg.name)
-    init_ray()
-    nodes = alive_nodes()
-    plan, problems = train.plan_workers(cfg, nodes, model_config, cfg.max_length)
-    if cfg.check_resources:
-        problems += train.check_resources(cfg, plan)  # type: ignore[arg-type]
-    if problems:
-        raise PretrainSetupError("cannot pretrain:\n  - " + "\n  - ".join(problems))
     splits = [s for s in cfg.split_names if manifest["splits"].get(s, {}).get("rows_written", 0) > 0]
     identity = train.run_identity(cfg, manifest, max_length=cfg.max_length, splits=splits,
                                   mlm_probability=cfg.mlm_probability, whole_word_masking=cfg.whole_word_masking)  # fmt: skip
     train.check_run_compatible(cfg, identity, run_dir)
     hold(run_dir)  # another output may name the same checkpoints (--storage-path, --name)
     train.settle_checkpoints(run_dir, "pretrain", STATE_FILE)
+    # Driver-only (no Ray Data), and read back once written: a finished run's rerun needs its count.
     packed = pack(cfg, manifest, splits, join(run_dir, PACKED_DIR))
     n_seq, n_tokens = packed["sequences"], packed["tokens"]
     steps_per_epoch = math.ceil(n_seq / cfg.batch_size)
@@ -166,6 +160,25 @@ def run(cfg: PretrainConfig, in_pipeline: bool = False) -> dict[str, Any]:
     )
     rows = sum(manifest["splits"][s]["rows_written"] for s in splits)
     kept = (n_tokens - n_seq - rows) / text_tokens if text_tokens else 1.0
+    data_stats = {
+        "splits": {s: manifest["splits"][s]["rows_written"] for s in splits},
+        "sequences": n_seq,
+        "tokens": n_tokens,
+        "text_kept_fraction": round(min(kept, 1.0), 4),
+    }
+    if finished := finished_checkpoint(run_dir, total_steps):
+        # Exported here, with no Ray, as train does: a local Ray (~15 s) and a worker group started
+        # only to save the final checkpoint again.
+        log.info("pretrain: run %r has finished its %d steps; exporting its model again, nothing to train",
+                 cfg.name, total_steps)  # fmt: skip
+        return export(cfg, manifest, tokenizer, finished, data_stats, time.time() - started, storage,
+                      runlog.timeline(run_dir))  # fmt: skip
+    init_ray()
+    plan, problems = train.plan_workers(cfg, alive_nodes(), model_config, cfg.max_length)
+    if cfg.check_resources:
+        problems += train.check_resources(cfg, plan)  # type: ignore[arg-type]
+    if problems:
+        raise PretrainSetupError("cannot pretrain:\n  - " + "\n  - ".join(problems))
     rule = MaskingRule.of(tokenizer, cfg.mlm_probability, cfg.whole_word_masking)
     share = math.ceil(cfg.batch_size / cfg.num_workers.min)
     meta = {
@@ -192,14 +205,19 @@ def run(cfg: PretrainConfig, in_pipeline: bool = False) -> dict[str, Any]:
                        CheckpointConfig(num_to_keep=cfg.keep_checkpoints), "pre-training", in_pipeline)  # the latest N  # fmt: skip
     if result.checkpoint is None:
         raise RuntimeError("pre-training finished without a checkpoint")
-    data_stats = {
-        "splits": {s: manifest["splits"][s]["rows_written"] for s in splits},
-        "sequences": n_seq,
-        "tokens": n_tokens,
-        "text_kept_fraction": round(min(kept, 1.0), 4),
-    }
     return export(cfg, manifest, tokenizer, result.checkpoint, data_stats, time.time() - started, storage,
                   runlog.timeline(run_dir))  # fmt: skip
+
+
+def finished_checkpoint(run_dir: str, total_steps: int) -> Any | None:
+    """The final checkpoint of a run that has trained the `total_steps` asked for, else None (one
+    that adds steps trains them; only the last save of a run holds FINAL_FILE)."""
+    from bertjob import train
+
+    if train.latest_checkpoint(run_dir).get("step") != total_steps:
+        return None
+    name = train.read_snapshot(run_dir)["latest_checkpoint_result"]["checkpoint_dir_name"]
+    return train.saved_checkpoint(run_dir) if exists(join(run_dir, name, FINAL_FILE)) else None
 
 
 def pack(cfg: PretrainConfig, manifest: dict[str, Any], splits: list[str], where: str) -> dict[str, Any]:

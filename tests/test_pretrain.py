@@ -4,6 +4,8 @@ a run stopped by max_steps resumes from its checkpoint, and train -> evaluate st
 import contextlib
 import json
 import logging
+import os
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,8 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from bertjob import infer, pretrain, train
-from bertjob.config import ConfigError, InferConfig, PretrainConfig, TrainConfig, build
+from bertjob.config import ConfigError, InferConfig, PretrainConfig, TrainConfig, build, to_dict
 from bertjob.masking import pack_sequences
+from tests.conftest import run_in_session
 from tests.test_train import _no_dropout
 
 pytestmark = pytest.mark.integration
@@ -174,3 +177,26 @@ def test_a_rerun_of_a_run_with_other_masking_settings_is_refused(pretrained, pre
     out, _, m, _, _ = pretrained
     with pytest.raises(train.TrainSetupError, match=r"different run \(mlm_probability: 0.15 -> 0.2\)"):
         pretrain.run(cfg(prepared_small, out, m["config"]["model"], mlm_probability=0.2))
+
+
+def test_a_rerun_of_a_finished_run_exports_its_model_again_before_ray_starts(
+    pretrained, prepared_small, tmp_path
+):
+    """As train's: the same command again after a finished run started a local Ray (~15 s) and a
+    worker group only to save the final checkpoint once more, then exported it."""
+    out, _, _, reference, _ = pretrained
+    same = out.parent / "same-workers"
+    model = {f.name: f.read_bytes() for f in (same / "model").iterdir()}
+    c = cfg(prepared_small, same, reference["config"]["model"], num_workers="1-2", checkpoint_every_steps=0)
+    (tmp_path / "run.json").write_text(json.dumps(to_dict(c)))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = run_in_session([sys.executable, "-m", "bertjob", "pretrain", "--config", str(tmp_path / "run.json")],
+                          env=env, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"run 'pt' has finished its {reference['steps']} steps; exporting its model again" in proc.stderr
+    assert "local Ray" not in proc.stderr, proc.stderr
+    assert {f.name: f.read_bytes() for f in (same / "model").iterdir()} == model
+    again = json.loads((same / "metrics.json").read_text())
+    assert {k: v for k, v in again.items() if k != "wall_s"} == {
+        k: v for k, v in reference.items() if k != "wall_s"
+    }
