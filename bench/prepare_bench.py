@@ -3,7 +3,8 @@
     python bench/prepare_bench.py [--input ../shared/data/aclImdb_v1.tar.gz] [--max-length 512]
 
 Bound: the same tokenizer's batch encoding of the same texts in one process, all cores, nothing
-else (texts already in memory). Job: `bertjob prepare` end to end (read, clean, tokenize, write),
+else (texts already in memory). A second row times bertjob's own encoder on the same texts (it takes
+printable ASCII texts past BERT's normalizer, to the same ids): the job's tokenizing alone. Job: `bertjob prepare` end to end (read, clean, tokenize, write),
 as a user runs it: on a laptop (it starts a local Ray) and on a running Ray (`ray start --head`,
 as on a cluster or under `ray job submit`). All in the same run, on the same machine.
 """
@@ -52,6 +53,19 @@ def tokenize_bound(texts: list[str], model: str) -> float:
     return time.perf_counter() - t0
 
 
+def encoder_bound(texts: list[str], model: str) -> float:
+    """Seconds bertjob's own encoder (`models.Encoder.ids`: printable ASCII texts without BERT's
+    normalizer, the same ids) takes on the same texts, cleaned beforehand (not timed), all cores.
+    The issue's bound is the tokenizer's own encoding; this one is the job's tokenizing alone."""
+    from bertjob.text import clean_text
+
+    encoder, cleaned = models.load_encoder(model), [clean_text(t) for t in texts]
+    t0 = time.perf_counter()
+    for i in range(0, len(cleaned), 1000):
+        encoder.ids(cleaned[i : i + 1000])
+    return time.perf_counter() - t0
+
+
 def run_job(args: argparse.Namespace, env: dict[str, str]) -> tuple[dict, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "prepared")
@@ -71,6 +85,7 @@ def main() -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     texts = imdb_texts(args.input)[1]
     n, bound_s = len(texts), tokenize_bound(texts, args.model)
+    own_s = encoder_bound(texts, args.model)
     # The job reads its tokenizer from bertjob's cache, as every run after a user's first does.
     models.tokenizer_record(args.model)
     env = {**os.environ, "BERTJOB_CACHE": storage.cache_root()}
@@ -92,12 +107,14 @@ def main() -> None:
         print(f"{name:46} {seconds:8.1f} {n / seconds:10.0f} {bound_s / seconds:6.2f}")
 
     row("bound: tokenizer batch encode, 1 process", bound_s)
+    row("bertjob's own encoder alone, 1 process", own_s)
     row("bertjob prepare, whole command (local Ray)", job["wall_s"])
     row("  after its Ray start-up", manifest["wall_s"] - manifest["ray_init_s"])
     row("bertjob prepare on a running Ray: first job", first_job["wall_s"])
     row("  after connecting", first_manifest["wall_s"] - first_manifest["ray_init_s"])
     row("bertjob prepare on a running Ray: next job", cjob["wall_s"])
     row("  after connecting", cmanifest["wall_s"] - cmanifest["ray_init_s"])
+    print(f"next job on a running Ray against bertjob's own encoder alone: {own_s / cjob['wall_s']:.2f}")
     print(f"peak memory of the job (all its processes, RSS, local Ray): {job['peak_rss_gib']:.2f} GiB")
 
 

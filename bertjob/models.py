@@ -218,8 +218,8 @@ class Encoder:
         """The tokenizer for texts of printable ASCII alone (`is_plain`), where it gives the same ids
         faster; None where there is none. BERT's normalizer drops control characters, turns other
         whitespace into spaces, pads CJK characters and strips accents, none of which such a text
-        has, so for it only its lowercasing is left: in its place, that alone tokenizes IMDb reviews
-        1.45x as fast (the normalizer took 30% of tokenizing)."""
+        has, so for it only its lowercasing is left. In its place, that alone tokenizes such IMDb
+        reviews (91% of them) 1.45x as fast: the normalizer took 30% of tokenizing."""
         from tokenizers import Tokenizer, normalizers
 
         normalizer = json.loads(self.spec).get("normalizer") or {}
