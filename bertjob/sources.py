@@ -936,9 +936,16 @@ def _open_prepared(fs: pafs.FileSystem, where: str, split: str) -> Corpus | None
                          f"corpus it came from, or a `bertjob prepare` output")  # fmt: skip
     splits = [split] if split else sorted(manifest["splits"])
     missing = [s for s in splits if s not in manifest["splits"]]
-    if missing:
+    if missing:  # as the pipeline's "no test split to evaluate on", in this command's flags
+        name = missing[0]
+        hold = (
+            f"hold out part of train as the {name} split (prepare again with --{name}-fraction 0.2), or "
+            if name in ("validation", "test")
+            else ""
+        )
         raise InputError(
-            f"input {uri(fs, where)}: no split {missing[0]!r}; the splits are {sorted(manifest['splits'])}"
+            f"input {uri(fs, where)}: no split {name!r}; the splits are {sorted(manifest['splits'])}: "
+            f"{hold}score one of these with --split NAME"
         )
     units = [path for s in splits for path in prepared_files(fs, where, s, manifest)]
     labelled = any(manifest["splits"][s].get("label_counts") for s in splits)

@@ -317,6 +317,23 @@ def test_evaluating_the_unlabelled_split_is_an_error_before_any_work(tiny_classi
     assert infer.describe(cfg)[0].kind == "imdb-dir"  # infer scores it
 
 
+def test_evaluating_a_prepared_directory_without_a_test_split_says_how_to_get_one(
+    tiny_classifier_dir, prepared_small, tmp_path
+):
+    """`evaluate --input PREPARED --split test` on data prepared without a test split said which
+    splits there are, not how to get one (the pipeline's message says it)."""
+    prepared = tmp_path / "prepared"
+    shutil.copytree(prepared_small, prepared, ignore=shutil.ignore_patterns("test"))
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    del manifest["splits"]["test"]
+    (prepared / "manifest.json").write_text(json.dumps(manifest))
+    said = (f"input {prepared}: no split 'test'; the splits are ['train', 'unsup', 'validation']: hold out part "
+            f"of train as the test split (prepare again with --test-fraction 0.2), or score one of these with --split NAME")  # fmt: skip
+    with pytest.raises(InputError, match=f"^{re.escape(said)}$"):
+        infer.describe(InferConfig(input=str(prepared), split="test", model=tiny_classifier_dir,
+                                   output=str(tmp_path / "o")), evaluate=True)  # fmt: skip
+
+
 def test_an_id_column_left_unnamed_is_pointed_out(tiny_classifier_dir, tmp_path, caplog):
     """A corpus's own `id` column is read only where named (--id-column id): the predictions were
     keyed by file and row, not by the ids the user joins them back on, without a word."""
