@@ -166,6 +166,8 @@ def run(cfg: PretrainConfig, in_pipeline: bool = False) -> dict[str, Any]:
         "tokens": n_tokens,
         "text_kept_fraction": round(min(kept, 1.0), 4),
     }
+    trained = train.latest_checkpoint(run_dir).get("step", 0)
+    train.refuse_shorter(cfg, storage, trained, trained, total_steps)  # a pretrain run never stops early
     if finished := finished_checkpoint(run_dir, total_steps):
         # Exported here, with no Ray, as train does: a local Ray (~15 s) and a worker group started
         # only to save the final checkpoint again.
@@ -211,7 +213,8 @@ def run(cfg: PretrainConfig, in_pipeline: bool = False) -> dict[str, Any]:
 
 def finished_checkpoint(run_dir: str, total_steps: int) -> Any | None:
     """The final checkpoint of a run that has trained the `total_steps` asked for, else None (one
-    that adds steps trains them; only the last save of a run holds FINAL_FILE)."""
+    that adds steps trains them, one that asks for fewer is refused before; only the last save of
+    a run holds FINAL_FILE)."""
     from bertjob import train
 
     if train.latest_checkpoint(run_dir).get("step") != total_steps:

@@ -440,6 +440,22 @@ def check_run_compatible(
     write_json(path, identity)
 
 
+def refuse_shorter(cfg: Any, storage: str, trained: int, planned: int, total_steps: int) -> None:
+    """A rerun of a train or pretrain run that has `trained` steps of `planned` (more than `trained`
+    for an early-stopped one) asking for fewer, `total_steps`: it would export the longer run's
+    model as this one's."""
+    if max(trained, planned) > total_steps:
+        what = (
+            f"has trained {trained} steps"
+            if planned <= trained
+            else f"stopped early at step {trained} of {planned}"
+        )
+        raise TrainSetupError(
+            f"run {cfg.name!r} in {storage} {what}, a longer run than the {total_steps} steps this one asks for "
+            f"(--epochs {cfg.epochs}, --max-steps {cfg.max_steps}); start a new run with another --name"
+        )
+
+
 def plan_run(cfg: TrainConfig, model_config: dict[str, Any], max_length: int) -> WorkerPlan:
     """The workers' plan on the Ray this process is connected to, or a TrainSetupError naming all
     that cannot work: too long sequences for the model, workers that do not fit the cluster. The
@@ -506,16 +522,7 @@ def run(cfg: TrainConfig, in_pipeline: bool = False) -> dict[str, Any]:
     done = latest_checkpoint(run_dir)
     trained = done.get("step", 0)
     planned = done.get("planned_steps", trained)  # a finished run's plan: an early-stopped one trained fewer
-    if max(trained, planned) > total_steps:  # it would export a longer run's model as this one's
-        what = (
-            f"has trained {trained} steps"
-            if planned <= trained
-            else f"stopped early at step {trained} of {planned}"
-        )
-        raise TrainSetupError(
-            f"run {cfg.name!r} in {storage} {what}, a longer run than the {total_steps} steps this one asks for "
-            f"(--epochs {cfg.epochs}, --max-steps {cfg.max_steps}); start a new run with another --name"
-        )
+    refuse_shorter(cfg, storage, trained, planned, total_steps)
     extends = bool(done.get("final")) and total_steps > planned
     identity = run_identity(
         cfg, manifest, length_grouping=cfg.length_grouping, **{k: getattr(cfg, k) for k in OPTIMISATION}

@@ -5,6 +5,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -200,3 +201,24 @@ def test_a_rerun_of_a_finished_run_exports_its_model_again_before_ray_starts(
     assert {k: v for k, v in again.items() if k != "wall_s"} == {
         k: v for k, v in reference.items() if k != "wall_s"
     }
+
+
+def test_a_shorter_rerun_of_a_finished_run_is_refused_before_ray_starts(pretrained, prepared_small, tmp_path):
+    """As train's: `--max-steps 2` (or fewer --epochs) under a finished run's name started a worker
+    group that resumed past its end and saved it again, then exported the longer run's model as
+    this one's. Now the command ends at once, with one line."""
+    out, _, _, reference, _ = pretrained
+    shutil.copytree(out.parent / "same-workers" / "ckpt", tmp_path / "ckpt")  # the shared run stays as it is
+    c = cfg(prepared_small, tmp_path / "out", reference["config"]["model"], storage_path=str(tmp_path / "ckpt"),
+            max_steps=2)  # fmt: skip
+    (tmp_path / "run.json").write_text(json.dumps(to_dict(c)))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = run_in_session([sys.executable, "-m", "bertjob", "pretrain", "--config", str(tmp_path / "run.json")],
+                          env=env, timeout=120)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # no Ray started
+    assert (
+        f"has trained {reference['steps']} steps, a longer run than the 2 steps this one asks for"
+        in proc.stderr
+    )
+    assert not (tmp_path / "out" / "model").exists()
