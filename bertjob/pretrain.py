@@ -475,6 +475,7 @@ class PretrainRecipe:
         weights as a Hugging Face directory, beside them the state, optimizer and scaler."""
         import ray.train
 
+        self.stepper.check_finite(self.world)  # never checkpoint NaN weights: a rerun would resume them
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if self.rank == 0:
@@ -552,8 +553,7 @@ class PretrainRecipe:
         )
         self.window[:2] = [self.window[0] + len(rows), self.window[1] + predicted]
         if st.step % cfg.log_every_steps == 0 or st.step == self.total_steps:
-            if self.stepper.first_nonfinite_step() >= 0:  # reads the device, at log steps only
-                raise NonFiniteLossError(self.stepper.first_nonfinite_step())
+            self.stepper.check_finite(self.world)  # reads the device: at log steps only
             self.log_progress()
 
     def masked_share(self, rows: np.ndarray) -> tuple[list[dict[str, torch.Tensor]], int]:
@@ -608,4 +608,9 @@ def pretrain_loop(config: dict[str, Any]) -> None:
     resume = ray.train.get_checkpoint()
     with resume.as_directory() if resume else contextlib.nullcontext() as path:
         recipe.setup(path)
-    recipe.train()
+    try:
+        recipe.train()
+    except NonFiniteLossError as err:
+        from bertjob import train
+
+        train.leave_nonfinite(recipe.meta["run_dir"], recipe.rank, err.step)

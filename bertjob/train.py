@@ -539,8 +539,6 @@ def run(cfg: TrainConfig, in_pipeline: bool = False) -> dict[str, Any]:
     # refused after a local Ray had started, ~15 s.
     init_ray()
     plan = plan_run(cfg, model_config, manifest["max_length"])
-    nonfinite = join(run_dir, NONFINITE_FILE)
-    remove(nonfinite)  # from an earlier attempt of this run
 
     share = math.ceil(cfg.batch_size / cfg.num_workers.min)
     log.info(
@@ -576,8 +574,6 @@ def run(cfg: TrainConfig, in_pipeline: bool = False) -> dict[str, Any]:
     )
     result = fit(cfg, train_loop, {"cfg": to_dict(cfg), "meta": meta}, plan, storage, checkpoints, "training",
                  in_pipeline)  # fmt: skip
-    if exists(nonfinite):
-        raise NonFiniteLossError(read_json(nonfinite)["step"], "train", in_pipeline)
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     return export(cfg, manifest, result.checkpoint, wall_s=time.time() - started, storage=storage,
@@ -644,6 +640,9 @@ def fit(cfg: Any, loop: Any, loop_config: dict[str, Any], plan: WorkerPlan, stor
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(attempt_s)
     storage_fs, storage_where = filesystem(storage) if is_remote(storage) else (None, storage)
     run_dir = join(storage, cfg.name)
+    stage = "pretrain" if isinstance(cfg, PretrainConfig) else "train"
+    nonfinite = join(run_dir, NONFINITE_FILE)
+    remove(nonfinite)  # from an earlier attempt of this run
     trainer = _Interruptible(TorchTrainer)(
         loop,
         train_loop_config=loop_config,
@@ -673,7 +672,6 @@ def fit(cfg: Any, loop: Any, loop_config: dict[str, Any], plan: WorkerPlan, stor
                 cfg, {"CPU": plan.cpus, **({"GPU": 1} if cfg.use_gpu else {})}
             ) from err
         if why := _killed(err):
-            stage = "pretrain" if isinstance(cfg, PretrainConfig) else "train"
             raise WorkerKilledError(
                 what, plan, why, stage_flag(stage, "micro_batch_size", in_pipeline)
             ) from err
@@ -684,7 +682,17 @@ def fit(cfg: Any, loop: Any, loop_config: dict[str, Any], plan: WorkerPlan, stor
         log.info("%s: %s at %s (%s): %s -> %s workers, resumed from step %s", what, e["event"],
                  time.strftime("%H:%M:%S", time.localtime(e["at"])), e["why"], e["workers_before"],
                  e["workers_after"], e["from_step"])  # fmt: skip
+    if exists(nonfinite):
+        raise NonFiniteLossError(read_json(nonfinite)["step"], stage, in_pipeline)
     return result
+
+
+def leave_nonfinite(run_dir: str, rank: int, step: int) -> None:
+    """On each worker, after a NonFiniteLossError at `step`: not a fault to retry from a checkpoint,
+    so the workers end cleanly (no FailureConfig restart) and rank 0 leaves the step for `fit` to
+    raise, beside the checkpoints (Ray's Result only carries the metrics of the latest checkpoint)."""
+    if rank == 0:
+        write_json(join(run_dir, NONFINITE_FILE), {"step": step})
 
 
 def _Interruptible(trainer_cls: Any) -> Any:
@@ -1037,7 +1045,7 @@ class Recipe:
         """Report `metrics` with a checkpoint written by rank 0 (every worker must report)."""
         import ray.train  # Ray: the checkpoint goes to storage through report()
 
-        self.check_finite()  # never checkpoint NaN weights
+        self.stepper.check_finite(self.world)  # never checkpoint NaN weights
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if self.rank == 0:
@@ -1135,8 +1143,9 @@ class Recipe:
         state.samples_seen += len(rows)
         self.window[:2] = [self.window[0] + len(rows), self.window[1] + 1]
         self.best_is_current = False
+        # A host read: free on CPU, so there every step; on a GPU at log steps.
         if self.device.type != "cuda" or state.step % cfg.log_every_steps == 0:
-            self.check_finite()  # a host read: free on CPU, so there every step; on a GPU at log steps
+            self.stepper.check_finite(self.world)
         if state.step % cfg.log_every_steps == 0 or state.step == self.total_steps:
             self.log_progress()
 
@@ -1149,15 +1158,6 @@ class Recipe:
             for part in worker_micro_batches(rows, r, self.world, self.meta["micro_batch_size"])
             if len(part)
         )
-
-    def check_finite(self) -> None:
-        bad = torch.tensor(self.stepper.first_nonfinite_step(), device=self.device)
-        if self.world > 1:  # a NaN loss on one worker only (fp16) must stop them all
-            import torch.distributed as dist
-
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if int(bad) >= 0:
-            raise NonFiniteLossError(int(bad))
 
     def log_progress(self) -> None:
         state, (rows, steps, t0) = self.state, self.window
@@ -1181,7 +1181,7 @@ class Recipe:
 
     def evaluate(self, split: str) -> dict[str, Any]:
         """Metrics on a split: each worker scores its own contiguous share, the results are gathered."""
-        self.check_finite()
+        self.stepper.check_finite(self.world)
         rows = SplitRows(join(self.cfg.data, split), cache_rows=WINDOW_ROWS, names=self.meta["shards"][split])
         n = min(len(rows), self.cfg.max_eval_rows or len(rows))
         # A cap takes rows spread evenly over the split: its first rows were taken, which in a corpus
@@ -1290,9 +1290,5 @@ def train_loop(config: dict[str, Any]) -> None:
         recipe.train()
         recipe.finish()
     except NonFiniteLossError as err:
-        # Not a fault to retry from a checkpoint: the workers end cleanly (no FailureConfig restart)
-        # and leave the step for the driver, beside the checkpoints (Ray's Result only carries the
-        # metrics of the latest checkpoint).
         recipe.close()
-        if recipe.rank == 0:
-            write_json(join(recipe.meta["run_dir"], NONFINITE_FILE), {"step": err.step})
+        leave_nonfinite(recipe.meta["run_dir"], recipe.rank, err.step)

@@ -276,6 +276,17 @@ class Stepper:
         """The first step whose loss or gradient norm was NaN/inf, or -1; reads the device."""
         return int(self._first_bad)
 
+    def check_finite(self, world: int = 1) -> None:
+        """NonFiniteLossError at the first step whose loss or gradient norm was NaN/inf on any
+        worker; reads the device, and is a collective when `world` > 1 (every worker calls it)."""
+        bad = self._first_bad.clone()
+        if world > 1:  # a NaN loss on one worker only (fp16) must stop them all
+            import torch.distributed as dist
+
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if int(bad) >= 0:
+            raise NonFiniteLossError(int(bad))
+
 
 # ---------------------------------------------------------------------------------------------
 # Data order: which rows train in which step

@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bertjob import infer, pretrain, train
+from bertjob import infer, pretrain, runlog, train
 from bertjob.config import ConfigError, InferConfig, PretrainConfig, TrainConfig, build, to_dict
 from bertjob.masking import pack_sequences
+from bertjob.training import NonFiniteLossError
 from tests.conftest import run_in_session
 from tests.test_train import _no_dropout
 
@@ -222,3 +223,17 @@ def test_a_shorter_rerun_of_a_finished_run_is_refused_before_ray_starts(pretrain
         in proc.stderr
     )
     assert not (tmp_path / "out" / "model").exists()
+
+
+def test_a_non_finite_loss_ends_the_run_once_naming_the_flag_of_the_command(
+    prepared_small, tiny_model_dir, ray_local, tmp_path
+):
+    """As in train: a NaN loss was raised inside the workers, so Ray Train ran the worker group
+    again (max_failures times) to fail each time, and the job ended 'pre-training failed: ...
+    NonFiniteLossError ...' saying that a rerun resumes, with '--lr' also in `bertjob pipeline`."""
+    c = cfg(prepared_small, tmp_path, tiny_model_dir, lr=1e20, warmup_ratio=0.0, max_failures=2, max_steps=4)
+    with pytest.raises(NonFiniteLossError, match=r"at optimizer step 1; lower --pretrain.lr, check the data, "
+                                                 r"or try --pretrain.mixed-precision off$"):  # fmt: skip
+        pretrain.run(c, in_pipeline=True)
+    # one worker group: not retried
+    assert len(runlog.timeline(str(tmp_path / "ckpt" / "pt"))["workers"]) == 1
