@@ -168,7 +168,7 @@ def run(cfg: PretrainConfig, in_pipeline: bool = False) -> dict[str, Any]:
     }
     trained = train.latest_checkpoint(run_dir).get("step", 0)
     train.refuse_shorter(cfg, storage, trained, trained, total_steps)  # a pretrain run never stops early
-    if finished := finished_checkpoint(run_dir, total_steps):
+    if finished := finished_checkpoint(run_dir, trained, total_steps):
         # Exported here, with no Ray, as train does: a local Ray (~15 s) and a worker group started
         # only to save the final checkpoint again.
         log.info("pretrain: run %r has finished its %d steps; exporting its model again, nothing to train",
@@ -211,13 +211,13 @@ def run(cfg: PretrainConfig, in_pipeline: bool = False) -> dict[str, Any]:
                   runlog.timeline(run_dir))  # fmt: skip
 
 
-def finished_checkpoint(run_dir: str, total_steps: int) -> Any | None:
-    """The final checkpoint of a run that has trained the `total_steps` asked for, else None (one
+def finished_checkpoint(run_dir: str, trained: int, total_steps: int) -> Any | None:
+    """The final checkpoint of a run that has `trained` the `total_steps` asked for, else None (one
     that adds steps trains them, one that asks for fewer is refused before; only the last save of
     a run holds FINAL_FILE)."""
     from bertjob import train
 
-    if train.latest_checkpoint(run_dir).get("step") != total_steps:
+    if trained != total_steps:
         return None
     name = train.read_snapshot(run_dir)["latest_checkpoint_result"]["checkpoint_dir_name"]
     return train.saved_checkpoint(run_dir) if exists(join(run_dir, name, FINAL_FILE)) else None
