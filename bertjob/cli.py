@@ -356,9 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         # after a 0.5 s sleep, and after a stopped Ray Data run (a SIGTERMed prepare, on a loaded
         # machine) it turned the exit status into 1.
         if "ray" in sys.modules and not ray_before:
-            import ray
+            from bertjob.cluster import leave_ray
 
-            ray.shutdown()
+            leave_ray()
     if said:
         parser.exit(rc, said)
     return rc

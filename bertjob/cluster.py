@@ -92,6 +92,21 @@ def init_ray(dashboard: bool = True) -> None:
     ctx.target_max_block_size = 8 * 2**20
 
 
+def leave_ray() -> None:
+    """ray.shutdown(), a second sooner where this process started its Ray. Ray stops a local Ray's
+    GCS before its autoscaler monitor, whose SIGTERM handler then reports to the stopped GCS until
+    Ray kills it a second later: 1.0 of the 1.4 s that leaving took, at the end of every command.
+    On one node the monitor has nothing to keep, so it is killed first. Connected to a running
+    cluster, this process started none of its processes and stops none."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # Ray's own handle on the Ray it started
+    for info in node.all_processes.get("monitor", []) if node is not None and node.head else []:
+        info.process.kill()
+        info.process.wait()
+    ray.shutdown()
+
+
 def free_port() -> int:
     """A port no process listens on now (the kernel's choice)."""
     with socket.socket() as s:

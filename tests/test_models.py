@@ -210,6 +210,40 @@ def test_classifying_from_cls_leaves_other_architectures_alone():
     assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 2)
 
 
+def test_a_padding_mask_of_keys_scores_as_the_usual_mask(tiny_model_dir):
+    """Scoring's [batch, 1, 1, length] padding mask: BERT (as scoring runs it: bf16, [CLS]-only last
+    layer) gives the same logits as with the usual [batch, length] mask; a model that reads the
+    mask otherwise is found out by the probe and keeps the usual one."""
+    import copy
+    import types
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    bert = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).eval()
+    models.classify_from_cls(bert)
+    bert.to(torch.bfloat16)
+    assert models.takes_key_mask(bert)
+    ids = torch.randint(5, 60, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 7:], mask[2, 2:] = 0, 0
+    with torch.inference_mode():
+        usual = bert(input_ids=ids, attention_mask=mask).logits
+        keys = bert(input_ids=ids, attention_mask=mask.bool()[:, None, None, :]).logits
+        unmasked = bert(input_ids=ids).logits
+    assert torch.equal(keys, usual)
+    assert not torch.equal(unmasked[1:], usual[1:])  # the padding counts: the probe can tell
+
+    class SumsKeptTokens(torch.nn.Module):  # code written for the 2-D mask: broadcasts a 4-D one
+        device, config = torch.device("cpu"), copy.copy(bert.config)
+
+        def forward(self, input_ids, attention_mask):
+            kept = (input_ids * attention_mask).float().sum(-1, keepdim=True)
+            return types.SimpleNamespace(logits=kept)
+
+    assert not models.takes_key_mask(SumsKeptTokens())
+
+
 def test_the_fused_feed_forward_scores_as_its_two_steps(tiny_model_dir):
     """Linear layer and GELU as one oneDNN call on CPU: the same logits as the two steps, in fp32
     to rounding and in bf16 to bf16's; other activations are left as they are."""
