@@ -214,7 +214,6 @@ def test_a_padding_mask_of_keys_scores_as_the_usual_mask(tiny_model_dir):
     """Scoring's [batch, 1, 1, length] padding mask: BERT (as scoring runs it: bf16, [CLS]-only last
     layer) gives the same logits as with the usual [batch, length] mask; a model that reads the
     mask otherwise is found out by the probe and keeps the usual one."""
-    import copy
     import types
 
     import torch
@@ -235,7 +234,7 @@ def test_a_padding_mask_of_keys_scores_as_the_usual_mask(tiny_model_dir):
     assert not torch.equal(unmasked[1:], usual[1:])  # the padding counts: the probe can tell
 
     class SumsKeptTokens(torch.nn.Module):  # code written for the 2-D mask: broadcasts a 4-D one
-        device, config = torch.device("cpu"), copy.copy(bert.config)
+        device = torch.device("cpu")
 
         def forward(self, input_ids, attention_mask):
             kept = (input_ids * attention_mask).float().sum(-1, keepdim=True)
