@@ -3,7 +3,8 @@
     python bench/infer_bench.py --model bertjob-output/train/model [--max-length 512] [--batch-size 16]
 
 Baselines, each in one process with all threads, model loading and tokenization included:
-- the best plain loop: the same model in bf16, the job's own cleaning, tokenization and truncation
+- the best plain loop: the same model in the precision the job picks on this CPU (bf16 with AMX or
+  AVX512-BF16, else fp32: `--precision`), the job's own cleaning, tokenization and truncation
   (`text.tokenize_rows`), all texts sorted by length, dynamic padding, inference_mode, no Ray;
 - transformers.pipeline("text-classification", model, batch_size, truncation=True, max_length).
 A second plain loop runs the model as the job's predictor does: its last layer at the [CLS] position
@@ -35,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import machine, run_measured  # noqa: E402
 from bertjob.sources import IMDB_FILE  # noqa: E402
+from bertjob.training import cpu_supports_bf16  # noqa: E402
 
 
 def test_reviews(path: str, n: int) -> pa.Table:
@@ -66,13 +68,15 @@ def plain_loop(
     model: str,
     max_length: int,
     batch_size: int,
+    precision: str,
     int8: bool = False,
     compile: bool = False,
     as_job: bool = False,
 ) -> tuple[float, list[float]]:
     """Seconds and P(positive) per text: the best loop a user would write without bertjob's job.
     `as_job`: the model as the job's predictor runs it ([CLS]-only last layer, fused feed-forward).
-    `int8`: the linear layers quantized to int8 (torch's dynamic quantization) instead of bf16.
+    `precision`: "bf16" (weights in bf16) or "off" (fp32).
+    `int8`: the linear layers quantized to int8 (torch's dynamic quantization) instead.
     `compile`: torch.compile (inductor, dynamic shapes, weights frozen: prepacked for oneDNN), its
     compile time included."""
     import torch
@@ -91,7 +95,7 @@ def plain_loop(
         models.classify_from_cls(net)
     if int8:
         net = torch.ao.quantization.quantize_dynamic(net, {torch.nn.Linear}, dtype=torch.qint8)
-    else:
+    elif precision == "bf16":
         net = net.to(torch.bfloat16)
     if as_job:
         models.fuse_feed_forward(net)
@@ -146,6 +150,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--precision", default="auto", choices=("auto", "bf16", "off"),
+                    help="of the plain loops and the job (auto: the job's choice on this CPU)")  # fmt: skip
     ap.add_argument("--skip-pipeline", action="store_true", help="only the plain loop and the job")
     ap.add_argument("--int8", action="store_true", help="also the plain loop with int8 linear layers")
     ap.add_argument("--compile", action="store_true", help="also the plain loop under torch.compile")
@@ -153,19 +159,24 @@ def main() -> None:
                     help="runs of the job (each a fresh command); its median is compared: on a shared "
                          "machine one run's time moves by up to ~10%%")  # fmt: skip
     args = ap.parse_args()
+    precision = args.precision
+    if precision == "auto":  # the job's own choice on a CPU
+        precision = "bf16" if cpu_supports_bf16() else "off"
     table = test_reviews(args.input, args.n)
     texts, labels = table.column("text").to_pylist(), table.column("label").to_pylist()
     n = len(table)
     rows = []  # (name, seconds, accuracy)
-    loop_s, loop_prob = plain_loop(texts, args.model, args.max_length, args.batch_size)
-    rows.append(("plain loop (1 process, bf16, sorted, no Ray)", loop_s, accuracy(loop_prob, labels)))
-    job_loop_s, job_loop_prob = plain_loop(texts, args.model, args.max_length, args.batch_size, as_job=True)
+    loop = (texts, args.model, args.max_length, args.batch_size, precision)
+    loop_s, loop_prob = plain_loop(*loop)
+    dtype = "bf16" if precision == "bf16" else "fp32"
+    rows.append((f"plain loop (1 process, {dtype}, sorted, no Ray)", loop_s, accuracy(loop_prob, labels)))
+    job_loop_s, job_loop_prob = plain_loop(*loop, as_job=True)
     rows.append(("  the same, run as the job's predictor", job_loop_s, accuracy(job_loop_prob, labels)))
     if args.int8:
-        int8_s, int8_prob = plain_loop(texts, args.model, args.max_length, args.batch_size, int8=True)
+        int8_s, int8_prob = plain_loop(*loop, int8=True)
         rows.append(("  the same, int8 linear layers", int8_s, accuracy(int8_prob, labels)))
     if args.compile:
-        comp_s, comp_prob = plain_loop(texts, args.model, args.max_length, args.batch_size, compile=True)
+        comp_s, comp_prob = plain_loop(*loop, compile=True)
         rows.append(("  the same, torch.compile (compile included)", comp_s, accuracy(comp_prob, labels)))
     if not args.skip_pipeline:
         pipe_s, pipe_prob = hf_pipeline(texts, args.model, args.max_length, args.batch_size)
@@ -177,7 +188,8 @@ def main() -> None:
         for k in range(args.job_runs):
             out = os.path.join(tmp, f"scored-{k}")
             cmd = [sys.executable, "-m", "bertjob", "infer", "--input", corpus, "--model", args.model, "--output", out,
-                   "--id-column", "id", "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]  # fmt: skip
+                   "--id-column", "id", "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+                   "--mixed-precision", precision]  # fmt: skip
             job = run_measured(cmd)
             manifest = json.load(open(os.path.join(out, "manifest.json")))
             assert manifest["rows_scored"] == n
