@@ -446,9 +446,12 @@ def _cls_layer_forward(layer: Any, hidden: Any, mask: Any = None, *args: Any, **
 def fuse_feed_forward(model: Any) -> bool:
     """Scoring on CPU: each BERT layer's first feed-forward linear layer and its GELU as one oneDNN
     call (`mkldnn._linear_pointwise`, the kernel torch.compile emits on CPU), not two passes over
-    the widest activation: ~1.15x the sequences/s of MiniLM-L6 at 512, bf16 or fp32 (in bf16 the
-    GELU reads the fp32 sum, not its bf16 rounding). Inference only: the op has no gradient. Kept
-    where the op exists and agrees with the two steps on a probe; False, nothing changed, otherwise."""
+    the widest activation: ~1.15x the sequences/s of MiniLM-L6 at 512 on AVX-512 (Intel Xeon with
+    AMX; in bf16 the GELU reads the fp32 sum, not its bf16 rounding). Not on a CPU with AVX2 alone
+    (measured on an AMD EPYC: in fp32, oneDNN's matrix product is ~15% slower there than MKL's,
+    which torch's own linear layers use, and the fused pass 3-10% slower). Inference only: the op
+    has no gradient. Kept where the op exists and agrees with the two steps on a probe; False,
+    nothing changed, otherwise."""
     import torch
     from transformers import BertForSequenceClassification
 
@@ -456,6 +459,7 @@ def fuse_feed_forward(model: Any) -> bool:
         not isinstance(model, BertForSequenceClassification)
         or model.config.hidden_act != "gelu"  # exact GELU, oneDNN's "gelu" with algorithm "none"
         or model.device.type != "cpu"
+        or not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
     ):
         return False
     blocks = [layer.intermediate for layer in model.bert.encoder.layer]
