@@ -36,7 +36,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import machine, run_measured  # noqa: E402
 from bertjob.sources import IMDB_FILE  # noqa: E402
-from bertjob.training import cpu_supports_bf16  # noqa: E402
 
 
 def test_reviews(path: str, n: int) -> pa.Table:
@@ -159,9 +158,11 @@ def main() -> None:
                     help="runs of the job (each a fresh command); its median is compared: on a shared "
                          "machine one run's time moves by up to ~10%%")  # fmt: skip
     args = ap.parse_args()
-    precision = args.precision
-    if precision == "auto":  # the job's own choice on a CPU
-        precision = "bf16" if cpu_supports_bf16() else "off"
+    import torch
+
+    from bertjob.training import resolve_precision
+
+    precision = resolve_precision(args.precision, torch.device("cpu"))  # "auto": the job's own choice
     table = test_reviews(args.input, args.n)
     texts, labels = table.column("text").to_pylist(), table.column("label").to_pylist()
     n = len(table)
