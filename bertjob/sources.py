@@ -50,11 +50,12 @@ GENERIC_FORMATS = {
     ".parquet": "parquet",
     ".pq": "parquet",
     ".csv": "csv",
+    ".tsv": "csv",  # read as CSV separated by tabs (GLUE's SST-2)
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
     ".json": "jsonl",
 }
-COMPRESSIONS = (".gz", ".bz2", ".zst")  # of CSV and JSONL files, by suffix in any case
+COMPRESSIONS = (".gz", ".bz2", ".zst")  # of CSV, TSV and JSONL files, by suffix in any case
 SAMPLE_NAME = "aclImdb_sample.tar.gz"
 IMDB_ARCHIVES = (".tar.gz", ".tgz", ".tar")  # read as the IMDb layout, alone
 SPLITS = ("train", "validation", "test", "unsup")  # of a split=... directory
@@ -256,12 +257,12 @@ def open_corpus(
     ]  # fmt: skip
     files = [(f.path, f.size) for f in visible if _format_of(f.path)]
     other = [os.path.relpath(f.path, where) for f in visible if not _format_of(f.path)]
-    if files and other:  # a .tsv or .xlsx beside the .csv files: its rows would be missing without a word
+    if files and other:  # a .txt or .xlsx beside the .csv files: its rows would be missing without a word
         log.warning("input %s: %d file(s) of no format bertjob reads are left out (%s%s)", path, len(other),
                     ", ".join(sorted(other)[:3]), ", ..." if len(other) > 3 else "")  # fmt: skip
     if not files:
         raise InputError(
-            f"input {path}: no IMDb layout (train/pos/*.txt ...) and no .parquet, .csv or .jsonl file found"
+            f"input {path}: no IMDb layout (train/pos/*.txt ...) and no .parquet, .csv, .tsv or .jsonl file found"
         )
     return _generic(fs, where, sorted(files), opts)
 
@@ -494,7 +495,7 @@ def _generic(fs: pafs.FileSystem, root: str, files: list[tuple[str, int]], opts:
                 f"input {uri(fs, bad)}: an IMDb archive is read alone; give its path as the input"
             )
         raise InputError(
-            f"input {uri(fs, bad)}: unknown format (expected .parquet, .csv, .jsonl, or an IMDb tar.gz)"
+            f"input {uri(fs, bad)}: unknown format (expected .parquet, .csv, .tsv, .jsonl, or an IMDb tar.gz)"
         )
     if len(kinds) > 1:  # name a file of each: a stray metadata.json is otherwise hard to find
         first = {
@@ -601,7 +602,7 @@ def _refuse_foreign_csv(corpus: Corpus, path: str) -> None:
     """A CSV file as Excel saves one in many locales is an error saying so: separated by semicolons
     or tabs, its header was one column ("text;label") and its first review with a comma in it a
     parse error ("Expected 1 columns, got 2"); in Windows-1252, a header with an accent was "'utf-8'
-    codec can't decode byte 0xe9". None said what to do."""
+    codec can't decode byte 0xe9". None said what to do. The same for a .tsv file without tabs."""
     if corpus.kind != "csv":
         return
     try:
@@ -616,11 +617,17 @@ def _refuse_foreign_csv(corpus: Corpus, path: str) -> None:
             f"input {uri(corpus.fs, path)}: its header {header[:80]!r} is not UTF-8 (Windows-1252 or Latin-1?); "
             f"bertjob reads UTF-8: convert it first, e.g. iconv -f CP1252 -t UTF-8 {name} > utf8-{name}"
         )
-    seps = [sep for sep in (";", "\t", "|") if sep in header and "," not in header]
+    sep = _separator(path)
+    seps = [
+        other for other in (",", ";", "\t", "|") if other != sep and other in header and sep not in header
+    ]
     if seps:
+        names = {",": "comma", "\t": "tab"}
+        rename = " (or, tab-separated, name it .tsv)" if seps[0] == "\t" else ""
         raise InputError(
-            f"input {uri(corpus.fs, path)}: its first line {header[:80]!r} holds no comma: the file looks "
-            f"{seps[0]!r}-separated; bertjob reads comma-separated CSV: save it with commas"
+            f"input {uri(corpus.fs, path)}: its first line {header[:80]!r} holds no {names[sep]}: the file looks "
+            f"{seps[0]!r}-separated; bertjob reads .csv files as comma-separated and .tsv files as "
+            f"tab-separated: save it with {names[sep]}s{rename}"
         )
 
 
@@ -757,15 +764,19 @@ def _headerless_csv(where: str, names: list[str], missing: list[str]) -> str:
     name, hundreds of characters of it, and nothing said that bertjob wants a header."""
     shown = ", ".join(repr(n if len(n) <= 40 else n[:40] + "...") for n in names)
     longest = max(range(len(names)), key=lambda i: len(names[i]))
-    header = ",".join(
+    columns = [
         "text" if i == longest else "label" if _looks_like_a_row([n]) else f"column{i + 1}"
         for i, n in enumerate(names)
-    )
+    ]
     name = os.path.basename(where)
+    if _separator(where) == ",":
+        line = f"echo '{','.join(columns)}'"
+    else:  # a tab as printf writes one (echo's `\t` is not every shell's)
+        line = "printf '" + "\\t".join(columns) + "\\n'"
     return (
         f"input {where}: no column {', '.join(map(repr, missing))}; its first line ({shown}) looks like a row, "
         f"not a header: bertjob takes a CSV file's column names from its first line. Add a header line first, "
-        f"e.g. (echo '{header}'; cat {name}) > header-{name}"
+        f"e.g. ({line}; cat {name}) > header-{name}"
     )
 
 
@@ -1256,7 +1267,17 @@ def _read_arrow(corpus: Corpus, path: str, keys_only: bool) -> Iterator[pa.Table
 # block boundaries"): a read that meets a longer row (a multi-megabyte review) starts again with
 # the next size. The header is read from a small first block; rows from 8 MiB ones.
 CSV_BLOCKS = (1 << 20, 8 << 20, 64 << 20, 512 << 20)
-CSV_PARSE = pacsv.ParseOptions(newlines_in_values=True)
+
+
+def _separator(path: str) -> str:
+    """A CSV file's field separator: a tab in a .tsv file (compressed or not), else a comma."""
+    return "\t" if _uncompressed(path).lower().endswith(".tsv") else ","
+
+
+def _csv_parse(path: str) -> pacsv.ParseOptions:
+    # Quoted as Python's csv module and pandas write both (a quoted field may hold the separator, a
+    # newline, and a quote doubled).
+    return pacsv.ParseOptions(delimiter=_separator(path), newlines_in_values=True)
 
 
 def _straddles(err: pa.ArrowInvalid, block: int) -> bool:
@@ -1268,7 +1289,7 @@ def _csv_names(fs: pafs.FileSystem, path: str) -> list[str]:
         with _open_text_stream(fs, path) as f:
             try:
                 read = pacsv.ReadOptions(block_size=block)
-                return pacsv.open_csv(f, read_options=read, parse_options=CSV_PARSE).schema.names
+                return pacsv.open_csv(f, read_options=read, parse_options=_csv_parse(path)).schema.names
             except pa.ArrowInvalid as err:
                 if str(err).startswith("Empty CSV file"):  # 0 bytes: no columns, no rows (as empty JSONL)
                     return []
@@ -1286,7 +1307,7 @@ def _csv_batches(fs: pafs.FileSystem, path: str, convert: pacsv.ConvertOptions) 
             try:
                 read = pacsv.ReadOptions(block_size=block)
                 for batch in pacsv.open_csv(
-                    f, read_options=read, parse_options=CSV_PARSE, convert_options=convert
+                    f, read_options=read, parse_options=_csv_parse(path), convert_options=convert
                 ):
                     if seen + batch.num_rows > given:
                         part = batch.slice(max(0, given - seen))

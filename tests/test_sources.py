@@ -79,7 +79,8 @@ def test_missing_text_column_names_the_file_and_its_columns(tmp_path):
     for name, content in (("semi", "text;label\nhello;1\n"), ("tab", "id\ttext\n1\tGreat, loved it\n")):
         (tmp_path / f"{name}.csv").write_text(content)
         with pytest.raises(
-            InputError, match=r"holds no comma: the file looks '(;|\\t)'-separated; bertjob reads comma-sep"
+            InputError,
+            match=r"holds no comma: the file looks '(;|\\t)'-separated; bertjob reads .csv files as comma-sep",
         ):
             open_corpus(str(tmp_path / f"{name}.csv"))
     # Excel's CSV in Windows-1252: a review's accents are replaced and counted, but a header's named
@@ -89,6 +90,33 @@ def test_missing_text_column_names_the_file_and_its_columns(tmp_path):
         InputError, match=r"cp1252.csv: its header .* is not UTF-8 .* iconv -f CP1252 -t UTF-8"
     ):
         open_corpus(str(tmp_path / "cp1252.csv"))
+
+
+def test_a_tsv_file_is_read_as_csv_separated_by_tabs(tmp_path):
+    """GLUE's SST-2 comes as .tsv files: they were an unknown format. Quoted
+    as Python's csv module and pandas write them, a field may hold a tab, a newline or a quote."""
+    import csv
+
+    rows = [
+        ("s1", "a comma, and a\ttab", "1"),
+        ("s2", 'a "quote"\nand a second line', "0"),
+        ("s3", "plain", "1"),
+    ]
+    with open(tmp_path / "train.tsv", "w", newline="") as f:
+        csv.writer(f, dialect="excel-tab").writerows([("id", "sentence", "label"), *rows])
+    with open(tmp_path / "train.tsv", "rb") as f, gzip.open(tmp_path / "copy.tsv.gz", "wb") as g:
+        g.write(f.read())
+    for name in ("train.tsv", "copy.tsv.gz"):
+        t = read_all(open_corpus(str(tmp_path / name), text_column="sentence", id_column="id"))
+        assert [(r["id"], r["text"], r["label"]) for r in t.to_pylist()] == rows
+    # a .tsv file whose first line holds commas alone is comma-separated: said so, not a missing column
+    (tmp_path / "commas.tsv").write_text("text,label\ngood,1\n")
+    with pytest.raises(InputError, match=r"commas.tsv: .* holds no tab: the file looks ','-separated"):
+        open_corpus(str(tmp_path / "commas.tsv"))
+    (tmp_path / "rows.tsv").write_text("1\tLoved it, every minute of a film this long.\n0\tdull\n")
+    with pytest.raises(InputError) as err:
+        open_corpus(str(tmp_path / "rows.tsv"))
+    assert str(err.value).endswith("(printf 'label\\ttext\\n'; cat rows.tsv) > header-rows.tsv")
 
 
 def test_a_csv_file_without_a_header_is_an_error_saying_so(tmp_path):
@@ -617,14 +645,14 @@ def test_a_delta_lake_or_hudi_table_is_an_error_not_its_files_of_every_version(t
 
 
 def test_files_of_no_format_we_read_beside_the_data_are_named_in_a_warning(tmp_path, caplog):
-    """A .tsv or .xlsx export beside the .csv files is left out: the log says which, so its rows are
+    """A .txt or .xlsx export beside the .csv files is left out: the log says which, so its rows are
     not missing without a word."""
-    for name in ("a.csv", "b.tsv", "c.xlsx"):
+    for name in ("a.csv", "b.txt", "c.xlsx"):
         (tmp_path / name).write_text("text,label\ngood,1\n")
     with caplog.at_level("WARNING", logger="bertjob.sources"):
         corpus = open_corpus(str(tmp_path))
     assert corpus.units == [str(tmp_path / "a.csv")]
-    assert "2 file(s) of no format bertjob reads are left out (b.tsv, c.xlsx)" in caplog.text
+    assert "2 file(s) of no format bertjob reads are left out (b.txt, c.xlsx)" in caplog.text
 
 
 def test_two_columns_with_a_name_we_read_are_an_error_naming_it(tmp_path):
