@@ -109,7 +109,7 @@ class PrepareConfig(Settings):
     """Stream a review corpus through Ray Data into tokenized Parquet shards."""
 
     input: str = opt(
-        SAMPLE_INPUT, "IMDb tar.gz/dir, Parquet/CSV/JSONL file/dir/glob, hf://NAME, or imdb-sample"
+        SAMPLE_INPUT, "IMDb tar.gz/dir, Parquet/CSV/TSV/JSONL file/dir/glob, hf://NAME, or imdb-sample"
     )
     output: str = opt(
         "", "output directory (local or s3:// / gs://); a rerun replaces an earlier prepare output there"
@@ -415,7 +415,7 @@ class PretrainConfig(Settings):
 class InferConfig(Settings):
     """Score a corpus with a fine-tuned model on a Ray Data actor pool (evaluate adds metrics)."""
 
-    input: str = opt("", "corpus: IMDb tar.gz/dir, Parquet/CSV/JSONL, hf://NAME, or a prepared directory")
+    input: str = opt("", "corpus: IMDb tar.gz/dir, Parquet/CSV/TSV/JSONL, hf://NAME, or a prepared directory")
     model: str = opt(
         "",
         "model directory from `bertjob train` (DIR/model), any Hugging Face sequence-classification "
