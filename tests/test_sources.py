@@ -93,8 +93,8 @@ def test_missing_text_column_names_the_file_and_its_columns(tmp_path):
 
 
 def test_a_tsv_file_is_read_as_csv_separated_by_tabs(tmp_path):
-    """GLUE's SST-2 comes as .tsv files: they were an unknown format. Quoted
-    as Python's csv module and pandas write them, a field may hold a tab, a newline or a quote."""
+    """GLUE's SST-2 comes as .tsv files: they were an unknown format. Quoted as Python's csv module
+    and pandas write them, a field may hold a tab, a newline or a quote."""
     import csv
 
     rows = [
