@@ -181,7 +181,7 @@ def scoring_stages(cfg: PipelineConfig, splits: Collection[str]) -> dict[str, In
         raise InputError(
             f"input {cfg.input}: {lacks} (the prepared splits: {', '.join(sorted(splits))}). Hold out part "
             f"of train as the test split (--prepare.test-fraction 0.2), use a corpus with a test split (an IMDb "
-            f"layout with test/pos and test/neg, or Parquet, CSV or JSONL files in split=test/ and split=train/ "
+            f"layout with test/pos and test/neg, or Parquet, CSV, TSV or JSONL files in split=test/ and split=train/ "
             f"directories: any other file's rows go to --prepare.split), or name a corpus to score with --infer-input CORPUS: the pipeline then runs "
             f"without evaluate (or evaluates on --evaluate.input LABELLED_CORPUS)"
         )

@@ -580,7 +580,7 @@ def _split_name(name: str) -> str:
 
 
 def _refuse_wide_text(corpus: Corpus, path: str) -> None:
-    """A CSV or JSONL file in UTF-16 or UTF-32 (Excel's "Unicode text", PowerShell's redirections) is
+    """A CSV, TSV or JSONL file in UTF-16 or UTF-32 (Excel's "Unicode text", PowerShell's redirections) is
     an error saying so: read as UTF-8 it failed as a parse error or a missing column."""
     if corpus.kind not in ("csv", "jsonl"):
         return

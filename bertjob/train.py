@@ -125,7 +125,7 @@ def check_setup(cfg: TrainConfig, manifest: dict[str, Any]) -> list[str]:
     if splits.get("train", {}).get("rows_written") and not splits["train"].get("label_counts"):
         return problems + [  # nothing else about the splits matters then
             f"split 'train' of {cfg.data} has no labels: its corpus was read as unlabelled (prepare takes "
-            f"the labels of a Parquet, CSV or JSONL corpus from --label-column, by default 'label')"
+            f"the labels of a Parquet, CSV, TSV or JSONL corpus from --label-column, by default 'label')"
         ]
     for name in ("train", "validation", "test"):
         split = splits.get(name, {})
