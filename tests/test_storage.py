@@ -152,12 +152,13 @@ def test_every_input_format_reads_the_same_from_the_bucket(s3, tmp_path):
     local.mkdir()
     pq.write_table(pa.Table.from_pylist(rows), local / "a.parquet")
     pa.csv.write_csv(pa.Table.from_pylist(rows), pa.CompressedOutputStream(str(local / "a.csv.gz"), "gzip"))
+    pa.csv.write_csv(pa.Table.from_pylist(rows), local / "a.tsv", pa.csv.WriteOptions(delimiter="\t"))
     with pa.CompressedOutputStream(str(local / "a.jsonl.gz"), "gzip") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows).encode())
     tar_dir(make_imdb_dir(tmp_path / "imdb", {"train": 3, "test": 2, "unsup": 2}), local / "imdb.tar.gz")
     remote = s3.uri("formats")
     storage.copy(str(local), remote)
-    for name in ("a.parquet", "a.csv.gz", "a.jsonl.gz", "imdb.tar.gz"):
+    for name in ("a.parquet", "a.csv.gz", "a.tsv", "a.jsonl.gz", "imdb.tar.gz"):
         here, there = open_corpus(str(local / name)), open_corpus(storage.join(remote, name))
         assert there.kind == here.kind and _rows(there) == _rows(here) and _rows(here)
 
