@@ -618,16 +618,14 @@ def _refuse_foreign_csv(corpus: Corpus, path: str) -> None:
             f"bertjob reads UTF-8: convert it first, e.g. iconv -f CP1252 -t UTF-8 {name} > utf8-{name}"
         )
     sep = _separator(path)
-    seps = [
-        other for other in (",", ";", "\t", "|") if other != sep and other in header and sep not in header
-    ]
-    if seps:
-        names = {",": "comma", "\t": "tab"}
-        rename = " (or, tab-separated, name it .tsv)" if seps[0] == "\t" else ""
+    found = [other for other in (",", ";", "\t", "|") if other != sep and other in header]
+    if found and sep not in header:
+        wanted = "tab" if sep == "\t" else "comma"
+        rename = " (or, tab-separated, name it .tsv)" if found[0] == "\t" else ""
         raise InputError(
-            f"input {uri(corpus.fs, path)}: its first line {header[:80]!r} holds no {names[sep]}: the file looks "
-            f"{seps[0]!r}-separated; bertjob reads .csv files as comma-separated and .tsv files as "
-            f"tab-separated: save it with {names[sep]}s{rename}"
+            f"input {uri(corpus.fs, path)}: its first line {header[:80]!r} holds no {wanted}: the file looks "
+            f"{found[0]!r}-separated; bertjob reads .csv files as comma-separated and .tsv files as "
+            f"tab-separated: save it with {wanted}s{rename}"
         )
 
 
