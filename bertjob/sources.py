@@ -146,7 +146,8 @@ class Corpus:
         where = self.units[0] if files and len(self.units) == 1 else self.root  # one file: that file
         unlabelled = not self.labelled and (files or self.kind == "arrow")
         labels = f", unlabelled: no column {self.label_column!r}" if unlabelled and self.label_column else ""
-        return f"{self.kind} corpus at {uri(self.fs, where)} ({len(self.units)} unit(s){labels})"
+        tabs = self.kind == "csv" and all(_separator(unit) == "\t" for unit in self.units)
+        return f"{'tsv' if tabs else self.kind} corpus at {uri(self.fs, where)} ({len(self.units)} unit(s){labels})"
 
     def relpath(self, path: str) -> str:
         root = self.root if self.kind != "arrow" else os.path.dirname(self.root)

@@ -107,8 +107,9 @@ def test_a_tsv_file_is_read_as_csv_separated_by_tabs(tmp_path):
     with open(tmp_path / "train.tsv", "rb") as f, gzip.open(tmp_path / "copy.tsv.gz", "wb") as g:
         g.write(f.read())
     for name in ("train.tsv", "copy.tsv.gz"):
-        t = read_all(open_corpus(str(tmp_path / name), text_column="sentence", id_column="id"))
-        assert [(r["id"], r["text"], r["label"]) for r in t.to_pylist()] == rows
+        corpus = open_corpus(str(tmp_path / name), text_column="sentence", id_column="id")
+        assert [(r["id"], r["text"], r["label"]) for r in read_all(corpus).to_pylist()] == rows
+        assert corpus.describe().startswith(f"tsv corpus at {tmp_path / name} (1 unit(s)")  # the log's line
     # a .tsv file whose first line holds commas alone is comma-separated: said so, not a missing column
     (tmp_path / "commas.tsv").write_text("text,label\ngood,1\n")
     with pytest.raises(InputError, match=r"commas.tsv: .* holds no tab: the file looks ','-separated"):
