@@ -62,6 +62,7 @@ from bertjob.storage import (
     join,
     read_json,
     remove,
+    uri,
     write_json,
 )
 from bertjob.text import (
@@ -592,6 +593,16 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
         which = f"splits {sorted(splits)}" if splits else "the IMDb layout's splits (train, test, unsup)"
         raise InputError(f"input {cfg.input} is {a_or_an(corpus.kind)} corpus with {which}; choose the one to "
                          f"evaluate with --split (such as --split test)")  # fmt: skip
+    named = corpus.named_splits()
+    if evaluate and len(named) > 1:
+        # train-...parquet beside test-...parquet (Hugging Face), train.csv beside test.csv (Kaggle):
+        # evaluated whole, the train rows the model learnt from went into the metrics.
+        words = sorted(named)
+        one = cfg.split if cfg.split in named else "test" if "test" in named else words[-1]
+        raise InputError(f"input {cfg.input}: its files are named as splits "
+                         f"({', '.join(corpus.relpath(named[w]) for w in words)}), and evaluate would score them as "
+                         f"one corpus: the {', '.join(words[:-1])} and {words[-1]} rows alike. Evaluate one split's "
+                         f"files: --input '{uri(corpus.fs, os.path.dirname(named[one]))}/{one}*'")  # fmt: skip
     plain = (
         [u for u in corpus.units if u not in corpus.split_of_unit]
         if corpus.kind in ("parquet", "csv", "jsonl", "arrow")

@@ -23,7 +23,6 @@ import itertools
 import logging
 import os
 import pickle
-import re
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -66,7 +65,6 @@ WRITER_CPUS = 32  # one write actor per this many CPUs of tokenizing
 # a review repeated under another id be trained on and scored as held out, and are not reused.
 HELD_OUT_BY = "text"
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
-SPLIT_WORDS = ("train", "test", "validation", "valid", "val", "dev", "unsupervised", "unsup")  # as file names
 
 PREPARED_SCHEMA = pa.schema(
     [
@@ -490,14 +488,8 @@ def input_problems(cfg: PrepareConfig, corpus: Corpus) -> list[str]:
     any work: each was prepared without a word, and found (if at all) in training or evaluation."""
     problems = []
     generic = corpus.kind in ("parquet", "csv", "jsonl")
-    # Files named as Hugging Face's Parquet exports and Kaggle's downloads name their splits
-    # (train-00000-of-00001.parquet, test-..., unsupervised-...; train.csv, test.csv): read as one
-    # corpus, every row went to --split, and the test rows were trained on.
-    named: dict[str, str] = {}
-    for unit in corpus.units if generic else ():
-        word = re.split(r"[-_.]", os.path.basename(unit).lower(), maxsplit=1)[0]
-        if word in SPLIT_WORDS and unit not in corpus.split_of_unit:
-            named.setdefault(word, unit)
+    # Read as one corpus, every row went to --split, and the test rows were trained on.
+    named = corpus.named_splits()
     if len(named) > 1:
         words = sorted(named)
         alone = (

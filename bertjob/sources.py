@@ -59,6 +59,7 @@ COMPRESSIONS = (".gz", ".bz2", ".zst")  # of CSV, TSV and JSONL files, by suffix
 SAMPLE_NAME = "aclImdb_sample.tar.gz"
 IMDB_ARCHIVES = (".tar.gz", ".tgz", ".tar")  # read as the IMDb layout, alone
 SPLITS = ("train", "validation", "test", "unsup")  # of a split=... directory
+SPLIT_WORDS = ("train", "test", "validation", "valid", "val", "dev", "unsupervised", "unsup")  # as file names
 TAR_SLICES = 1
 PREPARED_FORMAT = "bertjob-prepared/1"
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -136,6 +137,17 @@ class Corpus:
         if self.kind in ("imdb-tar", "prepared"):
             return None
         return {self.split_of(unit) for unit in self.units}
+
+    def named_splits(self) -> dict[str, str]:
+        """The splits its files are named as, each with its first such file: Hugging Face's Parquet
+        exports and Kaggle's downloads name them (train-00000-of-00001.parquet, test-...; train.csv,
+        dev.csv). A file in a split=NAME/ directory has a split of its own."""
+        named: dict[str, str] = {}
+        for unit in self.units if self.kind in ("parquet", "csv", "jsonl") else ():
+            word = re.split(r"[-_.]", os.path.basename(unit).lower(), maxsplit=1)[0]
+            if word in SPLIT_WORDS and unit not in self.split_of_unit:
+                named.setdefault(word, unit)
+        return named
 
     def split_of(self, unit: str) -> str:
         """The split of a file's rows: its own (hf://, a split=test/ directory), else `split`."""
@@ -237,6 +249,20 @@ def open_corpus(
         and not _hidden(f.path, where) and not f.path.startswith(outputs)
     ])  # fmt: skip
     imdb = [f for f in listing if f.type == pafs.FileType.File and IMDB_FILE.search(f.path)]
+    visible = [
+        f for f in listing
+        if f.type == pafs.FileType.File and not _hidden(f.path, where) and not f.path.startswith(outputs)
+    ]  # fmt: skip
+    files = [(f.path, f.size) for f in visible if _format_of(f.path)]
+    if imdb and files:
+        # aclImdb/ beside a reviews.csv: read as the IMDb layout, the other files' rows were missing without a word
+        home = imdb[0].path[: IMDB_FILE.search(imdb[0].path).start()] or where  # type: ignore[union-attr]
+        names = sorted(os.path.relpath(p, where) for p, _ in files)
+        raise InputError(
+            f"input {path}: holds the IMDb layout ({uri(fs, home)}) and {len(names)} other data file(s) "
+            f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}), which bertjob does not read as one corpus; "
+            f"give the one to read as --input: the IMDb directory, or the other files (a glob)"
+        )
     if imdb:
         # A review not named <id>_<rating>.txt would be left out without a word.
         stray = [f.path for f in listing if IMDB_REVIEW_TXT.search(f.path) and not IMDB_FILE.search(f.path)]
@@ -252,11 +278,6 @@ def open_corpus(
         return Corpus(
             "imdb-dir", where, units, fs, size_bytes=sum(f.size for f in imdb), labelled=True, **opts
         )
-    visible = [
-        f for f in listing
-        if f.type == pafs.FileType.File and not _hidden(f.path, where) and not f.path.startswith(outputs)
-    ]  # fmt: skip
-    files = [(f.path, f.size) for f in visible if _format_of(f.path)]
     other = [os.path.relpath(f.path, where) for f in visible if not _format_of(f.path)]
     if files and other:  # a .txt or .xlsx beside the .csv files: its rows would be missing without a word
         log.warning("input %s: %d file(s) of no format bertjob reads are left out (%s%s)", path, len(other),

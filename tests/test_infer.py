@@ -234,6 +234,21 @@ def test_evaluate_on_a_raw_corpus_of_several_splits_needs_one(tiny_classifier_di
             with pytest.raises(InputError, match=rf"{name} has no split of its own .*so --split test would read all of "
                                                  rf"it; drop --split .* --input PREPARED --split test$"):  # fmt: skip
                 infer.describe(InferConfig(**{**infer.to_dict(cfg), "input": str(where)}), evaluate=evaluate)
+    # Hugging Face's Parquet export: evaluated whole, its train rows went into the metrics; with
+    # --split test the error above said to drop --split, and so back to them.
+    hf = tmp_path / "plain_text"
+    hf.mkdir()
+    for name in ("train-00000-of-00001.parquet", "test-00000-of-00001.parquet", "unsupervised-00000-of-00001.parquet"):
+        pq.write_table(pa.table({"text": ["great", "awful"], "label": [1, 0]}), hf / name)
+    for split in ("", "test"):
+        cfg = InferConfig(input=str(hf), split=split, model=tiny_classifier_dir, output=str(tmp_path / "o"))
+        with pytest.raises(InputError, match=r"plain_text: its files are named as splits \(test-00000-of-00001.parquet, "
+                           r"train-.*, unsupervised-.*\), and evaluate would score them as one corpus: the test, train and "
+                           rf"unsupervised rows alike. Evaluate one split's files: --input '{hf}/test\*'$"):  # fmt: skip
+            infer.describe(cfg, evaluate=True)
+    assert infer.describe(InferConfig(input=str(hf), model=tiny_classifier_dir, output=str(tmp_path / "o")))
+    cfg = InferConfig(input=str(hf / "test*"), model=tiny_classifier_dir, output=str(tmp_path / "o"))
+    assert infer.describe(cfg, evaluate=True)  # the way the error names
 
 
 def _model_trained_with(tiny_classifier_dir, tmp_path, **text):

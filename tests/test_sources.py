@@ -887,6 +887,26 @@ def test_a_review_file_the_imdb_layout_cannot_name_is_an_error(tmp_path, imdb_sm
             list(archive.read(unit))
 
 
+def test_the_imdb_layout_beside_other_data_files_is_an_error_naming_both(tmp_path, imdb_small):
+    """aclImdb/ beside reviews.csv in one directory was read as the IMDb layout alone: the CSV's rows
+    were missing without a word (and `infer --input .` scored only the IMDb reviews)."""
+    import shutil
+
+    shutil.copytree(imdb_small, tmp_path / "data" / "aclImdb")
+    (tmp_path / "data" / "extra").mkdir()
+    (tmp_path / "data" / "extra" / "reviews.csv").write_text("text,label\ngreat,1\n")
+    (tmp_path / "data" / "notes.txt").write_text("no format bertjob reads: no part of a corpus")
+    with pytest.raises(InputError) as err:
+        open_corpus(str(tmp_path / "data"))
+    assert str(err.value) == (
+        f"input {tmp_path / 'data'}: holds the IMDb layout ({tmp_path / 'data' / 'aclImdb'}) and 1 other data "
+        f"file(s) (extra/reviews.csv), which bertjob does not read as one corpus; give the one to read as --input: "
+        f"the IMDb directory, or the other files (a glob)"
+    )
+    assert read_all(open_corpus(str(tmp_path / "data" / "aclImdb"))).num_rows == 310
+    assert read_all(open_corpus(str(tmp_path / "data" / "extra" / "*.csv"))).num_rows == 1
+
+
 def test_an_empty_csv_file_adds_no_rows_as_an_empty_jsonl_file(tmp_path):
     """A 0-byte part file (an empty partition's) made the whole directory an error for CSV alone."""
     for fmt, content in (("csv", "text,label\ngood,1\n"), ("jsonl", '{"text": "good", "label": 1}\n')):
