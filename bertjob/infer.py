@@ -90,6 +90,7 @@ REPORTS = ("metrics.json", "report.png")  # evaluate's, beside its manifest
 NO_LABELS = " (or score without labels: --label-column '')"  # infer's other way out of a rating scale
 RECEIPTS = "_read"  # per input unit, the rows its reader read (datasource.CorpusDatasource)
 TMP = "_tmp"  # a local output's files while they are written, each then renamed into place
+OWN_ENTRIES = (PREDICTIONS, QUARANTINE, RUN_FILE, *REPORTS, RECEIPTS, TMP)  # and outputs.py's
 # A CPU predictor's default threads (one per core it takes): not measured beyond 2 cores; each
 # thread holds Python's lock while it dispatches an operation, so one actor per 8 cores keeps that small.
 MAX_SCORING_THREADS = 8
@@ -769,7 +770,7 @@ def score(
     if problem:
         raise SetupError(f"cannot score: {problem}")
     if fresh:  # only now that it can run: a run that cannot start leaves an earlier output as it was
-        claim_output(cfg.output, stage)
+        claim_output(cfg.output, stage, OWN_ENTRIES)
         write_json(join(cfg.output, RUN_FILE), run_info)
     use_tasks_for_tokens = cfg.use_gpu and corpus.kind != "prepared"
     ds = read_corpus(corpus, positions=True, split=cfg.split if corpus.kind != "prepared" else "", done=done,
@@ -915,7 +916,7 @@ def _resume_state(
             log.info(
                 "%s: inputs or settings changed since %s was written%s; redoing it", stage, cfg.output, what
             )
-    check_replaceable(cfg.output, stage)  # refused now, before Ray; replaced once the run can start
+    check_replaceable(cfg.output, stage, OWN_ENTRIES)  # refused now, before Ray; replaced once the run can start
     return {}, 0, True
 
 

@@ -93,9 +93,12 @@ def _mark(fs: pafs.FileSystem, where: str, stage: str) -> None:
         raise OutputError(f"output {uri(fs, where)}: cannot write there ({err})") from err
 
 
-def check_replaceable(path: str, stage: str) -> tuple[pafs.FileSystem, str, set[str]]:
+def check_replaceable(path: str, stage: str, own: tuple[str, ...]) -> tuple[pafs.FileSystem, str, set[str]]:
     """What `claim_output` checks, changing nothing: a stage that replaces its output calls it before
-    any work, so that a wrong `--output` fails at once, not after Ray has started."""
+    any work, so that a wrong `--output` fails at once, not after Ray has started. `own`: the names
+    the stage writes in its directory; anything else there is the user's (notes, an analysis beside
+    the predictions), which replacing the output deleted without a word. Hidden entries (Finder's
+    .DS_Store, an editor's swap file) are not counted as the user's."""
     fs, where, names = _existing(path, stage)
     check_writable(path)
     if names:
@@ -107,6 +110,13 @@ def check_replaceable(path: str, stage: str) -> tuple[pafs.FileSystem, str, set[
                 f"output {path} holds another bertjob output ({os.path.dirname(nested[0])}), which `bertjob {stage}` "
                 f"never replaces; choose another directory"
             )
+    foreign = sorted(n for n in names - {MARKER, LEASE, MANIFEST, *own} if not n.startswith("."))
+    if foreign:
+        raise OutputError(
+            f"output {path} holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} that `bertjob {stage}` "
+            f"did not write ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}), which replacing the "
+            f"output would delete; move them elsewhere, or choose another directory"
+        )
     return fs, where, names
 
 
@@ -134,11 +144,11 @@ def check_writable(path: str, role: str = "output") -> None:
         raise OutputError(f"{role} {path}: cannot write there (no permission to write in {probe})")
 
 
-def claim_output(path: str, stage: str) -> None:
+def claim_output(path: str, stage: str, own: tuple[str, ...]) -> None:
     """Make `path` an empty output directory of `stage`, replacing an earlier output of the same
-    stage (see `_existing`). The manifest goes first, so a crash part-way leaves a directory that
-    does not look complete."""
-    fs, where, names = check_replaceable(path, stage)
+    stage (see `_existing`, `check_replaceable`). The manifest goes first, so a crash part-way leaves
+    a directory that does not look complete."""
+    fs, where, names = check_replaceable(path, stage, own)
     if MANIFEST in names:
         fs.delete_file(join(where, MANIFEST))
     if names:

@@ -39,7 +39,7 @@ from bertjob import models
 from bertjob.config import JobError, PrepareConfig, stage_flag, to_dict
 from bertjob.identity import corpus_fingerprint, identity
 from bertjob.outputs import MANIFEST, check_replaceable, claim_output, releasing, versions
-from bertjob.sources import Corpus, InputError, open_corpus
+from bertjob.sources import SPLITS, Corpus, InputError, open_corpus
 from bertjob.storage import check_access, filesystem, for_workers, join, uri, write_json
 from bertjob.text import (
     BAD_LABEL,
@@ -60,6 +60,7 @@ LENGTH_HIST_MAX = 16_384  # token counts above this share the last histogram bin
 QUARANTINE = "quarantine"
 LOCAL_SPLIT_ROWS = 250_000  # up to this many staged train rows, the driver splits them itself
 STAGING = "_staging"  # train rows waiting for the validation split; gone once the job finishes
+OWN_ENTRIES = ("config.json", QUARANTINE, STAGING, *SPLITS)  # besides outputs.py's marker, lease and manifest
 WRITER_CPUS = 32  # one write actor per this many CPUs of tokenizing
 # What held-out rows are chosen by, in each output's identity: outputs held out by id (before it) let
 # a review repeated under another id be trained on and scored as held out, and are not reused.
@@ -598,7 +599,7 @@ def run(cfg: PrepareConfig, in_pipeline: bool = False) -> dict[str, Any]:
         log.info("prepare: validation is the corpus' own split; no share of train is held out as well "
                  "(--validation-fraction %g not applied)", cfg.validation_fraction)  # fmt: skip
         cfg = dataclasses.replace(cfg, validation_fraction=0.0)
-    check_replaceable(cfg.output, "prepare")
+    check_replaceable(cfg.output, "prepare", OWN_ENTRIES)
     cfg = dataclasses.replace(cfg, output=for_workers(cfg.output, output=True))  # the writers' path
     # Without a cached tokenizer record (a first run, a hub id) loading the tokenizer imports
     # transformers, ~1.5 s of one core: it overlaps Ray's start-up.
@@ -618,7 +619,7 @@ def run(cfg: PrepareConfig, in_pipeline: bool = False) -> dict[str, Any]:
     )  # before reading: a change mid-run shows next time
     log.info("prepare: %s -> %s (tokenizer %s, max_length %d, %s)", corpus.describe(), cfg.output,
              cfg.model, cfg.max_length, cfg.truncation)  # fmt: skip
-    claim_output(cfg.output, "prepare")
+    claim_output(cfg.output, "prepare", OWN_ENTRIES)
 
     cpus = max(1, int(cluster_cpus()))
     # Actors, not tasks: each starts once, while the first rows are read, and never again; one per

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bertjob import infer, outputs
+from bertjob import infer, outputs, prepare
 from bertjob.config import InferConfig
 from bertjob.outputs import OutputError, check_replaceable, claim_output, ensure_output
 
@@ -25,16 +25,16 @@ def test_a_stage_never_deletes_another_stages_output(tmp_path):
     (run / "ray_results" / "checkpoint.pt").write_bytes(b"hours of training")
     for stage in ("prepare", "infer", "evaluate"):
         with pytest.raises(OutputError, match=r"train output"):
-            claim_output(str(run), stage)
+            claim_output(str(run), stage, ())
     assert (run / "ray_results" / "checkpoint.pt").read_bytes() == b"hours of training"
-    claim_output(str(tmp_path / "prepared"), "prepare")
+    claim_output(str(tmp_path / "prepared"), "prepare", prepare.OWN_ENTRIES)
     with pytest.raises(OutputError, match=r"prepare output"):
         ensure_output(str(tmp_path / "prepared"), "train")
     ensure_output(str(run), "train")  # its own: kept as it is
-    claim_output(str(tmp_path / "scored"), "infer")
+    claim_output(str(tmp_path / "scored"), "infer", infer.OWN_ENTRIES)
     with pytest.raises(OutputError, match=r"holds an infer output"):
         ensure_output(str(tmp_path / "scored"), "evaluate")
-    claim_output(str(tmp_path / "prepared"), "prepare")  # its own: prepare's rerun replaces it
+    claim_output(str(tmp_path / "prepared"), "prepare", prepare.OWN_ENTRIES)  # its own: prepare's rerun replaces it
 
 
 def test_an_output_named_through_a_symlink_is_replaced_as_its_directory(tmp_path):
@@ -42,18 +42,43 @@ def test_an_output_named_through_a_symlink_is_replaced_as_its_directory(tmp_path
     # the new ones ("60 rows committed but 30 read; rerun to complete").
     (tmp_path / "scored").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "scored")
-    claim_output(str(tmp_path / "link"), "infer")
+    claim_output(str(tmp_path / "link"), "infer", infer.OWN_ENTRIES)
     (tmp_path / "scored" / "predictions").mkdir()
     (tmp_path / "scored" / "predictions" / "part-old.parquet").write_bytes(b"an earlier run's")
-    claim_output(str(tmp_path / "link"), "infer")
+    claim_output(str(tmp_path / "link"), "infer", infer.OWN_ENTRIES)
     assert sorted(p.name for p in (tmp_path / "scored").iterdir()) == [outputs.MARKER, outputs.LEASE]
     assert (tmp_path / "link").is_symlink()
+
+
+def test_a_stage_replaces_its_own_output_but_never_what_the_user_put_beside_it(tmp_path):
+    """A prepare rerun (and infer --overwrite) emptied the directory: the user's notes and analysis
+    beside the shards or predictions went with the stage's own files, without a word."""
+    for stage, own in (("prepare", prepare.OWN_ENTRIES), ("infer", infer.OWN_ENTRIES)):
+        out = tmp_path / stage
+        claim_output(str(out), stage, own)
+        for name in own:
+            (out / name).mkdir()
+            (out / name / "part-0").write_bytes(b"the stage's")
+        (out / "manifest.json").write_text("{}")
+        (out / ".DS_Store").write_bytes(b"Finder's: hidden, not the user's work")
+        claim_output(str(out), stage, own)  # its own, replaced
+        assert sorted(p.name for p in out.iterdir()) == sorted([outputs.LEASE, outputs.MARKER])
+        (out / "NOTES.md").write_text("what I found")
+        (out / "analysis").mkdir()
+        (out / "analysis" / "plot.py").write_text("import matplotlib")
+        with pytest.raises(OutputError) as err:
+            claim_output(str(out), stage, own)
+        assert str(err.value) == (
+            f"output {out} holds 2 entries that `bertjob {stage}` did not write (NOTES.md, analysis), which "
+            f"replacing the output would delete; move them elsewhere, or choose another directory"
+        )
+        assert (out / "analysis" / "plot.py").read_text() == "import matplotlib"
 
 
 def test_an_output_that_is_not_a_directory_is_an_error(tmp_path):
     (tmp_path / "reviews.csv").write_text("text\ngood\n")
     with pytest.raises(OutputError, match="reviews.csv is a file; give a directory"):
-        claim_output(str(tmp_path / "reviews.csv"), "prepare")
+        claim_output(str(tmp_path / "reviews.csv"), "prepare", prepare.OWN_ENTRIES)
     os.mkfifo(tmp_path / "fifo")  # as /dev/null: a traceback from listing it ("Cannot list directory")
     with pytest.raises(OutputError, match="fifo is neither a directory nor a regular file; give a directory"):
         ensure_output(str(tmp_path / "fifo"), "train")
@@ -64,11 +89,11 @@ def test_an_output_that_cannot_be_written_is_refused_by_the_check_before_ray(tmp
     without write permission, passed that check and failed only once Ray had started."""
     (tmp_path / "reviews.csv").write_text("text\ngood\n")
     with pytest.raises(OutputError, match=r"cannot write there \(.*reviews.csv is a file, not a directory\)"):
-        check_replaceable(str(tmp_path / "reviews.csv" / "prepared"), "prepare")
+        check_replaceable(str(tmp_path / "reviews.csv" / "prepared"), "prepare", prepare.OWN_ENTRIES)
     writable = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: p != str(tmp_path) and writable(p, mode))  # not as root
     with pytest.raises(OutputError, match=f"cannot write there \\(no permission to write in {tmp_path}\\)"):
-        check_replaceable(str(tmp_path / "out" / "prepared"), "prepare")
+        check_replaceable(str(tmp_path / "out" / "prepared"), "prepare", prepare.OWN_ENTRIES)
     assert not (tmp_path / "out").exists()
 
 
@@ -76,10 +101,10 @@ def test_nested_outputs_and_a_pipeline_root_are_never_wiped(tmp_path):
     from bertjob.pipeline import OWN_ENTRIES
 
     root = tmp_path / "root"
-    claim_output(str(root), "prepare")
+    claim_output(str(root), "prepare", prepare.OWN_ENTRIES)
     ensure_output(str(root / "inner"), "train")  # e.g. a pipeline's output_dir pointed into it
     with pytest.raises(OutputError, match="another bertjob output"):
-        claim_output(str(root), "prepare")
+        claim_output(str(root), "prepare", prepare.OWN_ENTRIES)
     assert (root / "inner").exists()
     # a pipeline root: adopted when it holds only what the pipeline writes, then protected
     legacy = tmp_path / "legacy"
@@ -87,7 +112,7 @@ def test_nested_outputs_and_a_pipeline_root_are_never_wiped(tmp_path):
     (legacy / "summary.json").write_text("{}")
     ensure_output(str(legacy), "pipeline", own=OWN_ENTRIES)
     with pytest.raises(OutputError, match="pipeline output"):
-        claim_output(str(legacy), "prepare")
+        claim_output(str(legacy), "prepare", prepare.OWN_ENTRIES)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(OutputError, match="not written by bertjob"):
@@ -108,7 +133,7 @@ def test_infer_replaces_its_own_output_only_with_overwrite(tmp_path, tiny_classi
         "never another command's or job's directory" in said
     )
     out = tmp_path / "scored"
-    claim_output(str(out), "infer")
+    claim_output(str(out), "infer", infer.OWN_ENTRIES)
     (out / "predictions").mkdir()
     (out / "predictions" / "part-0.parquet").write_bytes(b"an earlier run of unknown inputs")
     cfg = InferConfig(input="unused", model=tiny_classifier_dir, output=str(out))
@@ -139,7 +164,7 @@ def test_a_rerun_on_an_output_of_other_inputs_or_settings_names_what_changed(tmp
     (corpus / "a.csv").write_text("text\nA wonderful film.\nA dull film.\n")
     out = tmp_path / "scored"
     cfg = InferConfig(input=str(corpus), model=tiny_classifier_dir, output=str(out))
-    claim_output(str(out), "infer")
+    claim_output(str(out), "infer", infer.OWN_ENTRIES)
     (out / "run.json").write_text(json.dumps(infer.describe(cfg)[1]))
 
     def refused(cfg: InferConfig) -> str:
@@ -165,7 +190,7 @@ def test_in_the_pipeline_the_advice_names_the_flag_the_pipeline_takes(tmp_path, 
     for stage in ("infer", "evaluate"):
         evaluate, out = stage == "evaluate", tmp_path / stage
         cfg = InferConfig(input=str(tmp_path / "a.csv"), model=tiny_classifier_dir, output=str(out))
-        claim_output(str(out), stage)
+        claim_output(str(out), stage, infer.OWN_ENTRIES)
         (out / "run.json").write_text(json.dumps(infer.describe(cfg, evaluate)[1]))
         (out / "manifest.json").write_text("{}")  # complete (listing no files, as an earlier bertjob's)
         with caplog.at_level(logging.INFO, logger="bertjob.infer"):
@@ -195,9 +220,9 @@ def test_an_output_another_live_run_writes_is_refused_and_a_gone_runs_is_taken_o
     this host at once (its process is gone), from another host once it has not been renewed for
     LEASE_STALE_S. A run's leases go when it ends, however it ends."""
     out = tmp_path / "scored"
-    claim_output(str(out), "infer")
+    claim_output(str(out), "infer", infer.OWN_ENTRIES)
     _lease(out, host="other-node", pid=1)  # another host's run, alive a moment ago
-    for attempt in (lambda: claim_output(str(out), "infer"), lambda: ensure_output(str(out), "infer")):
+    for attempt in (lambda: claim_output(str(out), "infer", infer.OWN_ENTRIES), lambda: ensure_output(str(out), "infer")):
         with pytest.raises(OutputError, match=r"being written by another run now: `bertjob infer --input "
                            r"reviews` \(pid 1 on other-node, .*wait for it to end or stop it; if it was "
                            r"killed, it is taken over (89|90) s from now"):  # fmt: skip
@@ -212,17 +237,17 @@ def test_an_output_another_live_run_writes_is_refused_and_a_gone_runs_is_taken_o
     try:
         _lease(out, pid=live.pid, process_start=outputs._process_start(live.pid))
         with pytest.raises(OutputError, match=rf"\(pid {live.pid} on {socket.gethostname()}, .*stop it$"):
-            check_replaceable(str(out), "infer")
+            check_replaceable(str(out), "infer", infer.OWN_ENTRIES)
         _lease(out, pid=live.pid, process_start="1")  # the pid's process started at another time
-        check_replaceable(str(out), "infer")
+        check_replaceable(str(out), "infer", infer.OWN_ENTRIES)
         _lease(out, pid=live.pid, process_start=outputs._process_start(live.pid))
     finally:
         live.communicate(b"")  # it ends
-    check_replaceable(str(out), "infer")
+    check_replaceable(str(out), "infer", infer.OWN_ENTRIES)
 
     @outputs.releasing
     def failing_run(path):
-        claim_output(str(path), "prepare")
+        claim_output(str(path), "prepare", prepare.OWN_ENTRIES)
         assert json.loads((path / outputs.LEASE).read_text())["pid"] == os.getpid()
         raise RuntimeError("the run fails")
 
