@@ -294,6 +294,23 @@ def _rerun(command: str, cfg: Any = None) -> str:
     return "the same command again resumes where this one stopped"
 
 
+def _kept(command: str, cfg: Any) -> str:
+    """What a stopped infer or evaluate keeps: the rows of its committed files. It said that the same
+    command resumes where it stopped, and with no file full yet that was from the start."""
+    if command not in ("infer", "evaluate") or cfg is None or cfg.overwrite:
+        return ""
+    from bertjob.infer import committed_rows, rows_per_file
+
+    try:
+        rows = committed_rows(cfg.output)
+    except OSError:  # not written yet, or its store is away: nothing to count
+        return ""
+    if rows:
+        return f"{rows:,} rows are committed: the same command again resumes from them"
+    return (f"no rows were committed yet (a file of them is, every {rows_per_file(cfg):,} rows: --rows-per-shard): "
+            f"the same command again starts from the beginning")  # fmt: skip
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`kubectl delete pod`, `ray job stop`, `timeout`): raised in the main thread as
     Ctrl-C raises KeyboardInterrupt, so that the run ends the same way, resumable."""
@@ -351,14 +368,17 @@ def main(argv: list[str] | None = None) -> int:
             )
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: 128 + the signal, as a shell reports it
             rc = 128 + (signal.SIGTERM if terminated else signal.SIGINT)
-            said = f"bertjob: interrupted; {_rerun(command, cfg)}\n"
+            said = f"bertjob: interrupted; {_kept(command, cfg) or _rerun(command, cfg)}\n"
         # Leave Ray before the last word, whatever ended the command: its exit hook does the same
         # after a 0.5 s sleep, and after a stopped Ray Data run (a SIGTERMed prepare, on a loaded
         # machine) it turned the exit status into 1.
         if "ray" in sys.modules and not ray_before:
             from bertjob.cluster import leave_ray
 
-            leave_ray()
+            try:
+                leave_ray()
+            except KeyboardInterrupt:  # Ctrl-C twice: a traceback from inside Ray's shutdown was the last word
+                pass  # Ray's exit hook stops what is left
     if said:
         parser.exit(rc, said)
     return rc

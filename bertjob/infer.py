@@ -468,6 +468,19 @@ def make_sink(output: str, include_text: bool, rows_per_file: int) -> Any:
     return _Sink()
 
 
+def rows_per_file(cfg: InferConfig) -> int:
+    """Rows per committed output file. A file is committed once full, and a stopped run keeps only
+    those: on CPU 50,000 rows were 20 min to 3 h of scoring, and Ctrl-C lost all of it."""
+    return cfg.rows_per_shard or (50_000 if cfg.use_gpu else 2_000)
+
+
+def committed_rows(output: str) -> int:
+    """The rows committed so far (predictions and quarantine), from the files' footers."""
+    fs, root = filesystem(output)
+    files = [name for name in committed_files(output) if name.endswith(".parquet")]
+    return sum(pq.read_metadata(join(root, name), filesystem=fs).num_rows for name in files)
+
+
 def committed_positions(output: str, units: int, redo: str) -> tuple[dict[int, Any], int]:
     """Read back what earlier runs committed: {unit: True (finished) | bool mask of done rows}.
     `redo`: the flag that scores from the start (`overwrite_flag`)."""
@@ -627,8 +640,12 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
     if cfg.include_text and corpus.kind == "prepared":  # its text column came out all null, without a word
         raise InputError(f"input {cfg.input} is a prepared directory, which keeps token ids, not text; "
                          f"--include-text needs the raw corpus as --input")  # fmt: skip
+    near = corpus.near_label_column()
+    if near and not evaluate:  # its values were left out of true_label without a word
+        log.warning("infer: no column %r, but one named %r, not read: give --label-column %r to record its values as "
+                    "true_label", cfg.label_column, near, near)  # fmt: skip
     if evaluate and not corpus.labelled:
-        fix = "Set --label-column"
+        fix = f"Set --label-column {near!r} (the column named so but for case or spaces)" if near else "Set --label-column"
         if corpus.kind == "prepared":  # its labels were read by prepare: only a split can have them
             by_split = corpus.manifest["splits"]  # type: ignore[attr-defined]
             labelled = sorted(s for s, v in by_split.items() if v.get("label_counts"))
@@ -658,11 +675,15 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
         changed = effective != TextSettings.of(recorded or manifest)
         whose, scorer = ("this command", f"this command scores with (model {cfg.model}'s, changed by its flags)") \
             if changed else ("model", f"model {cfg.model} was trained with")  # fmt: skip
-        differ = [f"{k} {have[k]!r} ({whose}: {want[k]!r})" for k in want if want[k] != have[k]]
+        differ = [k for k in want if want[k] != have[k]]
         if differ:
+            # prepare's head_tokens default follows max_length: named too, so that the two agree
+            keys = [*differ, *(["head_tokens"] if "max_length" in differ and "head_tokens" not in differ else [])]
+            flags = " ".join(f"--{k.replace('_', '-')} {str(want[k]).lower() if isinstance(want[k], bool) else want[k]}"
+                             for k in keys)  # fmt: skip
             raise InputError(f"input {cfg.input} was prepared with other text settings than {scorer}: "
-                             f"{', '.join(differ)}; give the raw corpus, or prepare it again with these "
-                             f"settings")  # fmt: skip
+                             f"{', '.join(f'{k} {have[k]!r} ({whose}: {want[k]!r})' for k in differ)}; give the raw "
+                             f"corpus, or prepare it again with these settings ({flags})")  # fmt: skip
     else:
         effective = text_settings(cfg, recorded)
     if effective.truncation == "head+tail" and not effective.head_tokens < effective.max_length - 2:
@@ -796,7 +817,7 @@ def score(
         batch_size=max((cfg.batch_size or 16) * 16, 512),
         batch_format="pyarrow",
     )
-    sink = make_sink(cfg.output, cfg.include_text, cfg.rows_per_shard)
+    sink = make_sink(cfg.output, cfg.include_text, rows_per_file(cfg))
     scoring_t0 = time.time()
     try:
         ds.write_datasink(sink, ray_remote_args={"num_cpus": 0, "max_retries": BATCH_RETRIES})
@@ -1022,14 +1043,14 @@ def finish(
 
 
 def repeated_ids(ids: pa.ChunkedArray) -> tuple[int, str | None, int]:
-    """(rows whose id an earlier row has, the commonest such id, its rows). A hash of the ids: less
+    """(rows whose id another row has too, the commonest such id, its rows). A hash of the ids: less
     than the sort of the positions beside it (measured: 1.1 s and 5.8 s for 2M rows on 2 busy cores)."""
-    distinct = len(pc.unique(ids))
-    if distinct == len(ids):
+    if len(pc.unique(ids)) == len(ids):
         return 0, None, 0
     counts = pc.value_counts(ids)
-    top = counts[int(np.argmax(counts.field("counts").to_numpy()))]
-    return len(ids) - distinct, top["values"].as_py(), top["counts"].as_py()
+    n = counts.field("counts").to_numpy()
+    top = counts[int(np.argmax(n))]
+    return int(n[n > 1].sum()), top["values"].as_py(), top["counts"].as_py()
 
 
 def evaluation(cfg: InferConfig, quarantined: Counter, unrecognised: dict[str, int]) -> dict[str, Any]:

@@ -510,12 +510,11 @@ def input_problems(cfg: PrepareConfig, corpus: Corpus) -> list[str]:
             f"train rows to it: leave it out (it is for a corpus without one)"
         )
     first, names = corpus.header
-    near = [n for n in names if cfg.label_column and n.strip().lower() == cfg.label_column.strip().lower()]
-    if near and not corpus.labelled:
+    if near := corpus.near_label_column():
         # "Label" (Excel's capital), " label" (a space after the header's comma): read as unlabelled,
         # the corpus was prepared to a train split without labels, which train refused afterwards.
         problems.append(
-            f"input {cfg.input}: no column {cfg.label_column!r}, but one named {near[0]!r}; set --label-column "
+            f"input {cfg.input}: no column {cfg.label_column!r}, but one named {near!r}; set --label-column "
             f"to it (in a pipeline: --prepare.label-column), or rename it"
         )
     elif generic and not corpus.labelled and cfg.label_column not in ("", PrepareConfig.label_column):

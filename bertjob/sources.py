@@ -149,6 +149,14 @@ class Corpus:
                 named.setdefault(word, unit)
         return named
 
+    def near_label_column(self) -> str | None:
+        """A column named as the label column but for case or spaces (Excel's "Label", " label" after a
+        header's comma), where no file has the label column itself."""
+        want = self.label_column.strip().lower()
+        if self.labelled or not want:
+            return None
+        return next((n for n in self.header[1] if n.strip().lower() == want), None)
+
     def split_of(self, unit: str) -> str:
         """The split of a file's rows: its own (hf://, a split=test/ directory), else `split`."""
         return self.split_of_unit.get(unit, self.split)
@@ -531,6 +539,7 @@ def _generic(fs: pafs.FileSystem, root: str, files: list[tuple[str, int]], opts:
     _refuse_read_twice(fs, [p for p, _ in files])
     _refuse_compressed_twins(fs, [p for p, _ in files])
     corpus = Corpus(kind, root, [p for p, _ in files], fs, size_bytes=sum(s for _, s in files), **opts)
+    bare = []  # files with columns but not the label column
     for path, _ in files:
         # A corpus partitioned by split (Hive's layout: reviews/split=test/part-0.parquet) keeps its
         # files' splits in their paths: read as --split's, its test rows were trained on.
@@ -543,13 +552,18 @@ def _generic(fs: pafs.FileSystem, root: str, files: list[tuple[str, int]], opts:
             )
         if own is not None:
             corpus.split_of_unit[path] = own
-        _add_columns(corpus, path)
+        names = _add_columns(corpus, path)
+        if names and corpus.label_column not in names:
+            bare.append(corpus.relpath(path))
+    if corpus.labelled and bare:  # each of their rows was quarantined as missing_label, the file unnamed
+        log.warning("input %s: %d of %d files have no column %r (%s%s): their rows have no label", uri(fs, root),
+                    len(bare), len(files), corpus.label_column, ", ".join(bare[:3]), ", ..." if len(bare) > 3 else "")  # fmt: skip
     return corpus
 
 
-def _add_columns(corpus: Corpus, path: str) -> None:
+def _add_columns(corpus: Corpus, path: str) -> list[str]:
     """Check a file's columns (`_check_columns`) and note them: whether the corpus is labelled, and
-    its first file with columns."""
+    its first file with columns. Returns them."""
     try:
         names = _check_columns(corpus, path)
     except InputError:
@@ -560,6 +574,7 @@ def _add_columns(corpus: Corpus, path: str) -> None:
     corpus.labelled |= bool(corpus.label_column) and corpus.label_column in names
     if names and not corpus.header[1]:
         corpus.header = (path, names)
+    return names
 
 
 def _saved_dataset_files(fs: pafs.FileSystem, where: str) -> dict[str, str] | None:

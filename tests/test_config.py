@@ -570,7 +570,10 @@ def test_an_interrupt_says_what_the_same_command_again_does(capsys, monkeypatch,
     monkeypatch.setattr(cli, "run_command", interrupted)
     for argv, said in (
         (["--log-level", "WARNING", "prepare", "--output", str(tmp_path)], "prepare does not resume: the same command again prepares from the start"),
-        (["infer", "--input", "x", "--model", "m", "--output", str(tmp_path)], "the same command again resumes where this one stopped"),
+        # no file committed yet: it said the same command resumes where this one stopped (test_infer.py: with some)
+        (["infer", "--input", "x", "--model", "m", "--output", str(tmp_path)],
+         "no rows were committed yet (a file of them is, every 2,000 rows: --rows-per-shard): the same command again "
+         "starts from the beginning"),
         # --overwrite replaces what the stopped run committed: the same command scored from the start
         (["evaluate", "--input", "x", "--model", "m", "--output", str(tmp_path), "--overwrite"],
          "the same command without --overwrite resumes where this one stopped (with it, it starts again)"),

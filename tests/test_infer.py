@@ -196,6 +196,21 @@ def test_evaluate_on_an_unlabelled_corpus_fails_before_any_work(tiny_classifier_
     assert not out.exists()  # nothing scored, nothing written
 
 
+def test_a_label_column_named_but_for_case_is_pointed_at(tiny_classifier_dir, tmp_path, caplog):
+    """Excel's "Label": prepare said so, but infer left its values out of true_label without a word,
+    and evaluate's error said only "Set --label-column"."""
+    (tmp_path / "a.csv").write_text("text,Label\ngreat movie,1\n")
+    cfg = InferConfig(input=str(tmp_path / "a.csv"), model=tiny_classifier_dir, output=str(tmp_path / "o"))
+    with pytest.raises(InputError, match=r"Set --label-column 'Label' \(the column named so but for case or spaces\), "
+                       r"or score it with `bertjob infer`$"):  # fmt: skip
+        infer.describe(cfg, evaluate=True)
+    with caplog.at_level(logging.WARNING, logger="bertjob.infer"):
+        infer.describe(cfg)
+    assert caplog.messages == ["infer: no column 'label', but one named 'Label', not read: give --label-column 'Label' "
+                               "to record its values as true_label"]  # fmt: skip
+    assert infer.describe(InferConfig(**{**infer.to_dict(cfg), "label_column": "Label"}), evaluate=True)
+
+
 def test_evaluate_on_a_raw_corpus_of_several_splits_needs_one(tiny_classifier_dir, imdb_small, tmp_path):
     """An IMDb layout evaluated whole scored its train rows into the metrics without a word, where a
     prepared directory of the same splits is an error; an archive's splits are known only by reading it."""
@@ -315,8 +330,13 @@ def test_a_prepared_input_with_other_text_settings_than_the_model_is_an_error(ti
     assert str(err.value) == (
         f"input {prepared} was prepared with other text settings than this command scores with (model {model}'s, "
         f"changed by its flags): max_length 64 (this command: 32); give the raw corpus, or prepare it again with "
-        f"these settings"
+        f"these settings (--max-length 32 --head-tokens 16)"
     )
+    manifest.update(head_tokens=8, strip_html=False)  # the quickstart's model (head 64) on a default prepare (32)
+    (prepared / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match=r"head_tokens 8 \(model: 16\), strip_html False \(model: True\); give the "
+                       r"raw corpus, or prepare it again with these settings \(--head-tokens 16 --strip-html true\)$"):  # fmt: skip
+        infer.describe(cfg, evaluate=True)
 
 
 def test_evaluating_the_unlabelled_split_is_an_error_before_any_work(tiny_classifier_dir, tmp_path):
@@ -453,7 +473,7 @@ def test_infer_scores_every_row_exactly_once_with_bad_rows_quarantined(
     )  # not silent
     # Two rows of one id: scored once each (one prediction per input row), and said, not silent
     assert (
-        "infer: 1 rows share their id (--id-column 'id') with another row, e.g. 'r1' (2 rows)" in caplog.text
+        "infer: 2 rows share their id (--id-column 'id') with another row, e.g. 'r1' (2 rows)" in caplog.text
     )
     assert not [w for w in caught if "concurrent tasks" in str(w.message)], [str(w.message) for w in caught]
 
@@ -512,10 +532,9 @@ def test_a_stopped_or_killed_infer_resumes_with_exactly_one_row_per_input(
         if stop == signal.SIGTERM:
             err = (tmp_path / "stderr").read_text()
             assert rc == 128 + signal.SIGTERM, err[-3000:]
-            assert (
-                err.strip().splitlines()[-1]
-                == "bertjob: interrupted; the same command again resumes where this one stopped"
-            )
+            said = re.fullmatch(r"bertjob: interrupted; ([\d,]+) rows are committed: the same command again "
+                                r"resumes from them", err.strip().splitlines()[-1])  # fmt: skip
+            assert said and 0 < int(said[1].replace(",", "")) <= committed(), err[-3000:]
             assert "SIGTERM received" not in err and "Traceback" not in err, err[-3000:]
         assert before < committed() < total and not (out / "manifest.json").exists()
     partial = committed()

@@ -1,5 +1,6 @@
 import gzip
 import json
+import logging
 import os
 import re
 import socket
@@ -320,6 +321,17 @@ def test_a_corpus_is_labelled_when_its_files_have_the_label_column(tmp_path, imd
     assert not open_corpus(str(tmp_path / "u.jsonl")).labelled
     assert not open_corpus(str(tmp_path / "l.parquet"), label_column="").labelled
     assert open_corpus(str(imdb_small)).labelled
+
+
+def test_a_file_without_the_label_column_of_a_labelled_corpus_is_named(tmp_path, caplog):
+    """Its rows were quarantined one by one as missing_label, and no message named the file."""
+    (tmp_path / "a.csv").write_text("text,label\ngreat,1\n")
+    (tmp_path / "b.csv").write_text("text\ndull\n")
+    (tmp_path / "c.csv").write_text("")  # no columns, no rows: not named
+    with caplog.at_level(logging.WARNING, logger="bertjob.sources"):
+        assert open_corpus(str(tmp_path)).labelled
+        assert not open_corpus(str(tmp_path / "[bc].csv")).labelled  # unlabelled as a whole: nothing to say
+    assert caplog.messages == [f"input {tmp_path}: 1 of 3 files have no column 'label' (b.csv): their rows have no label"]
 
 
 def test_a_label_in_the_path_of_a_partitioned_dataset_is_read(tmp_path):
