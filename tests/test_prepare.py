@@ -427,9 +427,10 @@ def test_an_output_prepare_may_not_replace_is_refused_before_ray_starts(tmp_path
     tokenizer, ~15 s, before saying that it never replaces it: now the command ends at once."""
     import os
 
+    from bertjob import infer
     from bertjob.outputs import claim_output
 
-    claim_output(str(tmp_path / "scored"), "infer")
+    claim_output(str(tmp_path / "scored"), "infer", infer.OWN_ENTRIES)
     (tmp_path / "c.jsonl").write_text(json.dumps({"text": "great fun", "label": 1}) + "\n")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = run_in_session([sys.executable, "-m", "bertjob", "prepare", "--input", str(tmp_path / "c.jsonl"),
