@@ -303,7 +303,7 @@ def _kept(command: str, cfg: Any) -> str:
 
     try:
         rows = committed_rows(cfg.output)
-    except OSError:  # not written yet, or its store is away: nothing to count
+    except (OSError, ValueError):  # its store is away, or a file there is no Parquet: the rerun says which
         return ""
     if rows:
         return f"{rows:,} rows are committed: the same command again resumes from them"

@@ -584,6 +584,11 @@ def test_an_interrupt_says_what_the_same_command_again_does(capsys, monkeypatch,
             main(argv)
         assert exit_.value.code == 130
         assert capsys.readouterr().err == f"bertjob: interrupted; {said}\n"
+    (tmp_path / "o" / "predictions").mkdir(parents=True)
+    (tmp_path / "o" / "predictions" / "part-0.parquet").write_bytes(b"PAR1")  # not one a run committed
+    with pytest.raises(SystemExit):  # no rows to count: the rerun's own error names the file
+        main(["infer", "--input", "x", "--model", "m", "--output", str(tmp_path / "o")])
+    assert capsys.readouterr().err == "bertjob: interrupted; the same command again resumes where this one stopped\n"
 
 
 def test_a_stage_setting_at_the_top_of_a_pipeline_file_says_which_section_it_goes_in():
