@@ -686,6 +686,15 @@ def describe(cfg: InferConfig, evaluate: bool = False) -> tuple[Any, dict[str, A
                              f"corpus, or prepare it again with these settings ({flags})")  # fmt: skip
     else:
         effective = text_settings(cfg, recorded)
+        if recorded:  # flags that score otherwise than the model was trained: it may do worse, unsaid
+            trained, now = TextSettings.of(recorded).as_dict(), effective.as_dict()
+            # the cap follows max_length unless given: not the user's change
+            keys = [k for k in now if now[k] != trained[k] and (k != "max_chars_per_end" or cfg.max_chars_per_end)]  # fmt: skip
+            if keys:
+                log.warning("%s: scoring with other text settings than model %s was trained with: %s; its "
+                            "predictions may be worse than its evaluation said (leave out these flags to score "
+                            "as it was trained)", "evaluate" if evaluate else "infer", cfg.model,
+                            ", ".join(f"{k} {now[k]!r} (trained: {trained[k]!r})" for k in keys))  # fmt: skip
     if effective.truncation == "head+tail" and not effective.head_tokens < effective.max_length - 2:
         # prepare's rule: `--max-length 16` on a model trained with 16 head tokens, or `--head-tokens 200`
         # at 64, was cut to the budget, the head alone, without a word

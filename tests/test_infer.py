@@ -275,7 +275,7 @@ def _model_trained_with(tiny_classifier_dir, tmp_path, **text):
     return str(d)
 
 
-def test_infer_follows_every_text_setting_the_model_was_trained_with(tiny_classifier_dir, tmp_path):
+def test_infer_follows_every_text_setting_the_model_was_trained_with(tiny_classifier_dir, tmp_path, caplog):
     model = _model_trained_with(tiny_classifier_dir, tmp_path, strip_html=False, max_chars_per_end=100)
     pq.write_table(pa.table({"text": ["a <b>b</b>", "x " * 1000]}), tmp_path / "c.parquet")
     cfg = InferConfig(input=str(tmp_path / "c.parquet"), model=model, output=str(tmp_path / "o"))
@@ -288,6 +288,22 @@ def test_infer_follows_every_text_setting_the_model_was_trained_with(tiny_classi
         infer.describe(flags)[1]["settings"]["strip_html"],
         infer.describe(flags)[1]["settings"]["max_chars_per_end"],
     ) == (True, 50)
+    # flags that score otherwise than the model was trained are named (the cap only where given)
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING][-1] == (
+        f"infer: scoring with other text settings than model {model} was trained with: strip_html True (trained: "
+        f"False), max_chars_per_end 50 (trained: 100); its predictions may be worse than its evaluation said (leave "
+        f"out these flags to score as it was trained)"
+    )
+    caplog.clear()
+    infer.describe(InferConfig(**{**infer.to_dict(cfg), "max_length": 256, "truncation": "head"}))
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"infer: scoring with other text settings than model {model} was trained with: max_length 256 (trained: "
+        f"64), truncation 'head' (trained: 'head+tail'); its predictions may be worse than its evaluation said (leave "
+        f"out these flags to score as it was trained)"
+    ]
+    caplog.clear()
+    infer.describe(cfg)  # as trained: no word
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
     # more head than max_length holds (given, or the model's at a shorter max_length): an error, as in
     # prepare; it was cut to the budget, a plain head truncation, without a word
     for too_long in ({"head_tokens": 200}, {"max_length": 16}):
