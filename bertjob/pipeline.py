@@ -228,7 +228,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         # A pretrain stage's max_length is its own, that of the sequences it packs.
         if pt_cfg and (problems := pretrain.positions_problems(pt_cfg, shape)):
             raise pretrain.PretrainSetupError("cannot pretrain:\n  - " + "\n  - ".join(problems))
-        manifest = prepare.run(p_cfg, in_pipeline=True)
+        manifest = prepare.run(p_cfg, in_pipeline=True, corpus=corpus)
     summary["stages"]["prepare"] = stage_summary(
         p_cfg.output, reused, rows={k: v["rows_written"] for k, v in manifest["splits"].items()},
         rows_quarantined=manifest["rows_quarantined"],

@@ -562,10 +562,11 @@ def nothing_kept(
 
 
 @releasing
-def run(cfg: PrepareConfig, in_pipeline: bool = False) -> dict[str, Any]:
+def run(cfg: PrepareConfig, in_pipeline: bool = False, corpus: Corpus | None = None) -> dict[str, Any]:
     """Run the prepare job; returns the manifest. `in_pipeline`: as `bertjob pipeline`'s prepare
     stage, which trains next: a corpus whose train rows were all quarantined is an error there,
-    worded with its --prepare.KEY flags (on its own, one whose every row was)."""
+    worded with its --prepare.KEY flags (on its own, one whose every row was). `corpus`: the input
+    as the pipeline opened it (opened again, its warnings were logged twice)."""
     import ray
 
     from bertjob.cluster import (
@@ -584,7 +585,7 @@ def run(cfg: PrepareConfig, in_pipeline: bool = False) -> dict[str, Any]:
     # Token ids longer than the model holds: train refused them only after the whole corpus was tokenized.
     if problem := models.max_length_problem(cfg.model, cfg.max_length):
         raise models.ModelError(problem)
-    corpus = open_input(cfg)
+    corpus = corpus or open_input(cfg)
     first = corpus.first_rows()
     if first is None:
         raise InputError(f"input {cfg.input}: no rows found ({corpus.describe()})")

@@ -227,19 +227,25 @@ def test_a_corpus_with_nothing_to_evaluate_or_score_fails_before_any_work(
 
 
 def test_a_corpus_whose_every_row_is_quarantined_says_so_not_that_it_lacks_a_test_split(
-    tmp_path, tiny_model_dir, ray_local
+    tmp_path, tiny_model_dir, ray_local, caplog
 ):
     """Texts all empty or labels all missing: prepare quarantined every row, and the pipeline said
     there was no test split and to hold one out with --prepare.test-fraction 0.2, the flag it had."""
     lines = ["text,label"] + [" ,1" if i % 2 else "great fun," for i in range(10)]
-    (tmp_path / "r.csv").write_text("\n".join(lines) + "\n")
-    cfg = build(PipelineConfig, {"input": str(tmp_path / "r.csv"), "output_dir": str(tmp_path / "out"),
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "r.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "in" / "notes.md").write_text("where the reviews came from\n")
+    cfg = build(PipelineConfig, {"input": str(tmp_path / "in"), "output_dir": str(tmp_path / "out"),
                                  "model": tiny_model_dir, "max_length": 32, "prepare": {"test_fraction": 0.2}})  # fmt: skip
-    with pytest.raises(InputError, match=r"input .*r.csv: nothing to train on: prepare quarantined all 10 train rows "
+    with pytest.raises(InputError, match=r"input .*in: nothing to train on: prepare quarantined all 10 train rows "
                        r"\(empty_text 5, missing_label 5; they are in .*out/prepared/quarantine\)\. Give each row a "
                        r"text and a label"):  # fmt: skip
         pipeline.run(cfg)
     assert not (tmp_path / "out" / "train").exists()
+    # the input is opened once: what it says of its files was logged twice
+    assert [m for m in caplog.messages if "left out" in m] == [
+        f"input {tmp_path / 'in'}: 1 file(s) of no format bertjob reads are left out (notes.md)"
+    ]
 
 
 def test_the_summary_counts_the_rows_prepare_quarantined(capsys):
