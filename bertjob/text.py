@@ -213,8 +213,9 @@ def rating_scale(
     if all(float(v) == 2 for v in numeric) and not labels.get("0", 0):
         # Yelp's and Amazon's polarity files: 1 negative, 2 positive. "A rating scale?" and IMDb's
         # rule of 10 stars did not fit them; their 1s, the negatives, would have been positives.
+        ones = f"1 ({labels['1']} rows) and " if labels.get("1") else ""
         return (
-            f"label column {column!r} holds 2 ({shown}), 1 ({labels.get('1', 0)}) and no 0: labels of 1 "
+            f"label column {column!r} holds {ones}2 ({sum(numeric.values())} rows) but no 0: labels of 1 "
             f"negative and 2 positive, as Yelp's and Amazon's polarity files have? bertjob's labels are 0/1 (also "
             f"neg/pos, negative/positive, false/true), so the 1s would count as positive and the 2s {others}. Map "
             f"1 to 0 and 2 to 1 first"

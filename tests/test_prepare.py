@@ -109,7 +109,7 @@ def test_polarity_labels_of_one_and_two_are_an_error_saying_to_map_them(tmp_path
     lines = ["label,text"] + [f"{1 + i % 2},great awful film" for i in range(20)]
     (tmp_path / "yelp.csv").write_text("\n".join(lines) + "\n")
     cfg = PrepareConfig(input=str(tmp_path / "yelp.csv"), output=str(tmp_path / "out"), model=tiny_model_dir)
-    with pytest.raises(InputError, match=r"label column 'label' holds 2 \('2' x10\), 1 \(10\) and no 0: labels of 1 "
+    with pytest.raises(InputError, match=r"label column 'label' holds 1 \(10 rows\) and 2 \(10 rows\) but no 0: labels of 1 "
                                          r"negative and 2 positive, as Yelp's and Amazon's polarity files have\? .*"
                                          r"so the 1s would count as positive and the 2s would be quarantined\. "
                                          r"Map 1 to 0 and 2 to 1 first$"):  # fmt: skip
