@@ -107,8 +107,10 @@ def _log_level(name: str) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    # No prefixes of flags: `--resume true` was read as --resume-changed true, `--epoch 2` as --epochs.
     parser = argparse.ArgumentParser(
         prog="bertjob",
+        allow_abbrev=False,
         description="Fine-tune BERT for sentiment and score review corpora on Ray.",
         epilog="Each subcommand takes --config FILE (YAML) and --key value flags; flags win.",
     )
@@ -119,7 +121,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_versions())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cls in COMMANDS.items():
-        p = sub.add_parser(name, help=(cls.__doc__ or "").splitlines()[0], description=cls.__doc__)
+        p = sub.add_parser(name, help=(cls.__doc__ or "").splitlines()[0], description=cls.__doc__, allow_abbrev=False)
         p.add_argument(
             "--config", metavar="FILE", action=_Once, help="YAML file of settings (flags override it)"
         )

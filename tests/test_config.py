@@ -394,6 +394,12 @@ def test_a_mistyped_flag_is_answered_with_the_nearest_and_underscores_are_read(c
         "r.csv; bertjob takes no positional arguments: give each value after its flag (--input r.csv ...)"
     )
     assert error("train", "--bogus", "1").endswith("--bogus 1 (`bertjob train --help` lists every setting)")
+    # a flag's prefix is no flag: `--resume true` trained as --resume-changed true, a run of other settings
+    assert error("train", "--data", "d", "--resume", "true").endswith(
+        "--resume true; did you mean --resume-changed? (`bertjob train --help` lists every setting)"
+    )
+    assert error("train", "--data", "d", "--log-lev", "DEBUG").endswith("--log-lev DEBUG; did you mean --log-level? "
+                                                                     "(`bertjob train --help` lists every setting)")  # fmt: skip
     # read as --max-length and --validation-fraction: their values are what is wrong
     with pytest.raises(SystemExit):
         main(["prepare", "--max_length", "abc", "--validation_fraction=2"])
