@@ -32,6 +32,7 @@ import torch
 from bertjob import checkpoint, models, runlog
 from bertjob.checkpoint import TrainState
 from bertjob.config import JobError, PretrainConfig, SetupError, TrainConfig, stage_flag, to_dict
+from bertjob.identity import digest, model_fingerprint
 from bertjob.metrics import classification_metrics
 from bertjob.outputs import MANIFEST, check_writable, ensure_output, hold, releasing, stage_of, versions
 from bertjob.pretrain import pretrain_record
@@ -295,9 +296,11 @@ def run_identity(cfg: Any, manifest: dict[str, Any], **settings: Any) -> dict[st
     """What a checkpoint of this run (train, or pretrain with its `settings`) depends on: resuming
     it with any of these changed would continue another run's weights or data order. The data is
     the prepared output's own identity (its corpus' content, every prepare setting): data prepared
-    again otherwise (another truncation, another corpus) with the same row counts is another run."""
+    again otherwise (another truncation, another corpus) with the same row counts is another run.
+    The model is its files too: another model at the same path (pretrained again) is another run."""
     return {
         "model": cfg.model,
+        "model_files": digest(model_fingerprint(cfg.model)),
         "data": {
             "tokenizer": manifest["tokenizer"]["fingerprint"],
             "max_length": manifest["max_length"],
@@ -430,7 +433,8 @@ def check_run_compatible(
                 f"{path}, the record of what run {cfg.name!r} trains on, cannot be read ({err}). Delete it to "
                 f"resume that run unchecked (it is written again), or start a new run with another --name"
             ) from err
-        changed = [k for k in identity if before.get(k) != identity[k] and k not in may_change]
+        # a key an older bertjob did not record is not compared: its runs resume as before
+        changed = [k for k in identity if k in before and before[k] != identity[k] and k not in may_change]
         if changed and not cfg.resume_changed:
             details = "; ".join(f"{k}: {before.get(k)} -> {identity[k]}" for k in changed)
             raise TrainSetupError(

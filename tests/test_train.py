@@ -333,6 +333,38 @@ def test_a_damaged_run_record_is_one_line_saying_what_to_do(
                             "with another --name\n")  # fmt: skip
 
 
+def test_a_run_whose_starting_model_was_replaced_at_the_same_path_is_another_run(
+    trained, prepared_small, tiny_model_dir, tmp_path, capsys
+):
+    """`pretrain` again, then `train --model pretrained/model`: the finished run of the first model
+    was exported again as this one's (its record held the model's path, not its files)."""
+    from bertjob.identity import digest, model_fingerprint
+
+    out, _ = trained
+    shutil.copytree(out / "ckpt" / "t", tmp_path / "ckpt" / "t")
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model)
+    record = tmp_path / "ckpt" / "t" / train.RUN_FILE  # the record a run from this model's path writes
+    earlier = json.loads(record.read_text())
+    assert earlier["model_files"] == digest(model_fingerprint(tiny_model_dir))
+    record.write_text(json.dumps({**earlier, "model": str(model), "model_files": digest(model_fingerprint(str(model)))}))
+    args = ["train", "--data", str(prepared_small), "--output", str(tmp_path / "run"), "--model", str(model),
+            "--num-workers", "2", "--batch-size", "16", "--lr", "5e-3", "--name", "t", "--storage-path",
+            str(tmp_path / "ckpt"), "--mixed-precision", "off", "--epochs", "3"]  # fmt: skip
+    assert cli.main(args) == 0  # the same files: the finished run, exported again
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model / "model.safetensors")
+    save_file({k: v + 0.01 for k, v in weights.items()}, model / "model.safetensors")  # another model, same path
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "has checkpoints of a different run (model_files: " in err, err
+    # a record of an older bertjob, without the model's files: its run resumes (here: exports) as before
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "model_files"}))
+    assert cli.main(args) == 0
+
+
 def test_extending_a_finished_run_schedules_the_added_steps_and_a_changed_run_is_refused(
     trained, prepared_small, tiny_model_dir, tmp_path
 ):
