@@ -419,10 +419,12 @@ def note_unused(run_dir: str, what: str, snapshot: dict[str, Any]) -> None:
 
 
 def check_run_compatible(
-    cfg: Any, identity: dict[str, Any], run_dir: str, may_change: tuple[str, ...] = ()
+    cfg: Any, identity: dict[str, Any], run_dir: str, may_change: tuple[str, ...] = (), finished: bool = False
 ) -> None:
     """A rerun with the same name resumes; one whose model, data or order changed is an error
-    (`may_change`: identity keys a rerun may change, those that only shape the steps it adds)."""
+    (`may_change`: identity keys a rerun may change, those that only shape the steps it adds).
+    `finished`: the run has no steps left to train, so --resume-changed has nothing to continue
+    (it exported the model as trained with the changed settings, and recorded them as the run's)."""
     path = join(run_dir, RUN_FILE)
     if exists(join(run_dir, SNAPSHOT)) and exists(path):
         try:
@@ -435,8 +437,14 @@ def check_run_compatible(
             ) from err
         # a key an older bertjob did not record is not compared: its runs resume as before
         changed = [k for k in identity if k in before and before[k] != identity[k] and k not in may_change]
+        details = "; ".join(f"{k}: {before.get(k)} -> {identity[k]}" for k in changed)
+        if changed and finished:
+            extend = ", or more --epochs to train added steps with them" if set(changed) <= set(OPTIMISATION) else ""
+            raise TrainSetupError(
+                f"run {cfg.name!r} in {os.path.dirname(run_dir)} has finished, trained with other settings "
+                f"({details}): it has no steps left to train with these. Start a new run with another --name{extend}"
+            )
         if changed and not cfg.resume_changed:
-            details = "; ".join(f"{k}: {before.get(k)} -> {identity[k]}" for k in changed)
             raise TrainSetupError(
                 f"run {cfg.name!r} in {os.path.dirname(run_dir)} has checkpoints of a different run ({details}). "
                 f"Start a new run with another --name, or pass --resume-changed true to continue those weights anyway"
@@ -531,8 +539,9 @@ def run(cfg: TrainConfig, in_pipeline: bool = False) -> dict[str, Any]:
     identity = run_identity(
         cfg, manifest, length_grouping=cfg.length_grouping, **{k: getattr(cfg, k) for k in OPTIMISATION}
     )
-    check_run_compatible(cfg, identity, run_dir, may_change=OPTIMISATION if extends else ())
-    if done.get("final") and not extends:
+    finished = bool(done.get("final")) and not extends
+    check_run_compatible(cfg, identity, run_dir, may_change=OPTIMISATION if extends else (), finished=finished)
+    if finished:
         # Its last checkpoint holds the model and its results: exported here, with no Ray. A worker
         # group started only to hand the checkpoint back, ~30 s (and a local Ray's start, ~15 s).
         log.info("train: run %r has finished its %d steps; exporting its model again, nothing to train",

@@ -359,7 +359,8 @@ def test_a_run_whose_starting_model_was_replaced_at_the_same_path_is_another_run
     with pytest.raises(SystemExit) as exit_:
         cli.main(args)
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "has checkpoints of a different run (model_files: " in err, err
+    assert exit_.value.code == 2 and "has finished, trained with other settings (model_files: " in err, err
+    assert err.rstrip().endswith("Start a new run with another --name"), err  # more epochs would need it too
     # a record of an older bertjob, without the model's files: its run resumes (here: exports) as before
     record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "model_files"}))
     assert cli.main(args) == 0
@@ -387,8 +388,15 @@ def test_extending_a_finished_run_schedules_the_added_steps_and_a_changed_run_is
     assert lr[40] == pytest.approx(1e-2 * 9 / 11)
     # A rerun that adds no steps trains nothing: with another lr it exported the finished model as
     # trained at that lr, and with fewer epochs as trained for fewer steps.
-    with pytest.raises(train.TrainSetupError, match=r"lr: 0.01 -> 0.005.*another --name"):
-        train.run(cfg(prepared_small, tmp_path / "run", tiny_model_dir, epochs=4, lr=5e-3, **kw))
+    # --resume-changed too: it exported the model as trained at 5e-3 and recorded 5e-3 as the run's,
+    # so that the command that trained it was then refused.
+    for resume_changed in (False, True):
+        with pytest.raises(train.TrainSetupError, match=r"has finished, trained with other settings \(lr: 0.01 -> "
+                           r"0.005\): it has no steps left to train with these. Start a new run with another --name, "
+                           r"or more --epochs to train added steps with them$"):  # fmt: skip
+            train.run(cfg(prepared_small, tmp_path / "run", tiny_model_dir, epochs=4, lr=5e-3,
+                          resume_changed=resume_changed, **kw))  # fmt: skip
+    assert train.run(cfg(prepared_small, tmp_path / "run", tiny_model_dir, epochs=4, lr=1e-2, **kw))["steps"] == 48
     with pytest.raises(
         train.TrainSetupError, match=r"has trained 48 steps, a longer run than the 36 steps this one asks for"
     ):
