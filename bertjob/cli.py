@@ -368,9 +368,9 @@ def main(argv: list[str] | None = None) -> int:
                 1,
                 f"bertjob: error: {_own_words(err)}{_full_disk(err, cfg)}\nbertjob: {_rerun(command, cfg)}\n",
             )
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: 128 + the signal, as a shell reports it
+        except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: 128 + the signal, as a shell reports it
             rc = 128 + (signal.SIGTERM if terminated else signal.SIGINT)
-            said = f"bertjob: interrupted; {_kept(command, cfg) or _rerun(command, cfg)}\n"
+            said = f"bertjob: interrupted; {getattr(stop, 'kept', '') or _kept(command, cfg) or _rerun(command, cfg)}\n"
         # Leave Ray before the last word, whatever ended the command: its exit hook does the same
         # after a 0.5 s sleep, and after a stopped Ray Data run (a SIGTERMed prepare, on a loaded
         # machine) it turned the exit status into 1.

@@ -32,6 +32,14 @@ class JobError(RuntimeError):
     prints it and exits 1, without a traceback."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, with what the stopped run keeps in words: the CLI's last line."""
+
+    def __init__(self, kept: str):
+        super().__init__(kept)
+        self.kept = kept
+
+
 class ConfigError(ValueError):
     """One or more configuration problems, each on its own line."""
 

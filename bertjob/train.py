@@ -31,7 +31,7 @@ import torch
 
 from bertjob import checkpoint, models, runlog
 from bertjob.checkpoint import TrainState
-from bertjob.config import JobError, PretrainConfig, SetupError, TrainConfig, stage_flag, to_dict
+from bertjob.config import Interrupted, JobError, PretrainConfig, SetupError, TrainConfig, stage_flag, to_dict
 from bertjob.identity import digest, model_fingerprint
 from bertjob.metrics import classification_metrics
 from bertjob.outputs import MANIFEST, check_writable, ensure_output, hold, releasing, stage_of, versions
@@ -679,6 +679,8 @@ def fit(cfg: Any, loop: Any, loop_config: dict[str, Any], plan: WorkerPlan, stor
     )
     try:
         result = trainer.fit()
+    except KeyboardInterrupt as stop:
+        raise Interrupted(kept_at_stop(cfg, run_dir, stage, in_pipeline)) from stop
     except (ray.train.TrainingFailedError, ray.exceptions.OutOfMemoryError) as err:
         if runlog.is_placement_timeout(err):
             raise PlacementTimeoutError(
@@ -698,6 +700,22 @@ def fit(cfg: Any, loop: Any, loop_config: dict[str, Any], plan: WorkerPlan, stor
     if exists(nonfinite):
         raise NonFiniteLossError(read_json(nonfinite)["step"], stage, in_pipeline)
     return result
+
+
+def kept_at_stop(cfg: Any, run_dir: str, stage: str, in_pipeline: bool) -> str:
+    """What a stopped train or pretrain run keeps: its last registered checkpoint. It said that the
+    same command resumes where it stopped, and before the first checkpoint (an epoch's end, by
+    default) that was from step 0."""
+    try:
+        step = latest_checkpoint(run_dir).get("step", 0)
+    except (OSError, ValueError):  # its store is away, its snapshot cut short: the rerun says which
+        return ""
+    if step:
+        return f"its last checkpoint is at step {step}: the same command again resumes from it"
+    every = f" and every {cfg.checkpoint_every_steps} steps" if cfg.checkpoint_every_steps else ""
+    return (f"no checkpoint was written yet (one is at each epoch's end{every}; more often: "
+            f"{stage_flag(stage, 'checkpoint_every_steps', in_pipeline)} N): the same command again starts from "
+            f"step 0")  # fmt: skip
 
 
 def leave_nonfinite(run_dir: str, rank: int, step: int) -> None:

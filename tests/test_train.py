@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -176,6 +177,7 @@ def test_ctrl_c_or_sigterm_end_training_with_the_resume_line_and_a_rerun_resumes
             "--name", "t", "--storage-path", str(out / "ckpt"), "--mixed-precision", "off",
             "--checkpoint-every-steps", "2", "--keep-checkpoints", "1"]  # fmt: skip
     snapshot = out / "ckpt" / "t" / "checkpoint_manager_snapshot.json"
+    said = []
     for stop in (signal.SIGINT, signal.SIGTERM):
         before = snapshot.read_text() if snapshot.exists() else None
         proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -188,14 +190,33 @@ def test_ctrl_c_or_sigterm_end_training_with_the_resume_line_and_a_rerun_resumes
             _, err = proc.communicate(timeout=120)
         finally:
             kill_session(proc.pid)
-        assert proc.returncode == 128 + stop and "interrupted; the same command again resumes" in err, err[
-            -3000:
-        ]
+        last = err.strip().splitlines()[-1]
+        assert proc.returncode == 128 + stop and re.fullmatch(
+            r"bertjob: interrupted; its last checkpoint is at step (\d+): the same command again resumes from it", last
+        ), err[-3000:]
+        said.append(int(last.split("at step ")[1].split(":")[0]))
     handler = signal.getsignal(signal.SIGINT)
     resumed = train.run(cfg(prepared_small, out, tiny_model_dir, num_workers=1))
     first, second = resumed["resumed_at_steps"]  # the SIGTERMed run resumed the SIGINTed one's steps
     assert 0 < first < second and resumed["steps"] == 24
+    # each resumed from the step its stop named, or a later one registered as the run ended
+    assert said[0] <= first and first < said[1] <= second
     assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_a_run_stopped_before_its_first_checkpoint_says_it_starts_again_from_step_0(tmp_path):
+    """Checkpoints come at each epoch's end by default: a run stopped before the first (on 2 CPUs,
+    minutes into the quickstart) kept nothing, and the CLI said that the same command resumes."""
+    run = TrainConfig(data="d", output=str(tmp_path / "run"))
+    assert train.kept_at_stop(run, str(tmp_path / "no-run"), "train", False) == (
+        "no checkpoint was written yet (one is at each epoch's end; more often: --checkpoint-every-steps N): the "
+        "same command again starts from step 0"
+    )
+    every = dataclasses.replace(run, checkpoint_every_steps=500)
+    assert train.kept_at_stop(every, str(tmp_path / "no-run"), "train", True) == (
+        "no checkpoint was written yet (one is at each epoch's end and every 500 steps; more often: "
+        "--train.checkpoint-every-steps N): the same command again starts from step 0"
+    )
 
 
 def test_a_process_killed_for_memory_is_one_line_saying_what_to_lower(
