@@ -106,8 +106,10 @@ def _new_run_note(cfg: Any, stage: str, storage: str) -> str | None:
     changed = [f"{k} {earlier[k]!r} -> {v!r}" for k, v in now.items()
                if k in earlier and earlier[k] != v and not (k == "lr" and not v)]  # fmt: skip
     why = ", ".join(changed) or "its prepared data, starting model or name differ"
-    step = train.latest_checkpoint(join(storage, cfg.name)).get("step", 0)  # this run, interrupted before
-    how = f"resuming run {cfg.name} at step {step}" if step else f"training run {cfg.name} from step 0"
+    done = train.latest_checkpoint(join(storage, cfg.name))  # this run, interrupted or finished before
+    step = done.get("step", 0)
+    how = (f"run {cfg.name} has finished its {step} steps" if done.get("final") else
+           f"resuming run {cfg.name} at step {step}" if step else f"training run {cfg.name} from step 0")  # fmt: skip
     return (f"{stage}: {cfg.output} holds the model of run {earlier['name']} ({why}): {how} (a changed "
             f"{stage} setting starts a new run, never extends one); its model will replace that one, whose "
             f"checkpoints stay in {earlier.get('storage_path') or storage}")  # fmt: skip

@@ -287,6 +287,15 @@ def test_a_changed_train_setting_says_it_starts_a_new_run_and_what_happens_to_th
         f"train: {tmp_path}/train holds the model of run p-old (epochs 1 -> 2): training run p-new from step 0"
     )
     assert note.endswith(f"checkpoints stay in {tmp_path}/checkpoints")
+    # the new run finished before (its model since replaced): it said "resuming" that run, then train
+    # said it had finished
+    (tmp_path / "s" / "p-new").mkdir(parents=True)
+    (tmp_path / "s" / "p-new" / train.SNAPSHOT).write_text(
+        json.dumps({"latest_checkpoint_result": {"metrics": {"step": 12, "final": 1}}})
+    )
+    assert pipeline._new_run_note(t_cfg, "train", str(tmp_path / "s")).startswith(
+        f"train: {tmp_path}/train holds the model of run p-old (epochs 1 -> 2): run p-new has finished its 12 steps "
+    )
     (tmp_path / "train" / "metrics.json").write_text(json.dumps({"config": {**earlier, "epochs": 2}}))
     assert "(its prepared data, starting model or name differ)" in pipeline._new_run_note(t_cfg, "train", "s")
     (tmp_path / "train" / "metrics.json").write_text(json.dumps({"config": {**earlier, "name": "p-new"}}))
