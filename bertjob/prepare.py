@@ -562,6 +562,41 @@ def nothing_kept(
 
 
 @releasing
+def trainable_problems(data: str, manifest: dict[str, Any]) -> list[str]:
+    """What `bertjob train` refuses in the splits of a prepared output (`data`): it checks them before
+    any work, and prepare warns of them, which wrote such an output without a word."""
+    problems: list[str] = []
+    splits = manifest.get("splits", {})
+    if splits.get("train", {}).get("rows_written") and not splits["train"].get("label_counts"):
+        return [  # nothing else about the splits matters then
+            f"split 'train' of {data} has no labels: its corpus was read as unlabelled (prepare takes "
+            f"the labels of a Parquet, CSV, TSV or JSONL corpus from --label-column, by default 'label')"
+        ]
+    for name in ("train", "validation", "test"):
+        split = splits.get(name, {})
+        written, counts = split.get("rows_written", 0), split.get("label_counts") or {}
+        if written == 0 and name != "test":
+            hint = ""
+            if name == "validation":
+                share = (manifest.get("validation") or {}).get("fraction") or 0
+                train_counts = splits.get("train", {}).get("label_counts") or {}
+                hint = (  # a few rows: prepare holds out round(share x rows) of each label, here 0
+                    f": validation_fraction {share:g} of each label's train rows {train_counts} rounds to none; "
+                    f"prepare more rows or a larger --validation-fraction (in a pipeline: --prepare.validation-fraction)"
+                    if share
+                    else " (set validation_fraction > 0 in prepare)"
+                )
+            problems.append(f"split {name!r} of {data} has no rows{hint}")
+        elif name == "train" and set(counts) != {"0", "1"}:
+            problems.append(f"split 'train' of {data} needs both labels; it has {counts}")
+        if counts and sum(counts.values()) != written:
+            problems.append(
+                f"split {name!r} of {data}: its label counts {counts} sum to {sum(counts.values())}, "
+                f"not to its {written} rows; the manifest does not describe the data (prepare again)"
+            )
+    return problems
+
+
 def run(cfg: PrepareConfig, in_pipeline: bool = False, corpus: Corpus | None = None) -> dict[str, Any]:
     """Run the prepare job; returns the manifest. `in_pipeline`: as `bertjob pipeline`'s prepare
     stage, which trains next: a corpus whose train rows were all quarantined is an error there,
@@ -742,6 +777,10 @@ def run(cfg: PrepareConfig, in_pipeline: bool = False, corpus: Corpus | None = N
     if problem := nothing_kept(cfg.input, cfg.output, manifest, TRAIN if in_pipeline else None, in_pipeline):
         raise InputError(problem)
     log.info("prepare: wrote %s", ", ".join(f"{k} {v['rows_written']}" for k, v in splits.items()))
+    # Labelled train rows are for training (unlabelled ones are to score); the pipeline's train says it next.
+    if manifest["splits"].get(TRAIN, {}).get("label_counts") and not in_pipeline:
+        if problems := trainable_problems(cfg.output, manifest):
+            log.warning("prepare: `bertjob train` will refuse this output: %s", "; ".join(problems))
     if counts := ", ".join(f"{pair} {n}" for pair, n in shared.items() if n and _leaks(pair)):
         log.warning("prepare: held-out splits hold texts of the splits trained on (%s; every pair in manifest.json's "
                     "shared_texts): such a review is scored as unseen though it was trained on (unsup: by "

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bertjob import checkpoint, models, runlog
+from bertjob import checkpoint, models, prepare, runlog
 from bertjob.checkpoint import TrainState
 from bertjob.config import Interrupted, JobError, PretrainConfig, SetupError, TrainConfig, stage_flag, to_dict
 from bertjob.identity import digest, model_fingerprint
@@ -122,34 +122,9 @@ def check_setup(cfg: TrainConfig, manifest: dict[str, Any]) -> list[str]:
         problems.append(str(err))
     if problem := models.weights_problem(cfg.model):
         problems.append(problem)
-    splits = manifest.get("splits", {})
-    if splits.get("train", {}).get("rows_written") and not splits["train"].get("label_counts"):
-        return problems + [  # nothing else about the splits matters then
-            f"split 'train' of {cfg.data} has no labels: its corpus was read as unlabelled (prepare takes "
-            f"the labels of a Parquet, CSV, TSV or JSONL corpus from --label-column, by default 'label')"
-        ]
-    for name in ("train", "validation", "test"):
-        split = splits.get(name, {})
-        written, counts = split.get("rows_written", 0), split.get("label_counts") or {}
-        if written == 0 and name != "test":
-            hint = ""
-            if name == "validation":
-                share = (manifest.get("validation") or {}).get("fraction") or 0
-                train_counts = splits.get("train", {}).get("label_counts") or {}
-                hint = (  # a few rows: prepare holds out round(share x rows) of each label, here 0
-                    f": validation_fraction {share:g} of each label's train rows {train_counts} rounds to none; "
-                    f"prepare more rows or a larger --validation-fraction (in a pipeline: --prepare.validation-fraction)"
-                    if share
-                    else " (set validation_fraction > 0 in prepare)"
-                )
-            problems.append(f"split {name!r} of {cfg.data} has no rows{hint}")
-        elif name == "train" and set(counts) != {"0", "1"}:
-            problems.append(f"split 'train' of {cfg.data} needs both labels; it has {counts}")
-        if counts and sum(counts.values()) != written:
-            problems.append(
-                f"split {name!r} of {cfg.data}: its label counts {counts} sum to {sum(counts.values())}, "
-                f"not to its {written} rows; the manifest does not describe the data (prepare again)"
-            )
+    problems += prepare.trainable_problems(cfg.data, manifest)
+    if (split := manifest.get("splits", {}).get("train", {})).get("rows_written") and not split.get("label_counts"):
+        return problems  # unlabelled: nothing else about the data matters then
     try:
         split_shards(cfg.data, manifest)
     except InputError as err:
