@@ -30,10 +30,11 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def files_fingerprint(fs: pafs.FileSystem, paths: list[str], root: str) -> list[Any]:
-    """[relative path, size, mtime (ns)] per file, or [relative path, content hash] for a small input."""
+def files_fingerprint(fs: pafs.FileSystem, paths: list[str], root: str, content: bool = False) -> list[Any]:
+    """[relative path, size, mtime (ns)] per file, or [relative path, content hash] for a small input
+    (or any, with `content`)."""
     infos = fs.get_file_info(paths)
-    small = len(infos) <= SMALL_INPUT_FILES and sum(i.size or 0 for i in infos) <= SMALL_INPUT_BYTES
+    small = content or (len(infos) <= SMALL_INPUT_FILES and sum(i.size or 0 for i in infos) <= SMALL_INPUT_BYTES)
     out = []
     for info in infos:
         rel = os.path.relpath(info.path, root) if root else info.path
@@ -65,14 +66,15 @@ def corpus_fingerprint(corpus: Corpus) -> list[Any]:
     return files_fingerprint(corpus.fs, paths, root)
 
 
-def model_fingerprint(model: str) -> Any:
-    """The files of a local model directory (weights, config, tokenizer), or a hub id as given."""
+def model_fingerprint(model: str, content: bool = False) -> Any:
+    """The files of a local model directory (weights, config, tokenizer), or a hub id as given.
+    `content`: by their content, which the same model exported again (new times) keeps."""
     if models.is_hub_id(model):  # as given, with the hub in reach or not (then the local cache's copy loads)
         return {"hub": model}
     where = models.resolve_model(model)
     fs, root = filesystem(where)
     files = [i.path for i in fs.get_file_info(pafs.FileSelector(root)) if i.type == pafs.FileType.File]
-    return files_fingerprint(fs, sorted(files), root)
+    return files_fingerprint(fs, sorted(files), root, content)
 
 
 def bertjob_version() -> str:

@@ -272,10 +272,11 @@ def run_identity(cfg: Any, manifest: dict[str, Any], **settings: Any) -> dict[st
     it with any of these changed would continue another run's weights or data order. The data is
     the prepared output's own identity (its corpus' content, every prepare setting): data prepared
     again otherwise (another truncation, another corpus) with the same row counts is another run.
-    The model is its files too: another model at the same path (pretrained again) is another run."""
+    The model is its files' content too: another model at the same path (pretrained again) is
+    another run; the same model exported again (a finished pretrain run rerun) is the same."""
     return {
         "model": cfg.model,
-        "model_files": digest(model_fingerprint(cfg.model)),
+        "model_files": digest(model_fingerprint(cfg.model, content=True)),
         "data": {
             "tokenizer": manifest["tokenizer"]["fingerprint"],
             "max_length": manifest["max_length"],

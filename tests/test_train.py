@@ -367,12 +367,17 @@ def test_a_run_whose_starting_model_was_replaced_at_the_same_path_is_another_run
     shutil.copytree(tiny_model_dir, model)
     record = tmp_path / "ckpt" / "t" / train.RUN_FILE  # the record a run from this model's path writes
     earlier = json.loads(record.read_text())
-    assert earlier["model_files"] == digest(model_fingerprint(tiny_model_dir))
-    record.write_text(json.dumps({**earlier, "model": str(model), "model_files": digest(model_fingerprint(str(model)))}))
+    assert earlier["model_files"] == digest(model_fingerprint(tiny_model_dir, content=True))
+    # a copy is the same model (its files' content): as if the run had trained from it here
+    assert digest(model_fingerprint(str(model), content=True)) == earlier["model_files"]
+    record.write_text(json.dumps({**earlier, "model": str(model)}))
     args = ["train", "--data", str(prepared_small), "--output", str(tmp_path / "run"), "--model", str(model),
             "--num-workers", "2", "--batch-size", "16", "--lr", "5e-3", "--name", "t", "--storage-path",
             str(tmp_path / "ckpt"), "--mixed-precision", "off", "--epochs", "3"]  # fmt: skip
     assert cli.main(args) == 0  # the same files: the finished run, exported again
+    for f in model.iterdir():  # exported again (a finished pretrain run's rerun): the same model, new times
+        os.utime(f, (f.stat().st_atime + 60, f.stat().st_mtime + 60))
+    assert cli.main(args) == 0
     from safetensors.torch import load_file, save_file
 
     weights = load_file(model / "model.safetensors")
