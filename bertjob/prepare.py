@@ -561,7 +561,6 @@ def nothing_kept(
     )
 
 
-@releasing
 def trainable_problems(data: str, manifest: dict[str, Any]) -> list[str]:
     """What `bertjob train` refuses in the splits of a prepared output (`data`): it checks them before
     any work, and prepare warns of them, which wrote such an output without a word."""
@@ -597,6 +596,7 @@ def trainable_problems(data: str, manifest: dict[str, Any]) -> list[str]:
     return problems
 
 
+@releasing
 def run(cfg: PrepareConfig, in_pipeline: bool = False, corpus: Corpus | None = None) -> dict[str, Any]:
     """Run the prepare job; returns the manifest. `in_pipeline`: as `bertjob pipeline`'s prepare
     stage, which trains next: a corpus whose train rows were all quarantined is an error there,
