@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bertjob import cli, prepare
+from bertjob import cli, outputs, prepare
 from bertjob.config import ConfigError, PrepareConfig, build
 from bertjob.outputs import LEASE, MARKER, OutputError
 from bertjob.sources import InputError, open_corpus
@@ -65,6 +65,7 @@ def test_bad_rows_are_quarantined_with_reasons_and_counts_balance(
                                       max_length=32, head_tokens=8, id_column="rid", validation_fraction=0.0))  # fmt: skip
     # The Latin-1 row's accent became U+FFFD: counted in the manifest alone, without a word
     assert "prepare: 1 of 12 rows held text that is not valid UTF-8, read with U+FFFD" in caplog.text
+    assert not (out / outputs.LEASE).exists()  # the run's lease on its output goes when it ends
     # labelled train rows without a validation split: train refused the output only once it was given it
     assert (f"prepare: `bertjob train` will refuse this output: split 'validation' of {out} has no rows (set "
             f"validation_fraction > 0 in prepare)") in caplog.text  # fmt: skip
