@@ -561,12 +561,18 @@ def nothing_kept(
     )
 
 
+def unlabelled_train(manifest: dict[str, Any]) -> bool:
+    """Train rows read from a corpus without labels (its label column named otherwise)."""
+    split = manifest.get("splits", {}).get(TRAIN, {})
+    return bool(split.get("rows_written")) and not split.get("label_counts")
+
+
 def trainable_problems(data: str, manifest: dict[str, Any]) -> list[str]:
     """What `bertjob train` refuses in the splits of a prepared output (`data`): it checks them before
     any work, and prepare warns of them, which wrote such an output without a word."""
     problems: list[str] = []
     splits = manifest.get("splits", {})
-    if splits.get("train", {}).get("rows_written") and not splits["train"].get("label_counts"):
+    if unlabelled_train(manifest):
         return [  # nothing else about the splits matters then
             f"split 'train' of {data} has no labels: its corpus was read as unlabelled (prepare takes "
             f"the labels of a Parquet, CSV, TSV or JSONL corpus from --label-column, by default 'label')"

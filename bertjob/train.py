@@ -123,8 +123,8 @@ def check_setup(cfg: TrainConfig, manifest: dict[str, Any]) -> list[str]:
     if problem := models.weights_problem(cfg.model):
         problems.append(problem)
     problems += prepare.trainable_problems(cfg.data, manifest)
-    if (split := manifest.get("splits", {}).get("train", {})).get("rows_written") and not split.get("label_counts"):
-        return problems  # unlabelled: nothing else about the data matters then
+    if prepare.unlabelled_train(manifest):
+        return problems  # nothing else about the data matters then
     try:
         split_shards(cfg.data, manifest)
     except InputError as err:
